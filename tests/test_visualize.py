@@ -104,5 +104,5 @@ def test_draw_topk_panel():
     image = gray(100, 200)
     out = draw_topk(image, [("cat", 0.8), ("dog", 0.15)])
     assert tuple(out[1, 1]) == (0, 0, 0)  # panel background
-    assert (out[:40, :100] == 255).all(-1).any()  # the top-1 text in white
+    assert (out[:40, :100] > 200).all(-1).any()  # the top-1 text in white
     np.testing.assert_array_equal(out[90:, 150:], image[90:, 150:])
