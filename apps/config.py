@@ -1,0 +1,427 @@
+"""Experiment files: YAML (+ ``base:`` inheritance) and dotted ``key=value`` overrides -> typed dataclasses.
+
+One config system for every task. A file may name one or more ``base:`` files (paths relative to it);
+they are deep-merged first (mappings merge key by key, everything else is replaced), then the file, then
+the command-line overrides. The merged mapping becomes an :class:`Experiment` whose ``model`` and
+``data.options`` sections take the dataclasses of the chosen task, so every key is typed and checked:
+an unknown key is an error that suggests the closest valid one, a wrong type names the key and the
+expected type, and missing data files are reported before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "SplitConfig",
+    "DataConfig",
+    "TrainConfig",
+    "Experiment",
+    "load_config",
+    "build_experiment",
+    "from_dict",
+    "to_dict",
+    "parse_overrides",
+    "save_config",
+    "resolve_output_dir",
+]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file or override, the key and the reason."""
+
+
+@dataclass
+class SplitConfig:
+    """One data split.
+
+    Detection and segmentation read COCO data: ``images`` (folder) + ``annotations`` (JSON); segmentation
+    may give ``masks`` (folder of PNG index masks) instead of annotations. Classification reads an
+    ImageFolder ``root`` (one sub-folder per class). ``transforms`` is an albumentations list such as
+    ``[{name: HorizontalFlip, p: 0.5}]``; ``None`` means the task's default pipeline for the split.
+    """
+
+    images: str | None = None
+    annotations: str | None = None
+    masks: str | None = None
+    root: str | None = None
+    transforms: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class DataConfig:
+    train: SplitConfig = field(default_factory=SplitConfig)
+    val: SplitConfig | None = None  # no validation split: no evaluation, best.pt or early stopping
+    workers: int = 2  # DataLoader worker processes per training process
+    options: Any = None  # the task's own options dataclass (Task.options_type), e.g. image size
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. Epoch-based values (milestones, step_size, cycle_epochs) are converted to
+    optimizer steps; the learning rate changes every step."""
+
+    epochs: int = 12
+    batch_size: int = 8  # per process; the effective batch is batch_size * accum_steps * world size
+    lr: float = 0.01  # used as given: no automatic scaling with the batch or the number of processes
+    optimizer: Literal["sgd", "adagrad", "rmsprop", "adam", "adamw"] = "sgd"
+    momentum: float = 0.9  # sgd and rmsprop
+    nesterov: bool = False  # sgd
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
+    eps: float = 1e-8  # adagrad, rmsprop, adam, adamw
+    weight_decay: float = 1e-4
+    norm_weight_decay: float = 0.0  # weight decay of normalisation layers and of every bias
+    backbone_lr_mult: float = 1.0  # lr multiplier for parameters under the model's `backbone`
+    scheduler: Literal["constant", "step", "multistep", "cosine", "poly", "cyclic"] = "cosine"
+    step_size: int = 30  # step: epochs between decays
+    milestones: list[int] = field(default_factory=list)  # multistep: epochs where lr *= gamma
+    gamma: float = 0.1  # step, multistep
+    power: float = 0.9  # poly
+    min_lr_ratio: float = 0.0  # cosine, poly: final lr as a fraction of lr; cyclic: the cycle's low point
+    cycle_epochs: float = 4.0  # cyclic: length of one full triangle (up and down)
+    warmup_iters: int = 0  # linear warm-up over this many optimizer steps
+    warmup_factor: float = 0.001  # warm-up starts at lr * warmup_factor
+    amp: bool = False  # mixed precision, CUDA only (ignored with a warning on CPU)
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 uses a gradient scaler
+    grad_clip: float | None = None  # max global L2 norm of the gradients
+    accum_steps: int = 1  # batches whose gradients are summed before one optimizer step
+    ema: bool = False  # keep an exponential moving average of the weights (evaluated and saved too)
+    ema_decay: float = 0.9998
+    patience: int | None = None  # stop after this many evaluations without a better primary metric
+    eval_every: int = 1  # epochs between evaluations
+    checkpoint_every: int = 0  # also write last.pt every N optimizer steps (0: only at epoch ends)
+    log_every: int = 20  # optimizer steps between log lines / metrics.jsonl records
+    max_nonfinite: int = 5  # consecutive non-finite losses that stop the run
+    deterministic: bool = False  # deterministic kernels (slower); with a fixed seed, runs repeat exactly
+    unfreeze_at_epoch: int | None = None  # transfer learning: unfreeze the frozen backbone at this epoch
+
+
+@dataclass
+class Experiment:
+    """One training run. ``model`` is the task's model config dataclass (Task.model_config_type)."""
+
+    task: str
+    model: Any
+    data: DataConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str | None = None  # None: a new runs/<task>/expN folder
+    device: str = "auto"  # auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...
+    seed: int = 0
+    weights: str | None = None  # fine-tune from this checkpoint's weights (mismatched layers re-initialised)
+    resume: bool | str = False  # true (output_dir or the latest run) or a run folder / last.pt to continue
+
+
+# ----------------------------------------------------------------------------------------------------------
+# YAML files and overrides
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where ``1e-4`` (no dot) is a string; read it as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:(?:\d+\.\d*|\.\d+)(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+)$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: plain data only
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = _yaml_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated by ``update``: nested mappings merge, other values (lists too) replace."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml_with_bases(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file and its ``base:`` chain (a path or a list of paths relative to the file)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise ConfigError(f"{path}: circular base: {chain}")
+    data = _read_yaml(path)
+    bases = data.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: 'base' must be a path or a list of paths, got {bases!r}")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = deep_merge(merged, load_yaml_with_bases(path.parent / base, (*_seen, path)))
+    return deep_merge(merged, data)
+
+
+_OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)=(.*)$", re.DOTALL)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.lr=0.1", "data.val=null"]`` -> nested mapping; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for text in overrides:
+        match = _OVERRIDE.match(text)
+        if not match:
+            raise ConfigError(f"override {text!r}: expected key=value with a dotted key, e.g. train.lr=0.01")
+        key, raw = match.groups()
+        try:
+            value = _yaml_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {text!r}: cannot parse the value: {exc}") from exc
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Typed conversion
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and not get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(choices))}"
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got null")
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = list(get_args(tp))
+        if value in choices:
+            return value
+        hint = _suggest(str(value), [str(c) for c in choices]).replace("valid keys", "valid values")
+        raise ConfigError(f"{key}: {value!r} is not one of {choices}{hint}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if value is None:
+            return tp()
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = get_args(tp) or (Any,)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, vtype = get_args(tp) or (str, Any)
+        return {str(k): _convert(v, vtype, f"{key}.{k}") for k, v in value.items()}
+    # YAML gives bool for true/false and int for 3; an int is accepted where a float is expected.
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and value type (errors name the key)."""
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            valid = [f"{prefix}.{name}" if prefix else name for name in fields]
+            raise ConfigError(f"unknown key {dotted!r}{_suggest(dotted, valid)}")
+        kwargs[key] = _convert(value, hints[key], dotted)
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in kwargs and required:
+            raise ConfigError(f"missing key {f'{prefix}.{name}' if prefix else name!r}")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclasses -> plain dicts, tuples -> lists (YAML- and checkpoint-safe)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Experiment
+
+
+def build_experiment(data: dict[str, Any]) -> Experiment:
+    """Typed :class:`Experiment` from a merged mapping; the task decides the model and options types."""
+    from apps.tasks import TASKS, get_task
+
+    data = dict(data)
+    name = data.get("task")
+    if not isinstance(name, str):
+        raise ConfigError(f"missing key 'task' (one of {sorted(TASKS)})")
+    if name not in TASKS:
+        raise ConfigError(f"task: unknown task {name!r}{_suggest(name, sorted(TASKS))}")
+    task = get_task(name)
+    model = _convert(data.pop("model", None) or {}, task.model_config_type, "model")
+    data_section = dict(data.pop("data", None) or {})
+    options = _convert(data_section.pop("options", None) or {}, task.options_type, "data.options")
+    data_cfg = _convert(data_section, DataConfig, "data")
+    data_cfg.options = options
+    exp = from_dict(Experiment, {**data, "model": model, "data": data_cfg})
+    _check_values(exp)
+    return exp
+
+
+def _check_values(exp: Experiment) -> None:
+    t = exp.train
+    positive = {"train.epochs": t.epochs, "train.batch_size": t.batch_size,
+                "train.accum_steps": t.accum_steps, "train.eval_every": t.eval_every,
+                "train.log_every": t.log_every, "train.max_nonfinite": t.max_nonfinite}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: must be > 0, got {t.lr}")
+    if t.checkpoint_every < 0 or t.warmup_iters < 0 or exp.data.workers < 0:
+        raise ConfigError("train.checkpoint_every, train.warmup_iters and data.workers must be >= 0")
+    if not 0.0 < t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: must be in (0, 1), got {t.ema_decay}")
+    if t.scheduler == "multistep" and sorted(t.milestones) != t.milestones:
+        raise ConfigError(f"train.milestones: must be increasing, got {t.milestones}")
+    if t.patience is not None and t.patience < 1:
+        raise ConfigError(f"train.patience: must be >= 1 or null, got {t.patience}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), *, base: dict[str, Any] | None = None
+                ) -> Experiment:
+    """Read ``path`` (with its bases), apply ``overrides`` and return the typed experiment.
+
+    ``base`` (e.g. the config saved in a run folder, for resuming) is used under the file when given.
+    Errors are :class:`ConfigError` naming the file or the override.
+    """
+    merged = dict(base or {})
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        merged = deep_merge(merged, load_yaml_with_bases(path))
+    override_map = parse_overrides(list(overrides))
+    merged = deep_merge(merged, override_map)
+    try:
+        exp = build_experiment(merged)
+    except ConfigError as exc:
+        where = "override" if _mentions_override(str(exc), override_map) else source
+        raise ConfigError(f"{where}: {exc}") from None
+    get_task_checks(exp)
+    return exp
+
+
+def _mentions_override(message: str, override_map: dict[str, Any]) -> bool:
+    keys = []
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for k, v in node.items():
+            keys.append(f"{prefix}{k}")
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+
+    walk(override_map, "")
+    return any(f"'{k}'" in message or message.startswith(f"{k}:") for k in keys)
+
+
+def get_task_checks(exp: Experiment) -> None:
+    """Fail early on missing files: the task's data paths, fine-tuning weights."""
+    from apps.tasks import get_task
+
+    get_task(exp.task).check_config(exp)
+    if exp.weights is not None and not Path(exp.weights).is_file():
+        raise ConfigError(f"weights: {exp.weights}: no such checkpoint file")
+
+
+def save_config(exp: Experiment, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(exp), sort_keys=False))
+
+
+def resolve_output_dir(exp: Experiment, runs_root: str | Path = "runs") -> Path:
+    """The run folder: ``output_dir`` if given, else the next free ``runs/<task>/expN`` (never reused)."""
+    if exp.output_dir is not None:
+        return Path(exp.output_dir)
+    parent = Path(runs_root) / exp.task
+    taken = [int(m.group(1)) for p in parent.glob("exp*") if (m := re.fullmatch(r"exp(\d+)", p.name))]
+    return parent / f"exp{max(taken, default=0) + 1}"

@@ -1,0 +1,87 @@
+"""The tasks the engine can train, and :func:`load_model`, which rebuilds any saved model from its checkpoint.
+
+Task modules are imported on first use, so a task whose module (or its dependencies) is missing does not
+break the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from vision.checkpoint import CheckpointError, is_visiondet_checkpoint, load_checkpoint
+
+if TYPE_CHECKING:
+    from apps.tasks.base import Task
+
+__all__ = ["TASKS", "get_task", "LoadedModel", "load_model"]
+
+# task name -> "module:class"
+TASKS: dict[str, str] = {
+    "classification": "apps.tasks.classification:ClassificationTask",
+    "segmentation": "apps.tasks.segmentation:SegmentationTask",
+    "detection": "apps.tasks.detection:DetectionTask",
+}
+
+_instances: dict[str, Task] = {}
+
+
+def get_task(name: str) -> Task:
+    """The task named ``name`` (imported on first use)."""
+    if name not in _instances:
+        if name not in TASKS:
+            raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+        module_name, class_name = TASKS[name].split(":")
+        _instances[name] = getattr(importlib.import_module(module_name), class_name)()
+    return _instances[name]
+
+
+@dataclass
+class LoadedModel:
+    """A model rebuilt from a checkpoint, in eval mode on its device."""
+
+    task: Task
+    model: nn.Module
+    classes: list[dict[str, Any]]
+    preprocess: dict[str, Any]
+    checkpoint: dict[str, Any]  # the whole checkpoint (config, metrics, ...), weights included
+    path: Path
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", *, ema: bool = True) -> LoadedModel:
+    """Rebuild the model saved in ``path`` on ``device`` (any checkpoint loads on CPU).
+
+    ``ema=True`` uses the EMA weights when the checkpoint has them (they are what the run selected on).
+    Errors are CheckpointError naming the file and the reason.
+    """
+    from apps.config import ConfigError, from_dict
+
+    path = Path(path)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if not is_visiondet_checkpoint(ckpt):
+        raise CheckpointError(f"{path}: not a visiondet checkpoint (a bare state dict has no model config; "
+                              "use it as training weights=... instead)")
+    for key in ("task", "model", "classes"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: checkpoint has no {key!r} entry")
+    try:
+        task = get_task(ckpt["task"])
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: {exc.args[0]}") from None
+    try:
+        model_cfg = from_dict(task.model_config_type, ckpt["model"], "model")
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: model config does not fit this version of visiondet: {exc}") from None
+    model = task.build_model(model_cfg, ckpt["classes"], load_pretrained=False)
+    state = ckpt.get("ema_state_dict") if ema and ckpt.get("ema_state_dict") else ckpt["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model: {exc}") from None
+    model.to(device).eval()
+    return LoadedModel(task, model, list(ckpt["classes"]), dict(ckpt.get("preprocess") or {}), ckpt, path)
