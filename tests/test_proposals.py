@@ -1,0 +1,168 @@
+"""Proposal sources (selective search, files, cache) and proposal recall."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_sample_image
+
+from detection.proposals import (
+    CachedSource,
+    ProposalError,
+    ProposalFile,
+    ProposalRecord,
+    ProposalSource,
+    SelectiveSearch,
+    image_sha1,
+    to_uint8_image,
+    write_proposal_file,
+)
+from detection.recall import format_recall, proposal_recall
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    """A real photograph that ships with scikit-learn, shrunk so selective search takes ~0.1 s."""
+    image = load_sample_image("china.jpg")  # (427, 640, 3) uint8 RGB
+    return cv2.resize(image, (128, 96), interpolation=cv2.INTER_AREA)
+
+
+def test_selective_search_runs_on_a_real_photo(photo):
+    boxes = SelectiveSearch(mode="fast", max_boxes=None).propose(photo)
+    assert boxes.dtype == torch.float32 and boxes.ndim == 2 and boxes.shape[1] == 4
+    assert len(boxes) > 50  # OpenCV finds ~180 regions on this picture
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert boxes[:, 0::2].min() >= 0 and boxes[:, 0::2].max() <= 128
+    assert boxes[:, 1::2].min() >= 0 and boxes[:, 1::2].max() <= 96
+    assert len(torch.unique(boxes, dim=0)) == len(boxes)
+    # the whole image is the root of the hierarchy, so it is always among the regions
+    assert (boxes == torch.tensor([0.0, 0.0, 128.0, 96.0])).all(dim=1).any()
+
+
+def test_selective_search_modes_and_limits(photo):
+    fast = SelectiveSearch(mode="fast", max_boxes=None).propose(photo)
+    quality = SelectiveSearch(mode="quality", max_boxes=None).propose(photo)
+    assert len(quality) > 2 * len(fast)  # quality runs more strategies and colour spaces
+    limited = SelectiveSearch(mode="fast", max_boxes=20, min_size=16).propose(photo)
+    assert len(limited) == 20
+    assert ((limited[:, 2:] - limited[:, :2]).min(dim=1).values >= 16).all()
+    # segmenting a half-size copy still gives boxes in the full image's pixels
+    big = cv2.resize(photo, (256, 192), interpolation=cv2.INTER_LINEAR)
+    scaled = SelectiveSearch(mode="fast", max_boxes=None, max_side=128).propose(big)
+    assert scaled[:, 2].max() == 256 and scaled[:, 3].max() == 192
+    with pytest.raises(ValueError, match="mode"):
+        SelectiveSearch(mode="slow")
+
+
+def test_tensor_and_array_inputs_agree(photo):
+    tensor = torch.from_numpy(photo).permute(2, 0, 1).float() / 255
+    assert np.array_equal(to_uint8_image(tensor), photo)
+    assert image_sha1(to_uint8_image(tensor)) == image_sha1(photo)
+    assert image_sha1(photo) != image_sha1(photo[:, ::-1])
+
+
+def test_proposal_file_reads_coco_style_json(tmp_path):
+    path = tmp_path / "props.json"
+    path.write_text(json.dumps([
+        {"image_id": 7, "bbox": [10, 20, 30, 40], "score": 0.2},
+        {"image_id": 7, "bbox": [0, 0, 5, 5], "score": 0.9},
+        {"image_id": "a.jpg", "bbox": [1, 2, 3, 4]},
+    ]))
+    source = ProposalFile(path)
+    # xywh -> xyxy, and a results-style file is ranked by score
+    assert source.propose(None, image_id=7).tolist() == [[0, 0, 5, 5], [10, 20, 40, 60]]
+    assert source.propose(None, image_id="7").shape == (2, 4)
+    assert source.propose(None, image_id="a.jpg").tolist() == [[1, 2, 4, 6]]
+    with pytest.raises(ProposalError, match="props.json.*image id 8"):
+        source.propose(None, image_id=8)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_proposal_file_round_trip(tmp_path, photo, suffix):
+    boxes = np.array([[1.5, 2, 30, 40], [0, 0, 128, 96]], np.float32)
+    records = [
+        ProposalRecord(3, boxes, None, "photo.jpg", image_sha1(photo)),
+        ProposalRecord(4, np.zeros((0, 4), np.float32), None, "empty.jpg", ""),
+    ]
+    path = write_proposal_file(tmp_path / f"props{suffix}", records)
+    source = ProposalFile(path, max_boxes=1)
+    assert torch.equal(source.propose(None, image_id=3), torch.from_numpy(boxes[:1]))
+    assert source.propose(None, image_id=4).shape == (0, 4)
+    # no id (predict time): found by the sha1 of the pixels
+    assert torch.equal(source.propose(photo), torch.from_numpy(boxes[:1]))
+    with pytest.raises(ProposalError, match="pixel sha1"):
+        source.propose(photo[::-1].copy())
+
+
+def test_proposal_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ProposalError, match="missing.npz: no such"):
+        ProposalFile(tmp_path / "missing.npz")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ProposalError, match="bad.json: not a readable proposal file"):
+        ProposalFile(bad)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps([{"image_id": 1, "bbox": [1, 2]}]))
+    with pytest.raises(ProposalError, match="wrong.json: proposal 0 needs"):
+        ProposalFile(wrong)
+    with pytest.raises(ProposalError, match="must end in .json or .npz"):
+        write_proposal_file(tmp_path / "p.txt", [])
+
+
+class CountingSource(ProposalSource):
+    def __init__(self, size: int = 3) -> None:
+        self.calls = 0
+        self.size = size
+
+    def settings(self):
+        return {"source": "counting", "size": self.size}
+
+    def propose(self, image, image_id=None):
+        self.calls += 1
+        return torch.tensor([[0.0, 0.0, self.size, self.size]])
+
+
+def test_cache_hit_avoids_recompute(tmp_path, photo):
+    inner = CountingSource()
+    cached = CachedSource(inner, tmp_path / "cache")
+    first = cached.propose(photo)
+    second = cached.propose(photo.copy())  # another array with the same pixels
+    assert inner.calls == 1 and (cached.hits, cached.misses) == (1, 1)
+    assert torch.equal(first, second)
+    cached.propose(photo[:, ::-1].copy())  # other pixels: computed
+    assert inner.calls == 2
+    # a second model with the same settings reuses the files; other settings do not
+    again = CachedSource(CountingSource(), tmp_path / "cache")
+    again.propose(photo)
+    assert again.source.calls == 0 and again.hits == 1
+    other = CachedSource(CountingSource(size=5), tmp_path / "cache")
+    assert other.propose(photo).tolist() == [[0, 0, 5, 5]] and other.source.calls == 1
+    # a damaged entry is recomputed instead of failing the run
+    cached.path_for(photo).write_bytes(b"garbage")
+    assert torch.equal(cached.propose(photo), first) and inner.calls == 3
+
+
+def test_cached_selective_search_is_repeatable(tmp_path, photo):
+    # OpenCV ranks regions randomly; the cache is what makes a second epoch see the same order
+    cached = CachedSource(SelectiveSearch(mode="fast", max_boxes=100), tmp_path)
+    assert torch.equal(cached.propose(photo), cached.propose(photo))
+    assert cached.misses == 1 and cached.hits == 1
+
+
+def test_recall_hand_computed():
+    gts = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]]), torch.zeros(0, 4),
+           torch.tensor([[0.0, 0.0, 10.0, 10.0]])]
+    props = [
+        # IoU with gt 0: 0.6 (box 0), 1.0 (box 1); gt 1 never covered
+        torch.tensor([[0.0, 0.0, 10.0, 6.0], [0.0, 0.0, 10.0, 10.0]]),
+        torch.tensor([[0.0, 0.0, 5.0, 5.0]]),
+        torch.zeros(0, 4),  # no proposal at all: its object is missed
+    ]
+    recall = proposal_recall(props, gts, top_k=(1, 2), iou_thresholds=(0.5, 0.7))
+    assert recall == {(1, 0.5): 1 / 3, (1, 0.7): 0.0, (2, 0.5): 1 / 3, (2, 0.7): 1 / 3}
+    assert "R@0.50" in format_recall(recall)
+    assert np.isnan(proposal_recall([torch.zeros(0, 4)], [torch.zeros(0, 4)])[(300, 0.5)])
