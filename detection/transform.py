@@ -1,0 +1,176 @@
+"""Inside the model, before the backbone: normalise, resize, pad into one batch; after the heads: map back.
+
+Legend: N images, M boxes in an image, H x W an image's size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detection.structures import Detections
+
+
+@dataclass
+class ImageBatch:
+    """Images resized and padded into one tensor.
+
+    tensors: [N, 3, H_pad, W_pad] normalised; image_sizes: (h, w) of each image after resizing, before
+    padding; original_sizes: (h, w) of each input image.
+    """
+
+    tensors: Tensor
+    image_sizes: list[tuple[int, int]]
+    original_sizes: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.image_sizes)
+
+
+def scale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> Tensor:
+    """Boxes [M, 4] xyxy in an image of ``from_size`` (h, w) to the same image resized to ``to_size``."""
+    ratio_h = torch.tensor(to_size[0], dtype=torch.float32) / torch.tensor(from_size[0], dtype=torch.float32)
+    ratio_w = torch.tensor(to_size[1], dtype=torch.float32) / torch.tensor(from_size[1], dtype=torch.float32)
+    ratios = torch.stack((ratio_w, ratio_h, ratio_w, ratio_h)).to(boxes.device)
+    return boxes * ratios
+
+
+class DetectionTransform(nn.Module):
+    """Normalise with mean/std, resize so the short side is ``min_size`` unless the long side would pass
+    ``max_size``, and zero-pad to a common size divisible by ``size_divisible``.
+
+    ``min_size`` may be a list: in training one is drawn per image (multi-scale training); at test time the
+    last one is used. Targets' boxes and given proposals are scaled with their image.
+    """
+
+    def __init__(
+        self,
+        min_size: int | Sequence[int] = 800,
+        max_size: int = 1333,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        size_divisible: int = 32,
+    ) -> None:
+        super().__init__()
+        self.min_size = (
+            (int(min_size),) if isinstance(min_size, int | float) else tuple(int(s) for s in min_size)
+        )
+        if not self.min_size or min(self.min_size) <= 0 or max_size <= 0:
+            raise ValueError(f"min_size and max_size must be positive, got {min_size} and {max_size}")
+        self.max_size = int(max_size)
+        self.size_divisible = int(size_divisible)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).reshape(3, 1, 1), persistent=False
+        )
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(3, 1, 1), persistent=False)
+
+    def forward(
+        self,
+        images: Sequence[Tensor],
+        targets: Sequence[dict[str, Tensor]] | None = None,
+        proposals: Sequence[Tensor] | None = None,
+    ) -> tuple[ImageBatch, list[dict[str, Tensor]] | None, list[Tensor] | None]:
+        """images: N float tensors [3, H_i, W_i] in [0, 1]; targets: dicts with boxes [M, 4] xyxy float and
+        labels [M] int64; proposals: [P_i, 4] xyxy boxes per image. Returns the batch and scaled copies."""
+        check_inputs(images, targets, proposals)
+        resized: list[Tensor] = []
+        out_targets = [dict(t) for t in targets] if targets is not None else None
+        out_proposals = list(proposals) if proposals is not None else None
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        for i, image in enumerate(images):
+            image = self.resize(self.normalize(image))
+            resized.append(image)
+            new_size = (int(image.shape[-2]), int(image.shape[-1]))
+            if out_targets is not None:
+                out_targets[i]["boxes"] = scale_boxes(out_targets[i]["boxes"], original_sizes[i], new_size)
+            if out_proposals is not None:
+                out_proposals[i] = scale_boxes(out_proposals[i], original_sizes[i], new_size)
+        image_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in resized]
+        batch = ImageBatch(self.pad(resized), image_sizes, original_sizes)
+        return batch, out_targets, out_proposals
+
+    def normalize(self, image: Tensor) -> Tensor:
+        return (image - self.mean.to(image)) / self.std.to(image)
+
+    def resize(self, image: Tensor) -> Tensor:
+        """[3, H, W] -> [3, H', W'] bilinear, keeping the aspect ratio."""
+        if self.training and len(self.min_size) > 1:
+            target = self.min_size[int(torch.randint(len(self.min_size), ()).item())]
+        else:
+            target = self.min_size[-1]
+        h, w = image.shape[-2:]
+        scale = min(target / min(h, w), self.max_size / max(h, w))
+        # recompute_scale_factor: the output size is floor(H * scale), and the sampling grid follows that
+        # size exactly (as torchvision does, so converted models see the same pixels).
+        return F.interpolate(
+            image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+        )[0]
+
+    def pad(self, images: list[Tensor]) -> Tensor:
+        """Zero-pad (after normalisation, i.e. the mean colour) on the bottom/right to a common size."""
+        div = self.size_divisible
+        height = int(math.ceil(max(img.shape[-2] for img in images) / div) * div)
+        width = int(math.ceil(max(img.shape[-1] for img in images) / div) * div)
+        batch = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+        for i, img in enumerate(images):
+            batch[i, :, : img.shape[-2], : img.shape[-1]].copy_(img)
+        return batch
+
+    def postprocess(self, detections: list[Detections], batch: ImageBatch) -> list[Detections]:
+        """Map each image's boxes from its resized size back to its original size."""
+        return [
+            Detections(scale_boxes(det.boxes, size, original), det.scores, det.labels)
+            for det, size, original in zip(detections, batch.image_sizes, batch.original_sizes, strict=True)
+        ]
+
+
+def check_inputs(
+    images: Sequence[Tensor],
+    targets: Sequence[dict[str, Tensor]] | None,
+    proposals: Sequence[Tensor] | None,
+) -> None:
+    """Raise a ValueError/TypeError that says which image or target is wrong and why."""
+    if isinstance(images, Tensor) and images.dim() == 4:
+        raise TypeError("detectors take a list of [3, H, W] image tensors, not one [N, 3, H, W] tensor")
+    if len(images) == 0:
+        raise ValueError("detectors need at least one image")
+    for i, img in enumerate(images):
+        if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != 3:
+            shape = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
+            raise ValueError(f"image {i}: expected a [3, H, W] tensor, got {shape}")
+        if not img.is_floating_point():
+            raise TypeError(f"image {i}: expected float values in [0, 1], got dtype {img.dtype}")
+        if img.shape[1] == 0 or img.shape[2] == 0:
+            raise ValueError(f"image {i}: empty image of size {tuple(img.shape)}")
+    if targets is not None:
+        if len(targets) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+        for i, t in enumerate(targets):
+            boxes, labels = t.get("boxes"), t.get("labels")
+            if boxes is None or labels is None:
+                raise ValueError(f"target {i}: needs 'boxes' and 'labels', got keys {sorted(t)}")
+            if boxes.dim() != 2 or boxes.shape[1] != 4 or not boxes.is_floating_point():
+                raise ValueError(
+                    f"target {i}: boxes must be float [M, 4] xyxy, got {boxes.dtype} {tuple(boxes.shape)}"
+                )
+            if labels.shape != boxes.shape[:1] or labels.dtype != torch.int64:
+                raise ValueError(
+                    f"target {i}: labels must be int64 [M] matching boxes, got {labels.dtype} "
+                    f"{tuple(labels.shape)} for {boxes.shape[0]} boxes"
+                )
+            if boxes.numel() and not bool(((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()):
+                bad = torch.where((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))[0].tolist()
+                raise ValueError(
+                    f"target {i}: boxes {bad} have zero or negative width/height (xyxy expected)"
+                )
+    if proposals is not None:
+        if len(proposals) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(proposals)} proposal sets")
+        for i, p in enumerate(proposals):
+            if p.dim() != 2 or p.shape[1] != 4:
+                raise ValueError(f"proposals {i}: expected [P, 4] xyxy boxes, got {tuple(p.shape)}")
