@@ -1,0 +1,160 @@
+"""Small layers shared by the backbones: frozen batch norm, input normalisation, conv+BN folding.
+
+Shapes: N images, C channels, H x W spatial size.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+__all__ = ["FrozenBatchNorm2d", "Normalize", "convert_frozen_batchnorm", "fold_conv_bn"]
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics and affine parameters: ``y = (x - mean) / sqrt(var + eps) * w + b``.
+
+    Detection and segmentation train with one or two images per device, where batch statistics are
+    noise; the ImageNet statistics are kept instead. Everything lives in buffers, so an optimizer never
+    sees it. The state-dict keys are those of ``nn.BatchNorm2d`` (weight, bias, running_mean,
+    running_var); a ``num_batches_tracked`` entry in a loaded state dict is accepted and ignored.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
+        """A frozen copy of ``bn`` (its running statistics and affine parameters, detached)."""
+        tensors = [*bn.parameters(), *bn.buffers()]
+        frozen = cls(bn.num_features, bn.eps).to(tensors[0].device if tensors else None)
+        with torch.no_grad():
+            if bn.affine:
+                frozen.weight.copy_(bn.weight)
+                frozen.bias.copy_(bn.bias)
+            if bn.track_running_stats:
+                frozen.running_mean.copy_(bn.running_mean)
+                frozen.running_var.copy_(bn.running_var)
+        return frozen
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # BatchNorm2d state dicts carry a step counter that means nothing once statistics are frozen.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def scale_and_shift(self) -> tuple[Tensor, Tensor]:
+        """The per-channel affine map this layer applies: ``y = x * scale + shift``, both ``[C]``."""
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [N, C, H, W] -> [N, C, H, W]."""
+        scale, shift = self.scale_and_shift()
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` in ``module`` by a ``FrozenBatchNorm2d`` with its values.
+
+    Children are replaced in place; the return value is ``module`` itself, or the new frozen layer when
+    ``module`` is a batch norm. Module names (and so state-dict keys) are unchanged.
+    """
+    if isinstance(module, nn.BatchNorm2d):
+        return FrozenBatchNorm2d.from_batchnorm(module)
+    for name, child in module.named_children():
+        converted = convert_frozen_batchnorm(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
+class Normalize(nn.Module):
+    """Map RGB images in ``[0, 1]`` to ``(x - mean) / std`` per channel, inside the model.
+
+    mean and std are non-persistent buffers: they follow ``.to(device)`` but stay out of the state dict,
+    because they belong to the model config, not to the weights.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise ValueError(f"Normalize: mean has {len(mean)} values but std has {len(std)}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"Normalize: std must be positive, got {tuple(std)}")
+        as_column = lambda values: torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("mean", as_column(mean), persistent=False)
+        self.register_buffer("std", as_column(std), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [N, C, H, W] in [0, 1] -> [N, C, H, W] normalised."""
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"mean={tuple(self.mean.flatten().tolist())}, std={tuple(self.std.flatten().tolist())}"
+
+
+_NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
+
+
+def _fused_conv(conv: nn.Conv2d, norm: nn.Module) -> nn.Conv2d:
+    # FrozenBatchNorm2d keeps the same attribute names as BatchNorm2d, so one path serves both.
+    if isinstance(norm, nn.BatchNorm2d) and not norm.track_running_stats:
+        raise ValueError("fold_conv_bn: a BatchNorm2d without running statistics cannot be folded")
+    fused = copy.deepcopy(conv)
+    fused.weight, fused.bias = fuse_conv_bn_weights(
+        conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
+    )
+    return fused
+
+
+def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """Names of (conv, norm) children where the norm reads exactly the conv's output.
+
+    Only two cases are known to be safe without tracing the forward: consecutive entries of an
+    ``nn.Sequential`` (which runs its children in order), and pairs a module declares itself in a
+    ``conv_bn_pairs`` class attribute (the ResNet blocks and stems do).
+    """
+    if isinstance(module, nn.Sequential):
+        names = list(module._modules)
+        return [
+            (a, b) for a, b in zip(names, names[1:], strict=False)
+            if isinstance(module._modules[a], nn.Conv2d) and isinstance(module._modules[b], _NORMS)
+        ]
+    return list(getattr(module, "conv_bn_pairs", ()))
+
+
+def fold_conv_bn(module: nn.Module) -> nn.Module:
+    """An inference copy of ``module`` with every batch norm that follows a conv folded into the conv.
+
+    ``BN(conv(x)) = conv'(x)`` with ``w' = w * g / sqrt(var + eps)`` and
+    ``b' = (b - mean) * g / sqrt(var + eps) + beta``: one fewer pass over each feature map. The norm is
+    replaced by ``nn.Identity`` so the module tree (and every other state-dict key) is unchanged. The
+    copy is in eval mode with gradients off; ``module`` itself is not modified. Batch statistics are
+    frozen into the weights, so the copy is for inference only.
+    """
+    folded = copy.deepcopy(module).eval()
+    with torch.no_grad():
+        for parent in folded.modules():
+            for conv_name, norm_name in _conv_bn_pairs(parent):
+                conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
+                if isinstance(conv, nn.Conv2d) and isinstance(norm, _NORMS):
+                    setattr(parent, conv_name, _fused_conv(conv, norm))
+                    setattr(parent, norm_name, nn.Identity())
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    return folded
