@@ -1,0 +1,337 @@
+"""The per-region half of Fast/Faster R-CNN: RoI pooling, box head, predictor, loss and post-processing.
+
+Legend: N images, P_i proposals of image i, R regions in a batch, K object classes (labels 1..K, 0 is
+background), C channels, S x S the pooled grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import (
+    MultiScaleRoIAlign,
+    batched_nms,
+    box_iou,
+    clip_boxes_to_image,
+    remove_small_boxes,
+    roi_align,
+    roi_pool,
+)
+
+from detection.boxes import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from detection.rpn import box_regression_loss
+from detection.structures import Detections
+
+POOLER_KINDS = ("pool", "align", "multiscale")
+
+
+class RoIPooler(nn.Module):
+    """Pool every region to a fixed S x S grid of features.
+
+    kind "pool": RoIPool (max over bins, Fast R-CNN's layer) on one map; "align": RoIAlign (bilinear,
+    ``sampling_ratio`` points per bin) on one map; "multiscale": FPN's level assignment
+    (``k = floor(4 + log2(sqrt(area) / 224))`` clamped to the given levels) with RoIAlign on each level.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        in_features: Sequence[str],
+        strides: Sequence[int],
+        *,
+        output_size: int = 7,
+        sampling_ratio: int = 2,
+        aligned: bool = False,
+    ) -> None:
+        super().__init__()
+        if kind not in POOLER_KINDS:
+            raise ValueError(f"unknown RoI pooler {kind!r}; choose one of {POOLER_KINDS}")
+        if kind != "multiscale" and len(in_features) != 1:
+            raise ValueError(f"RoI pooler {kind!r} works on one feature map, got {list(in_features)}")
+        self.kind = kind
+        self.in_features = list(in_features)
+        self.strides = list(strides)
+        self.output_size = output_size
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.multiscale = (
+            MultiScaleRoIAlign(self.in_features, output_size, sampling_ratio)
+            if kind == "multiscale"
+            else None
+        )
+
+    def forward(
+        self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> Tensor:
+        """boxes: N tensors [P_i, 4] in image pixels -> [R, C, S, S], in the order of the boxes."""
+        if self.multiscale is not None:
+            return self.multiscale(features, boxes, image_sizes)
+        x = features[self.in_features[0]]
+        boxes = [b.to(x.dtype) for b in boxes]
+        scale = 1.0 / self.strides[0]
+        if self.kind == "pool":
+            return roi_pool(x, boxes, self.output_size, scale)
+        return roi_align(x, boxes, self.output_size, scale, self.sampling_ratio, self.aligned)
+
+
+class TwoMLPHead(nn.Module):
+    """FPN box head: flatten, fc6, ReLU, fc7, ReLU (two 1024-d layers in the FPN paper)."""
+
+    def __init__(self, in_features: int, representation_size: int = 1024) -> None:
+        super().__init__()
+        self.fc6 = nn.Linear(in_features, representation_size)
+        self.fc7 = nn.Linear(representation_size, representation_size)
+        self.out_channels = representation_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[R, C, S, S] -> [R, representation_size]."""
+        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
+
+
+class VGGBoxHead(nn.Module):
+    """VGG-16's fc6/fc7 (with ReLU and dropout) applied per region, as in Fast R-CNN (section 2.3): the
+    layers are copied from the backbone's ImageNet classifier, which fits because RoI pooling to 7x7 on
+    conv5 gives the 512 x 7 x 7 input the classifier was trained on."""
+
+    def __init__(self, fc6: nn.Linear, fc7: nn.Linear, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.fc6 = nn.Linear(fc6.in_features, fc6.out_features)
+        self.fc7 = nn.Linear(fc7.in_features, fc7.out_features)
+        self.fc6.load_state_dict(fc6.state_dict())
+        self.fc7.load_state_dict(fc7.state_dict())
+        self.dropout = nn.Dropout(dropout)
+        self.out_channels = fc7.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[R, 512, 7, 7] -> [R, 4096]."""
+        x = self.dropout(F.relu(self.fc6(x.flatten(1))))
+        return self.dropout(F.relu(self.fc7(x)))
+
+
+class ResNetC4Head(nn.Module):
+    """ResNet's res5 stage run per region, then global average pooling (He et al. 2016, appendix A):
+    conv1..conv4 are shared over the image, conv5 plays the role of VGG's fc layers."""
+
+    def __init__(self, res5: nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.res5 = res5
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[R, C4, S, S] -> [R, C5]."""
+        return self.res5(x).mean(dim=(2, 3))
+
+
+class ConvFCHead(nn.Module):
+    """Convs (3x3, BatchNorm, ReLU) then FC layers with ReLU: the box head of torchvision's v2 model
+    (4 x 256 convs + one 1024 FC), from "Benchmarking detection transfer learning with vision
+    transformers" (Li et al., 2021)."""
+
+    def __init__(
+        self, in_channels: int, resolution: int, conv_dims: Sequence[int], fc_dims: Sequence[int]
+    ) -> None:
+        super().__init__()
+        convs: list[nn.Module] = []
+        for dim in conv_dims:
+            convs += [
+                nn.Conv2d(in_channels, dim, 3, padding=1, bias=False),
+                nn.BatchNorm2d(dim),
+                nn.ReLU(inplace=True),
+            ]
+            in_channels = dim
+        self.convs = nn.Sequential(*convs)
+        fcs: list[nn.Module] = []
+        in_features = in_channels * resolution * resolution
+        for dim in fc_dims:
+            fcs += [nn.Linear(in_features, dim), nn.ReLU(inplace=True)]
+            in_features = dim
+        self.fcs = nn.Sequential(*fcs)
+        self.out_channels = in_features
+        for m in self.convs.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[R, C, S, S] -> [R, fc_dims[-1]]."""
+        return self.fcs(self.convs(x).flatten(1))
+
+
+class BoxPredictor(nn.Module):
+    """Sibling layers on the box head's features: K + 1 class scores and class-specific box deltas
+    (4 per class, background included so the layout matches torchvision's checkpoints)."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, num_classes + 1)
+        self.bbox_pred = nn.Linear(in_channels, (num_classes + 1) * 4)
+        # Fast R-CNN, section 2.3: zero-mean Gaussians, std 0.01 (classification) and 0.001 (regression)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """[R, D] -> class logits [R, K + 1], box deltas [R, 4 (K + 1)]."""
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+def fast_rcnn_loss(
+    class_logits: Tensor,
+    box_deltas: Tensor,
+    labels: Tensor,
+    box_targets: Tensor,
+    smooth_l1_beta: float = 1.0 / 9,
+) -> dict[str, Tensor]:
+    """The multi-task loss (Fast R-CNN, eq. 1) over R sampled regions.
+
+    class_logits [R, K + 1], box_deltas [R, 4 (K + 1)], labels [R] in 0..K, box_targets [R, 4] (read for
+    labels > 0). Cross-entropy averaged over R; the box loss on the ground-truth class's deltas of the
+    foreground regions, summed and divided by R. No regions gives zero losses (still in the graph).
+    """
+    if labels.numel() == 0:
+        zero = class_logits.sum() * 0 + box_deltas.sum() * 0
+        return {"loss_classifier": zero, "loss_box_reg": zero.clone()}
+    loss_classifier = F.cross_entropy(class_logits, labels)
+    fg = torch.where(labels > 0)[0]
+    deltas = box_deltas.reshape(box_deltas.shape[0], -1, 4)[fg, labels[fg]]
+    loss_box_reg = box_regression_loss(deltas, box_targets[fg], smooth_l1_beta) / labels.numel()
+    return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+
+
+def detections_from_scores(
+    boxes: Tensor,
+    scores: Tensor,
+    image_size: tuple[int, int],
+    *,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+    min_box_size: float = 1e-2,
+) -> Detections:
+    """Turn per-class boxes [P, K, 4] and scores [P, K] (foreground classes only; column k is label k + 1)
+    into Detections: clip to ``image_size`` (h, w), keep scores > ``score_thresh``, drop boxes under
+    ``min_box_size`` px, NMS per class, keep the ``detections_per_img`` best. Used with softmax scores by
+    Fast/Faster R-CNN and with SVM scores by R-CNN."""
+    num_classes = scores.shape[1]
+    boxes = clip_boxes_to_image(boxes, image_size).reshape(-1, 4)
+    labels = torch.arange(1, num_classes + 1, device=scores.device).expand(scores.shape[0], -1).reshape(-1)
+    scores = scores.reshape(-1)
+    keep = torch.where(scores > score_thresh)[0]
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = remove_small_boxes(boxes, min_box_size)
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+    return Detections(boxes[keep], scores[keep], labels[keep])
+
+
+class RoIHeads(nn.Module):
+    """Regions -> class scores and refined boxes (the Fast R-CNN detector on shared features).
+
+    Training regions: the proposals plus the ground-truth boxes, matched by IoU: foreground at
+    >= ``fg_iou_thresh``, background in ``bg_iou_range`` [lo, hi); ``batch_size_per_image`` sampled with up to
+    ``positive_fraction`` foreground. Testing: every proposal is scored, decoded per class, and
+    post-processed by ``detections_from_scores``.
+    """
+
+    def __init__(
+        self,
+        pooler: nn.Module,
+        box_head: nn.Module,
+        box_predictor: BoxPredictor,
+        *,
+        fg_iou_thresh: float = 0.5,
+        bg_iou_range: tuple[float, float] = (0.0, 0.5),
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        box_coder_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
+        smooth_l1_beta: float = 1.0 / 9,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+        add_gt_as_proposals: bool = True,
+    ) -> None:
+        super().__init__()
+        self.pooler = pooler
+        self.box_head = box_head
+        self.box_predictor = box_predictor
+        self.box_coder = BoxCoder(box_coder_weights)
+        self.matcher = Matcher(fg_iou_thresh, bg_iou_range[1], bg_iou_min=bg_iou_range[0])
+        self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self.smooth_l1_beta = smooth_l1_beta
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+        self.add_gt_as_proposals = add_gt_as_proposals
+
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[Detections] | None, dict[str, Tensor]]:
+        """proposals: N tensors [P_i, 4] -> (Detections per image unless training, losses if targets)."""
+        losses: dict[str, Tensor] = {}
+        if targets is not None:
+            regions, labels, box_targets = self.sample_regions(proposals, targets)
+            class_logits, box_deltas = self.predict(features, regions, image_sizes)
+            losses = fast_rcnn_loss(class_logits, box_deltas, labels, box_targets, self.smooth_l1_beta)
+        if self.training:
+            return None, losses
+        class_logits, box_deltas = self.predict(features, proposals, image_sizes)
+        return self.postprocess(class_logits, box_deltas, proposals, image_sizes), losses
+
+    def predict(
+        self, features: dict[str, Tensor], regions: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor]:
+        """Pool, box head, predictor: N tensors [P_i, 4] -> logits [R, K + 1], deltas [R, 4 (K + 1)]."""
+        return self.box_predictor(self.box_head(self.pooler(features, regions, image_sizes)))
+
+    @torch.no_grad()
+    def sample_regions(
+        self, proposals: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Sampled regions per image, with their labels [R] (0 background) and box targets [R, 4]."""
+        regions, labels, box_targets = [], [], []
+        for boxes, target in zip(proposals, targets, strict=True):
+            gt_boxes, gt_labels = target["boxes"].to(boxes.dtype), target["labels"]
+            if self.add_gt_as_proposals:
+                boxes = torch.cat((boxes, gt_boxes))
+            matched_idxs, match = self.matcher(box_iou(gt_boxes, boxes))
+            pos, neg = self.sampler(match)
+            sampled = torch.cat((pos, neg))
+            region_labels = torch.zeros(sampled.numel(), dtype=torch.int64, device=boxes.device)
+            region_targets = torch.zeros((sampled.numel(), 4), dtype=boxes.dtype, device=boxes.device)
+            if pos.numel():
+                region_labels[: pos.numel()] = gt_labels[matched_idxs[pos]]
+                region_targets[: pos.numel()] = self.box_coder.encode(gt_boxes[matched_idxs[pos]], boxes[pos])
+            regions.append(boxes[sampled])
+            labels.append(region_labels)
+            box_targets.append(region_targets)
+        return regions, torch.cat(labels), torch.cat(box_targets)
+
+    def postprocess(
+        self,
+        class_logits: Tensor,
+        box_deltas: Tensor,
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> list[Detections]:
+        """Softmax scores and class-specific decoded boxes -> Detections per image (resized coordinates)."""
+        counts = [p.shape[0] for p in proposals]
+        boxes = self.box_coder.decode(box_deltas, torch.cat(proposals)).reshape(box_deltas.shape[0], -1, 4)
+        scores = F.softmax(class_logits, dim=-1)
+        return [
+            detections_from_scores(
+                b[:, 1:],
+                s[:, 1:],
+                size,
+                score_thresh=self.score_thresh,
+                nms_thresh=self.nms_thresh,
+                detections_per_img=self.detections_per_img,
+            )
+            for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes, strict=True)
+        ]

@@ -1,0 +1,194 @@
+"""Region Proposal Network (Faster R-CNN, section 3.1).
+
+Legend: N images, L levels, A anchors per position, H_l x W_l a level's size, R_i anchors over all levels of
+an image (sum of H_l * W_l * A), P proposals kept for an image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+
+from detection.anchors import AnchorGenerator
+from detection.boxes import FOREGROUND, BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from detection.transform import ImageBatch
+
+
+class RPNHead(nn.Module):
+    """A 3x3 conv (the paper's "sliding window") + ReLU, then sibling 1x1 convs: objectness (A logits) and
+    box deltas (4A) per position. Shared by all levels. ``conv_depth`` 3x3 convs (2 in torchvision's v2)."""
+
+    def __init__(self, in_channels: int, num_anchors: int, *, conv_depth: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.ModuleList(
+            nn.Conv2d(in_channels, in_channels, 3, padding=1) for _ in range(conv_depth)
+        )
+        self.cls_logits = nn.Conv2d(in_channels, num_anchors, 1)
+        self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, features: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """L maps [N, C, H_l, W_l] -> objectness L x [N, A, H_l, W_l], deltas L x [N, 4A, H_l, W_l]."""
+        objectness, deltas = [], []
+        for x in features:
+            for conv in self.conv:
+                x = F.relu(conv(x))
+            objectness.append(self.cls_logits(x))
+            deltas.append(self.bbox_pred(x))
+        return objectness, deltas
+
+
+def flatten_predictions(objectness: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
+    """[N, A, H, W], [N, 4A, H, W] -> [N, H*W*A], [N, H*W*A, 4], in AnchorGenerator's anchor order."""
+    n, a, h, w = objectness.shape
+    objectness = objectness.permute(0, 2, 3, 1).reshape(n, -1)
+    deltas = deltas.reshape(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
+    return objectness, deltas
+
+
+class RegionProposalNetwork(nn.Module):
+    """Anchors + RPNHead -> proposals per image, and the RPN losses when targets are given.
+
+    A proposal source for TwoStageDetector: ``forward(batch, features, targets, proposals)`` returns
+    (P x 4 boxes per image in the batch's resized coordinates, {loss_objectness, loss_rpn_box_reg}).
+
+    Proposals: the ``pre_nms_top_n`` best-scored anchors of each level are decoded, clipped to the image,
+    boxes under ``min_box_size`` px and scores under ``score_thresh`` dropped, NMS at ``nms_thresh`` run
+    per level, and the ``post_nms_top_n`` best kept. Train and test take separate top-n values.
+    Training: anchors with IoU >= ``fg_iou_thresh`` (or the best for a ground truth) are positive,
+    < ``bg_iou_thresh`` negative; ``batch_size_per_image`` anchors are sampled, up to ``positive_fraction``
+    positive. The box loss is smooth-L1 (``smooth_l1_beta``; 0 gives L1) over positives, normalised by the
+    sampled count.
+    """
+
+    def __init__(
+        self,
+        anchor_generator: AnchorGenerator,
+        head: RPNHead,
+        *,
+        in_features: Sequence[str],
+        fg_iou_thresh: float = 0.7,
+        bg_iou_thresh: float = 0.3,
+        batch_size_per_image: int = 256,
+        positive_fraction: float = 0.5,
+        pre_nms_top_n_train: int = 2000,
+        pre_nms_top_n_test: int = 1000,
+        post_nms_top_n_train: int = 2000,
+        post_nms_top_n_test: int = 1000,
+        nms_thresh: float = 0.7,
+        score_thresh: float = 0.0,
+        min_box_size: float = 1e-3,
+        smooth_l1_beta: float = 1.0 / 9,
+    ) -> None:
+        super().__init__()
+        self.anchor_generator = anchor_generator
+        self.head = head
+        self.in_features = list(in_features)
+        self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
+        self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self.pre_nms_top_n = {True: pre_nms_top_n_train, False: pre_nms_top_n_test}
+        self.post_nms_top_n = {True: post_nms_top_n_train, False: post_nms_top_n_test}
+        self.nms_thresh = nms_thresh
+        self.score_thresh = score_thresh
+        self.min_box_size = min_box_size
+        self.smooth_l1_beta = smooth_l1_beta
+
+    def forward(
+        self,
+        batch: ImageBatch,
+        features: dict[str, Tensor],
+        targets: list[dict[str, Tensor]] | None = None,
+        proposals: list[Tensor] | None = None,
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        if proposals is not None:
+            raise ValueError("this detector makes its own proposals with an RPN; do not pass proposals to it")
+        maps = [features[name] for name in self.in_features]
+        objectness_maps, delta_maps = self.head(maps)
+        anchors = self.anchor_generator(
+            tuple(batch.tensors.shape[-2:]), [tuple(m.shape[-2:]) for m in maps], device=maps[0].device
+        )
+        flat = [flatten_predictions(o, d) for o, d in zip(objectness_maps, delta_maps, strict=True)]
+        objectness = torch.cat([o for o, _ in flat], dim=1)  # [N, R]
+        deltas = torch.cat([d for _, d in flat], dim=1)  # [N, R, 4]
+        num_per_level = [a.shape[0] for a in anchors]
+        all_anchors = torch.cat(anchors)  # [R, 4]
+
+        boxes = self.select_proposals(objectness.detach(), deltas.detach(), all_anchors, num_per_level, batch)
+        losses: dict[str, Tensor] = {}
+        if targets is not None:
+            losses = self.losses(objectness, deltas, all_anchors, targets)
+        return boxes, losses
+
+    def select_proposals(
+        self,
+        objectness: Tensor,
+        deltas: Tensor,
+        anchors: Tensor,
+        num_per_level: list[int],
+        batch: ImageBatch,
+    ) -> list[Tensor]:
+        """objectness [N, R] logits, deltas [N, R, 4], anchors [R, 4] -> N tensors [P, 4] of proposals."""
+        pre_n = self.pre_nms_top_n[self.training]
+        post_n = self.post_nms_top_n[self.training]
+        # top-k per level first, so only the kept anchors are decoded (the others could never be proposals)
+        top_idx, level_ids, start = [], [], 0
+        for level, count in enumerate(num_per_level):
+            k = min(pre_n, count)
+            idx = objectness[:, start : start + count].topk(k, dim=1).indices + start
+            top_idx.append(idx)
+            level_ids.append(torch.full((k,), level, dtype=torch.int64, device=objectness.device))
+            start += count
+        top_idx = torch.cat(top_idx, dim=1)  # [N, K]
+        levels = torch.cat(level_ids)  # [K]
+        rows = torch.arange(objectness.shape[0], device=objectness.device)[:, None]
+        scores = torch.sigmoid(objectness[rows, top_idx])
+        chosen_deltas = deltas[rows, top_idx]  # [N, K, 4]
+
+        proposals = []
+        for i, image_size in enumerate(batch.image_sizes):
+            boxes = self.box_coder.decode(chosen_deltas[i], anchors[top_idx[i]])
+            boxes = clip_boxes_to_image(boxes, image_size)
+            keep = remove_small_boxes(boxes, self.min_box_size)
+            keep = keep[scores[i, keep] >= self.score_thresh]
+            boxes, image_scores, image_levels = boxes[keep], scores[i, keep], levels[keep]
+            keep = batched_nms(boxes, image_scores, image_levels, self.nms_thresh)[:post_n]
+            proposals.append(boxes[keep])
+        return proposals
+
+    def losses(
+        self, objectness: Tensor, deltas: Tensor, anchors: Tensor, targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """objectness [N, R], deltas [N, R, 4], anchors [R, 4]. Images without boxes give only negatives."""
+        obj_logits, obj_labels, box_pred, box_targets = [], [], [], []
+        for i, target in enumerate(targets):
+            gt_boxes = target["boxes"].to(anchors.dtype)
+            matched_idxs, labels = self.matcher(box_iou(gt_boxes, anchors))
+            pos, neg = self.sampler(labels)
+            sampled = torch.cat((pos, neg))
+            obj_logits.append(objectness[i, sampled])
+            obj_labels.append((labels[sampled] == FOREGROUND).to(objectness.dtype))
+            box_pred.append(deltas[i, pos])
+            box_targets.append(self.box_coder.encode(gt_boxes[matched_idxs[pos]], anchors[pos]))
+        obj_logits, obj_labels = torch.cat(obj_logits), torch.cat(obj_labels)
+        box_pred, box_targets = torch.cat(box_pred), torch.cat(box_targets)
+        num_sampled = max(obj_logits.numel(), 1)
+        loss_objectness = (
+            F.binary_cross_entropy_with_logits(obj_logits, obj_labels, reduction="sum") / num_sampled
+        )
+        loss_box = box_regression_loss(box_pred, box_targets, self.smooth_l1_beta) / num_sampled
+        return {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box}
+
+
+def box_regression_loss(pred: Tensor, target: Tensor, beta: float) -> Tensor:
+    """Summed smooth-L1 with transition ``beta`` (``beta == 0`` is plain L1); 0 for empty inputs."""
+    if beta == 0:
+        return F.l1_loss(pred, target, reduction="sum")
+    return F.smooth_l1_loss(pred, target, beta=beta, reduction="sum")
