@@ -1,0 +1,158 @@
+"""Run checkpoints: the file format of docs/ARCHITECTURE.md, resume state, fine-tuning weights.
+
+``last.pt`` (every epoch and every ``train.checkpoint_every`` optimizer steps) and ``best.pt`` (best
+primary metric) are written atomically by ``vision.checkpoint.save_checkpoint``: a run killed while
+writing leaves the previous file intact (plus a stray temporary file, removed on resume).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from apps.config import ConfigError, Experiment, to_dict
+from vision.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint, save_checkpoint
+
+__all__ = [
+    "capture_rng",
+    "restore_rng",
+    "make_checkpoint",
+    "save",
+    "remove_stale_temporaries",
+    "find_resume_checkpoint",
+    "FinetuneReport",
+    "load_finetune_weights",
+]
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every generator the main process uses, as plain data and tensors (loadable with weights_only)."""
+    np_state = np.random.get_state(legacy=False)
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.random.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.random.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+def make_checkpoint(*, exp: Experiment, model_cfg: Any, classes: list[dict[str, Any]],
+                    preprocess: dict[str, Any], model: nn.Module, ema_state: dict[str, Any] | None,
+                    metrics: dict[str, float], train_state: dict[str, Any] | None) -> dict[str, Any]:
+    """The checkpoint dict (format "visiondet", version 1). ``model`` is the unwrapped module."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "task": exp.task,
+        "model": to_dict(model_cfg),
+        "classes": [dict(c) for c in classes],
+        "preprocess": dict(preprocess),
+        "state_dict": model.state_dict(),
+        "ema_state_dict": ema_state,
+        "config": to_dict(exp),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "train_state": train_state,
+    }
+
+
+def save(ckpt: dict[str, Any], path: Path) -> Path:
+    return save_checkpoint(ckpt, path)
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete temporary files left by a run killed during a checkpoint write."""
+    stale = [p for p in run_dir.glob(".*.pt.*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def find_resume_checkpoint(resume: bool | str, output_dir: str | None, task: str,
+                           runs_root: Path = Path("runs")) -> Path:
+    """The ``last.pt`` to continue: ``resume`` as a path (run folder or file), else ``output_dir``'s,
+    else the most recent run of ``task`` under ``runs_root``."""
+    if isinstance(resume, str):
+        path = Path(resume)
+    elif output_dir is not None:
+        path = Path(output_dir)
+    else:
+        runs = [p for p in (runs_root / task).glob("exp*/last.pt")]
+        if not runs:
+            raise ConfigError(f"resume: no run to resume under {runs_root / task} (give resume=RUN_DIR)")
+        path = max(runs, key=lambda p: p.stat().st_mtime)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise ConfigError(f"resume: {path}: no such checkpoint file")
+    return path
+
+
+@dataclass
+class FinetuneReport:
+    loaded: list[str] = field(default_factory=list)
+    reinitialised: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the model only: initial values kept
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model: ignored
+
+    def lines(self) -> list[str]:
+        out = [f"weights: loaded {len(self.loaded)} tensors"]
+        for key, have, want in self.reinitialised:
+            out.append(f"weights: {key}: shape {list(have)} in the checkpoint, {list(want)} in the model: "
+                       "re-initialised")
+        if self.missing:
+            out.append(f"weights: not in the checkpoint, left as initialised: {', '.join(self.missing)}")
+        if self.unexpected:
+            out.append(f"weights: not in the model, ignored: {', '.join(self.unexpected)}")
+        return out
+
+
+def load_finetune_weights(model: nn.Module, path: str | Path) -> FinetuneReport:
+    """Copy every tensor of checkpoint ``path`` whose name and shape match into ``model`` (fine-tuning).
+
+    Accepts a visiondet checkpoint (its EMA weights when present) or a bare state dict. Tensors whose
+    shape differs (e.g. a head for another number of classes) keep the model's fresh initialisation.
+    """
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
+        state = ckpt.get("ema_state_dict") or ckpt["state_dict"]
+    elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        state = ckpt
+    else:
+        raise CheckpointError(f"{path}: neither a visiondet checkpoint nor a state dict of tensors")
+    own = model.state_dict()
+    report = FinetuneReport()
+    usable = {}
+    for key, value in state.items():
+        if key not in own:
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(own[key].shape):
+            report.reinitialised.append((key, tuple(value.shape), tuple(own[key].shape)))
+        else:
+            usable[key] = value
+            report.loaded.append(key)
+    report.missing = [k for k in own if k not in state]
+    if not usable:
+        raise CheckpointError(f"{path}: no tensor of this checkpoint fits the model (another architecture?)")
+    model.load_state_dict(usable, strict=False)
+    return report

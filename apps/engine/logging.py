@@ -1,0 +1,161 @@
+"""What a run reports: messages, a progress bar, metrics.jsonl, TensorBoard and a training-curves PNG.
+
+Only rank 0 writes. Messages go to stderr (through ``tqdm.write`` so they do not break the bar) and to
+``train.log`` in the run folder. On a terminal each epoch gets a tqdm bar (loss, lr, it/s, ETA); when the
+output is not a terminal (CI, nohup, a pipe) the same figures come as plain lines every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+__all__ = ["RunLogger", "Progress", "plot_curves"]
+
+LOGGER_NAME = "visiondet.train"
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """One epoch's progress: a tqdm bar on a terminal, else a plain line every ``log_every`` updates."""
+
+    def __init__(self, *, epoch: int, epochs: int, total: int, start: int, log_every: int, enabled: bool,
+                 tty: bool, log: logging.Logger) -> None:
+        self.desc = f"epoch {epoch + 1}/{epochs}"
+        self.total, self.done, self.log_every, self.log = total, start, log_every, log
+        self.start_done, self.start_time = start, time.perf_counter()
+        self.enabled = enabled
+        self.bar = (tqdm(total=total, initial=start, desc=self.desc, file=sys.stderr, dynamic_ncols=True,
+                         unit="it", leave=True) if enabled and tty else None)
+
+    def update(self, n: int, values: dict[str, float]) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+            self.bar.update(n)
+        elif self.done % self.log_every == 0 or self.done == self.total:
+            rate = (self.done - self.start_done) / max(time.perf_counter() - self.start_time, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            figures = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
+            self.log.info(f"{self.desc}  it {self.done}/{self.total}  {figures}  {rate:.2f} it/s  "
+                          f"eta {_format_eta(eta)}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class RunLogger:
+    """Messages and metrics of one run; a silent stand-in on ranks other than 0 (``run_dir=None``)."""
+
+    def __init__(self, run_dir: Path | None, *, tensorboard: bool = True) -> None:
+        self.run_dir = run_dir
+        self.enabled = run_dir is not None
+        self.tty = sys.stderr.isatty()
+        self.log = logging.getLogger(f"{LOGGER_NAME}.{id(self)}")
+        self.log.propagate = False
+        self.log.setLevel(logging.INFO if self.enabled else logging.ERROR)
+        stream = _TqdmHandler()
+        stream.setFormatter(logging.Formatter("%(message)s"))
+        self.log.addHandler(stream)
+        self.jsonl = None
+        self.tb = None
+        if run_dir is not None:
+            file = logging.FileHandler(run_dir / "train.log")
+            file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            self.log.addHandler(file)
+            self.jsonl = open(run_dir / "metrics.jsonl", "a")  # closed in close()
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def info(self, message: str) -> None:
+        self.log.info(message)
+
+    def warning(self, message: str) -> None:
+        self.log.warning(f"WARNING: {message}")
+
+    def error(self, message: str) -> None:
+        self.log.error(f"ERROR: {message}")
+
+    def progress(self, *, epoch: int, epochs: int, total: int, start: int, log_every: int) -> Progress:
+        return Progress(epoch=epoch, epochs=epochs, total=total, start=start, log_every=log_every,
+                        enabled=self.enabled, tty=self.tty, log=self.log)
+
+    def record(self, kind: str, *, step: int, epoch: int, values: dict[str, float]) -> None:
+        """One metrics.jsonl line ``{"kind", "step", "epoch", "time", **values}`` and TensorBoard scalars."""
+        if self.jsonl is None:
+            return
+        row = {"kind": kind, "step": step, "epoch": epoch, "time": round(time.time(), 3)}
+        row.update({k: float(v) for k, v in values.items()})
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        for handler in list(self.log.handlers):
+            handler.close()
+            self.log.removeHandler(handler)
+
+
+def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
+    """PNG of the training losses and lr by step and of the validation metrics by epoch (matplotlib Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r["kind"] == "train"]
+    val = [r for r in rows if r["kind"] == "val"]
+    if not train and not val:
+        return None
+    skip = {"kind", "step", "epoch", "time"}
+    loss_keys = sorted({k for r in train for k in r if k.startswith("loss")})
+    val_keys = sorted({k for r in val for k in r if k not in skip and "/" not in k})
+    panels = [("training loss", loss_keys, train, "step"),
+              ("learning rate", ["lr"] if any("lr" in r for r in train) else [], train, "step"),
+              ("validation", val_keys, val, "epoch")]
+    panels = [p for p in panels if p[1]]
+    fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (title, keys, data, x_key) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for key in keys:
+            points = [(r[x_key], r[key]) for r in data if key in r]
+            marker = "o" if x_key == "epoch" else None
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker=marker)
+        ax.set_title(title)
+        ax.set_xlabel(x_key)
+        if title == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    fig.savefig(out_path, dpi=100)
+    return out_path

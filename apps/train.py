@@ -1,0 +1,414 @@
+"""The one training loop, for every task (a task provides model, data and evaluator: apps/tasks/base.py).
+
+Per optimizer step: ``accum_steps`` batches are run forward (autocast on CUDA when ``train.amp``) and
+backward (DDP synchronises gradients on the last one only), then the gradients are unscaled, clipped,
+applied, the learning rate advances and the EMA follows. A non-finite loss drops its batch's gradients
+with a warning; ``train.max_nonfinite`` of them in a row end the run with a checkpoint of the last good
+state. After each epoch: evaluation, ``last.pt``, ``best.pt`` on a better primary metric, early stopping.
+
+Resuming restores everything: weights, EMA, optimizer, scheduler, grad scaler, counters, every random
+generator, and the position in the epoch's batch order (see apps/engine/loader.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from apps.config import ConfigError, Experiment, resolve_output_dir, save_config
+from apps.engine import checkpointing as ckpt_io
+from apps.engine import distributed as dist_utils
+from apps.engine.ema import ModelEMA
+from apps.engine.loader import SeededItems, epoch_batches, eval_loader, make_loader
+from apps.engine.logging import RunLogger, plot_curves
+from apps.engine.optim import build_optimizer
+from apps.engine.schedule import build_scheduler
+from apps.tasks import get_task
+from vision.checkpoint import load_checkpoint
+
+__all__ = ["train", "TrainResult", "TrainingError"]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. repeated non-finite losses); a checkpoint of the last good state exists."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: str  # "completed", "early_stopped"
+    epochs_done: int
+    best_metric: float | None
+    metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation
+
+
+def train(exp: Experiment, *, runs_root: str | Path = "runs") -> TrainResult:
+    """Train ``exp`` (resuming when ``exp.resume``); under torchrun, every process calls this."""
+    created_group = not torch.distributed.is_initialized()
+    info = dist_utils.init_distributed(exp.device)
+    try:
+        return _Trainer(exp, info, Path(runs_root)).run()
+    finally:
+        if created_group:
+            dist_utils.cleanup()
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+class _Trainer:
+    def __init__(self, exp: Experiment, info: dist_utils.DistInfo, runs_root: Path) -> None:
+        self.exp, self.info, self.cfg = exp, info, exp.train
+        self.task = get_task(exp.task)
+        self.device = info.device
+        resume_path = (ckpt_io.find_resume_checkpoint(exp.resume, exp.output_dir, exp.task, runs_root)
+                       if exp.resume else None)
+        self.run_dir = self._make_run_dir(resume_path, runs_root)
+        self.log = RunLogger(self.run_dir if info.is_main else None)
+        _seed_everything(exp.seed + info.rank, self.cfg.deterministic)
+
+        data = self.task.build_datasets(exp)
+        self.train_ds, self.val_ds, self.classes = data.train, data.val, data.classes
+        self.model_cfg = self.task.model_config_for(exp.model, self.classes)
+        model = self.task.build_model(exp.model, self.classes, load_pretrained=resume_path is None)
+        if self.cfg.unfreeze_at_epoch is not None and not hasattr(model, "unfreeze_backbone"):
+            raise ConfigError(f"train.unfreeze_at_epoch: {type(model).__name__} has no unfreeze_backbone()")
+        if exp.weights and resume_path is None:
+            for line in ckpt_io.load_finetune_weights(model, exp.weights).lines():
+                self.log.info(line)
+        self.model = model.to(self.device)
+        self.preprocess = self.task.preprocess(exp)
+
+        self.batches_per_epoch = len(self._batches(0))
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.cfg.accum_steps)
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg, self.steps_per_epoch)
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.ema = ModelEMA(self.model, self.cfg.ema_decay) if self.cfg.ema else None
+        self.items = SeededItems(self.train_ds, exp.seed)
+
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.best: float | None = None
+        self.bad_evals = 0
+        self.nonfinite_run = 0
+        self.unfrozen = False
+        self.last_metrics: dict[str, float] = {}
+        rng = None
+        if resume_path is not None:
+            rng = self._load_resume(resume_path)
+        self.ddp: nn.Module = self._wrap()
+        if info.is_main:
+            save_config(exp, self.run_dir / "config.yaml")
+            self.log.info(f"run folder: {self.run_dir}")
+            self.log.info(f"{exp.task}: {len(self.train_ds)} training images, "
+                          f"{len(self.val_ds) if self.val_ds is not None else 0} validation images, "
+                          f"{len(self.classes)} classes, device {self.device}, {info.world_size} process(es)")
+        if rng is not None:  # last: nothing after this may consume randomness the original run did not
+            ckpt_io.restore_rng(rng)
+
+    # ---- set-up ------------------------------------------------------------------------------------------
+
+    def _make_run_dir(self, resume_path: Path | None, runs_root: Path) -> Path:
+        path: Path | None = None
+        if self.info.is_main:
+            if resume_path is not None:
+                path = resume_path.parent
+                ckpt_io.remove_stale_temporaries(path)
+            elif self.exp.output_dir is not None:
+                path = Path(self.exp.output_dir)
+                if (path / "last.pt").exists():
+                    raise ConfigError(f"output_dir: {path} already holds a run; continue it with resume=true "
+                                      "or choose another output_dir")
+                path.mkdir(parents=True, exist_ok=True)
+            else:
+                while path is None:  # two runs started together must not share a folder
+                    candidate = resolve_output_dir(self.exp, runs_root)
+                    try:
+                        candidate.mkdir(parents=True)
+                        path = candidate
+                    except FileExistsError:
+                        continue
+        return Path(dist_utils.broadcast_object(str(path) if path else None))
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if not self.cfg.amp:
+            return None
+        if self.device.type != "cuda":
+            self.log.warning("train.amp needs CUDA; training in float32 on the CPU")
+            return None
+        if self.cfg.amp_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            self.log.warning("this GPU has no bfloat16; using float16 with a gradient scaler")
+            return torch.float16
+        return torch.bfloat16 if self.cfg.amp_dtype == "bfloat16" else torch.float16
+
+    def _wrap(self) -> nn.Module:
+        if self.info.world_size == 1:
+            return self.model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        batches = epoch_batches(self.task, self.train_ds, batch_size=self.cfg.batch_size, seed=self.exp.seed,
+                                epoch=epoch, rank=self.info.rank, world=self.info.world_size)
+        if self.info.world_size > 1:  # grouped batching can give ranks different counts; DDP needs equal
+            n = torch.tensor([len(batches)], device=self.device)
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+            batches = batches[: int(n.item())]
+        if not batches:
+            raise ConfigError(f"data.train: {len(self.train_ds)} images give no batch of train.batch_size="
+                              f"{self.cfg.batch_size} on {self.info.world_size} process(es)")
+        return batches
+
+    def _load_resume(self, path: Path) -> dict[str, Any]:
+        ckpt = load_checkpoint(path, map_location="cpu")
+        state = ckpt.get("train_state")
+        if not state:
+            raise ConfigError(f"resume: {path}: has no train_state (best.pt cannot be resumed; use last.pt)")
+        if ckpt.get("task") != self.exp.task or ckpt.get("classes") != self.classes:
+            raise ConfigError(f"resume: {path}: task or classes differ from this run's data")
+        self.model.load_state_dict(ckpt["state_dict"])
+        if self.ema is not None and ckpt.get("ema_state_dict"):
+            self.ema.load_state_dict(ckpt["ema_state_dict"], state["ema_updates"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.best, self.bad_evals = state["best"], state["bad_evals"]
+        self.last_metrics = dict(ckpt.get("metrics") or {})
+        self.log.info(f"resuming {path} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}, "
+                      f"step {self.step}")
+        ranks = state["rng"]
+        if len(ranks) != self.info.world_size:
+            self.log.warning(f"resume: saved by {len(ranks)} process(es), now {self.info.world_size}: "
+                             "random streams will differ from an uninterrupted run")
+        return ranks[self.info.rank % len(ranks)]
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+
+    def _checkpoint(self, metrics: dict[str, float], *, resumable: bool) -> dict[str, Any]:
+        train_state = None
+        rngs = dist_utils.all_gather_object(ckpt_io.capture_rng()) if resumable else None
+        if resumable:
+            train_state = {
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+                "best": self.best, "bad_evals": self.bad_evals,
+                "ema_updates": self.ema.updates if self.ema is not None else 0, "rng": rngs,
+            }
+        return ckpt_io.make_checkpoint(
+            exp=self.exp, model_cfg=self.model_cfg, classes=self.classes, preprocess=self.preprocess,
+            model=self.model, ema_state=self.ema.state_dict() if self.ema is not None else None,
+            metrics=metrics, train_state=train_state)
+
+    def _save_last(self) -> None:
+        ckpt = self._checkpoint(self.last_metrics, resumable=True)  # every rank: RNG states are gathered
+        if self.info.is_main:
+            ckpt_io.save(ckpt, self.run_dir / "last.pt")
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        status = "completed"
+        try:
+            for epoch in range(self.epoch, self.cfg.epochs):
+                self.epoch = epoch
+                self._maybe_unfreeze(epoch)
+                self._train_epoch(epoch)
+                self.epoch, self.batch_in_epoch = epoch + 1, 0
+                stop = self._end_of_epoch(epoch)
+                self._save_last()
+                if stop:
+                    status = "early_stopped"
+                    break
+        finally:
+            self._finish()
+        return TrainResult(self.run_dir, status, self.epoch, self.best, dict(self.last_metrics))
+
+    def _maybe_unfreeze(self, epoch: int) -> None:
+        at = self.cfg.unfreeze_at_epoch
+        if at is None or epoch < at or self.unfrozen:
+            return
+        self.model.unfreeze_backbone()
+        self.unfrozen = True
+        if self.info.world_size > 1:  # DDP fixes its parameter set when wrapping: wrap again
+            self.ddp = self._wrap()
+        self.log.info(f"epoch {epoch + 1}: backbone unfrozen (fine-tuning all layers)")
+
+    def _train_epoch(self, epoch: int) -> None:
+        cfg = self.cfg
+        batches = self._batches(epoch)
+        start = self.batch_in_epoch
+        self.items.epoch = epoch
+        loader = make_loader(self.items, batches[start:], self.task.collate, workers=self.exp.data.workers,
+                             pin_memory=self.device.type == "cuda", seed=self.exp.seed + epoch)
+        progress = self.log.progress(epoch=epoch, epochs=cfg.epochs, total=len(batches), start=start,
+                                     log_every=cfg.log_every)
+        self.ddp.train()
+        window = 0  # batches whose gradients wait for the next optimizer step
+        sums: dict[str, torch.Tensor] = {}
+        logged_batches = 0
+        try:
+            for i, (indices, batch) in enumerate(loader, start):
+                images, targets = self.task.move_batch(batch, self.device)
+                closes_window = (i + 1) % cfg.accum_steps == 0 or i + 1 == len(batches)
+                no_sync = not closes_window and self.ddp is not self.model
+                with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
+                    with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                        enabled=self.amp_dtype is not None):
+                        _, losses = self.ddp(images, targets)
+                    loss = sum(losses.values())
+                    finite = self._finite_everywhere(loss)
+                    if finite:
+                        self.scaler.scale(loss / cfg.accum_steps).backward()
+                        window += 1
+                if finite:
+                    self.nonfinite_run = 0
+                    for k, v in losses.items():
+                        sums[k] = sums.get(k, 0.0) + v.detach().float()
+                    logged_batches += 1
+                else:
+                    self._nonfinite(losses, indices, i)
+                    self.optimizer.zero_grad(set_to_none=True)  # drop this window's partial gradients
+                    window = 0
+                self.batch_in_epoch = i + 1
+                if closes_window and window > 0:
+                    if self._optimizer_step():
+                        self.step += 1
+                        if self.step % cfg.log_every == 0:
+                            self._log_train(sums, logged_batches, epoch)
+                            sums, logged_batches = {}, 0
+                        every = cfg.checkpoint_every
+                        if every and self.step % every == 0 and i + 1 < len(batches):  # (epoch end saves)
+                            self._save_last()
+                    window = 0
+                progress.update(1, {"loss": float(loss.detach()), "lr": self.optimizer.param_groups[0]["lr"]})
+        finally:
+            progress.close()
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        # every rank must take the same branch, or DDP's gradient all-reduce would wait forever
+        flag = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.info.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _nonfinite(self, losses: dict[str, torch.Tensor], indices: list[int], i: int) -> None:
+        self.nonfinite_run += 1
+        bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()] or ["(on another rank)"]
+        names = self.task.sample_names(self.train_ds, indices)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log.warning(f"non-finite loss {', '.join(bad)} at epoch {self.epoch + 1}, batch {i + 1}, "
+                         f"step {self.step}, lr {lr:.4g}; images: {', '.join(names)}; step skipped "
+                         f"({self.nonfinite_run} in a row)")
+        if self.nonfinite_run >= self.cfg.max_nonfinite:
+            self.batch_in_epoch = i + 1
+            self._save_last()
+            raise TrainingError(f"{self.nonfinite_run} non-finite losses in a row ({', '.join(bad)}): stop. "
+                                f"The last good state is in {self.run_dir / 'last.pt'}. Lower train.lr, "
+                                "add warm-up (train.warmup_iters) or gradient clipping (train.grad_clip), "
+                                "or check the images named above.")
+
+    def _optimizer_step(self) -> bool:
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            if not torch.isfinite(norm) and not self.scaler.is_enabled():
+                self.log.warning(f"non-finite gradient norm at step {self.step}; step skipped")
+                self.optimizer.zero_grad(set_to_none=True)
+                return False
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return True
+
+    def _log_train(self, sums: dict[str, torch.Tensor], count: int, epoch: int) -> None:
+        keys = sorted(sums)
+        totals = torch.stack([torch.as_tensor(sums[k], device=self.device) for k in keys]
+                             + [torch.tensor(float(count), device=self.device)])
+        totals = dist_utils.all_reduce_sum(totals).tolist()
+        values = {k: v / max(totals[-1], 1.0) for k, v in zip(keys, totals[:-1], strict=True)}
+        values["loss"] = sum(values.values())
+        values["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.log.record("train", step=self.step, epoch=epoch + 1, values=values)
+
+    # ---- evaluation and the end of an epoch ---------------------------------------------------------------
+
+    def _evaluate(self) -> dict[str, float]:
+        assert self.val_ds is not None
+        loader = eval_loader(self.val_ds, self.task.collate, batch_size=self.cfg.batch_size,
+                             workers=self.exp.data.workers, pin_memory=self.device.type == "cuda")
+        metrics: dict[str, float] = {}
+        models = [("", self.model)] + ([("ema_", self.ema.module)] if self.ema is not None else [])
+        for prefix, model in models:
+            model.eval()
+            with torch.inference_mode():
+                result = self.task.evaluate(model, loader, self.device, self.classes)
+            metrics.update({f"{prefix}{k}": float(v) for k, v in result.items()})
+        self.model.train()
+        return metrics
+
+    def _end_of_epoch(self, epoch: int) -> bool:
+        if self.val_ds is None:
+            return False
+        last = epoch + 1 == self.cfg.epochs
+        if (epoch + 1) % self.cfg.eval_every and not last:
+            return False
+        metrics = self._evaluate()
+        self.last_metrics = metrics
+        self.log.record("val", step=self.step, epoch=epoch + 1, values=metrics)
+        key = ("ema_" if self.ema is not None else "") + self.task.primary_metric
+        if key not in metrics:
+            raise TrainingError(f"the {self.task.name} evaluator returned no {key!r} (got {sorted(metrics)})")
+        value = metrics[key]
+        summary = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)
+        self.log.info(f"epoch {epoch + 1}/{self.cfg.epochs} validation: {summary}")
+        if self.best is None or value > self.best:
+            self.best, self.bad_evals = value, 0
+            best = self._checkpoint(metrics, resumable=False)
+            if self.info.is_main:
+                ckpt_io.save(best, self.run_dir / "best.pt")
+                self.log.info(f"new best {key} {value:.4f}: {self.run_dir / 'best.pt'}")
+            return False
+        self.bad_evals += 1
+        if self.cfg.patience is not None and self.bad_evals >= self.cfg.patience:
+            self.log.info(f"early stopping: {key} has not improved for {self.bad_evals} evaluations "
+                          f"(best {self.best:.4f})")
+            return True
+        return False
+
+    def _finish(self) -> None:
+        if self.info.is_main:
+            metrics_path = self.run_dir / "metrics.jsonl"
+            self.log.close()
+            if metrics_path.is_file():
+                try:
+                    plot_curves(metrics_path, self.run_dir / "curves.png")
+                except Exception as exc:  # a plotting problem must not lose a finished run
+                    print(f"warning: could not draw {self.run_dir / 'curves.png'}: {exc}")
+        else:
+            self.log.close()
