@@ -16,7 +16,7 @@ import contextlib
 import math
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,8 @@ class _Trainer:
         resume_path = (ckpt_io.find_resume_checkpoint(exp.resume, exp.output_dir, exp.task, runs_root)
                        if exp.resume else None)
         self.run_dir = self._make_run_dir(resume_path, runs_root)
+        # what the run folder keeps (config.yaml, checkpoints): this run, as a fresh run would describe it
+        self.exp = exp = replace(exp, output_dir=str(self.run_dir), resume=False)
         self.log = RunLogger(self.run_dir if info.is_main else None)
         _seed_everything(exp.seed + info.rank, self.cfg.deterministic)
 
@@ -118,7 +120,7 @@ class _Trainer:
             rng = self._load_resume(resume_path)
         self.ddp: nn.Module = self._wrap()
         if info.is_main:
-            save_config(exp, self.run_dir / "config.yaml")
+            save_config(self.exp, self.run_dir / "config.yaml")
             self.log.info(f"run folder: {self.run_dir}")
             self.log.info(f"{exp.task}: {len(self.train_ds)} training images, "
                           f"{len(self.val_ds) if self.val_ds is not None else 0} validation images, "
