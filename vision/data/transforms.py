@@ -1,0 +1,215 @@
+"""Augmentation pipelines (albumentations) from YAML lists, per-task defaults, and the one ``to_tensor``.
+
+A pipeline is written in the experiment config as a list of transforms, each a name from albumentations
+and its parameters::
+
+    transforms:
+      - {name: LongestMaxSize, max_size: 512}
+      - {name: HorizontalFlip, p: 0.5}
+      - {name: OneOf, p: 0.8, transforms: [{name: ColorJitter}, {name: ToGray}]}
+
+``build_transforms`` turns it into an ``albumentations.Compose`` that carries boxes (xyxy pixels, the
+``labels`` and ``indices`` fields) and masks along with the image. Normalisation is not done here: models
+normalise internally, so images stay uint8 until ``to_tensor`` makes them float32 in [0, 1].
+
+Randomness: ``augment`` reseeds the pipeline for every sample from torch's generator, so
+``torch.manual_seed(s)`` reproduces the same augmented samples, and DataLoader workers (each with its own
+torch seed) do not repeat each other's augmentations.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+TASKS = ("detection", "segmentation", "classification")
+
+# Box fields every detection pipeline carries: class labels and each box's index in the input list,
+# so per-instance masks and crowd flags can follow the boxes that survive a crop.
+BOX_LABEL_FIELDS = ("labels", "indices")
+
+IGNORE_INDEX = 255  # segmentation: pixels that count for nothing (crowd regions, padding)
+PAD_VALUE = 128  # image padding: the same neutral grey transparent pixels get in images.py
+
+_COMPOSES = {"OneOf": A.OneOf, "SomeOf": A.SomeOf, "Sequential": A.Sequential}
+_REFUSED = {
+    "Normalize": "models normalise internally (mean/std are part of the model config); remove it",
+    "ToTensorV2": "tensor conversion happens once, after the pipeline (to_tensor); remove it",
+}
+
+# Keyword defaults build_transforms accepts, per task: name -> default value.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    # size: longest image side (None keeps the size; the detector resizes anyway).
+    # min_visibility: a box keeps its label only if this fraction of its area survives a crop.
+    "detection": {"size": None, "min_visibility": 0.1},
+    # size: training crop side and evaluation longest side (padded to a square of this size).
+    # scale: range of the random rescale applied before cropping.
+    "segmentation": {"size": 512, "scale": (0.5, 2.0)},
+    # size: network input side; evaluation resizes the short side to size / 0.875, then centre-crops.
+    "classification": {"size": 224},
+}
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 RGB -> float32 ``[3, H, W]`` in [0, 1]: the one conversion into model input."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        desc = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image)
+        raise TypeError(f"to_tensor expects an (H, W, 3) uint8 RGB array, got {desc}")
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+    return chw.to(torch.float32).div_(255.0)
+
+
+def build_transforms(
+    spec: Sequence[Mapping[str, Any]] | None, task: str, train: bool, **defaults: Any
+) -> A.Compose:
+    """Build the albumentations pipeline for one task and split.
+
+    Args:
+        spec: list of ``{name: <albumentations transform>, <parameter>: <value>, ...}``; ``OneOf``,
+            ``SomeOf`` and ``Sequential`` take a nested ``transforms`` list. ``None``: the task's default
+            pipeline for ``train`` or evaluation.
+        task: "detection", "segmentation" or "classification".
+        train: training (random) or evaluation (deterministic) default pipeline.
+        **defaults: per-task settings, see ``_DEFAULTS`` (detection: ``size``, ``min_visibility``;
+            segmentation: ``size``, ``scale``; classification: ``size``). Unknown names are an error.
+
+    Returns:
+        ``albumentations.Compose``; for detection it takes ``bboxes`` (pascal_voc = xyxy pixels) with the
+        label fields ``labels`` and ``indices``, boxes clipped to the image and dropped below
+        ``min_visibility`` or 1 px.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    unknown = sorted(set(defaults) - set(_DEFAULTS[task]))
+    if unknown:
+        hints = _suggest(unknown[0], _DEFAULTS[task])
+        raise ValueError(
+            f"unknown transform setting {unknown[0]!r} for {task}{hints}; "
+            f"accepted: {', '.join(_DEFAULTS[task])}"
+        )
+    settings = {**_DEFAULTS[task], **defaults}
+    if spec is None:
+        transforms = _default_pipeline(task, train, settings)
+    else:
+        transforms = _from_spec(spec, "transforms")
+    bbox_params = None
+    if task == "detection":
+        bbox_params = A.BboxParams(
+            format="pascal_voc",
+            label_fields=list(BOX_LABEL_FIELDS),
+            min_visibility=float(settings["min_visibility"]),
+            min_width=1.0,
+            min_height=1.0,
+            clip=True,
+            filter_invalid_bboxes=True,
+        )
+    with warnings.catch_warnings():
+        # An evaluation pipeline may have no geometric transform; the box processor is still wanted.
+        warnings.filterwarnings("ignore", message="Got processor for bboxes, but no transform to process it")
+        return A.Compose(transforms, bbox_params=bbox_params)
+
+
+def augment(transforms: Any, **data: Any) -> dict[str, Any]:
+    """Apply ``transforms`` (albumentations call style) with randomness drawn from torch's generator."""
+    if isinstance(transforms, A.BaseCompose):
+        transforms.set_random_seed(int(torch.randint(0, 2**62, ()).item()))
+    return transforms(**data)
+
+
+def _default_pipeline(task: str, train: bool, s: dict[str, Any]) -> list[A.BasicTransform]:
+    if task == "detection":
+        resize = [A.LongestMaxSize(max_size=int(s["size"]))] if s["size"] else []
+        if not train:
+            return resize
+        return resize + [
+            # Crops that keep every box whole; after the detector's resize this is a random zoom-in.
+            A.BBoxSafeRandomCrop(erosion_rate=0.0, p=0.5),
+            A.HorizontalFlip(p=0.5),
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.8),
+        ]
+    if task == "segmentation":
+        size = int(s["size"])
+        pad = A.PadIfNeeded(
+            min_height=size,
+            min_width=size,
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=PAD_VALUE,
+            fill_mask=IGNORE_INDEX,
+        )
+        if not train:
+            # Fixed-size outputs so validation batches stack; the padding is ignored by the metrics.
+            return [A.LongestMaxSize(max_size=size), pad]
+        low, high = s["scale"]
+        return [
+            A.RandomScale(scale_limit=(low - 1.0, high - 1.0), p=1.0),
+            pad,
+            A.RandomCrop(height=size, width=size),
+            A.HorizontalFlip(p=0.5),
+        ]
+    size = int(s["size"])
+    if not train:
+        return [A.SmallestMaxSize(max_size=round(size / 0.875)), A.CenterCrop(height=size, width=size)]
+    return [
+        A.RandomResizedCrop(size=(size, size), scale=(0.08, 1.0)),
+        A.HorizontalFlip(p=0.5),
+        A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8),
+    ]
+
+
+def _from_spec(spec: Sequence[Mapping[str, Any]], where: str) -> list[A.BasicTransform | A.BaseCompose]:
+    if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence):
+        raise ValueError(f"{where}: expected a list of transforms, got {type(spec).__name__}")
+    return [_one_transform(item, f"{where}[{i}]") for i, item in enumerate(spec)]
+
+
+def _one_transform(item: Mapping[str, Any], where: str) -> A.BasicTransform | A.BaseCompose:
+    if not isinstance(item, Mapping) or "name" not in item:
+        raise ValueError(f"{where}: expected a mapping with a 'name' key, e.g. {{name: HorizontalFlip}}")
+    name = item["name"]
+    if name in _REFUSED:
+        raise ValueError(f"{where}: {name}: {_REFUSED[name]}")
+    params = {k: v for k, v in item.items() if k != "name"}
+    if name in _COMPOSES:
+        children = _from_spec(params.pop("transforms", None) or [], f"{where}.transforms")
+        cls = _COMPOSES[name]
+        _check_params(cls, params, name, where, skip=("transforms",))
+        return cls(children, **params)
+    cls = getattr(A, str(name), None)
+    if not (inspect.isclass(cls) and issubclass(cls, A.BasicTransform)):
+        raise ValueError(f"{where}: unknown transform {name!r}{_suggest(str(name), _transform_names())}")
+    _check_params(cls, params, name, where)
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as exc:  # albumentations validates values with pydantic (a ValueError)
+        raise ValueError(f"{where}: {name}: {exc}") from None
+
+
+def _check_params(cls: type, params: Mapping[str, Any], name: str, where: str, skip: Sequence[str] = ()):
+    # albumentations only warns about unknown parameters; a typo in a config must not be silently ignored.
+    ignored = ("self", "args", "kwargs", *skip)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ignored]
+    for key in params:
+        if key not in accepted:
+            raise ValueError(
+                f"{where}: {name} has no parameter {key!r}{_suggest(key, accepted)}; "
+                f"accepted: {', '.join(accepted)}"
+            )
+
+
+def _transform_names() -> list[str]:
+    names = [n for n, c in vars(A).items() if inspect.isclass(c) and issubclass(c, A.BasicTransform)]
+    return names + list(_COMPOSES)
+
+
+def _suggest(word: str, choices: Sequence[str]) -> str:
+    by_lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
