@@ -1,0 +1,262 @@
+"""`visiondet predict`: one job over image folders, from the sources to summary.json.
+
+Order of work: find the files (every process finds the same sorted list), check the output folder, load
+the model, drop the files a resumed run already has, take this process's contiguous shard (torchrun), then
+stream: DataLoader workers decode, the model runs a batch at a time, and every image is written out (mask,
+drawing, then its predictions.jsonl line) before the next. Rank 0 merges the shards and derives the
+exports and the summary from the journal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from apps.predict import Prediction, Predictor, SegmentationResult, _error_kind
+from apps.predict_io import (
+    COCO_RESULTS,
+    CSV_FILE,
+    ERRORS,
+    IMAGES_DIR,
+    MASKS_DIR,
+    PREDICTIONS,
+    SHARDS_DIR,
+    JsonlWriter,
+    OutputError,
+    check_output_location,
+    count_outputs,
+    done_names,
+    merge_shards,
+    prepare_output,
+    write_coco_results,
+    write_csv,
+    write_summary,
+)
+from apps.predict_sources import ImageFile, find_images, shard
+from vision.data.images import DEFAULT_MAX_PIXELS
+
+FORMATS = ("coco", "jsonl", "csv")
+
+
+@dataclass
+class PredictOptions:
+    """Everything one `visiondet predict` job needs (the command line, as a value)."""
+
+    weights: str
+    sources: list[str]
+    output: Path
+    score_threshold: float = 0.5
+    nms_threshold: float | None = None
+    classes: list[str] | None = None
+    top_k: int = 5
+    batch_size: int = 8
+    workers: int = 2
+    device: str = "auto"
+    save_images: bool = False
+    formats: list[str] = field(default_factory=list)  # empty: coco for detection, jsonl otherwise
+    coco_ids: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    allow_inside_source: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool = True
+
+
+def _warn(message: str) -> None:
+    print(f"visiondet predict: {message}", file=sys.stderr)
+
+
+def _load_coco_ids(path: str) -> tuple[dict[str, int], dict[str, int]]:
+    """file_name -> id from a COCO JSON (its ``images`` list), and the same by base name where unique."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        images = data["images"] if isinstance(data, dict) else data
+        by_name = {str(im["file_name"]).replace("\\", "/"): int(im["id"]) for im in images}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise OutputError(f"--coco-ids {path}: not a COCO JSON with an images list of file_name and id "
+                          f"({type(exc).__name__}: {exc})") from None
+    bases: dict[str, list[int]] = {}
+    for name, image_id in by_name.items():
+        bases.setdefault(os.path.basename(name), []).append(image_id)
+    return by_name, {b: ids[0] for b, ids in bases.items() if len(ids) == 1}
+
+
+def image_ids(files: list[ImageFile], coco_ids: str | None) -> dict[str, int | None]:
+    """COCO image id of every file: from ``coco_ids`` (file name, else base name); without it the number
+    in the file name when every name is a number (COCO's own 000000397133.jpg), else the position in the
+    sorted file list (1-based). Files the COCO JSON does not know get None."""
+    if coco_ids:
+        by_name, by_base = _load_coco_ids(coco_ids)
+        return {f.name: by_name.get(f.name, by_base.get(os.path.basename(f.name))) for f in files}
+    stems = [Path(f.name).stem for f in files]
+    if all(s.isdigit() for s in stems) and len(set(map(int, stems))) == len(stems):
+        return {f.name: int(s) for f, s in zip(files, stems, strict=True)}
+    return {f.name: i for i, f in enumerate(files, 1)}
+
+
+def _save_picture(picture: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        Image.fromarray(picture).save(path, quality=95)
+    else:
+        Image.fromarray(picture).save(path)
+
+
+def _save_mask(mask: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # uint8 masks are 8-bit greyscale PNGs; more than 254 classes need 16 bits.
+    Image.fromarray(mask, mode="L" if mask.dtype == np.uint8 else "I;16").save(path)
+
+
+def _write_item(item: Prediction, output: Path, ids: dict[str, int | None] | None,
+                save_images: bool) -> dict[str, Any]:
+    """Write an image's files and return its predictions.jsonl record."""
+    result = item.result
+    height, width = result.image_size
+    record: dict[str, Any] = {"file": item.file.name}
+    if ids is not None:
+        record["image_id"] = ids[item.file.name]
+    record.update(width=int(width), height=int(height))
+    if isinstance(result, SegmentationResult):
+        mask_file = f"{MASKS_DIR}/{item.file.mask_name}"
+        _save_mask(result.mask, output / mask_file)
+        record["mask"] = mask_file
+    record.update(result.record())
+    if save_images:
+        _save_picture(result.draw(item.image), output / IMAGES_DIR / item.file.name)
+    return record
+
+
+def run_predict(opts: PredictOptions) -> int:
+    """Run one job; returns the exit code (0: every readable image done; 1: none could be processed).
+
+    Raises SourceError, OutputError, CheckpointError or ValueError for unusable arguments.
+    """
+    from apps.engine import distributed
+
+    started = time.perf_counter()
+    output = Path(opts.output)
+    # A long timeout: ranks that finish their shard early wait at the barrier for the slowest one.
+    dist = distributed.init_distributed(opts.device, timeout_s=7 * 24 * 3600.0)
+    try:
+        scan = find_images(opts.sources, exclude=output)
+        check_output_location(output, scan.folders, allow_inside_source=opts.allow_inside_source)
+        predictor = Predictor(opts.weights, dist.device, score_threshold=opts.score_threshold,
+                              nms_threshold=opts.nms_threshold, classes=opts.classes, top_k=opts.top_k,
+                              max_pixels=opts.max_pixels)
+        task = predictor.task
+        formats = list(dict.fromkeys(opts.formats or (["coco"] if task == "detection" else ["jsonl"])))
+        for fmt in formats:
+            if fmt not in FORMATS:
+                raise OutputError(f"--format {fmt}: choose from {', '.join(FORMATS)}")
+        if "coco" in formats and task != "detection":
+            raise OutputError(f"--format coco: COCO results need a detection checkpoint; this one is {task}")
+        run_info = {
+            "weights": str(Path(opts.weights).resolve()), "task": task,
+            "score_threshold": opts.score_threshold, "nms_threshold": opts.nms_threshold,
+            "classes": opts.classes, "top_k": opts.top_k,
+            "max_pixels": opts.max_pixels, "sources": [str(s) for s in opts.sources],
+            "formats": formats, "save_images": opts.save_images, "coco_ids": opts.coco_ids,
+        }
+        # Every rank checks (and fails) alike; only rank 0 changes the folder, the others wait for it.
+        prepare_output(output, run_info, resume=opts.resume, overwrite=opts.overwrite, write=False)
+        if dist.is_main:
+            prepare_output(output, run_info, resume=opts.resume, overwrite=opts.overwrite)
+        distributed.barrier()
+        ids = image_ids(scan.files, opts.coco_ids) if task == "detection" else None
+        done_before = done_names(output) if opts.resume else set()
+        todo = [f for f in scan.files if f.name not in done_before]
+        mine = shard(todo, dist.rank, dist.world_size)
+        if dist.world_size == 1:
+            journal, error_journal = output / PREDICTIONS, output / ERRORS
+        else:
+            journal = output / SHARDS_DIR / f"predictions.rank{dist.rank}.jsonl"
+            error_journal = output / SHARDS_DIR / f"errors.rank{dist.rank}.jsonl"
+
+        done = failed = 0
+        loop_start = time.perf_counter()
+        bar = tqdm(total=len(mine), unit="img", desc="predict", dynamic_ncols=True,
+                   disable=not (opts.progress and dist.is_main))
+        with JsonlWriter(journal) as predictions, JsonlWriter(error_journal) as errors:
+            for item in predictor.predict_source(mine, batch_size=opts.batch_size, workers=opts.workers,
+                                                 keep_images=opts.save_images):
+                if item.error is not None:
+                    errors.write({"file": item.file.name, "path": item.file.path,
+                                  "error": _error_kind(item.error), "reason": item.error})
+                    failed += 1
+                    bar.set_postfix(failed=failed, refresh=False)
+                else:
+                    predictions.write(_write_item(item, output, ids, opts.save_images))
+                    done += 1
+                bar.update(1)
+        bar.close()
+        loop_time = time.perf_counter() - loop_start
+        per_rank = distributed.all_gather_object({"done": done, "failed": failed, "seconds": loop_time})
+        distributed.barrier()
+
+        code = 0
+        if dist.is_main:
+            code = _finish(output, opts, task, formats, scan, predictor, dist, per_rank,
+                           skipped=len(scan.files) - len(todo), wall=time.perf_counter() - started)
+        return int(distributed.broadcast_object(code))
+    finally:
+        distributed.cleanup()
+
+
+def _finish(
+    output: Path, opts: PredictOptions, task: str, formats: list[str], scan: Any, predictor: Predictor,
+    dist: Any, per_rank: list[dict[str, Any]], *, skipped: int, wall: float,
+) -> int:
+    """Rank 0: merge the shards, write the exports and summary.json, print a short report."""
+    merge_shards(output)
+    written: dict[str, Any] = {"predictions": PREDICTIONS, "errors": ERRORS}
+    extra: dict[str, Any] = {}
+    if "coco" in formats:
+        n_dets, no_id = write_coco_results(output)
+        written["coco"] = COCO_RESULTS
+        extra["coco_results"] = {"detections": n_dets, "images_without_id": no_id}
+        if no_id:
+            _warn(f"{no_id} images have no id in {opts.coco_ids}: left out of {COCO_RESULTS}")
+    if "csv" in formats:
+        write_csv(output, task)
+        written["csv"] = CSV_FILE
+    if task == "segmentation":
+        written["masks"] = MASKS_DIR + "/"
+    if opts.save_images:
+        written["images"] = IMAGES_DIR + "/"
+    counts = count_outputs(output, task)
+    processed = sum(r["done"] + r["failed"] for r in per_rank)
+    slowest = max(r["seconds"] for r in per_rank)
+    summary = {
+        "task": task,
+        "weights": str(opts.weights),
+        "device": str(predictor.device) + (f" x {dist.world_size} processes" if dist.world_size > 1 else ""),
+        "sources": [str(s) for s in opts.sources],
+        "images_found": len(scan.files),
+        **counts,
+        "skipped": skipped,
+        "not_images": scan.not_images,
+        "processed_this_run": processed,
+        "images_per_second": round(processed / slowest, 3) if slowest > 0 else None,
+        "wall_time_s": round(wall, 3),
+        "score_threshold": opts.score_threshold if task == "detection" else None,
+        "outputs": written,
+        **extra,
+    }
+    write_summary(output, summary)
+    print(f"{counts['done']} images done, {counts['failed']} failed, {skipped} skipped (done before), "
+          f"{summary['images_per_second']} img/s -> {output}", file=sys.stderr)
+    if counts["done"] == 0:
+        _warn(f"no image could be processed; see {output / ERRORS}")
+        return 1
+    return 0
