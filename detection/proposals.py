@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ __all__ = [
     "image_sha1",
     "to_uint8_image",
     "write_proposal_file",
+    "ProposalConfig",
+    "build_proposal_source",
 ]
 
 
@@ -349,3 +351,36 @@ class CachedSource(ProposalSource):
             np.save(f, boxes.numpy().astype(np.float32))
         os.replace(tmp, path)
         return boxes
+
+
+@dataclass
+class ProposalConfig:
+    """Where a detector's external proposals come from (R-CNN, Fast R-CNN); a model config section.
+
+    method: "selective_search" (``mode``, ``max_boxes``, ``min_size``, ``max_side``) or "file" (``file``,
+    ``max_boxes``). ``cache_dir``: store computed proposals there (recommended for selective search: a
+    second epoch, model or run reuses them).
+    """
+
+    method: Literal["selective_search", "file"] = "selective_search"
+    mode: Literal["fast", "quality"] = "fast"
+    max_boxes: int | None = 2000
+    min_size: float = 0.0
+    max_side: int | None = None
+    file: str | None = None
+    cache_dir: str | None = None
+
+
+def build_proposal_source(cfg: ProposalConfig) -> ProposalSource:
+    """The source ``cfg`` describes, wrapped in a ``CachedSource`` when ``cfg.cache_dir`` is set."""
+    if cfg.method == "selective_search":
+        source: ProposalSource = SelectiveSearch(
+            mode=cfg.mode, max_boxes=cfg.max_boxes, min_size=cfg.min_size, max_side=cfg.max_side
+        )
+    elif cfg.method == "file":
+        if not cfg.file:
+            raise ProposalError("proposals.method 'file' needs proposals.file (a .json or .npz path)")
+        source = ProposalFile(cfg.file, max_boxes=cfg.max_boxes)
+    else:
+        raise ProposalError(f"proposals.method: unknown {cfg.method!r}; use 'selective_search' or 'file'")
+    return CachedSource(source, cfg.cache_dir) if cfg.cache_dir else source

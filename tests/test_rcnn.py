@@ -1,0 +1,181 @@
+"""R-CNN: region warping, SVMs with hard negative mining, ridge box regression, the detector's forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detection.boxes import BoxCoder
+from detection.proposals import ProposalSource
+from detection.rcnn import (
+    RCNNConfig,
+    SVMConfig,
+    build_rcnn,
+    feature_scale,
+    fit_box_regressor,
+    train_svm_hard_negatives,
+)
+from detection.warp import context_boxes, warp_regions
+
+# ---------------------------------------------------------------- warping
+
+
+def test_context_boxes_hand_computed():
+    # S = 20, p = 5: the box must fill the inner 10 px, so each side doubles around the centre
+    out = context_boxes(torch.tensor([[10.0, 10.0, 20.0, 30.0]]), out_size=20, padding=5)
+    assert out.tolist() == [[5.0, 0.0, 25.0, 40.0]]
+    # the paper's 227 / 16: factor 227 / 195
+    out = context_boxes(torch.tensor([[0.0, 0.0, 195.0, 39.0]]), out_size=227, padding=16)
+    assert torch.allclose(out, torch.tensor([[-16.0, -3.2, 211.0, 42.2]]), atol=1e-4)
+    assert context_boxes(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), 20, 0).tolist() == [[1.0, 2.0, 3.0, 4.0]]
+    with pytest.raises(ValueError, match="padding"):
+        context_boxes(torch.zeros(1, 4), 20, 10)
+
+
+def test_warp_puts_the_box_inside_its_context():
+    # a 40x40 image: 2 in a ring [5, 35), 1 in the box [10, 30), 0 (the mean) elsewhere
+    image = torch.zeros(1, 40, 40)
+    image[:, 5:35, 5:35] = 2.0
+    image[:, 10:30, 10:30] = 1.0
+    out = warp_regions(image, torch.tensor([[10.0, 10.0, 30.0, 30.0]]), out_size=20, padding=5)[0, 0]
+    # grown box = the whole image at half scale: output pixel u averages image pixels 2u and 2u + 1
+    assert out.shape == (20, 20)
+    assert torch.equal(out[5:15, 5:15], torch.ones(10, 10))  # the box fills the inner 20 - 2 * 5 pixels
+    assert torch.equal(out[3:5, 5:15], torch.full((2, 10), 2.0))  # context: image rows 6..9 are the ring
+    assert torch.equal(out[:2], torch.zeros(2, 20))  # image rows 0..3
+    assert out[2, 5] == 1.0  # rows 4 (0) and 5 (2) averaged
+
+
+def test_warp_fills_context_outside_the_image_with_the_mean():
+    image = torch.ones(3, 30, 30)  # mean-subtracted image that is 1 everywhere
+    out = warp_regions(image, torch.tensor([[0.0, 0.0, 10.0, 10.0]]), out_size=20, padding=5)
+    # the grown box is [-5, 15]: its first quarter lies outside, where roi_align reads 0 = the mean
+    assert out.shape == (1, 3, 20, 20)
+    assert torch.equal(out[0, :, 10:, 10:], torch.ones(3, 10, 10))
+    assert out[0, :, :4, :].abs().max() == 0
+    assert warp_regions(image, torch.zeros(0, 4), 20).shape == (0, 3, 20, 20)
+
+
+# ---------------------------------------------------------------- SVMs
+
+
+def _toy_svm_data():
+    """Positives at x in [2, 3]; image 0 holds only easy negatives (x in [-4, -3]); images 1 and 2 each
+    hold 5 hard negatives at x = 0.8, which an SVM fitted on image 0 alone puts on the positive side."""
+    g = torch.Generator().manual_seed(0)
+    positives = torch.stack([2 + torch.rand(10, generator=g), torch.rand(10, generator=g) * 4 - 2], 1)
+    easy = torch.stack([-4 + torch.rand(30, generator=g), torch.rand(30, generator=g) * 4 - 2], 1)
+    hard = [torch.stack([torch.full((5,), 0.8), torch.linspace(-2, 2, 5)], 1) for _ in range(2)]
+    far = torch.tensor([[-3.5, 0.0]])
+    return positives, [easy, torch.cat([hard[0], far]), torch.cat([far, hard[1]])]
+
+
+def test_hard_negative_mining_finds_the_hard_negatives():
+    positives, batches = _toy_svm_data()
+    cfg = SVMConfig(C=1.0, retrain_every=10)
+    # without mining beyond image 0, the hard negatives score as positives
+    naive = train_svm_hard_negatives(positives, batches[:1], cfg)
+    assert (batches[1][:5] @ naive.weight + naive.bias > 0).all()
+
+    mined = train_svm_hard_negatives(positives, batches, cfg)
+    hard_keys = {(1, r) for r in range(5)} | {(2, r) for r in range(1, 6)}
+    assert hard_keys <= mined.negatives  # every hard negative was mined and kept
+    # image 0's negatives all went in first (the SVM starts at zero, so all are hard); the ones far outside
+    # the margin were evicted as easy after the first fit
+    assert mined.history[0]["added"] == 30 and mined.history[0]["evicted"] > 0
+    assert len(mined.history) == 2 and mined.history[1]["added"] == 10
+    assert not {(0, r) for r in range(30)} <= mined.negatives
+    scores = lambda x: x @ mined.weight + mined.bias  # noqa: E731
+    assert (scores(positives) > 0).all()
+    assert (scores(torch.cat(batches)) < 0).all()
+
+
+def test_svm_without_positives_never_fires():
+    result = train_svm_hard_negatives(torch.zeros(0, 3), [torch.randn(4, 3)], SVMConfig())
+    assert result.bias < 0 and torch.equal(result.weight, torch.zeros(3))
+
+
+def test_feature_scale_sets_the_mean_norm():
+    feats = torch.tensor([[3.0, 4.0], [0.0, 10.0]])  # norms 5 and 10, mean 7.5
+    assert feature_scale(feats, 20.0) == pytest.approx(20 / 7.5)
+    assert feature_scale(torch.zeros(0, 2), 20.0) == 1.0
+
+
+# ---------------------------------------------------------------- box regression
+
+
+def test_ridge_box_regression_recovers_the_ground_truth():
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(40, 2, generator=g) * 50
+    proposals = torch.cat([xy, xy + 10 + torch.rand(40, 2, generator=g) * 20], 1)
+    gt = proposals + torch.randn(40, 4, generator=g) * 2
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    targets = coder.encode(gt, proposals)
+    # features that carry the targets linearly (plus a constant and a noise column)
+    feats = torch.cat([targets * 3 - 1, torch.rand(40, 1, generator=g)], 1)
+    weight, bias = fit_box_regressor(feats, targets, alpha=1e-6)
+    assert weight.shape == (4, 5) and bias.shape == (4,)
+    predicted = coder.decode(feats @ weight.T + bias, proposals)
+    assert torch.allclose(predicted, gt, atol=1e-3)
+    # a huge penalty leaves only the mean delta
+    weight, bias = fit_box_regressor(feats, targets, alpha=1e9)
+    assert weight.abs().max() < 1e-5 and torch.allclose(bias, targets.mean(0), atol=1e-5)
+
+
+# ---------------------------------------------------------------- the detector
+
+
+class FixedProposals(ProposalSource):
+    def __init__(self, boxes):
+        self.boxes = torch.tensor(boxes, dtype=torch.float32)
+
+    def settings(self):
+        return {"source": "fixed"}
+
+    def propose(self, image, image_id=None):
+        return self.boxes.clone()
+
+
+def _tiny_rcnn(num_classes=2, **kwargs):
+    cfg = RCNNConfig(num_classes=num_classes, backbone="resnet18", weights=None, feature_map="c4",
+                     pool_size=2, representation_size=16, input_size=32, context_padding=4, region_batch=3,
+                     **kwargs)
+    model = build_rcnn(cfg)
+    model.proposal_source = FixedProposals([[0, 0, 20, 20], [30, 30, 60, 60], [2, 2, 21, 22], [0, 0, 64, 48]])
+    return model
+
+
+def test_finetune_batch_samples_foreground_and_background():
+    torch.manual_seed(0)
+    model = _tiny_rcnn(batch_size=8, positive_fraction=0.25).train()
+    seen = []
+    model.box_head.register_forward_hook(lambda m, i, o: seen.append(len(o)))
+    images = [torch.rand(3, 48, 64), torch.rand(3, 48, 64)]
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 20.0, 20.0]]), "labels": torch.tensor([2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    outputs, losses = model(images, targets)
+    assert outputs is None and set(losses) == {"loss_classifier"}
+    # 2 images x (4 proposals + gt): 3 foreground (gt, [0,0,20,20], [2,2,21,22]: IoU 0.88) -> 2 sampled,
+    # then 6 of the 6 background regions
+    assert seen == [8]
+    losses["loss_classifier"].backward()
+    assert model.cls_score.weight.grad.abs().sum() > 0
+
+
+def test_detect_uses_svms_and_box_regressors():
+    model = _tiny_rcnn().eval()
+    image = torch.rand(3, 48, 64)
+    dets, losses = model([image])
+    assert losses == {} and len(dets) == 1  # fine-tuned softmax before the SVMs exist
+    # SVM for class 1 always fires (margin +5), class 2 never (-5)
+    model.svm_weight.zero_()
+    model.svm_bias.copy_(torch.tensor([5.0, -5.0]))
+    model.svm_trained.fill_(True)
+    # regression moves every class-1 box right by 10% of its width
+    model.bbox_bias[0] = torch.tensor([0.1, 0.0, 0.0, 0.0])
+    model.bbox_trained.fill_(True)
+    (det,), _ = model([image])
+    assert det.labels.tolist() == [1, 1, 1]  # [2,2,21,22] overlaps [0,0,20,20] by 0.88: NMS at 0.3 drops it
+    assert torch.allclose(det.scores, torch.sigmoid(torch.tensor(5.0)).expand(3))
+    expected = {(2.0, 0.0, 22.0, 20.0), (33.0, 30.0, 63.0, 48.0), (6.4, 0.0, 64.0, 48.0)}  # clipped
+    assert {tuple(round(v, 3) for v in box) for box in det.boxes.tolist()} == expected
