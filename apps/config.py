@@ -363,7 +363,9 @@ def _check_values(exp: Experiment) -> None:
         raise ConfigError("train.checkpoint_every, train.warmup_iters and data.workers must be >= 0")
     if not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in (0, 1), got {t.ema_decay}")
-    if t.scheduler == "multistep" and sorted(t.milestones) != t.milestones:
+    if t.nesterov and (t.optimizer != "sgd" or t.momentum <= 0):
+        raise ConfigError("train.nesterov: needs train.optimizer=sgd and train.momentum > 0")
+    if sorted(t.milestones) != t.milestones:
         raise ConfigError(f"train.milestones: must be increasing, got {t.milestones}")
     if t.patience is not None and t.patience < 1:
         raise ConfigError(f"train.patience: must be >= 1 or null, got {t.patience}")

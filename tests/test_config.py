@@ -1,0 +1,139 @@
+"""Experiment config: YAML bases, dotted overrides, typed values, errors that name the key and suggest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from test_engine_support import ToyModelConfig, ToyOptions, register_toy_task
+
+from apps.config import (
+    ConfigError,
+    Experiment,
+    load_config,
+    parse_overrides,
+    resolve_output_dir,
+    save_config,
+)
+
+
+@pytest.fixture(autouse=True)
+def toy_task(monkeypatch):
+    from apps.tasks import TASKS
+
+    monkeypatch.setitem(TASKS, "toy", TASKS.get("toy", "test_engine_support:ToyTask"))
+    register_toy_task()
+
+
+def write(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_overrides_parse_yaml_scalars_and_nest():
+    got = parse_overrides(["train.lr=1e-4", "train.epochs=3", "train.amp=true", "train.milestones=[8, 11]",
+                           "train.grad_clip=null", "output_dir=runs/x", "data.train.root=a=b"])
+    assert got == {"train": {"lr": 1e-4, "epochs": 3, "amp": True, "milestones": [8, 11], "grad_clip": None},
+                   "output_dir": "runs/x", "data": {"train": {"root": "a=b"}}}
+    assert isinstance(got["train"]["lr"], float)  # PyYAML alone reads 1e-4 as a string
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["train.lr"])
+
+
+def test_base_inheritance_deep_merges_and_overrides_win(tmp_path):
+    write(tmp_path / "base" / "common.yaml", {"train": {"epochs": 10, "lr": 0.1, "momentum": 0.8}, "seed": 5})
+    write(tmp_path / "base" / "toy.yaml", {"base": "common.yaml", "task": "toy", "data": {"train": {}},
+                                           "train": {"lr": 0.05}})
+    child = write(tmp_path / "exp" / "child.yaml", {"base": ["../base/toy.yaml"], "train": {"epochs": 4},
+                                                    "model": {"width": 6}})
+    exp = load_config(child, ["train.momentum=0.95", "data.options.num_items=10"])
+    assert isinstance(exp, Experiment)
+    assert (exp.train.epochs, exp.train.lr, exp.train.momentum, exp.seed) == (4, 0.05, 0.95, 5)
+    assert exp.model == ToyModelConfig(width=6)
+    assert exp.data.options == ToyOptions(num_items=10)
+    assert exp.data.val is None
+
+
+def test_unknown_keys_suggest_the_closest(tmp_path):
+    cfg = write(tmp_path / "c.yaml", {"task": "toy", "data": {"train": {}}, "train": {"learning_rate": 0.1}})
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert str(err.value).startswith(str(cfg))
+    cfg = write(tmp_path / "d.yaml", {"task": "toy", "data": {"train": {}}})
+    hint = r"^override: unknown key 'train.epoch'; did you mean 'train.epochs'\?"
+    with pytest.raises(ConfigError, match=hint):
+        load_config(cfg, ["train.epoch=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'model.widht'; did you mean 'model.width'\?"):
+        load_config(cfg, ["model.widht=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'data.train.rot'; did you mean 'data.train.root'\?"):
+        load_config(cfg, ["data.train.rot=x"])
+    with pytest.raises(ConfigError, match=r"unknown task 'toyy'; did you mean 'toy'\?"):
+        load_config(cfg, ["task=toyy"])
+
+
+def test_wrong_types_and_values_name_the_key(tmp_path):
+    cfg = write(tmp_path / "c.yaml", {"task": "toy", "data": {"train": {}}})
+    cases = {
+        "train.epochs=ten": r"train.epochs: expected int, got 'ten'",
+        "train.epochs=2.5": r"train.epochs: expected int",
+        "train.lr=fast": r"train.lr: expected float",
+        "train.amp=1": r"train.amp: expected bool",
+        "train.optimizer=adamm": r"train.optimizer: 'adamm' is not one of .*did you mean 'adam'\?",
+        "train.betas=[0.9]": r"train.betas: expected 2 values",
+        "train.epochs=0": r"train.epochs: must be >= 1",
+        "train.milestones=[9, 3]": r"train.milestones: must be increasing",
+        "data.train=5": r"data.train: expected a mapping",
+    }
+    for override, pattern in cases.items():
+        with pytest.raises(ConfigError, match=pattern):
+            load_config(cfg, [override])
+    exp = load_config(cfg, ["train.lr=1", "train.grad_clip=5", "resume=true"])
+    assert exp.train.lr == 1.0 and isinstance(exp.train.lr, float) and exp.train.grad_clip == 5.0
+    assert exp.resume is True
+
+
+def test_missing_files_fail_before_any_work(tmp_path):
+    cfg = write(tmp_path / "c.yaml", {"task": "classification", "data": {"train": {"root": str(tmp_path)}}})
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ConfigError, match=rf"data.val.root: {missing}: no such file or folder"):
+        load_config(cfg, [f"data.val.root={missing}"])
+    with pytest.raises(ConfigError, match=r"data.train.root: required by the classification task"):
+        load_config(cfg, ["data.train.root=null"])
+    with pytest.raises(ConfigError, match=rf"weights: {missing}: no such checkpoint file"):
+        load_config(cfg, [f"weights={missing}"])
+    with pytest.raises(ConfigError, match=r"no such config file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_model_section_is_the_tasks_dataclass(tmp_path):
+    cfg = write(tmp_path / "c.yaml", {"task": "classification", "data": {"train": {"root": str(tmp_path)}},
+                                      "model": {"backbone": "resnet18", "dropout": 0.2}})
+    exp = load_config(cfg, ["model.mean=[0.5, 0.5, 0.5]"])
+    assert type(exp.model).__name__ == "ClassifierConfig"
+    assert exp.model.dropout == 0.2 and exp.model.mean == (0.5, 0.5, 0.5)
+    with pytest.raises(ConfigError, match=r"did you mean 'model.backbone'"):
+        load_config(cfg, ["model.backbon=resnet50"])
+
+
+def test_circular_bases_are_refused(tmp_path):
+    write(tmp_path / "a.yaml", {"base": "b.yaml"})
+    write(tmp_path / "b.yaml", {"base": "a.yaml"})
+    with pytest.raises(ConfigError, match="circular base"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_saved_config_reloads_identically_and_run_folders_are_numbered(tmp_path):
+    cfg = write(tmp_path / "c.yaml", {"task": "toy", "data": {"train": {}, "val": {}}})
+    exp = load_config(cfg, ["train.betas=[0.8, 0.9]", "train.milestones=[2]"])
+    save_config(exp, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == exp
+    runs = tmp_path / "runs"
+    assert resolve_output_dir(exp, runs) == runs / "toy" / "exp1"
+    (runs / "toy" / "exp1").mkdir(parents=True)
+    (runs / "toy" / "exp7").mkdir()
+    (runs / "toy" / "expected").mkdir()  # not a run number
+    assert resolve_output_dir(exp, runs) == runs / "toy" / "exp8"
+    exp.output_dir = str(tmp_path / "mine")
+    assert resolve_output_dir(exp, runs) == tmp_path / "mine"
