@@ -1,0 +1,62 @@
+"""vision.checkpoint: atomic save, weights_only load, clear errors."""
+
+from __future__ import annotations
+
+import pathlib
+import pickle
+
+import pytest
+import torch
+
+from vision.checkpoint import CheckpointError, is_visiondet_checkpoint, load_checkpoint, save_checkpoint
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_round_trip_of_a_checkpoint_dict(tmp_path):
+    ckpt = {"format": "visiondet", "version": 1, "task": "classification", "model": {"backbone": "resnet18"},
+            "classes": [{"id": 7, "name": "cat"}], "state_dict": {"w": torch.arange(6.0).view(2, 3)},
+            "metrics": {"top1": 0.5}}
+    path = save_checkpoint(ckpt, tmp_path / "sub" / "model.pt")  # missing folders are created
+    loaded = load_checkpoint(path)
+    assert loaded["classes"] == [{"id": 7, "name": "cat"}] and loaded["metrics"] == {"top1": 0.5}
+    assert torch.equal(loaded["state_dict"]["w"], torch.arange(6.0).view(2, 3))
+    assert is_visiondet_checkpoint(loaded)
+    assert not is_visiondet_checkpoint({"w": torch.zeros(1)})
+    assert not is_visiondet_checkpoint({"format": "visiondet"})  # no state_dict
+
+
+def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = save_checkpoint({"v": 1}, tmp_path / "model.pt")
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # a lambda cannot be pickled
+        save_checkpoint({"v": 2, "bad": lambda: None}, path)
+    assert load_checkpoint(path) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_missing_and_truncated_files_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nope\.pt: no such checkpoint file"):
+        load_checkpoint(tmp_path / "nope.pt")
+    path = save_checkpoint({"w": torch.zeros(100)}, tmp_path / "cut.pt")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"cut\.pt: cannot load checkpoint"):
+        load_checkpoint(path)
+
+
+def test_pickled_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "x": _Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match=r"evil\.pt: .*refused for safety"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # proof that the payload is live
+    assert marker.exists()
