@@ -189,7 +189,11 @@ class _CocoBase(Dataset):
         return raw
 
     def _masks(self, ann_ids: Sequence[int]) -> list[np.ndarray]:
-        return [self.coco.annToMask(self.coco.anns[i]) for i in ann_ids]
+        """uint8 ``[H, W]`` mask of each annotation, at the JSON's image size (pycocotools decodes)."""
+        with warnings.catch_warnings():
+            # pycocotools 2.0.11 + NumPy 2 warn on every decode about a copy keyword; nothing we can act on.
+            warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy")
+            return [self.coco.annToMask(self.coco.anns[i]) for i in ann_ids]
 
     def _check_segmentations(self, ann_ids: Iterable[int]) -> None:
         bad = []
