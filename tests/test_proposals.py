@@ -166,3 +166,39 @@ def test_recall_hand_computed():
     assert recall == {(1, 0.5): 1 / 3, (1, 0.7): 0.0, (2, 0.5): 1 / 3, (2, 0.7): 1 / 3}
     assert "R@0.50" in format_recall(recall)
     assert np.isnan(proposal_recall([torch.zeros(0, 4)], [torch.zeros(0, 4)])[(300, 0.5)])
+
+
+def test_proposals_command_writes_resumes_and_reports_recall(tmp_path, photo, capsys):
+    from apps.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), photo[:, :, ::-1])
+    cv2.imwrite(str(images / "b.png"), photo[::-1, :, ::-1])
+    (images / "broken.png").write_bytes(b"not a png")
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 128, "height": 96},
+                   {"id": 2, "file_name": "b.png", "width": 128, "height": 96}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 128, 96], "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    out = tmp_path / "props.npz"
+    args = ["proposals", "--images", str(images), "--out", str(out), "--max-boxes", "50",
+            "--annotations", str(tmp_path / "ann.json")]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "2 images" in text and "2 computed, 0 from the cache" in text
+    assert "1.000" in text  # the whole-image box is always proposed: the one object is found at any IoU
+    source = ProposalFile(out)
+    assert source.propose(None, image_id=1).shape[0] == 50
+    assert torch.equal(source.propose(photo), source.propose(None, image_id=1))  # found by pixels too
+    # a second run (or a run resumed after an interruption) takes every image from the cache
+    out.unlink()
+    assert main(args) == 0
+    assert "0 computed, 2 from the cache" in capsys.readouterr().out
+    # without annotations: ids are file names, and an unreadable image is reported by name
+    assert main(["proposals", "--images", str(images), "--out", str(tmp_path / "p.json")]) == 1
+    captured = capsys.readouterr()
+    assert "broken.png" in captured.out + captured.err
+    assert ProposalFile(tmp_path / "p.json").propose(None, image_id="b.png").shape[1] == 4
