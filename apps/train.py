@@ -55,10 +55,12 @@ class TrainResult:
 def train(exp: Experiment, *, runs_root: str | Path = "runs") -> TrainResult:
     """Train ``exp`` (resuming when ``exp.resume``); under torchrun, every process calls this."""
     created_group = not torch.distributed.is_initialized()
+    deterministic = torch.are_deterministic_algorithms_enabled()
     info = dist_utils.init_distributed(exp.device)
     try:
         return _Trainer(exp, info, Path(runs_root)).run()
     finally:
+        torch.use_deterministic_algorithms(deterministic)  # a global switch: leave it as it was
         if created_group:
             dist_utils.cleanup()
 
@@ -274,6 +276,7 @@ class _Trainer:
         try:
             for i, (indices, batch) in enumerate(loader, start):
                 images, targets = self.task.move_batch(batch, self.device)
+                buffers = self._snapshot_buffers()
                 closes_window = (i + 1) % cfg.accum_steps == 0 or i + 1 == len(batches)
                 no_sync = not closes_window and self.ddp is not self.model
                 with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
@@ -291,6 +294,7 @@ class _Trainer:
                         sums[k] = sums.get(k, 0.0) + v.detach().float()
                     logged_batches += 1
                 else:
+                    self._restore_buffers(buffers)  # BatchNorm statistics saw the bad batch
                     self._nonfinite(losses, indices, i)
                     self.optimizer.zero_grad(set_to_none=True)  # drop this window's partial gradients
                     window = 0
@@ -308,6 +312,14 @@ class _Trainer:
                 progress.update(1, {"loss": float(loss.detach()), "lr": self.optimizer.param_groups[0]["lr"]})
         finally:
             progress.close()
+
+    def _snapshot_buffers(self) -> list[torch.Tensor]:
+        return [b.detach().clone() for b in self.model.buffers()]
+
+    def _restore_buffers(self, saved: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for buffer, value in zip(self.model.buffers(), saved, strict=True):
+                buffer.copy_(value)
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
         # every rank must take the same branch, or DDP's gradient all-reduce would wait forever
