@@ -13,6 +13,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "predict": ("apps.predict_cmd", "run a checkpoint over image folders, globs, files or path lists"),
     "proposals": ("apps.proposals_cmd", "precompute selective search proposals for a folder (resumable)"),
 }
 
