@@ -26,9 +26,16 @@ class ConvBNReLU(nn.Module):
         )
         self.bn = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.relu(self.bn(self.conv(x)))
+
+
+def _init_classifier(conv: nn.Conv2d) -> None:
+    # Small scores at the start: the first loss is close to log(K + 1) whatever the features' scale.
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.zeros_(conv.bias)
 
 
 class FCNHead(nn.Module):
@@ -43,6 +50,7 @@ class FCNHead(nn.Module):
         self.conv = ConvBNReLU(in_channels, in_channels // 4, kernel_size=3)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Conv2d(in_channels // 4, num_outputs, 1)
+        _init_classifier(self.classifier)
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         return self.classifier(self.dropout(self.conv(features[self.in_feature])))
@@ -95,6 +103,7 @@ class DeepLabV3Head(nn.Module):
         self.aspp = ASPP(in_channels, rates, channels=channels)
         self.conv = ConvBNReLU(channels, channels, kernel_size=3)
         self.classifier = nn.Conv2d(channels, num_outputs, 1)
+        _init_classifier(self.classifier)
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         return self.classifier(self.conv(self.aspp(features[self.in_feature])))
@@ -139,6 +148,7 @@ class PSPHead(nn.Module):
         self.conv = ConvBNReLU(self.ppm.out_channels, channels, kernel_size=3)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Conv2d(channels, num_outputs, 1)
+        _init_classifier(self.classifier)
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         return self.classifier(self.dropout(self.conv(self.ppm(features[self.in_feature]))))
