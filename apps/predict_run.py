@@ -170,6 +170,7 @@ def run_predict(opts: PredictOptions) -> int:
         }
         # Every rank checks (and fails) alike; only rank 0 changes the folder, the others wait for it.
         prepare_output(output, run_info, resume=opts.resume, overwrite=opts.overwrite, write=False)
+        distributed.barrier()  # all checked the folder as it was before rank 0 touches it
         if dist.is_main:
             prepare_output(output, run_info, resume=opts.resume, overwrite=opts.overwrite)
         distributed.barrier()
@@ -249,6 +250,7 @@ def _finish(
         "processed_this_run": processed,
         "images_per_second": round(processed / slowest, 3) if slowest > 0 else None,
         "wall_time_s": round(wall, 3),
+        "processes": per_rank if dist.world_size > 1 else None,
         "score_threshold": opts.score_threshold if task == "detection" else None,
         "outputs": written,
         **extra,

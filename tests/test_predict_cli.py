@@ -225,3 +225,42 @@ def test_resume_after_killed_run_does_every_image_once(tmp_path):
     assert len(names) == n and len(set(names)) == n  # everything, nothing twice
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] == first and summary["processed_this_run"] == n - first
+
+
+def _rank_main(rank: int, port: int, args: list[str], codes) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    codes[rank] = predict(*args)
+
+
+def test_two_processes_take_disjoint_shards_and_merge(weights, tmp_path):
+    """What `torchrun --nproc_per_node 2 -m apps.cli predict ...` does, with forked processes (gloo)."""
+    import multiprocessing
+    import socket
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    names = [f"{d}/{i}.png" for d, i in [("a", 0), ("a", 1), ("b", 2), ("b", 3), ("c", 4), ("c", 5)]]
+    for i, name in enumerate(names):
+        save(src / name, noise(16, 16, i))
+    (src / "c" / "6.png").write_bytes(b"")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    codes = ctx.Array("i", [-1, -1])
+    args = ["--weights", str(weights), "--source", str(src), "--output", str(out), "--workers", "0",
+            "--device", "cpu", "--save-images"]
+    procs = [ctx.Process(target=_rank_main, args=(r, port, args, codes)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert list(codes) == [0, 0]
+    assert [r["file"] for r in lines(out / "predictions.jsonl")] == names  # one set, in sorted order
+    assert [e["file"] for e in lines(out / "errors.jsonl")] == ["c/6.png"]
+    assert not (out / ".shards").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["device"] == "cpu x 2 processes"
+    # 7 files: rank 0 takes the first 3, rank 1 the other 4 (the unreadable one among them)
+    assert [(p["done"], p["failed"]) for p in summary["processes"]] == [(3, 0), (3, 1)]
+    assert len(list((out / "images").rglob("*.png"))) == 6
