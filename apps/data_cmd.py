@@ -1,0 +1,162 @@
+"""`visiondet data check|convert|preview`: look at a dataset before training on it.
+
+Examples::
+
+    visiondet data check --annotations train.json --images train/          # report; exit 1 on errors
+    visiondet data check --annotations train.json --images train/ --json   # the same, for scripts
+    visiondet data convert --from voc --annotations VOC2012/Annotations --split ImageSets/Main/train.txt \\
+        --out train.json
+    visiondet data convert --from yolo --images images/train --labels labels/train --names data.yaml \\
+        --out train.json
+    visiondet data convert --from coco --to yolo --annotations train.json --out labels/train
+    visiondet data preview --annotations train.json --images train/ --out preview.png
+
+Exit codes: 0 fine, 1 the check found errors (training would fail or silently lose data), 2 the input
+could not be read at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    check = sub.add_parser("check", help="validate a COCO dataset against its images and print a report")
+    check.add_argument("--annotations", required=True, metavar="JSON", help="COCO instances JSON")
+    check.add_argument("--images", required=True, metavar="DIR", help="folder the file_name values refer to")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--headers-only", action="store_true",
+                       help="read image headers only (fast; does not find truncated files)")
+    check.add_argument("--workers", type=int, default=None, help="threads reading images (default: CPUs)")
+
+    convert = sub.add_parser("convert", help="Pascal VOC / YOLO datasets to COCO JSON, or COCO to VOC / YOLO")
+    convert.add_argument("--from", dest="source", required=True, choices=["voc", "yolo", "coco"])
+    convert.add_argument("--to", dest="target", default="coco", choices=["coco", "voc", "yolo"])
+    convert.add_argument("--annotations", metavar="PATH",
+                         help="VOC: folder of XML files; COCO: the JSON file")
+    convert.add_argument("--images", metavar="DIR",
+                         help="YOLO: image folder (required); VOC: read sizes missing from the XML")
+    convert.add_argument("--labels", metavar="DIR", help="YOLO: folder of <image stem>.txt label files")
+    convert.add_argument("--names", metavar="FILE",
+                         help="YOLO: data.yaml or classes.txt (required); VOC: fixes the class order")
+    convert.add_argument("--split", metavar="FILE", help="VOC: image set file listing the stems to convert")
+    convert.add_argument("--out", required=True, metavar="PATH",
+                         help="COCO JSON file to write, or folder for VOC XML / YOLO txt files")
+
+    preview = sub.add_parser("preview", help="write a grid PNG of augmented samples with their labels drawn")
+    preview.add_argument("--annotations", metavar="JSON", help="COCO JSON (detection, segmentation)")
+    preview.add_argument("--images", metavar="DIR", help="image folder of the JSON")
+    preview.add_argument("--root", metavar="DIR", help="ImageFolder root instead (classification)")
+    preview.add_argument("--task", choices=["detection", "segmentation", "classification"],
+                         help="default: classification with --root, detection otherwise")
+    preview.add_argument("--transforms", metavar="YAML",
+                         help="YAML file with a transform list (default: the task's training pipeline)")
+    preview.add_argument("--size", type=int, help="the pipeline's size setting (see build_transforms)")
+    preview.add_argument("--eval", action="store_true", help="the evaluation pipeline instead of training")
+    preview.add_argument("--num", type=int, default=16, help="number of samples (default 16)")
+    preview.add_argument("--seed", type=int, default=0)
+    preview.add_argument("--out", required=True, metavar="PNG")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vision.data.cocofile import AnnotationError
+    from vision.data.convert import ConversionError
+    from vision.data.images import ImageError
+
+    action = {"check": _check, "convert": _convert, "preview": _preview}[args.data_command]
+    try:
+        return action(args)
+    except (AnnotationError, ConversionError, ImageError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _check(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from vision.data.check import check_dataset
+
+    def progress(items):
+        return tqdm(items, desc="images", unit="img", disable=args.json or not sys.stderr.isatty())
+
+    report = check_dataset(args.annotations, args.images, decode=not args.headers_only, workers=args.workers,
+                           progress=progress)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
+    return 0 if report.ok else 1
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from vision.data import convert
+
+    def need(*names: str) -> None:
+        missing = [f"--{n}" for n in names if getattr(args, n) is None]
+        if missing:
+            raise ValueError(f"--from {args.source} --to {args.target} needs {', '.join(missing)}")
+
+    if (args.source == "coco") == (args.target == "coco"):
+        raise ValueError("convert goes from voc or yolo to coco, or from coco to voc or yolo")
+    if args.source == "voc":
+        need("annotations")
+        classes = convert.read_names(args.names) if args.names else None
+        data = convert.voc_to_coco(args.annotations, images_dir=args.images, classes=classes,
+                                   split_file=args.split)
+    elif args.source == "yolo":
+        need("images", "labels", "names")
+        data = convert.yolo_to_coco(args.images, args.labels, convert.read_names(args.names))
+    elif args.target == "voc":
+        need("annotations")
+        files = convert.coco_to_voc(args.annotations, args.out)
+        print(f"wrote {len(files)} VOC XML files to {args.out}")
+        return 0
+    else:
+        need("annotations")
+        names = convert.coco_to_yolo(args.annotations, args.out)
+        print(f"wrote YOLO labels for {len(names)} classes to {args.out} and classes.txt")
+        return 0
+    path = convert.write_json(data, args.out)
+    print(f"wrote {path}: {len(data['images'])} images, {len(data['annotations'])} annotations, "
+          f"{len(data['categories'])} categories")
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    import yaml
+
+    from vision.data.preview import make_preview
+    from vision.data.transforms import build_transforms
+
+    task = args.task or ("classification" if args.root else "detection")
+    spec = None
+    if args.transforms:
+        spec = yaml.safe_load(Path(args.transforms).read_text(encoding="utf-8"))
+    settings = {"size": args.size} if args.size else {}
+    pipeline = build_transforms(spec, task, train=not args.eval, **settings)
+    dataset = _preview_dataset(args, task, pipeline)
+    path = make_preview(dataset, args.out, num_samples=args.num, seed=args.seed)
+    print(f"wrote {path} ({min(args.num, len(dataset))} samples of {len(dataset)})")
+    return 0
+
+
+def _preview_dataset(args: argparse.Namespace, task: str, pipeline):
+    from vision.data.coco import AnnotationError, CocoDetection, CocoSegmentation
+    from vision.data.folder import ImageFolderDataset
+
+    if task == "classification":
+        if not args.root:
+            raise ValueError("classification preview needs --root (an ImageFolder tree)")
+        return ImageFolderDataset(args.root, transforms=pipeline)
+    if not (args.annotations and args.images):
+        raise ValueError(f"{task} preview needs --annotations and --images")
+    if task == "segmentation":
+        return CocoSegmentation(args.images, args.annotations, transforms=pipeline)
+    try:  # draw instance masks when every annotation has one
+        return CocoDetection(args.images, args.annotations, transforms=pipeline, with_masks=True)
+    except AnnotationError as exc:
+        if "segmentation" not in exc.reason:
+            raise
+        return CocoDetection(args.images, args.annotations, transforms=pipeline)
