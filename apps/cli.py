@@ -14,6 +14,8 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("apps.predict_cmd", "run a checkpoint over image folders, globs, files or path lists"),
+    "data": ("apps.data_cmd", "check a COCO dataset, convert VOC/YOLO to COCO, preview augmented samples"),
+    "synth": ("apps.synth_cmd", "write a synthetic shapes dataset (detection, segmentation, classification)"),
     "proposals": ("apps.proposals_cmd", "precompute selective search proposals for a folder (resumable)"),
 }
 
