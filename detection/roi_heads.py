@@ -161,11 +161,16 @@ class ConvFCHead(nn.Module):
 
 class BoxPredictor(nn.Module):
     """Sibling layers on the box head's features: K + 1 class scores and class-specific box deltas
-    (4 per class, background included so the layout matches torchvision's checkpoints)."""
+    (4 per class, background included so the layout matches torchvision's checkpoints).
 
-    def __init__(self, in_channels: int, num_classes: int) -> None:
+    ``void_classes`` V adds logits after the K + 1 that take part in the softmax but are never predicted
+    nor trained towards: torchvision's COCO models score 10 unused "N/A" category ids this way, and keeping
+    them keeps converted scores identical.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, void_classes: int = 0) -> None:
         super().__init__()
-        self.cls_score = nn.Linear(in_channels, num_classes + 1)
+        self.cls_score = nn.Linear(in_channels, num_classes + 1 + void_classes)
         self.bbox_pred = nn.Linear(in_channels, (num_classes + 1) * 4)
         # Fast R-CNN, section 2.3: zero-mean Gaussians, std 0.01 (classification) and 0.001 (regression)
         nn.init.normal_(self.cls_score.weight, std=0.01)
@@ -174,7 +179,7 @@ class BoxPredictor(nn.Module):
         nn.init.zeros_(self.bbox_pred.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """[R, D] -> class logits [R, K + 1], box deltas [R, 4 (K + 1)]."""
+        """[R, D] -> class logits [R, K + 1 + V], box deltas [R, 4 (K + 1)]."""
         return self.cls_score(x), self.bbox_pred(x)
 
 
@@ -323,7 +328,7 @@ class RoIHeads(nn.Module):
         """Softmax scores and class-specific decoded boxes -> Detections per image (resized coordinates)."""
         counts = [p.shape[0] for p in proposals]
         boxes = self.box_coder.decode(box_deltas, torch.cat(proposals)).reshape(box_deltas.shape[0], -1, 4)
-        scores = F.softmax(class_logits, dim=-1)
+        scores = F.softmax(class_logits, dim=-1)[:, : boxes.shape[1]]  # void classes are never predicted
         return [
             detections_from_scores(
                 b[:, 1:],

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +21,14 @@ class ImageBatch:
     """Images resized and padded into one tensor.
 
     tensors: [N, 3, H_pad, W_pad] normalised; image_sizes: (h, w) of each image after resizing, before
-    padding; original_sizes: (h, w) of each input image.
+    padding; original_sizes: (h, w) of each input image; inputs: the input images themselves ([3, h, w] in
+    [0, 1]), for proposal sources that work on the picture (selective search).
     """
 
     tensors: Tensor
     image_sizes: list[tuple[int, int]]
     original_sizes: list[tuple[int, int]]
+    inputs: list[Tensor] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.image_sizes)
@@ -91,7 +93,7 @@ class DetectionTransform(nn.Module):
             if out_proposals is not None:
                 out_proposals[i] = scale_boxes(out_proposals[i], original_sizes[i], new_size)
         image_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in resized]
-        batch = ImageBatch(self.pad(resized), image_sizes, original_sizes)
+        batch = ImageBatch(self.pad(resized), image_sizes, original_sizes, list(images))
         return batch, out_targets, out_proposals
 
     def normalize(self, image: Tensor) -> Tensor:

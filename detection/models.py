@@ -1,0 +1,345 @@
+"""Two-stage detectors: Faster R-CNN (Ren et al., 2015) and Fast R-CNN (Girshick, 2015) from one set of parts.
+
+    images -> DetectionTransform -> backbone (+ FPN) -> proposal source -> RoIHeads -> Detections
+
+The proposal source is a constructor part: a RegionProposalNetwork (Faster R-CNN) or ExternalProposals
+(Fast R-CNN: boxes from selective search, a file, or passed in). ``build_detector(DetectorConfig)`` builds
+any architecture of ``DETECTOR_ARCHS`` by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import clip_boxes_to_image, remove_small_boxes
+
+from detection.anchors import AnchorGenerator
+from detection.fpn import BackboneWithFPN
+from detection.proposals import ProposalConfig, build_proposal_source
+from detection.roi_heads import (
+    BoxPredictor,
+    ConvFCHead,
+    ResNetC4Head,
+    RoIHeads,
+    RoIPooler,
+    TwoMLPHead,
+    VGGBoxHead,
+)
+from detection.rpn import RegionProposalNetwork, RPNHead
+from detection.structures import Detections
+from detection.transform import DetectionTransform, ImageBatch, scale_boxes
+from vision.backbones import ResNetFeatures, VGGFeatures, build_network
+from vision.layers import convert_frozen_batchnorm, fold_conv_bn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TwoStageDetector(nn.Module):
+    """The R-CNN family's shared skeleton (Faster R-CNN, figure 2).
+
+    ``forward(images, targets=None, proposals=None) -> (detections | None, losses)``:
+    images: N tensors [3, H_i, W_i] in [0, 1]; targets: dicts with boxes [M, 4] xyxy and labels [M] in
+    1..K (losses are computed whenever they are given); proposals: [P_i, 4] boxes per image in input
+    pixels for detectors with external proposals (they may also come as ``targets[i]["proposals"]``).
+    detections: one Detections per image in its own pixels, unless training.
+    """
+
+    def __init__(
+        self,
+        *,
+        transform: DetectionTransform,
+        backbone: nn.Module,
+        proposal_generator: nn.Module,
+        roi_heads: RoIHeads,
+    ) -> None:
+        super().__init__()
+        self.transform = transform
+        self.backbone = backbone
+        self.proposal_generator = proposal_generator
+        self.roi_heads = roi_heads
+
+    def forward(
+        self,
+        images: Sequence[Tensor],
+        targets: Sequence[dict[str, Tensor]] | None = None,
+        proposals: Sequence[Tensor] | None = None,
+    ) -> tuple[list[Detections] | None, dict[str, Tensor]]:
+        if self.training and targets is None:
+            raise ValueError("a detector in training mode needs targets (call model.eval() to predict)")
+        if proposals is None and targets and all("proposals" in t for t in targets):
+            proposals = [t["proposals"] for t in targets]
+        batch, targets, proposals = self.transform(images, targets, proposals)
+        features = self.backbone(batch.tensors)
+        proposals, proposal_losses = self.proposal_generator(batch, features, targets, proposals)
+        detections, detector_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        if detections is not None:
+            detections = self.transform.postprocess(detections, batch)
+        return detections, {**proposal_losses, **detector_losses}
+
+
+class ExternalProposals(nn.Module):
+    """Proposals from outside the network (Fast R-CNN): the ``proposals`` given to the detector, or, when
+    none are given, ``source(image)`` for each input image (e.g. detection.proposals' selective search,
+    which takes a [3, H, W] image in [0, 1] and returns [P, 4] boxes in its pixels).
+
+    Boxes are clipped to the image, those under ``min_box_size`` px dropped, and the first
+    ``max_proposals`` kept (sources rank them best first).
+    """
+
+    def __init__(
+        self,
+        source: Callable[[Tensor], Tensor] | None = None,
+        *,
+        max_proposals: int = 2000,
+        min_box_size: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.max_proposals = max_proposals
+        self.min_box_size = min_box_size
+
+    def forward(
+        self,
+        batch: ImageBatch,
+        features: dict[str, Tensor],
+        targets: list[dict[str, Tensor]] | None = None,
+        proposals: list[Tensor] | None = None,
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        if proposals is None:
+            if self.source is None:
+                raise ValueError(
+                    "this detector takes external proposals: pass proposals=[Tensor[P, 4], ...] (one per "
+                    "image, xyxy in its pixels), put them in targets[i]['proposals'], or configure a source"
+                )
+            device = batch.tensors.device
+            proposals = [
+                scale_boxes(self.source(image).to(device=device, dtype=torch.float32), original, size)
+                for image, original, size in zip(
+                    batch.inputs, batch.original_sizes, batch.image_sizes, strict=True
+                )
+            ]
+        out = []
+        for boxes, size in zip(proposals, batch.image_sizes, strict=True):
+            boxes = clip_boxes_to_image(boxes.to(batch.tensors), size)
+            out.append(boxes[remove_small_boxes(boxes, self.min_box_size)][: self.max_proposals])
+        return out, {}
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class RPNConfig:
+    """Region Proposal Network settings; defaults are the FPN paper's / torchvision's (per level pre-NMS)."""
+
+    anchor_sizes: list[list[float]] | None = None  # per level; None: the architecture's default
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # height / width
+    conv_depth: int | None = None  # 3x3 convs in the head; None: 1 (2 for r50_fpn_v2, as torchvision)
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256  # anchors sampled per image for the loss
+    positive_fraction: float = 0.5
+    pre_nms_top_n_train: int = 2000  # per level
+    pre_nms_top_n_test: int = 1000
+    post_nms_top_n_train: int = 2000  # per image
+    post_nms_top_n_test: int = 1000
+    nms_thresh: float = 0.7
+    min_box_size: float = 1e-3
+    smooth_l1_beta: float = 1.0 / 9  # 0: L1
+
+
+@dataclass
+class RoIConfig:
+    """Fast R-CNN head settings (the detection half)."""
+
+    pooler: str | None = None  # "pool" (RoIPool), "align" (RoIAlign), "multiscale" (FPN); None: arch default
+    output_size: int | None = None  # pooled grid; None: 7 (14 for C4, whose res5 halves it)
+    sampling_ratio: int = 2  # RoIAlign sample points per bin side (0: adaptive)
+    fg_iou_thresh: float = 0.5
+    bg_iou_lo: float = 0.0  # background IoU range [lo, hi); Fast R-CNN used [0.1, 0.5)
+    bg_iou_hi: float = 0.5
+    batch_size_per_image: int = 512  # regions sampled per image
+    positive_fraction: float = 0.25
+    box_coder_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+    smooth_l1_beta: float = 1.0 / 9  # 0: L1
+    representation_size: int = 1024  # FPN's two-layer MLP head
+    dropout: float = 0.5  # VGG fc6/fc7 head
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    max_proposals: int = 2000  # external proposals kept per image (Fast R-CNN)
+
+
+@dataclass
+class DetectorConfig:
+    """Everything needed to rebuild a detector (stored in its checkpoints).
+
+    arch: one of ``DETECTOR_ARCHS``: ``faster_rcnn_<body>`` (RPN proposals) or ``fast_rcnn_<body>``
+    (external proposals) with body r18/r34/r50/r101 + ``_fpn`` or ``_c4``, ``r50_fpn_v2`` or ``vgg16``.
+    """
+
+    arch: str = "faster_rcnn_r50_fpn"
+    num_classes: int = 80  # K object classes; label 0 is background
+    void_classes: int = 0  # logits that stay in the softmax but are never predicted (torchvision's "N/A")
+    backbone_weights: str | None = None  # "imagenet", a .pth/.pt path, or None (random init)
+    frozen_bn: bool = True  # backbone batch norms use fixed statistics (pretrained backbones, small batches)
+    trainable_backbone_layers: int = 3  # of the 5 stages, counted from the top (torchvision's meaning)
+    min_size: int | list[int] = 800  # short side; a list draws one per training image
+    max_size: int = 1333
+    size_divisible: int = 32
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    fpn_channels: int = 256
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi: RoIConfig = field(default_factory=RoIConfig)
+    proposals: ProposalConfig | None = None  # fast_rcnn_*: where proposals come from when none are given
+
+
+@dataclass(frozen=True)
+class _Body:
+    network: str
+    layout: str  # "fpn", "c4" or "vgg"
+    v2: bool = False  # torchvision's fasterrcnn_resnet50_fpn_v2: BN in FPN and head, 2-conv RPN head
+
+
+_BODIES = {
+    **{f"r{d}_fpn": _Body(f"resnet{d}", "fpn") for d in (18, 34, 50, 101)},
+    **{f"r{d}_c4": _Body(f"resnet{d}", "c4") for d in (18, 34, 50, 101)},
+    "r50_fpn_v2": _Body("resnet50", "fpn", v2=True),
+    "vgg16": _Body("vgg16", "vgg"),
+}
+DETECTOR_ARCHS = tuple(f"{kind}_{body}" for kind in ("faster_rcnn", "fast_rcnn") for body in _BODIES)
+_LAYOUT_DEFAULTS = {  # anchor sizes, pooler, pooled size
+    "fpn": ([[32], [64], [128], [256], [512]], "multiscale", 7),
+    "c4": ([[32, 64, 128, 256, 512]], "align", 14),
+    "vgg": ([[128, 256, 512]], "pool", 7),
+}
+
+
+def build_detector(cfg: DetectorConfig, *, load_pretrained: bool = True) -> TwoStageDetector:
+    """The detector ``cfg`` describes. ``load_pretrained=False`` reads no backbone weights (the caller
+    loads a checkpoint next)."""
+    if cfg.arch not in DETECTOR_ARCHS:
+        raise ValueError(f"unknown detector arch {cfg.arch!r}; choose one of {', '.join(DETECTOR_ARCHS)}")
+    if cfg.num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {cfg.num_classes}")
+    kind, body_name = cfg.arch.split("_rcnn_")
+    body = _BODIES[body_name]
+    anchor_sizes, pooler_kind, pooled = _LAYOUT_DEFAULTS[body.layout]
+    anchor_sizes = cfg.rpn.anchor_sizes or anchor_sizes
+    pooler_kind = cfg.roi.pooler or pooler_kind
+    pooled = cfg.roi.output_size or pooled
+
+    backbone, box_head_factory, roi_features = _build_features(cfg, body, load_pretrained)
+    strides = [backbone.feature_info[name].stride for name in roi_features]
+    pooler = RoIPooler(
+        pooler_kind, roi_features, strides, output_size=pooled, sampling_ratio=cfg.roi.sampling_ratio
+    )
+    box_head = box_head_factory(pooled)
+    roi_heads = RoIHeads(
+        pooler,
+        box_head,
+        BoxPredictor(box_head.out_channels, cfg.num_classes, void_classes=cfg.void_classes),
+        fg_iou_thresh=cfg.roi.fg_iou_thresh,
+        bg_iou_range=(cfg.roi.bg_iou_lo, cfg.roi.bg_iou_hi),
+        batch_size_per_image=cfg.roi.batch_size_per_image,
+        positive_fraction=cfg.roi.positive_fraction,
+        box_coder_weights=cfg.roi.box_coder_weights,
+        smooth_l1_beta=cfg.roi.smooth_l1_beta,
+        score_thresh=cfg.roi.score_thresh,
+        nms_thresh=cfg.roi.nms_thresh,
+        detections_per_img=cfg.roi.detections_per_img,
+    )
+    if kind == "faster":
+        proposal_generator: nn.Module = _build_rpn(cfg, backbone, anchor_sizes)
+    else:
+        source = build_proposal_source(cfg.proposals) if cfg.proposals is not None else None
+        proposal_generator = ExternalProposals(source, max_proposals=cfg.roi.max_proposals)
+    transform = DetectionTransform(cfg.min_size, cfg.max_size, cfg.mean, cfg.std, cfg.size_divisible)
+    return TwoStageDetector(
+        transform=transform, backbone=backbone, proposal_generator=proposal_generator, roi_heads=roi_heads
+    )
+
+
+def _build_rpn(
+    cfg: DetectorConfig, backbone: nn.Module, anchor_sizes: list[list[float]]
+) -> RegionProposalNetwork:
+    names = list(backbone.feature_info)
+    if len(anchor_sizes) != len(names):
+        raise ValueError(
+            f"rpn.anchor_sizes has {len(anchor_sizes)} levels but {cfg.arch} gives the RPN {len(names)} "
+            f"feature maps ({', '.join(names)})"
+        )
+    anchors = AnchorGenerator(anchor_sizes, [cfg.rpn.aspect_ratios])
+    channels = {backbone.feature_info[n].channels for n in names}
+    conv_depth = cfg.rpn.conv_depth or (2 if cfg.arch.endswith("_v2") else 1)
+    head = RPNHead(channels.pop(), anchors.num_anchors_per_location()[0], conv_depth=conv_depth)
+    r = cfg.rpn
+    return RegionProposalNetwork(
+        anchors,
+        head,
+        in_features=names,
+        fg_iou_thresh=r.fg_iou_thresh,
+        bg_iou_thresh=r.bg_iou_thresh,
+        batch_size_per_image=r.batch_size_per_image,
+        positive_fraction=r.positive_fraction,
+        pre_nms_top_n_train=r.pre_nms_top_n_train,
+        pre_nms_top_n_test=r.pre_nms_top_n_test,
+        post_nms_top_n_train=r.post_nms_top_n_train,
+        post_nms_top_n_test=r.post_nms_top_n_test,
+        nms_thresh=r.nms_thresh,
+        min_box_size=r.min_box_size,
+        smooth_l1_beta=r.smooth_l1_beta,
+    )
+
+
+def _build_features(
+    cfg: DetectorConfig, body: _Body, load_pretrained: bool
+) -> tuple[nn.Module, Callable[[int], nn.Module], list[str]]:
+    """Backbone (all its maps feed the RPN), a box-head factory taking the pooled size, RoI feature names."""
+    weights = cfg.backbone_weights if load_pretrained else None
+    if body.layout == "vgg":
+        net = build_network(body.network, weights=weights)
+        trunk = VGGFeatures(net, ["conv5"])
+        fc6, fc7 = net.classifier[0], net.classifier[3]
+        _freeze(trunk, cfg)
+        return trunk, lambda size: VGGBoxHead(fc6, fc7, cfg.roi.dropout), ["conv5"]
+    net = build_network(body.network, weights=weights)
+    if body.layout == "c4":
+        trunk = ResNetFeatures(net, ["c4"])
+        res5 = convert_frozen_batchnorm(net.layer4) if cfg.frozen_bn else net.layer4
+        _freeze(trunk, cfg)
+        return trunk, lambda size: ResNetC4Head(res5, net.stage_channels[3]), ["c4"]
+    trunk = ResNetFeatures(net, ["c2", "c3", "c4", "c5"])
+    _freeze(trunk, cfg)
+    backbone = BackboneWithFPN(trunk, ["c2", "c3", "c4", "c5"], cfg.fpn_channels, norm=body.v2)
+    roi_features = [n for n in backbone.feature_info if n != "p6"]
+    channels = cfg.fpn_channels
+    if body.v2:
+
+        def head(size: int) -> nn.Module:
+            return ConvFCHead(channels, size, [256, 256, 256, 256], [cfg.roi.representation_size])
+    else:
+
+        def head(size: int) -> nn.Module:
+            return TwoMLPHead(channels * size * size, cfg.roi.representation_size)
+
+    return backbone, head, roi_features
+
+
+def _freeze(trunk: nn.Module, cfg: DetectorConfig) -> None:
+    if not 0 <= cfg.trainable_backbone_layers <= 5:
+        raise ValueError(f"trainable_backbone_layers must be in 0..5, got {cfg.trainable_backbone_layers}")
+    if cfg.frozen_bn:
+        convert_frozen_batchnorm(trunk)
+    trunk.freeze(min(5 - cfg.trainable_backbone_layers, len(trunk.stages())))
+
+
+def prepare_for_inference(model: TwoStageDetector) -> TwoStageDetector:
+    """A copy for fast CPU/GPU inference with the same outputs (within float rounding): batch norms folded
+    into the preceding convs, weights in channels-last layout, eval mode, no gradients."""
+    return fold_conv_bn(model).to(memory_format=torch.channels_last)
