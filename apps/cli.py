@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("apps.data_cmd", "check a COCO dataset, convert VOC/YOLO to COCO, preview augmented samples"),
     "synth": ("apps.synth_cmd", "write a synthetic shapes dataset (detection, segmentation, classification)"),
     "proposals": ("apps.proposals_cmd", "precompute selective search proposals for a folder (resumable)"),
+    "convert": ("apps.convert_cmd", "import torchvision Faster R-CNN weights as a visiondet checkpoint"),
 }
 
 
