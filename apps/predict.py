@@ -280,12 +280,19 @@ class Predictor:
                 outputs, _ = self.model([to_float(t) for t in inputs])
             return [self._detections(d, size, nms_in_model=applied) for d, size in zip(outputs, sizes,
                                                                                        strict=True)]
-        if stacked is None and all(t.shape == inputs[0].shape for t in inputs):
-            stacked = torch.stack(inputs)
         if stacked is not None:
             logits, _ = self.model(to_float(stacked))
-        else:  # sizes differ and the model takes any size: one image at a time, no padding artefacts
-            logits = [self.model(to_float(t)[None])[0][0] for t in inputs]
+        else:
+            # Sizes differ (segmentation at each image's own size): one forward per group of equal
+            # size rather than padding, which would change the logits near the borders.
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, t in enumerate(inputs):
+                groups.setdefault(tuple(t.shape), []).append(i)
+            logits = [None] * len(inputs)
+            for members in groups.values():
+                out, _ = self.model(to_float(torch.stack([inputs[i] for i in members])))
+                for i, lg in zip(members, out, strict=True):
+                    logits[i] = lg
         if self.task == "classification":
             return [self._classification(lg, size) for lg, size in zip(logits, sizes, strict=True)]
         return [self._segmentation(lg[:, :vh, :vw], size) for lg, (vh, vw), size in zip(logits, valid, sizes,

@@ -185,3 +185,18 @@ def test_predict_source_streams_files_and_reports_bad_ones(tmp_path):
         np.testing.assert_allclose(items[1].result.boxes, [[0, 0, 8, 8]])
         assert items[1].image.shape == (40, 60, 3)
         assert items[2].result is None and "empty" in items[2].error
+
+
+def test_segmentation_of_huge_images_enlarges_the_index_map(monkeypatch):
+    import apps.predict
+
+    image = np.full((30, 60, 3), 128, dtype=np.uint8)
+    image[:, :30] = (255, 0, 0)
+    predictor = Predictor(loaded("segmentation", ColorSegmenter(), {"size": 20}), "cpu")
+    [smooth] = predictor.predict([image])
+    monkeypatch.setattr(apps.predict, "_MAX_UPSAMPLED_LOGITS", 0)  # as if the image had 100 megapixels
+    [blocky] = predictor.predict([image])
+    assert blocky.mask.shape == (30, 60)
+    # nearest enlargement of the 10 x 20 map: columns come in blocks of 3, the red half stays red
+    assert (blocky.mask[:, :30] == 1).all() and (blocky.mask[:, 30:] == 0).all()
+    assert (smooth.mask != blocky.mask).sum() <= 2 * 30
