@@ -107,7 +107,7 @@ class ToyTask(Task):
             logits, _ = model(images.to(device))
             counts += torch.tensor([(logits.argmax(1).cpu() == labels).sum().item(), len(labels)])
         correct, total = all_reduce_sum(counts).tolist()
-        return {"accuracy": correct / max(total, 1.0)}
+        return {"accuracy": correct / max(total, 1.0), "images": total}
 
 
 def toy_config(tmp_path, **train: Any) -> dict[str, Any]:
