@@ -13,6 +13,8 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("apps.train_cmd", "train a model from an experiment file (any task; CPU, GPU, torchrun)"),
+    "evaluate": ("apps.evaluate_cmd", "a trained model's metrics on a labelled set (printed, saved as JSON)"),
     "predict": ("apps.predict_cmd", "run a checkpoint over image folders, globs, files or path lists"),
     "data": ("apps.data_cmd", "check a COCO dataset, convert VOC/YOLO to COCO, preview augmented samples"),
     "synth": ("apps.synth_cmd", "write a synthetic shapes dataset (detection, segmentation, classification)"),
