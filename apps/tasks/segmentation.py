@@ -1,0 +1,234 @@
+"""Semantic segmentation for the engine: COCO or mask-folder data, vision.segmentation models, mIoU.
+
+Data, per split: ``images`` plus either ``annotations`` (COCO instances JSON: polygons and RLE become an
+index map, crowd regions are ignored) or ``masks`` (a folder of ``<stem>.png`` index masks, VOC layout,
+with the class names in ``data.options.classes``). Validation classes are matched to the training classes
+by name, so a validation set may lack a class but may not add one.
+
+Evaluation counts one confusion matrix over the whole split (summed over processes) and reports mIoU (the
+primary metric), per-class IoU (``IoU/<name>``, background included), pixel accuracy, mean class accuracy
+and frequency-weighted IoU. By default every image is evaluated at its own size; batches group the
+images of equal size.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from apps.config import ConfigError, Experiment, SplitConfig
+from apps.engine.distributed import all_reduce_sum
+from apps.tasks.base import Datasets, Task
+from vision.segmentation import IGNORE_INDEX, SegmentationConfig, SegmentationMetric, build_segmentation_model
+
+__all__ = ["SegmentationOptions", "SegmentationTask", "segmentation_collate"]
+
+
+@dataclass
+class SegmentationOptions:
+    """``data.options`` of the segmentation task (the default pipelines; an explicit ``transforms`` list
+    of a split replaces its default pipeline)."""
+
+    crop_size: int = 512  # training: random rescale, pad, crop to crop_size x crop_size, horizontal flip
+    scale: tuple[float, float] = (0.5, 2.0)  # training: range of the random rescale before the crop
+    eval_size: int | None = None  # None: evaluate (and predict) at each image's own size; N: longest side N
+    classes: list[str] | None = None  # mask folders: names of labels 1..K (COCO files name their categories)
+
+
+class _Relabelled(Dataset):
+    """Targets mapped into another label order through a lookup table (255 stays 255)."""
+
+    def __init__(self, dataset: Dataset, lookup: Tensor) -> None:
+        self.dataset, self.lookup = dataset, lookup
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image, target = self.dataset[index]
+        return image, self.lookup[target]
+
+
+def _align(dataset: Any, classes: list[dict[str, Any]], where: str) -> Dataset:
+    """``dataset`` with labels in the order of ``classes`` (by name); it may not bring unknown classes."""
+    names = [c["name"] for c in classes]
+    own = [c["name"] for c in dataset.classes]
+    if own == names:
+        return dataset
+    unknown = [n for n in own if n not in names]
+    if unknown:
+        raise ConfigError(f"{where}: classes {unknown} are not among the model's classes {names}")
+    lookup = torch.arange(IGNORE_INDEX + 1)
+    for label, name in enumerate(own, start=1):
+        lookup[label] = names.index(name) + 1
+    return _Relabelled(dataset, lookup)
+
+
+def segmentation_collate(items: list[tuple[Tensor, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+    """``[(image [3, H_i, W_i], target [H_i, W_i]), ...]`` -> ``([images...], [targets...])``.
+
+    Lists, because evaluation keeps every image at its own size; ``move_batch`` stacks training batches.
+    """
+    return [image for image, _ in items], [target for _, target in items]
+
+
+def _metric_summary(metrics: dict[str, Any], classes: list[dict[str, Any]], images: float
+                    ) -> dict[str, float]:
+    """Metrics as the engine takes them (flat floats): mIoU, pixel_acc, mean_acc, fwIoU, IoU/<name>."""
+    out = {"mIoU": metrics["miou"], "pixel_acc": metrics["pixel_accuracy"],
+           "mean_acc": metrics["mean_accuracy"], "fwIoU": metrics["fw_iou"]}
+    names = ["background"] + [c["name"] for c in classes]
+    for name, iou in zip(names, metrics["per_class_iou"], strict=True):
+        if iou == iou:  # NaN: the class is in neither the targets nor the predictions; it has no IoU
+            out[f"IoU/{name}"] = iou
+    out["images"] = images
+    return out
+
+
+class SegmentationTask(Task):
+    name = "segmentation"
+    model_config_type = SegmentationConfig
+    options_type = SegmentationOptions
+    primary_metric = "mIoU"
+    split_keys = ("images",)
+
+    # ---- configuration -----------------------------------------------------------------------------------
+
+    def check_config(self, exp: Experiment) -> None:
+        super().check_config(exp)
+        for where, split in (("data.train", exp.data.train), ("data.val", exp.data.val)):
+            if split is not None and split.masks is not None and not exp.data.options.classes:
+                raise ConfigError(f"{where}.masks: mask folders need data.options.classes "
+                                  "(the names of labels 1..K)")
+        opts = exp.data.options
+        if opts.crop_size < 1 or (opts.eval_size is not None and opts.eval_size < 1):
+            raise ConfigError("data.options.crop_size and data.options.eval_size must be >= 1")
+        if not 0 < opts.scale[0] <= opts.scale[1]:
+            raise ConfigError(f"data.options.scale: expected 0 < low <= high, got {list(opts.scale)}")
+
+    def check_split(self, split: SplitConfig, where: str) -> None:
+        super().check_split(split, where)
+        if (split.annotations is None) == (split.masks is None):
+            raise ConfigError(f"{where}: give either annotations (COCO JSON) or masks "
+                              "(a folder of PNG index masks)")
+
+    # ---- model -------------------------------------------------------------------------------------------
+
+    def model_config_for(self, model_cfg: SegmentationConfig, classes: list[dict[str, Any]]
+                         ) -> SegmentationConfig:
+        return replace(model_cfg, num_classes=len(classes))
+
+    def build_model(self, model_cfg: SegmentationConfig, classes: list[dict[str, Any]], *,
+                    load_pretrained: bool = True) -> nn.Module:
+        try:
+            return build_segmentation_model(self.model_config_for(model_cfg, classes),
+                                            load_pretrained=load_pretrained)
+        except ValueError as exc:  # bad combinations (e.g. aux head on VGG), unreadable backbone weights
+            raise ConfigError(f"model: {exc}") from exc
+
+    # ---- data --------------------------------------------------------------------------------------------
+
+    def _dataset(self, split: SplitConfig, where: str, transforms: Any, classes: list[Any] | None) -> Any:
+        from vision.data.coco import CocoSegmentation, MaskFolderSegmentation
+
+        try:
+            if split.annotations is not None:
+                return CocoSegmentation(split.images, split.annotations, transforms=transforms)
+            return MaskFolderSegmentation(split.images, split.masks, classes, transforms)
+        except (ValueError, OSError) as exc:  # AnnotationError, ImageError, missing files: name the split
+            raise ConfigError(f"{where}: {exc}") from exc
+
+    @staticmethod
+    def _eval_transforms(spec: list[dict[str, Any]] | None, size: int | None) -> Any:
+        from vision.data.transforms import build_transforms
+
+        if spec is None and size is None:
+            return None  # each image at its own size
+        return build_transforms(spec, "segmentation", False, **({"size": size} if size else {}))
+
+    def build_datasets(self, exp: Experiment) -> Datasets:
+        from vision.data.transforms import build_transforms
+
+        opts: SegmentationOptions = exp.data.options
+        try:
+            train_tf = build_transforms(exp.data.train.transforms, "segmentation", True, size=opts.crop_size,
+                                        scale=tuple(opts.scale))
+        except ValueError as exc:
+            raise ConfigError(f"data.train.transforms: {exc}") from exc
+        train = self._dataset(exp.data.train, "data.train", train_tf, opts.classes)
+        classes = [dict(c) for c in train.classes]
+        val = None
+        if exp.data.val is not None:
+            try:
+                val_tf = self._eval_transforms(exp.data.val.transforms, opts.eval_size)
+            except ValueError as exc:
+                raise ConfigError(f"data.val.transforms: {exc}") from exc
+            val = _align(self._dataset(exp.data.val, "data.val", val_tf, opts.classes), classes, "data.val")
+        return Datasets(train, val, classes)
+
+    def build_eval_dataset(self, split: SplitConfig, loaded: Any) -> Dataset:
+        if split.images is None or (split.annotations is None) == (split.masks is None):
+            raise ConfigError("--images with either --annotations (COCO JSON) or --masks (PNG index masks) "
+                              "are required to evaluate a segmentation model")
+        transforms = self._eval_transforms(None, loaded.preprocess.get("size"))
+        dataset = self._dataset(split, "--images", transforms, loaded.classes)
+        return _align(dataset, loaded.classes, "--annotations" if split.annotations else "--masks")
+
+    def collate(self, items: list[Any]) -> Any:
+        return segmentation_collate(items)
+
+    def move_batch(self, batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+        images, targets = batch
+        sizes = {tuple(image.shape[-2:]) for image in images}
+        if len(sizes) > 1:
+            raise ValueError(f"images of one training batch differ in size {sorted(sizes)}: give data.train "
+                             "a transforms list that crops or resizes to one size (the default does)")
+        non_blocking = device.type == "cuda"
+        return (torch.stack(images).to(device, non_blocking=non_blocking),
+                torch.stack(targets).to(device, non_blocking=non_blocking))
+
+    def sample_names(self, dataset: Any, indices: list[int]) -> list[str]:
+        base = getattr(dataset, "dataset", dataset)
+        if hasattr(base, "coco"):
+            return [base.coco.imgs[base.ids[i]]["file_name"] for i in indices]
+        if hasattr(base, "samples"):
+            return [str(base.samples[i][0]) for i in indices]
+        return [str(i) for i in indices]
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device,
+                 classes: list[dict[str, Any]]) -> dict[str, float]:
+        metric = SegmentationMetric(len(classes) + 1, device=device)
+        images_seen = torch.zeros((), dtype=torch.float64, device=device)
+        for images, targets in loader:
+            by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+            for i, image in enumerate(images):
+                by_size[tuple(image.shape[-2:])].append(i)
+            for group in by_size.values():
+                batch = torch.stack([images[i] for i in group]).to(device)
+                logits, _ = model(batch)
+                metric.update(logits.argmax(dim=1), torch.stack([targets[i] for i in group]).to(device))
+            images_seen += len(images)
+        return _metric_summary(metric.compute(), classes, float(all_reduce_sum(images_seen)))
+
+    def format_metrics(self, metrics: dict[str, float]) -> str:
+        lines = [f"images: {int(metrics.get('images', 0))}"]
+        labels = {"mIoU": "mIoU", "pixel_acc": "pixel accuracy", "mean_acc": "mean class accuracy",
+                  "fwIoU": "frequency-weighted IoU"}
+        lines += [f"{text}: {metrics[key]:.4f}" for key, text in labels.items() if key in metrics]
+        per_class = [(k.split("/", 1)[1], v) for k, v in metrics.items() if k.startswith("IoU/")]
+        if per_class:
+            width = max(len(name) for name, _ in per_class)
+            lines.append("per-class IoU:")
+            lines += [f"  {name:<{width}}  {v:.4f}" for name, v in per_class]
+        return "\n".join(lines)
+
+    def preprocess(self, exp: Experiment) -> dict[str, Any]:
+        # predict runs the model as evaluation does: longest side to ``size``, or each image as it is.
+        return {"size": exp.data.options.eval_size}
