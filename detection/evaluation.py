@@ -1,0 +1,154 @@
+"""COCO-style detection metrics through pycocotools, with a per-class AP table by class name.
+
+Predictions leave visiondet here as standard COCO results (``image_id``, ``category_id`` = the dataset's
+own id, ``bbox`` = [x, y, w, h], ``score``). Every image of the ground truth is evaluated, including images
+without objects, so false positives on them count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from detection.structures import Detections
+
+# COCOeval.stats order
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+class EvaluationError(ValueError):
+    """Predictions that cannot be scored against a ground truth; the message says which and why."""
+
+
+def detections_to_coco(
+    image_id: int, detections: Detections, classes: Sequence[dict[str, Any]]
+) -> list[dict]:
+    """One image's Detections -> COCO result dicts (label ``i`` -> ``classes[i - 1]["id"]``, xyxy -> xywh)."""
+    boxes = detections.boxes.detach().float().cpu()
+    xywh = boxes.clone()
+    xywh[:, 2:] = boxes[:, 2:] - boxes[:, :2]
+    ids = [int(c["id"]) for c in classes]
+    labels = detections.labels.detach().cpu().tolist()
+    if any(not 1 <= label <= len(ids) for label in labels):
+        raise EvaluationError(f"image {image_id}: labels {sorted(set(labels))} outside 1..{len(ids)}")
+    return [
+        {
+            "image_id": int(image_id),
+            "category_id": ids[label - 1],
+            "bbox": [round(v, 3) for v in box],
+            "score": s,
+        }
+        for label, box, s in zip(
+            labels, xywh.tolist(), detections.scores.detach().float().cpu().tolist(), strict=True
+        )
+    ]
+
+
+def load_ground_truth(annotations: str | os.PathLike | COCO) -> COCO:
+    """A pycocotools COCO from a path (optional fields defaulted by vision.data) or as given."""
+    if isinstance(annotations, COCO):
+        return annotations
+    from vision.data.cocofile import load_coco
+
+    return load_coco(annotations)
+
+
+def evaluate_coco(
+    ground_truth: str | os.PathLike | COCO,
+    results: Sequence[dict[str, Any]],
+    *,
+    classes: Sequence[dict] | None = None,
+) -> dict[str, float]:
+    """Box AP/AR of ``results`` (COCO result dicts) against ``ground_truth``.
+
+    Returns the 12 COCO numbers (``AP`` = AP@[.5:.95], ``AP50``, ``AP75``, ``APs/m/l``, ``AR1/10/100``,
+    ``ARs/m/l``) and, for each category with ground truth, ``AP/<name>`` and ``AP50/<name>``. Names come from
+    ``classes`` (``[{"id", "name"}]``) or the ground truth's categories. No predictions give zeros.
+    """
+    gt = load_ground_truth(ground_truth)
+    names = {c["id"]: c["name"] for c in gt.dataset.get("categories", [])}
+    names.update({c["id"]: c["name"] for c in classes or []})
+    _check_results(gt, results)
+    metrics = dict.fromkeys(METRIC_NAMES, 0.0)
+    cat_ids = sorted(gt.getCatIds())
+    with_gt = [cid for cid in cat_ids if gt.getAnnIds(catIds=[cid], iscrowd=False)]
+    if not results or not gt.getImgIds():
+        for cid in with_gt:
+            metrics[f"AP/{names[cid]}"] = metrics[f"AP50/{names[cid]}"] = 0.0
+        return metrics
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        dt = gt.loadRes([dict(r) for r in results])
+        coco_eval = COCOeval(gt, dt, iouType="bbox")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    # -1 means "no ground truth to measure against": report 0 rather than a negative AP
+    metrics.update({name: max(float(v), 0.0) for name, v in zip(METRIC_NAMES, coco_eval.stats, strict=True)})
+    precision = coco_eval.eval["precision"]  # [IoU thresholds, recall points, categories, areas, max dets]
+    for k, cid in enumerate(coco_eval.params.catIds):
+        if cid not in with_gt:
+            continue
+        p = precision[:, :, k, 0, -1]  # all areas, 100 detections
+        metrics[f"AP/{names[cid]}"] = _mean_valid(p)
+        metrics[f"AP50/{names[cid]}"] = _mean_valid(p[0])
+    return metrics
+
+
+def _mean_valid(values: np.ndarray) -> float:
+    valid = values[values > -1]
+    return float(valid.mean()) if valid.size else 0.0
+
+
+def _check_results(gt: COCO, results: Sequence[dict[str, Any]]) -> None:
+    image_ids, cat_ids = set(gt.getImgIds()), set(gt.getCatIds())
+    bad_images = sorted({r.get("image_id") for r in results} - image_ids, key=str)
+    if bad_images:
+        raise EvaluationError(f"predictions for images not in the ground truth: {bad_images[:10]}")
+    bad_cats = sorted({r.get("category_id") for r in results} - cat_ids, key=str)
+    if bad_cats:
+        raise EvaluationError(
+            f"predictions with category ids {bad_cats[:10]} that the ground truth does not declare "
+            f"(it has {sorted(cat_ids)[:20]}); are labels written instead of the dataset's ids?"
+        )
+    for r in results:
+        box = r.get("bbox")
+        if not isinstance(box, list | tuple) or len(box) != 4 or "score" not in r:
+            raise EvaluationError(f"not a COCO detection result (needs bbox [x, y, w, h] and score): {r}")
+
+
+def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """A COCO results JSON file (a list of detections); errors name the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EvaluationError(f"{path}: cannot read predictions: {exc}") from exc
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise EvaluationError(f"{path}: expected a JSON list of COCO detection results")
+    return data
+
+
+def format_table(metrics: dict[str, float], classes: Sequence[dict[str, Any]] | None = None) -> str:
+    """The 12 COCO numbers, then one line per class: name, AP, AP50 (percent)."""
+    lines = ["  ".join(f"{name} {100 * metrics.get(name, 0.0):5.1f}" for name in METRIC_NAMES[:6])]
+    lines.append("  ".join(f"{name} {100 * metrics.get(name, 0.0):5.1f}" for name in METRIC_NAMES[6:]))
+    names = [c["name"] for c in classes] if classes else [k[3:] for k in metrics if k.startswith("AP/")]
+    width = max([len(n) for n in names] + [5])
+    lines.append(f"{'class':<{width}}     AP   AP50")
+    for name in names:
+        if f"AP/{name}" in metrics:
+            lines.append(
+                f"{name:<{width}}  {100 * metrics[f'AP/{name}']:5.1f}  {100 * metrics[f'AP50/{name}']:5.1f}"
+            )
+        else:
+            lines.append(f"{name:<{width}}      -      -  (no ground truth)")
+    return "\n".join(lines)
