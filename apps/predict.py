@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,115 +25,24 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import batched_nms
 
-from apps import visualize
+from apps.predict_results import (
+    ClassificationResult,
+    DetectionResult,
+    Prediction,
+    Result,
+    SegmentationResult,
+)
 from apps.predict_sources import ImageFile, find_images
 from apps.predict_transform import InputTransform
 from vision.data.images import DEFAULT_MAX_PIXELS, ImageError, read_image
+
+__all__ = ["ClassificationResult", "DetectionResult", "Prediction", "Predictor", "Result",
+           "SegmentationResult"]
 
 # Above this many logits per image ((K + 1) x H x W) segmentation takes the argmax at the model's
 # resolution and enlarges the index map instead of the logits: a 12-megapixel photo with 21 classes
 # would otherwise need a 1 GB float tensor.
 _MAX_UPSAMPLED_LOGITS = 64_000_000
-
-
-@dataclass
-class DetectionResult:
-    """Detections of one image. boxes: [D, 4] float32 xyxy original pixels; scores: [D] float32;
-    labels: [D] int64 in 1..K; category_ids, names: the dataset's id and name of each label."""
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: np.ndarray
-    category_ids: list[int]
-    names: list[str]
-    image_size: tuple[int, int]  # (H, W)
-
-    def record(self) -> dict[str, Any]:
-        """JSON-ready: COCO-style ``bbox`` [x, y, w, h] in pixels, score, category id and name."""
-        dets = []
-        for (x0, y0, x1, y1), score, cid, name in zip(
-            self.boxes.tolist(), self.scores.tolist(), self.category_ids, self.names, strict=True
-        ):
-            bbox = [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
-            dets.append({"bbox": bbox, "score": round(score, 5), "category_id": cid, "name": name})
-        return {"detections": dets}
-
-    def draw(self, image: np.ndarray) -> np.ndarray:
-        """A copy of ``image`` (H, W, 3) uint8 with this result drawn on it."""
-        if not len(self.labels):
-            return image.copy()
-        names = {int(label): name for label, name in zip(self.labels.tolist(), self.names, strict=True)}
-        table = [names.get(k, str(k)) for k in range(int(self.labels.max()) + 1)]
-        return visualize.draw_detections(image, self.boxes, self.labels, self.scores, table)
-
-
-@dataclass
-class ClassificationResult:
-    """Top-k classes of one image, most likely first. labels: [k] int64 in 0..K-1; scores: [k]
-    softmax probabilities; category_ids, names: the dataset's id and name of each."""
-
-    labels: np.ndarray
-    scores: np.ndarray
-    category_ids: list[int]
-    names: list[str]
-    image_size: tuple[int, int]
-
-    def record(self) -> dict[str, Any]:
-        rows = zip(self.labels.tolist(), self.scores.tolist(), self.category_ids, self.names, strict=True)
-        return {"topk": [{"label": label, "category_id": cid, "name": name, "score": round(score, 5)}
-                         for label, score, cid, name in rows]}
-
-    def draw(self, image: np.ndarray) -> np.ndarray:
-        """A copy of ``image`` (H, W, 3) uint8 with this result drawn on it."""
-        return visualize.draw_topk(image, list(zip(self.names, self.scores.tolist(), strict=True)))
-
-
-@dataclass
-class SegmentationResult:
-    """Index mask of one image at its original size. mask: (H, W) uint8 (uint16 beyond 254 classes),
-    0 background, label k is ``classes[k - 1]``; classes: the checkpoint's class list."""
-
-    mask: np.ndarray
-    classes: list[dict[str, Any]]
-    image_size: tuple[int, int]
-
-    def pixels_per_class(self) -> list[dict[str, Any]]:
-        """Classes present in the mask with their pixel counts (background left out)."""
-        counts = np.bincount(self.mask.ravel(), minlength=len(self.classes) + 1)
-        return [{"category_id": self.classes[k - 1]["id"], "name": self.classes[k - 1]["name"],
-                 "pixels": int(counts[k])} for k in range(1, len(counts)) if counts[k]]
-
-    def record(self) -> dict[str, Any]:
-        return {"classes": self.pixels_per_class()}
-
-    def draw(self, image: np.ndarray) -> np.ndarray:
-        """A copy of ``image`` (H, W, 3) uint8 with this result drawn on it."""
-        names = ["background"] + [c["name"] for c in self.classes]
-        return visualize.overlay_mask(image, self.mask, names)
-
-
-Result = DetectionResult | ClassificationResult | SegmentationResult
-
-
-@dataclass
-class Prediction:
-    """One file of :meth:`Predictor.predict_source`: its result, or the reason it could not be read.
-    ``image`` is the decoded (H, W, 3) uint8 picture when asked for (``keep_images=True``)."""
-
-    file: ImageFile
-    result: Result | None
-    error: str | None = None
-    image: np.ndarray | None = None
-
-
-def _error_kind(reason: str) -> str:
-    """Short category of a read failure, for grouping errors.jsonl."""
-    text = reason.lower()
-    for key, kind in (("empty", "empty"), ("truncated", "truncated"), ("over-size", "too many pixels"),
-                      ("not an image", "not an image"), ("unsupported", "not an image")):
-        if key in text:
-            return kind
-    return "unreadable"
 
 
 class _ImageFiles(Dataset):

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from apps.predict import Prediction, Predictor, SegmentationResult, _error_kind
+from apps.predict import Predictor
 from apps.predict_io import (
     COCO_RESULTS,
     CSV_FILE,
@@ -41,6 +41,7 @@ from apps.predict_io import (
     write_csv,
     write_summary,
 )
+from apps.predict_results import Prediction, SegmentationResult, error_kind
 from apps.predict_sources import ImageFile, find_images, shard
 from vision.data.images import DEFAULT_MAX_PIXELS
 
@@ -193,7 +194,7 @@ def run_predict(opts: PredictOptions) -> int:
                                                  keep_images=opts.save_images):
                 if item.error is not None:
                     errors.write({"file": item.file.name, "path": item.file.path,
-                                  "error": _error_kind(item.error), "reason": item.error})
+                                  "error": error_kind(item.error), "reason": item.error})
                     failed += 1
                     bar.set_postfix(failed=failed, refresh=False)
                 else:
