@@ -32,7 +32,7 @@ from torchvision.ops import box_iou
 
 from detection.boxes import FOREGROUND, BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from detection.proposals import ProposalConfig, ProposalSource, build_proposal_source
-from detection.roi_heads import RoIPooler, TwoMLPHead, VGGBoxHead, detections_from_scores
+from detection.roi_heads import ResNetC4Head, RoIPooler, TwoMLPHead, VGGBoxHead, detections_from_scores
 from detection.structures import Detections
 from detection.transform import check_inputs
 from detection.warp import warp_regions
@@ -75,7 +75,8 @@ class RCNNConfig:
     weights: str | None = "imagenet"  # initial CNN weights: a named source or a path; None: random
     feature_map: str = "conv5"  # the backbone map pooled to pool_size x pool_size ("pool5")
     pool_size: int = 7
-    representation_size: int = 1024  # fc6/fc7 width for non-VGG backbones (VGG keeps its 4096)
+    head: Literal["fc", "res5"] = "fc"  # fc: VGG's fc6/fc7 (or two fresh FC layers on ResNet); res5: the C4
+    representation_size: int = 1024  # layout of Fast/Faster R-CNN r*_c4 (feature_map c4, pool_size 14)
     freeze_at: int = 0  # backbone stages kept frozen while fine-tuning
     input_size: int = 224  # S: regions are warped to S x S (227 for AlexNet)
     context_padding: int = 16
@@ -229,19 +230,25 @@ class RCNN(nn.Module):
 
 
 def build_rcnn(cfg: RCNNConfig, *, load_pretrained: bool = True) -> RCNN:
-    """An R-CNN for ``cfg``: VGG backbones keep their ImageNet fc6/fc7 as the head (as the paper does),
-    other backbones get two fresh FC layers of ``representation_size``."""
+    """An R-CNN for ``cfg``: VGG backbones keep their ImageNet fc6/fc7 as the head (as the paper does);
+    ResNets get two fresh FC layers of ``representation_size`` or, with ``head: res5``, their own res5 stage
+    (the same network as Fast/Faster R-CNN's C4 models, run per warped region instead of per image)."""
     weights = cfg.weights if load_pretrained else None
     net = build_network(cfg.backbone, weights=weights)
     if cfg.backbone.startswith("vgg"):
+        if cfg.head != "fc" or cfg.pool_size != 7:
+            raise ValueError(f"{cfg.backbone}: the head is fc6/fc7 on a 7x7 pool5 (head: fc, pool_size: 7)")
         backbone: nn.Module = VGGFeatures(net, [cfg.feature_map])
         head: nn.Module = VGGBoxHead(net.classifier[0], net.classifier[3])
-        if cfg.pool_size != 7:
-            raise ValueError(f"{cfg.backbone}: fc6 takes a 7x7 pool5, got pool_size {cfg.pool_size}")
     else:
         backbone = ResNetFeatures(net, [cfg.feature_map])
         channels = backbone.feature_info[cfg.feature_map].channels
-        head = TwoMLPHead(channels * cfg.pool_size**2, cfg.representation_size)
+        if cfg.head == "res5":
+            if cfg.feature_map != "c4":
+                raise ValueError(f"head res5 runs on the c4 map, got feature_map {cfg.feature_map!r}")
+            head = ResNetC4Head(net.layer4, net.stage_channels[3])
+        else:
+            head = TwoMLPHead(channels * cfg.pool_size**2, cfg.representation_size)
     backbone.freeze(cfg.freeze_at)
     pool_dim = backbone.feature_info[cfg.feature_map].channels * cfg.pool_size**2
     return RCNN(cfg, backbone, head, head.out_channels, pool_dim, build_proposal_source(cfg.proposals))
