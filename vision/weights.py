@@ -287,7 +287,7 @@ def to_torchvision_state_dict(model: nn.Module) -> dict[str, Tensor]:
     trunk = getattr(model, "backbone", None)
     if isinstance(trunk, nn.Module):
         model = trunk
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())  # tensors share storage with the model, as state_dict() does
     for name, module in model.named_modules():
         if isinstance(module, FrozenBatchNorm2d):
             state[f"{name}.num_batches_tracked" if name else "num_batches_tracked"] = torch.tensor(0)
