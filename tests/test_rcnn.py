@@ -179,3 +179,51 @@ def test_detect_uses_svms_and_box_regressors():
     assert torch.allclose(det.scores, torch.sigmoid(torch.tensor(5.0)).expand(3))
     expected = {(2.0, 0.0, 22.0, 20.0), (33.0, 30.0, 63.0, 48.0), (6.4, 0.0, 64.0, 48.0)}  # clipped
     assert {tuple(round(v, 3) for v in box) for box in det.boxes.tolist()} == expected
+
+
+# ---------------------------------------------------------------- the staged pipeline, end to end
+
+
+def test_rcnn_stages_train_resume_and_load(tmp_path, monkeypatch):
+    import apps.tasks
+    from apps.config import load_config
+    from apps.tasks import get_task, load_model
+    from apps.train import train
+    from vision.data.synthetic import make_shapes
+
+    monkeypatch.setitem(apps.tasks.TASKS, "rcnn", "apps.tasks.rcnn:RCNNTask")  # until the lead registers it
+    make_shapes("detection", tmp_path / "data", num_images=8, seed=0, image_size=(64, 80), val_fraction=0.25)
+    data = tmp_path / "data"
+    overrides = [
+        f"data.train.images={data}/train/images", f"data.train.annotations={data}/train/annotations.json",
+        f"data.val.images={data}/val/images", f"data.val.annotations={data}/val/annotations.json",
+        "data.workers=0", "train.epochs=1", "train.batch_size=3", "train.warmup_iters=0",
+        "model.input_size=32", "model.context_padding=2", "model.pool_size=2", "model.representation_size=16",
+        "model.batch_size=16", "model.svm.retrain_every=20", "model.region_batch=64",
+        f"model.proposals.cache_dir={tmp_path}/cache", "model.proposals.max_boxes=40",
+        f"output_dir={tmp_path}/run",
+    ]
+    exp = load_config("configs/detection/rcnn_r18_shapes.yaml", overrides)
+    result = train(exp)  # stage 1: fine-tuning in the engine's loop
+    task = get_task("rcnn")
+    lines: list[str] = []
+    metrics = task.finish_training(exp, result.run_dir, torch.device("cpu"), lines.append)  # stages 2-5
+    assert "AP50" in metrics
+    stage = result.run_dir / "rcnn"
+    assert len(list((stage / "features").glob("*.pt"))) == 6
+    assert all((stage / f"svm_{c}.pt").is_file() for c in (1, 2, 3)) and (stage / "bbox.pt").is_file()
+    loaded = load_model(result.run_dir / "final.pt")
+    assert bool(loaded.model.svm_trained) and bool(loaded.model.bbox_trained)
+    image, _ = loaded.task.build_datasets(exp).val[0]
+    (det,), _ = loaded.model([image])
+    assert det.boxes.shape[1] == 4 and (det.scores <= 1).all()
+    # resume after a stop during the SVM stage: features and finished SVMs are reused, not recomputed
+    svm1 = (stage / "svm_1.pt").stat().st_mtime_ns
+    (stage / "svm_3.pt").unlink()
+    (result.run_dir / "final.pt").unlink()
+    lines.clear()
+    task.finish_training(exp, result.run_dir, torch.device("cpu"), lines.append)
+    assert any("6 of 6 images already done" in line for line in lines)
+    assert [line for line in lines if line.startswith("rcnn svm class")] == [
+        next(line for line in lines if line.startswith("rcnn svm class 3"))]
+    assert (stage / "svm_1.pt").stat().st_mtime_ns == svm1 and (result.run_dir / "final.pt").is_file()
