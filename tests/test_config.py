@@ -137,3 +137,12 @@ def test_saved_config_reloads_identically_and_run_folders_are_numbered(tmp_path)
     assert resolve_output_dir(exp, runs) == runs / "toy" / "exp8"
     exp.output_dir = str(tmp_path / "mine")
     assert resolve_output_dir(exp, runs) == tmp_path / "mine"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "classification")
+                                        .glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_classification_configs_load_and_say_what_they_reproduce(path, tmp_path):
+    assert path.read_text().startswith("# "), "every config starts with a comment saying what it reproduces"
+    exp = load_config(path, [f"data.train.root={tmp_path}", f"data.val.root={tmp_path}"])
+    assert exp.task == "classification" and exp.train.epochs >= 1
+    assert type(exp.model).__name__ == "ClassifierConfig"
