@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("apps.synth_cmd", "write a synthetic shapes dataset (detection, segmentation, classification)"),
     "proposals": ("apps.proposals_cmd", "precompute selective search proposals for a folder (resumable)"),
     "convert": ("apps.convert_cmd", "import torchvision Faster R-CNN weights as a visiondet checkpoint"),
+    "demo": ("apps.demo_cmd", "serve the Gradio demo page (detection, segmentation, classification)"),
 }
 
 
