@@ -1,12 +1,13 @@
-"""COCO-style datasets: loading and repairing the JSON, category mapping, detection and segmentation datasets.
+"""COCO-style datasets for detection and segmentation, and the category id <-> label mapping.
 
 Legend: M instances kept for training, C crowd regions, H x W image size, K classes.
 
-The JSON is read once by ``load_coco`` (pycocotools underneath), which fills the optional fields other tools
-leave out (``iscrowd``, ``area``, ``info``...) and refuses what would break training or evaluation later
-(undeclared categories, annotations of unknown images, duplicate ids). Category ids may be anything
-(non-contiguous, 0 included): ``CategoryMap`` maps them to training labels 1..K (0 is background) and back.
-COCO ``[x, y, w, h]`` boxes become xyxy absolute pixels here and nowhere else.
+The JSON is read by ``cocofile.load_coco`` (pycocotools underneath; optional fields filled in, broken
+files refused with the offending ids). Category ids may be anything (non-contiguous, 0 included):
+``CategoryMap`` maps them to training labels 1..K (0 is background) and back. COCO ``[x, y, w, h]`` boxes
+become xyxy absolute pixels here and nowhere else, clipped to the image; boxes under 1 px after clipping
+are dropped with one warning that names them. Crowd regions are never positives: they travel separately
+as ``crowd_boxes`` (ignore regions) or as label 255 in segmentation maps.
 """
 
 from __future__ import annotations
