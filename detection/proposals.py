@@ -41,6 +41,7 @@ __all__ = [
     "write_proposal_file",
     "ProposalConfig",
     "build_proposal_source",
+    "RPNProposals",
 ]
 
 
@@ -384,3 +385,48 @@ def build_proposal_source(cfg: ProposalConfig) -> ProposalSource:
     else:
         raise ProposalError(f"proposals.method: unknown {cfg.method!r}; use 'selective_search' or 'file'")
     return CachedSource(source, cfg.cache_dir) if cfg.cache_dir else source
+
+
+class RPNProposals(ProposalSource):
+    """The proposals of a trained detector's Region Proposal Network (Faster R-CNN's parts), as a source for
+    another detector (e.g. Fast R-CNN trained on RPN proposals, the paper's 4-step alternating training) or
+    for ``proposal_recall``.
+
+    ``detector``: a ``detection.models.TwoStageDetector`` whose ``proposal_generator`` is an RPN. Proposals
+    come from the RPN's test settings (top-k after NMS), ranked by objectness, in the input image's pixels.
+    """
+
+    def __init__(self, detector: torch.nn.Module) -> None:
+        from detection.rpn import RegionProposalNetwork
+
+        if not isinstance(getattr(detector, "proposal_generator", None), RegionProposalNetwork):
+            raise ValueError("RPNProposals needs a detector that has a RegionProposalNetwork")
+        self.detector = detector
+        digest = hashlib.sha1()
+        for name, tensor in detector.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.weights_sha1 = digest.hexdigest()
+
+    def settings(self) -> dict[str, Any]:
+        rpn = self.detector.proposal_generator
+        return {"source": "rpn", "weights_sha1": self.weights_sha1,
+                "post_nms_top_n": getattr(rpn, "post_nms_top_n_test", None),
+                "nms_thresh": getattr(rpn, "nms_thresh", None)}
+
+    @torch.no_grad()
+    def propose(self, image: np.ndarray | Tensor, image_id: Hashable | None = None) -> Tensor:
+        from detection.transform import scale_boxes
+
+        if isinstance(image, np.ndarray):
+            image = torch.from_numpy(_as_image(image)).permute(2, 0, 1).float() / 255
+        device = next(self.detector.parameters()).device
+        was_training = self.detector.training
+        self.detector.eval()
+        try:
+            batch, _, _ = self.detector.transform([image.to(device)])
+            features = self.detector.backbone(batch.tensors)
+            (boxes,), _ = self.detector.proposal_generator(batch, features)
+        finally:
+            self.detector.train(was_training)
+        return scale_boxes(boxes, batch.image_sizes[0], batch.original_sizes[0]).float().cpu()

@@ -202,3 +202,28 @@ def test_proposals_command_writes_resumes_and_reports_recall(tmp_path, photo, ca
     captured = capsys.readouterr()
     assert "broken.png" in captured.out + captured.err
     assert ProposalFile(tmp_path / "p.json").propose(None, image_id="b.png").shape[1] == 4
+
+
+def test_rpn_of_a_faster_rcnn_as_a_proposal_source(tmp_path, photo):
+    from detection.models import DetectorConfig, RPNConfig, build_detector
+    from detection.proposals import RPNProposals
+
+    torch.manual_seed(0)
+    cfg = DetectorConfig(arch="faster_rcnn_r18_fpn", num_classes=2, min_size=64, max_size=96, fpn_channels=16,
+                         rpn=RPNConfig(anchor_sizes=[[16], [32], [64], [128], [256]], post_nms_top_n_test=30))
+    detector = build_detector(cfg).train()
+    source = RPNProposals(detector)
+    boxes = source.propose(photo)  # a 128x96 photo, resized to 85x64 inside: boxes come back in 128x96 pixels
+    assert detector.training  # the source restores the detector's mode
+    assert 0 < len(boxes) <= 30 and boxes.dtype == torch.float32
+    assert boxes[:, 2].max() <= 128 and boxes[:, 3].max() <= 96 and boxes[:, 2].max() > 85
+    tensor = torch.from_numpy(photo).permute(2, 0, 1).float() / 255
+    assert torch.allclose(source.propose(tensor), boxes)
+    cached = CachedSource(source, tmp_path)
+    assert torch.equal(cached.propose(photo), cached.propose(photo)) and cached.hits == 1
+    # other weights, other cache entries
+    with torch.no_grad():
+        detector.proposal_generator.head.cls_logits.bias.add_(1.0)
+    assert RPNProposals(detector).settings() != source.settings()
+    with pytest.raises(ValueError, match="RegionProposalNetwork"):
+        RPNProposals(torch.nn.Linear(1, 1))
