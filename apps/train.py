@@ -16,6 +16,9 @@ import contextlib
 import math
 import os
 import random
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,11 +61,29 @@ def train(exp: Experiment, *, runs_root: str | Path = "runs") -> TrainResult:
     deterministic = torch.are_deterministic_algorithms_enabled()
     info = dist_utils.init_distributed(exp.device)
     try:
-        return _Trainer(exp, info, Path(runs_root)).run()
+        trainer = _Trainer(exp, info, Path(runs_root))
+        result = trainer.run()
     finally:
         torch.use_deterministic_algorithms(deterministic)  # a global switch: leave it as it was
         if created_group:
             dist_utils.cleanup()
+    # later stages run in one process; with a process group the caller keeps open they could block on it
+    if info.is_main and (created_group or info.world_size == 1):
+        run_dir = result.run_dir
+        final = trainer.task.finish_training(trainer.exp, run_dir, info.device, _run_log(run_dir))
+        result.metrics.update(final or {})
+    return result
+
+
+def _run_log(run_dir: Path) -> Callable[[str], None]:
+    """A ``log(message)`` for work after the loop: stderr and the run's train.log."""
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+        with open(run_dir / "train.log", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} INFO {message}\n")
+
+    return log
 
 
 def _seed_everything(seed: int, deterministic: bool) -> None:

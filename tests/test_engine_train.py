@@ -55,7 +55,8 @@ def test_a_run_writes_checkpoints_logs_and_curves(tmp_path):
     keys = set(ToyNet(ToyModelConfig()).state_dict())
     assert set(last["state_dict"]) == set(last["ema_state_dict"]) == keys
     assert last["config"]["output_dir"] == str(folder) and last["config"]["train"]["epochs"] == 2
-    assert last["metrics"] == {k: v for k, v in val_rows[-1].items() if k in ("accuracy", "ema_accuracy")}
+    meta = ("kind", "step", "epoch", "time")
+    assert last["metrics"] == {k: v for k, v in val_rows[-1].items() if k not in meta}
     state = last["train_state"]
     assert (state["epoch"], state["batch_in_epoch"], state["step"], state["ema_updates"]) == (2, 0, 8, 8)
     assert load_checkpoint(folder / "best.pt")["train_state"] is None
@@ -152,3 +153,18 @@ def test_batches_and_augmentation_depend_only_on_seed_epoch_and_index():
     assert not torch.equal(one, SeededItems(data, seed=7, epoch=1)[3][1][0])
     pairs = DataLoader(SeededItems(data, 7), batch_size=3, collate_fn=IndexedCollate(task.collate))
     assert next(iter(pairs))[0] == [0, 1, 2]
+
+
+def test_finish_training_runs_once_after_the_loop_with_the_run_folder(tmp_path, monkeypatch):
+    calls = []
+
+    def finish(self, exp, run_dir, device, log):
+        calls.append((run_dir, (run_dir / "last.pt").is_file(), str(device)))
+        log("later stage done")
+        return {"final_accuracy": 1.0}
+
+    monkeypatch.setattr(type(get_task("toy")), "finish_training", finish)
+    result = run(tmp_path, epochs=1, val=False)
+    assert calls == [(tmp_path / "run", True, "cpu")]
+    assert result.metrics == {"final_accuracy": 1.0}
+    assert "later stage done" in (tmp_path / "run" / "train.log").read_text()

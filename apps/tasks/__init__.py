@@ -26,6 +26,7 @@ TASKS: dict[str, str] = {
     "classification": "apps.tasks.classification:ClassificationTask",
     "segmentation": "apps.tasks.segmentation:SegmentationTask",
     "detection": "apps.tasks.detection:DetectionTask",
+    "rcnn": "apps.tasks.rcnn:RCNNTask",  # detection data and metrics; multi-stage training (R-CNN)
 }
 
 _instances: dict[str, Task] = {}

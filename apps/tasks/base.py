@@ -24,6 +24,7 @@ How the engine uses a task, in order:
    use ``group/name`` keys, e.g. ``acc/circle``, ``AP/person``. ``primary_metric`` (higher is better)
    picks best.pt and drives early stopping.
 6. ``preprocess(exp)`` is stored in the checkpoint: what prediction needs beyond the model.
+7. ``finish_training(exp, run_dir, device, log)`` after the loop, for tasks with later stages (R-CNN).
 
 `visiondet evaluate` calls ``build_eval_dataset(split, loaded)`` then ``evaluate``; a task that can score
 a results file without a model (detection: COCO results JSON) overrides ``score_predictions``.
@@ -32,7 +33,7 @@ a results file without a model (detection: COCO results JSON) overrides ``score_
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -149,6 +150,17 @@ class Task(ABC):
         """A printable summary for `visiondet evaluate` (default: one ``key: value`` line each)."""
         width = max((len(k) for k in metrics), default=0)
         return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in metrics.items())
+
+    # ---- after training ----------------------------------------------------------------------------------
+
+    def finish_training(self, exp: Experiment, run_dir: Path, device: torch.device,
+                        log: Callable[[str], None] = print) -> dict[str, float]:
+        """Work after the training loop, e.g. R-CNN's SVM and box-regression stages (default: none).
+
+        The engine calls it once the loop has ended normally, in a single process (rank 0, after the
+        process group is closed), with the run folder; returned metrics become the run's final metrics.
+        """
+        return {}
 
     # ---- checkpoint --------------------------------------------------------------------------------------
 
