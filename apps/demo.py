@@ -1,0 +1,263 @@
+"""The Gradio page of ``visiondet demo``: detection, segmentation, classification and "how it works" tabs.
+
+    demo = Demo.from_weights(["weights"], extra=["runs/detection/exp1/best.pt"])
+    url = demo.start(port=0)          # background server on 127.0.0.1, as the tests use it
+    demo.close()                      # stops it and deletes every temporary file it made
+
+The page is a thin layer: apps.demo_handlers runs the models (through apps.predict.Predictor and
+detection.explain), apps.demo_views draws. Every model runs through one queue with a concurrency limit (two
+CPU-bound requests at once would only share the same cores); models are loaded once, on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from apps.demo_models import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SIDE,
+    DETECTION_TASKS,
+    TABLE_HEADERS,
+    Checkpoint,
+    ModelCache,
+    find_checkpoints,
+)
+
+__all__ = ["Demo", "WEIGHTS_DIR", "EXAMPLES_DIR"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+EXAMPLES_DIR = WEIGHTS_DIR / "examples"
+# Gradio deletes its temporary files (uploads, results) every 10 minutes once they are 30 minutes old, and
+# everything when the server stops; the whole folder is ours and removed by close().
+DELETE_CACHE = (600, 1800)
+MAX_FILE_SIZE = "25mb"  # uploads over this are refused by the server before any decoding
+QUEUE_SIZE = 32
+
+
+def _image_input(**kwargs: Any) -> Any:
+    """An image upload. Events that read it run with ``preprocess=False``: the handler receives the upload as
+    Gradio stored it (checked to be in its cache, never opened), and our decoder
+    (vision.data.images.read_image) says what is wrong with a bad file instead of a Pillow traceback."""
+    import gradio as gr
+
+    return gr.Image(type="filepath", **kwargs)
+
+
+class Demo:
+    """The demo server around a :class:`ModelCache`.
+
+    Args:
+        checkpoints: what the model pickers offer (see ``apps.demo_models.find_checkpoints``).
+        problems: lines about files that are not usable checkpoints, shown at the top of the page.
+        examples: bundled example images (one-click runs).
+        device: where models run (``cpu``, ``cuda``).
+        max_pixels, max_side: see ``apps.demo_handlers.DemoHandlers``.
+        concurrency: model runs at the same time (the rest wait in the queue).
+    """
+
+    def __init__(self, checkpoints: Sequence[Checkpoint], *, problems: Sequence[str] = (),
+                 examples: Sequence[str | Path] = (), device: str = "cpu",
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE,
+                 concurrency: int = 1):
+        self.cache = ModelCache(checkpoints, device)
+        self.problems = list(problems)
+        self.examples = [str(p) for p in examples]
+        self.max_pixels = max_pixels
+        self.max_side = max_side
+        self.concurrency = concurrency
+        # Gradio reads GRADIO_TEMP_DIR when components are created: set it before building the page, so
+        # that uploads, results and downloads all land in one folder of ours.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="visiondet-demo-"))
+        os.environ["GRADIO_TEMP_DIR"] = str(self.temp_dir)
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.blocks = None
+
+    @classmethod
+    def from_weights(cls, folders: Sequence[str | Path] = (WEIGHTS_DIR,), extra: Sequence[str | Path] = (),
+                     **kwargs: Any) -> Demo:
+        """Every checkpoint in ``folders`` and ``extra``; example images from weights/examples."""
+        checkpoints, problems = find_checkpoints(folders, extra)
+        for line in problems:
+            print(f"visiondet demo: skipped {line}", file=sys.stderr)
+        examples = sorted(EXAMPLES_DIR.glob("*.png")) if EXAMPLES_DIR.is_dir() else []
+        kwargs.setdefault("examples", examples)
+        return cls(checkpoints, problems=problems, **kwargs)
+
+    # ---- page ----------------------------------------------------------------------------------------------
+
+    def build(self) -> Any:
+        """The gr.Blocks page (built once)."""
+        if self.blocks is not None:
+            return self.blocks
+        import gradio as gr
+
+        from apps.demo_handlers import DemoHandlers
+
+        h = DemoHandlers(self.cache, max_pixels=self.max_pixels, max_side=self.max_side,
+                         files_dir=self.temp_dir / "downloads")
+        run = {"concurrency_id": "models", "concurrency_limit": self.concurrency, "preprocess": False}
+        with gr.Blocks(title="visiondet demo", delete_cache=DELETE_CACHE, analytics_enabled=False) as blocks:
+            gr.Markdown(
+                "# visiondet\nCNN detectors of the R-CNN family, semantic segmentation and classification, "
+                "trained by this project. Upload an image (or paste one, use the webcam, or click an "
+                "example) and press the button. Models load on first use."
+            )
+            if not self.cache.checkpoints:
+                gr.Markdown("**No checkpoints found.** Put visiondet checkpoints (`*.pt`) in `weights/` or "
+                            "pass `--weights CKPT`; `weights/README.md` says how to train the default ones.")
+            if self.problems:
+                gr.Markdown("Skipped files: " + "; ".join(Path(p.split(":")[0]).name for p in self.problems))
+            with gr.Tab("Detection", id="detection"):
+                self._detection_tab(gr, h, run)
+            with gr.Tab("Segmentation", id="segmentation"):
+                self._segmentation_tab(gr, h, run)
+            with gr.Tab("Classification", id="classification"):
+                self._classification_tab(gr, h, run)
+            with gr.Tab("How it works", id="explain"):
+                self._explain_tab(gr, h, run)
+        blocks.queue(default_concurrency_limit=self.concurrency, max_size=QUEUE_SIZE)
+        self.blocks = blocks
+        return blocks
+
+    def _picker(self, gr: Any, tasks: Sequence[str], label: str) -> Any:
+        choices = self.cache.labels(tasks)
+        return gr.Dropdown(choices=choices, value=choices[0] if choices else None, label=label,
+                           interactive=True)
+
+    def _examples(self, gr: Any, image: Any) -> Any:
+        if not self.examples:
+            return None
+        return gr.Examples([[p] for p in self.examples], inputs=[image], label="Examples (click to run)",
+                           examples_per_page=12)
+
+    def _detection_tab(self, gr: Any, h: Any, run: dict[str, Any]) -> None:
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=360,
+                                     elem_id="det-input")
+                model = self._picker(gr, DETECTION_TASKS, "Detector")
+                first = self.cache.checkpoints.get(model.value) if model.value else None
+                model_info = gr.Markdown(first.summary() if first else "")
+                score = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Score threshold")
+                nms = gr.Slider(0.05, 1.0, value=first.nms_thresh if first and first.nms_thresh else 0.5,
+                                step=0.05, label="NMS IoU threshold (per class)")
+                classes = gr.CheckboxGroup(choices=[c["name"] for c in first.classes] if first else [],
+                                           label="Only these classes (none ticked: all)")
+                button = gr.Button("Detect", variant="primary", elem_id="det-run")
+            with gr.Column(scale=1):
+                picture = gr.Image(label="Detections", format="png", interactive=False, elem_id="det-output",
+                                   buttons=["download", "fullscreen"])
+                info = gr.Markdown(elem_id="det-info")
+                table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "number", "number", "number",
+                                                                      "number", "number"],
+                                     interactive=False, label="Detections (pixels of the original image)",
+                                     elem_id="det-table")
+                download = gr.File(label="JSON", interactive=False, elem_id="det-json")
+        inputs, outputs = [image, model, score, nms, classes], [picture, table, download, info]
+        button.click(h.detect, inputs, outputs, api_name="detect", validator=h.check_image, **run)
+        examples = self._examples(gr, image)
+        if examples is not None:
+            examples.load_input_event.then(h.detect, inputs, outputs, validator=h.check_image,
+                                           api_visibility="undocumented", **run)
+        model.change(h.model_changed, [model], [classes, nms, model_info], api_visibility="private",
+                     queue=False)
+
+    def _segmentation_tab(self, gr: Any, h: Any, run: dict[str, Any]) -> None:
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=360,
+                                     elem_id="seg-input")
+                model = self._picker(gr, ("segmentation",), "Segmentation model")
+                button = gr.Button("Segment", variant="primary", elem_id="seg-run")
+            with gr.Column(scale=1):
+                picture = gr.Image(label="Segmentation", format="png", interactive=False,
+                                   elem_id="seg-output")
+                info = gr.Markdown(elem_id="seg-info")
+                table = gr.Dataframe(headers=["class", "pixels", "% of image"],
+                                     datatype=["str", "number", "number"], interactive=False,
+                                     label="Classes", elem_id="seg-table")
+        inputs, outputs = [image, model], [picture, table, info]
+        button.click(h.segment, inputs, outputs, api_name="segment", validator=h.check_image, **run)
+        examples = self._examples(gr, image)
+        if examples is not None:
+            examples.load_input_event.then(h.segment, inputs, outputs, validator=h.check_image,
+                                           api_visibility="undocumented", **run)
+
+    def _classification_tab(self, gr: Any, h: Any, run: dict[str, Any]) -> None:
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=360,
+                                     elem_id="cls-input")
+                model = self._picker(gr, ("classification",), "Classifier")
+                button = gr.Button("Classify", variant="primary", elem_id="cls-run")
+            with gr.Column(scale=1):
+                top = gr.Label(num_top_classes=5, label="Top 5", elem_id="cls-output")
+                info = gr.Markdown(elem_id="cls-info")
+        inputs, outputs = [image, model], [top, info]
+        button.click(h.classify, inputs, outputs, api_name="classify", validator=h.check_image, **run)
+        examples = self._examples(gr, image)
+        if examples is not None:
+            examples.load_input_event.then(h.classify, inputs, outputs, validator=h.check_image,
+                                           api_visibility="undocumented", **run)
+
+    def _explain_tab(self, gr: Any, h: Any, run: dict[str, Any]) -> None:
+        gr.Markdown("What a two-stage detector does with one image, stage by stage. Click the first picture "
+                    "to look at the anchors somewhere else.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = _image_input(label="Image", sources=["upload", "clipboard"], height=300,
+                                     elem_id="exp-input")
+            with gr.Column(scale=1):
+                model = self._picker(gr, DETECTION_TASKS, "Detector")
+                with gr.Row():
+                    x = gr.Slider(0, 100, value=50, step=0.5, label="Anchor position x (% of width)")
+                    y = gr.Slider(0, 100, value=50, step=0.5, label="Anchor position y (% of height)")
+                with gr.Row():
+                    top_n = gr.Slider(5, 300, value=50, step=5, label="Boxes shown per stage")
+                    score = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Final score threshold")
+                button = gr.Button("Explain", variant="primary", elem_id="exp-run")
+        with gr.Row():
+            panels = [gr.Image(label=f"stage {i + 1}", format="png", interactive=False,
+                               elem_id=f"exp-{i + 1}") for i in range(4)]
+        text = gr.Markdown(elem_id="exp-info")
+        inputs, outputs = [image, model, x, y, top_n, score], [*panels, text]
+        button.click(h.explain, inputs, outputs, api_name="explain", validator=h.check_image, **run)
+        panels[0].select(h.pick_position, [panels[0]], [x, y], api_visibility="private", queue=False).then(
+            h.explain, inputs, outputs, validator=h.check_image, api_visibility="private", **run)
+        examples = self._examples(gr, image)
+        if examples is not None:
+            examples.load_input_event.then(h.explain, inputs, outputs, validator=h.check_image,
+                                           api_visibility="undocumented", **run)
+
+    # ---- server --------------------------------------------------------------------------------------------
+
+    def start(self, host: str = "127.0.0.1", port: int | None = 7860, *, share: bool = False,
+              block: bool = False) -> str:
+        """Serve the page; returns its local URL (``block=True`` returns only when the server stops)."""
+        blocks = self.build()
+        _, url, share_url = blocks.launch(
+            server_name=host, server_port=port, share=share, prevent_thread_lock=True, show_error=False,
+            max_file_size=MAX_FILE_SIZE, ssr_mode=False, quiet=True, footer_links=["api"],
+            max_threads=8, theme=None,
+        )
+        if share_url:
+            print(f"visiondet demo: public link {share_url}")
+        if block:
+            try:
+                blocks.block_thread()
+            finally:
+                self.close()
+        return url
+
+    def close(self) -> None:
+        """Stop the server and delete every temporary file (uploads, results, downloads)."""
+        if self.blocks is not None:
+            self.blocks.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -1,0 +1,77 @@
+"""`visiondet demo`: serve the Gradio page with every checkpoint in weights/ and any given ones.
+
+Examples::
+
+    visiondet demo                                        # http://127.0.0.1:7860, default weights
+    visiondet demo --weights runs/detection/exp3/best.pt  # one of your own next to them
+    visiondet demo --host 0.0.0.0 --port 8080             # reachable from other machines (no auth!)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", nargs="+", default=[], metavar="CKPT",
+                        help="checkpoints (or folders of *.pt) to offer besides those in weights/")
+    parser.add_argument("--no-default-weights", action="store_true",
+                        help="do not list the checkpoints of the weights/ folder")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    parser.add_argument("--share", action="store_true",
+                        help="also open a public gradio.live link (off unless asked; needs the internet)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if there is one, else CPU), cpu, cuda:1")
+    parser.add_argument("--max-side", type=int, default=None, metavar="PX",
+                        help="run models on a copy of each upload at most this long (default 1600)")
+    parser.add_argument("--max-megapixels", type=float, default=None, metavar="MP",
+                        help="refuse uploads with more pixels than this (default 40)")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="model runs at the same time; other requests queue (default 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from apps.demo import WEIGHTS_DIR, Demo
+    from apps.demo_models import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+    from apps.engine.distributed import resolve_device
+
+    folders = [] if args.no_default_weights else [WEIGHTS_DIR]
+    files = []
+    for item in args.weights:
+        path = Path(item)
+        if path.is_dir():
+            folders.append(path)
+        elif path.is_file():
+            files.append(path)
+        else:
+            print(f"error: --weights {item}: no such file or folder", file=sys.stderr)
+            return 2
+    if args.port < 0 or args.port > 65535:
+        print(f"error: --port {args.port}: not a port number", file=sys.stderr)
+        return 2
+    if args.concurrency < 1:
+        print("error: --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        device = str(resolve_device(args.device))
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: --device: {exc}", file=sys.stderr)
+        return 2
+    max_pixels = int(args.max_megapixels * 1e6) if args.max_megapixels else DEFAULT_MAX_PIXELS
+    demo = Demo.from_weights(folders, files, device=device, max_side=args.max_side or DEFAULT_MAX_SIDE,
+                             max_pixels=max_pixels, concurrency=args.concurrency)
+    found = len(demo.cache.checkpoints)
+    print(f"visiondet demo: {found} checkpoint{'s' * (found != 1)} on {device}; "
+          f"http://{args.host}:{args.port or '<free port>'} (Ctrl+C stops it)")
+    try:
+        demo.start(args.host, args.port or None, share=args.share, block=True)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:  # port in use, address not available
+        print(f"error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        demo.close()
+        return 1
+    return 0

@@ -1,0 +1,231 @@
+"""What the demo page's buttons do: decode the upload, run the cached model, return what the page shows.
+
+Every handler turns a bad input into a ``gr.Error`` with a one-line message (the uploaded file's name and the
+reason, never a server path or a traceback) and any unexpected failure into a short generic message, logged
+in full on the server, which keeps serving. ``check_image`` runs before a request is queued (Gradio's
+validator), so a bad upload is answered at once even while the queue is busy.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from apps import demo_views
+from apps.demo_models import (
+    DETECTION_TASKS,
+    DemoInputError,
+    ModelCache,
+    detection_record,
+    detection_rows,
+    fit_size,
+    read_upload,
+    scale_detections,
+)
+from apps.predict import Predictor
+from apps.predict_results import DetectionResult
+
+__all__ = ["DemoHandlers", "upload_path"]
+
+
+def _page_errors(fn: Callable) -> Callable:
+    """DemoInputError -> its message in the page; anything else -> a generic message, logged in full."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DemoInputError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            raise gr.Error(f"The model failed on this image ({type(exc).__name__}); the server log has the "
+                           "details.", print_exception=False) from None
+
+    return wrapper
+
+
+def upload_path(value: Any) -> str | None:
+    """The file of an image input read without preprocessing: Gradio's FileData as a dict (the path is one
+    Gradio checked to be its own upload), or a plain path (direct calls)."""
+    if value is None or isinstance(value, str):
+        return value or None
+    if isinstance(value, dict):
+        if value.get("path"):
+            return str(value["path"])
+        if str(value.get("url") or "").startswith("data:"):
+            raise DemoInputError("This image arrived inline (a data URL); upload it as a file instead.")
+    raise DemoInputError("No image: upload one (or paste, or pick an example) first.")
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+class DemoHandlers:
+    """The page's callbacks around one ModelCache.
+
+    max_pixels: uploads with more pixels are refused; max_side: inference runs on a copy at most this long
+    (results mapped back); files_dir: where JSON downloads are written (inside Gradio's cache folder, so
+    Gradio serves them without a copy and deletes them with its other temporary files).
+    """
+
+    def __init__(self, cache: ModelCache, *, max_pixels: int, max_side: int, files_dir: str | Path):
+        self.cache = cache
+        self.max_pixels = max_pixels
+        self.max_side = max_side
+        self.files_dir = Path(files_dir)
+
+    # ---- shared --------------------------------------------------------------------------------------------
+
+    def check_image(self, image: Any, *others: Any) -> list[Any]:
+        """Gradio validator, one verdict per input; the decoded upload is cached for the request."""
+        verdict = gr.validate(True, "")
+        try:
+            read_upload(upload_path(image), max_pixels=self.max_pixels)
+        except DemoInputError as exc:
+            verdict = gr.validate(False, str(exc))
+        except Exception as exc:  # the validator must never raise: Gradio would show the raw text
+            verdict = gr.validate(False, f"This file cannot be used ({type(exc).__name__}).")
+        return [verdict] + [gr.validate(True, "") for _ in others]
+
+    def _image(self, upload: Any) -> tuple[np.ndarray, np.ndarray, float]:
+        """(original, inference copy, its scale)."""
+        image = read_upload(upload_path(upload), max_pixels=self.max_pixels)
+        small, scale = fit_size(image, self.max_side)
+        return image, small, scale
+
+    def _predictor(self, label: str, tasks: Sequence[str], **settings: Any) -> Predictor:
+        entry = self.cache.checkpoint(label)
+        if entry.task not in tasks:
+            raise DemoInputError(f"{label} is a {entry.task} model; pick one of: "
+                                 f"{', '.join(self.cache.labels(tasks)) or 'none available'}.")
+        loaded = self.cache.get(label)
+        try:
+            return Predictor(loaded, self.cache.device, **settings)
+        except ValueError as exc:  # a class filter or threshold this model does not take
+            raise DemoInputError(str(exc)) from None
+
+    def _size_note(self, image: np.ndarray, small: np.ndarray) -> str:
+        if small is image:
+            return ""
+        return (f" The {image.shape[1]}×{image.shape[0]} upload ran at {small.shape[1]}×{small.shape[0]}; "
+                "boxes are in the original pixels.")
+
+    # ---- detection -----------------------------------------------------------------------------------------
+
+    def model_changed(self, label: str | None) -> tuple[Any, Any, str]:
+        """Detection model picked: its classes for the filter, its NMS threshold, a line about it."""
+        if not label or label not in self.cache.checkpoints:
+            return gr.update(choices=[], value=[]), gr.update(), ""
+        entry = self.cache.checkpoint(label)
+        names = [c["name"] for c in entry.classes]
+        nms = gr.update(value=entry.nms_thresh) if entry.nms_thresh is not None else gr.update()
+        return gr.update(choices=names, value=[]), nms, entry.summary()
+
+    @_page_errors
+    def detect(self, image: Any, label: str, score: float, nms: float, classes: list[str] | None
+               ) -> tuple[np.ndarray, list[list[Any]], str, str]:
+        """-> (annotated picture, table rows, JSON file path, text with the timing)."""
+        original, small, scale = self._image(image)
+        predictor = self._predictor(label, DETECTION_TASKS, score_threshold=float(score),
+                                    nms_threshold=float(nms), classes=list(classes or []) or None)
+        with self.cache.lock(label):
+            start = time.perf_counter()
+            result = predictor.predict([small])[0]
+            elapsed = time.perf_counter() - start
+        result = scale_detections(result, scale, original.shape[:2])
+        name = Path(upload_path(image)).name
+        record = {"image": name, "model": label, "width": original.shape[1],
+                  "height": original.shape[0], "score_threshold": float(score), "nms_threshold": float(nms),
+                  "inference_ms": round(elapsed * 1000, 1), **detection_record(result)}
+        folder = self.files_dir / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        json_path = folder / f"{Path(name).stem}_detections.json"
+        json_path.write_text(json.dumps(record, indent=2))
+        count = len(result.labels)
+        info = (f"**{count} detection{'s' * (count != 1)}** at score ≥ {score:.2f} · inference "
+                f"{_ms(elapsed)} on {self.cache.device.type} · {label}.{self._size_note(original, small)}")
+        return demo_views.draw_detections(small, result, scale), detection_rows(result), str(json_path), info
+
+    # ---- segmentation and classification -------------------------------------------------------------------
+
+    @_page_errors
+    def segment(self, image: Any, label: str) -> tuple[np.ndarray, list[list[Any]], str]:
+        """-> (overlay with legend, table class / pixels / share, text with the timing)."""
+        original, small, _ = self._image(image)
+        predictor = self._predictor(label, ("segmentation",))
+        with self.cache.lock(label):
+            start = time.perf_counter()
+            result = predictor.predict([small])[0]
+            elapsed = time.perf_counter() - start
+        total = result.mask.size
+        rows = [[c["name"], c["pixels"], round(100.0 * c["pixels"] / total, 1)]
+                for c in sorted(result.pixels_per_class(), key=lambda c: -c["pixels"])]
+        info = (f"**{len(rows)} class{'es' * (len(rows) != 1)} found** · inference {_ms(elapsed)} on "
+                f"{self.cache.device.type} · {label}.{self._size_note(original, small)}")
+        return demo_views.draw_segmentation(small, result), rows, info
+
+    @_page_errors
+    def classify(self, image: Any, label: str) -> tuple[dict[str, float], str]:
+        """-> ({class name: probability} of the top 5, text with the timing)."""
+        _, small, _ = self._image(image)
+        predictor = self._predictor(label, ("classification",), top_k=5)
+        with self.cache.lock(label):
+            start = time.perf_counter()
+            result = predictor.predict([small])[0]
+            elapsed = time.perf_counter() - start
+        top = {name: float(p) for name, p in zip(result.names, result.scores.tolist(), strict=True)}
+        return top, f"Inference {_ms(elapsed)} on {self.cache.device.type} · {label}."
+
+    # ---- how it works --------------------------------------------------------------------------------------
+
+    @_page_errors
+    def explain(self, image: Any, label: str, x_pct: float, y_pct: float, top_n: float, score: float
+                ) -> tuple[Any, ...]:
+        """-> four pictures (each with its title) and a paragraph on this image's stages."""
+        from detection.explain import explain
+        from vision.data.transforms import to_tensor
+
+        _, small, _ = self._image(image)
+        predictor = self._predictor(label, DETECTION_TASKS)  # checks the task, loads the model once
+        model = predictor.model
+        height, width = small.shape[:2]
+        position = (float(x_pct) / 100.0 * (width - 1), float(y_pct) / 100.0 * (height - 1))
+        with self.cache.lock(label):
+            tensor = to_tensor(small).to(self.cache.device)
+            e = explain(model, tensor, position=position, top_n=int(top_n))
+        keep = e.detections.scores >= float(score)
+        classes = predictor.classes
+        labels = e.detections.labels[keep].cpu()
+        result = DetectionResult(
+            boxes=e.detections.boxes[keep].cpu().numpy(), scores=e.detections.scores[keep].cpu().numpy(),
+            labels=labels.numpy(), category_ids=[classes[k - 1]["id"] for k in labels.tolist()],
+            names=[classes[k - 1]["name"] for k in labels.tolist()], image_size=(height, width),
+        )
+        names = [c["name"] for c in classes]
+        panels = demo_views.explanation_panels(small, e, result, 1.0, names)
+        text = demo_views.explanation_text(e, len(result.labels), float(score))
+        pictures = [gr.update(value=p, label=t) for p, t in zip(panels, text["titles"], strict=True)]
+        return (*pictures, text["body"])
+
+    def pick_position(self, panel: np.ndarray | None, evt: gr.SelectData) -> tuple[Any, Any]:
+        """A click on the anchors picture -> the x, y sliders (percent of the width and height)."""
+        if panel is None or evt.index is None:
+            return gr.update(), gr.update()
+        height, width = np.asarray(panel).shape[:2]
+        x, y = evt.index[:2]
+        return round(100.0 * float(x) / max(width - 1, 1), 1), round(100.0 * float(y) / max(height - 1, 1), 1)
+

@@ -1,0 +1,244 @@
+"""The demo's side that knows nothing of Gradio: which checkpoints there are, loading each once, decoding an
+upload into a clear error or an image, and turning results into the table and JSON the page shows.
+
+Every message meant for the page names the uploaded file by its own name and never a server path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from apps.predict_results import DetectionResult
+from apps.tasks import LoadedModel, get_task, load_model
+from vision.checkpoint import CheckpointError, is_visiondet_checkpoint, load_checkpoint
+from vision.data.images import ImageError, read_image
+
+__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_SIDE", "DETECTION_TASKS", "Checkpoint", "DemoInputError",
+           "ModelCache", "detection_record", "detection_rows", "find_checkpoints", "fit_size", "read_upload",
+           "scale_detections"]
+
+# An upload above this is refused before it is decoded (the decoded RGB would be 120 MB at this size).
+DEFAULT_MAX_PIXELS = 40_000_000
+# Inference runs on a copy whose longer side is at most this (boxes are mapped back to the original pixels):
+# every model here resizes its input to far less anyway, and a 12-megapixel photo as float32 is 150 MB.
+DEFAULT_MAX_SIDE = 1600
+# Tasks whose checkpoints go to the detection tabs (R-CNN checkpoints have a task of their own for training).
+DETECTION_TASKS = ("detection", "rcnn")
+TABLE_HEADERS = ["class", "score", "x", "y", "w", "h"]
+
+
+class DemoInputError(ValueError):
+    """An input the page cannot use; the message is shown as it is."""
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint the page offers: ``label`` in the model pickers, ``task`` decides which tabs."""
+
+    label: str
+    path: Path
+    task: str
+    arch: str
+    classes: list[dict[str, Any]]
+    metrics: dict[str, float] = field(default_factory=dict)
+    nms_thresh: float | None = None  # detectors: the per-class NMS IoU the model was trained with
+
+    def summary(self) -> str:
+        """One line for the page: architecture, classes and the validation metric saved with it."""
+        names = ", ".join(c["name"] for c in self.classes[:8]) + (" ..." if len(self.classes) > 8 else "")
+        shown = [k for k in ("AP50", "AP", "top1", "mIoU") if k in self.metrics]
+        metric = "; " + ", ".join(f"val {k} {self.metrics[k]:.3f}" for k in shown) if shown else ""
+        return f"{self.arch} ({len(self.classes)} classes: {names}){metric}"
+
+
+def _arch(task: str, model_cfg: dict[str, Any]) -> str:
+    if task == "rcnn":
+        return f"rcnn_{model_cfg.get('backbone', '?')}"
+    return str(model_cfg.get("arch") or model_cfg.get("backbone") or task)
+
+
+def _nms_thresh(task: str, model_cfg: dict[str, Any]) -> float | None:
+    # Where each detector's config keeps its test-time NMS threshold (defaults as in their dataclasses).
+    if task == "rcnn":
+        return float(model_cfg.get("nms_thresh", 0.3))
+    if task == "detection":
+        return float((model_cfg.get("roi") or {}).get("nms_thresh", 0.5))
+    return None
+
+
+def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] = ()
+                     ) -> tuple[list[Checkpoint], list[str]]:
+    """Checkpoints ``*.pt`` in ``folders`` (not recursive) and the given ``files``, in that order.
+
+    Returns (usable checkpoints, one problem line per file that is not one). A file is read in full once
+    here (for its task, classes and metrics) and again when first used; the weights are not kept.
+    """
+    paths: list[Path] = []
+    for folder in folders:
+        folder = Path(folder)
+        if folder.is_dir():
+            paths += sorted(p for p in folder.glob("*.pt") if p.is_file())
+    paths += [Path(f) for f in files]
+    found: list[Checkpoint] = []
+    problems: list[str] = []
+    seen: set[Path] = set()
+    for path in paths:
+        key = path.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            ckpt = load_checkpoint(path, map_location="cpu")
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        if not is_visiondet_checkpoint(ckpt) or "task" not in ckpt or "classes" not in ckpt:
+            problems.append(f"{path}: not a visiondet checkpoint (no task, classes and model config)")
+            continue
+        label = path.name if all(c.label != path.name for c in found) else str(path)
+        task, model_cfg = str(ckpt["task"]), ckpt.get("model") or {}
+        found.append(Checkpoint(label, path, task, _arch(task, model_cfg), list(ckpt["classes"]),
+                                dict(ckpt.get("metrics") or {}), _nms_thresh(task, model_cfg)))
+    return found, problems
+
+
+class ModelCache:
+    """Loads each checkpoint on first use and keeps it (one copy per checkpoint, whatever the requests).
+
+    ``lock(label)`` serialises the use of one model: the predictor changes a detector's thresholds for the
+    length of a call. ``loads`` counts the checkpoints actually read from disk.
+    """
+
+    def __init__(self, checkpoints: Sequence[Checkpoint], device: str | torch.device = "cpu"):
+        self.checkpoints = {c.label: c for c in checkpoints}
+        self.device = torch.device(device)
+        self.loads = 0
+        self._models: dict[str, LoadedModel] = {}
+        self._locks = {c.label: threading.Lock() for c in checkpoints}
+        self._loading = threading.Lock()
+
+    def labels(self, tasks: Sequence[str]) -> list[str]:
+        """Labels of the checkpoints of these tasks, in discovery order."""
+        return [label for label, c in self.checkpoints.items() if c.task in tasks]
+
+    def checkpoint(self, label: str | None) -> Checkpoint:
+        if not label or label not in self.checkpoints:
+            known = ", ".join(self.checkpoints) or "none"
+            raise DemoInputError(f"Unknown model {label!r}; choose one of: {known}.")
+        return self.checkpoints[label]
+
+    def lock(self, label: str) -> threading.Lock:
+        return self._locks[self.checkpoint(label).label]
+
+    def get(self, label: str) -> LoadedModel:
+        """The model of ``label``, loaded on first use (errors are DemoInputError naming the file)."""
+        entry = self.checkpoint(label)
+        with self._loading:
+            if label not in self._models:
+                try:
+                    loaded = load_model(entry.path, self.device)
+                except (CheckpointError, KeyError, ValueError) as exc:
+                    print(f"visiondet demo: {exc}", file=sys.stderr)
+                    reason = _without_paths(exc, entry.path)
+                    raise DemoInputError(f"Model {label} could not be loaded: {reason}") from None
+                if loaded.task.name == "rcnn":
+                    # R-CNN is a detector for prediction (same forward contract); its task only differs in
+                    # how it trains, so the predictor sees it as one.
+                    loaded = dataclasses.replace(loaded, task=get_task("detection"))
+                self._models[label] = loaded
+                self.loads += 1
+        return self._models[label]
+
+
+def _without_paths(exc: Exception, path: Path) -> str:
+    text = str(exc)
+    for p in (str(path.resolve()), str(path)):
+        text = text.replace(p, path.name)
+    return text
+
+
+# ---- uploads -----------------------------------------------------------------------------------------------
+
+
+def read_upload(path: str | Path | None, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An uploaded file -> (H, W, 3) uint8 RGB, or DemoInputError "<file name>: <reason>".
+
+    Gradio keeps uploads as ``<cache>/<hash>/<original name>``, so the file's own name is what the user
+    uploaded; the folder is ours and never appears in a message.
+    """
+    if path is None or str(path) == "":
+        raise DemoInputError("No image: upload one (or paste, or pick an example) first.")
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        raise DemoInputError(f"{path.name}: the upload is gone from the server; upload it again.") from None
+    try:
+        return _decode(str(path), stat.st_mtime_ns, stat.st_size, max_pixels).copy()
+    except ImageError as exc:
+        reason = exc.reason.replace(str(path.parent), "").replace(str(path), path.name)
+        raise DemoInputError(f"{path.name}: {reason}") from None
+    except Exception as exc:  # a decoder failure on one odd file must not reach the page as a traceback
+        raise DemoInputError(f"{path.name}: cannot be decoded as an image ({type(exc).__name__})") from None
+
+
+@lru_cache(maxsize=2)
+def _decode(path: str, mtime_ns: int, size: int, max_pixels: int) -> np.ndarray:
+    # The page checks an upload before queueing it and decodes it again to run the model: the cache (keyed
+    # on the file's identity) makes that one decode. Two entries: one request in flight, one being checked.
+    image = read_image(path, exif=True, max_pixels=max_pixels)
+    image.setflags(write=False)  # callers get copies: the cached one stays as decoded
+    return image
+
+
+def fit_size(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """(image, 1.0) if its longer side is at most ``max_side``, else (an area-downscaled copy, its scale)."""
+    height, width = image.shape[:2]
+    if max(height, width) <= max_side:
+        return image, 1.0
+    scale = max_side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), scale
+
+
+# ---- results -----------------------------------------------------------------------------------------------
+
+
+def scale_detections(result: DetectionResult, scale: float, size: tuple[int, int]) -> DetectionResult:
+    """Detections found on a copy resized by ``scale``, in the pixels of the original image of ``size``."""
+    if scale == 1.0:
+        return result
+    boxes = result.boxes / np.float32(scale)
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, size[1])
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, size[0])
+    return dataclasses.replace(result, boxes=boxes.astype(np.float32), image_size=size)
+
+
+def detection_rows(result: DetectionResult) -> list[list[Any]]:
+    """Table rows ``class, score, x, y, w, h`` (pixels of the original image), best score first."""
+    rows = []
+    for det in detection_record(result)["detections"]:
+        x, y, w, h = det["bbox"]
+        rows.append([det["name"], round(det["score"], 3), round(x, 1), round(y, 1), round(w, 1), round(h, 1)])
+    return rows
+
+
+def detection_record(result: DetectionResult) -> dict[str, Any]:
+    """The predictions.jsonl record of ``visiondet predict`` (COCO ``bbox`` x, y, w, h), best first."""
+    record = result.record()
+    record["detections"].sort(key=lambda d: -d["score"])
+    return record

@@ -1,0 +1,158 @@
+"""Pictures and text for the demo page: results and the "how it works" stages drawn at a readable size.
+
+Synthetic scenes are 160-256 px: drawn as they are, a browser stretches them and the labels blur. Every
+picture is therefore drawn on a display copy whose longer side is at least ``DISPLAY_MIN_SIDE`` (and never
+larger than the inference copy), with boxes scaled from the original image's pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from apps import visualize
+from apps.predict_results import DetectionResult, SegmentationResult
+from detection.explain import Explanation, Stage
+
+__all__ = ["DISPLAY_MIN_SIDE", "display_copy", "draw_detections", "draw_segmentation", "explanation_panels",
+           "explanation_text"]
+
+DISPLAY_MIN_SIDE = 640
+
+
+def display_copy(image: np.ndarray) -> tuple[np.ndarray, float]:
+    """(picture to draw on, its scale from ``image``): small images enlarged to ``DISPLAY_MIN_SIDE``."""
+    height, width = image.shape[:2]
+    if max(height, width) >= DISPLAY_MIN_SIDE:
+        return image.copy(), 1.0
+    scale = DISPLAY_MIN_SIDE / max(height, width)
+    size = (round(width * scale), round(height * scale))
+    return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR), scale
+
+
+def draw_detections(image: np.ndarray, result: DetectionResult, scale: float = 1.0) -> np.ndarray:
+    """``result`` (boxes in ``image``'s pixels / ``scale``) drawn on a display copy of ``image``."""
+    canvas, view = display_copy(image)
+    if not len(result.labels):
+        return canvas
+    names = {int(k): n for k, n in zip(result.labels.tolist(), result.names, strict=True)}
+    table = [names.get(k, str(k)) for k in range(int(result.labels.max()) + 1)]
+    boxes = result.boxes * (scale * view)
+    return visualize.draw_detections(canvas, boxes, result.labels, result.scores, table)
+
+
+def draw_segmentation(image: np.ndarray, result: SegmentationResult) -> np.ndarray:
+    """The mask (at ``image``'s size) blended over a display copy, with a legend of the classes present."""
+    canvas, _ = display_copy(image)
+    mask = result.mask
+    if mask.shape != canvas.shape[:2]:
+        mask = cv2.resize(mask, (canvas.shape[1], canvas.shape[0]), interpolation=cv2.INTER_NEAREST)
+    return SegmentationResult(mask, result.classes, canvas.shape[:2]).draw(canvas)
+
+
+# ---- "how it works" ----------------------------------------------------------------------------------------
+
+
+def _rank_colors(count: int) -> list[tuple[int, int, int]]:
+    """Best-first boxes fade from bright yellow to dark orange, so the ranking shows without any text."""
+    start, end = np.array([255, 230, 0]), np.array([200, 70, 0])
+    steps = np.linspace(0.0, 1.0, max(count, 2))[:count]
+    return [tuple(int(c) for c in start + t * (end - start)) for t in steps]
+
+
+def _outline(canvas: np.ndarray, boxes: np.ndarray, colors: Sequence[tuple[int, int, int]]) -> np.ndarray:
+    """Thin rectangles, the first box drawn last (on top)."""
+    for box, color in reversed(list(zip(boxes, colors, strict=True))):
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), color, 1, lineType=cv2.LINE_AA)
+    return canvas
+
+
+def _stage_picture(image: np.ndarray, stage: Stage, scale: float, class_names: Sequence[str]) -> np.ndarray:
+    """Unlabelled boxes: class colours with a legend when the stage has classes, else the rank colours."""
+    canvas, view = display_copy(image)
+    boxes = stage.boxes.cpu().numpy() * (scale * view)
+    labels = stage.labels.cpu().tolist()
+    if not any(labels):
+        return _outline(canvas, boxes, _rank_colors(len(boxes)))
+    _outline(canvas, boxes, [visualize.color_of(k) for k in labels])
+    present = sorted(set(labels))
+    return visualize.draw_legend(canvas, [(_name(class_names, k), visualize.color_of(k)) for k in present])
+
+
+def _name(class_names: Sequence[str], label: int) -> str:
+    return class_names[label - 1] if 0 < label <= len(class_names) else str(label)
+
+
+def _anchor_picture(image: np.ndarray, stage: Stage, position: tuple[float, float], scale: float
+                    ) -> np.ndarray:
+    """Each anchor in its own colour with "level size ratio objectness", and the position as a cross."""
+    canvas, view = display_copy(image)
+    boxes = stage.boxes.cpu().numpy() * (scale * view)
+    labels = np.arange(1, len(boxes) + 1)
+    canvas = np.array(visualize.draw_detections(canvas, boxes, labels, stage.scores.cpu().numpy(),
+                                                ["", *stage.names], line_width=1))
+    x, y = (int(round(v * scale * view)) for v in position)
+    cv2.drawMarker(canvas, (x, y), (255, 255, 255), cv2.MARKER_CROSS, 14, 3)
+    cv2.drawMarker(canvas, (x, y), (220, 0, 0), cv2.MARKER_CROSS, 12, 1)
+    return canvas
+
+
+def explanation_panels(image: np.ndarray, explanation: Explanation, result: DetectionResult, scale: float,
+                       class_names: Sequence[str]) -> list[np.ndarray]:
+    """Four pictures: anchors (or the external proposals), before NMS, after NMS, final detections.
+
+    ``image`` is the picture the detector ran on, ``scale`` its size over the original image's (boxes in
+    ``explanation`` and ``result`` are in original pixels).
+    """
+    if explanation.anchors is not None:
+        first = _anchor_picture(image, explanation.anchors, explanation.position, scale)
+    else:
+        first = _stage_picture(image, explanation.proposals_source, scale, class_names)
+    return [
+        first,
+        _stage_picture(image, explanation.before_nms, scale, class_names),
+        _stage_picture(image, explanation.after_nms, scale, class_names),
+        draw_detections(image, result, scale),
+    ]
+
+
+def explanation_text(e: Explanation, kept: int, threshold: float) -> dict[str, Any]:
+    """Panel titles and a paragraph on what happened, with this image's counts."""
+    shown = lambda s: min(len(s.boxes), s.total)  # noqa: E731
+    h, w = e.input_size
+    if e.kind == "faster_rcnn":
+        x, y = e.position
+        first = f"1 · {len(e.anchors.boxes)} anchors at ({x:.0f}, {y:.0f})"
+        body = (
+            f"**Faster R-CNN.** The image is resized to {w}×{h} and the backbone computes its feature maps. "
+            f"At every position of every map the region proposal network scores a fixed set of reference "
+            f"boxes, the *anchors* (panel 1: those at the cross; click the picture to move it), and predicts "
+            f"how to move each one onto an object. The best {e.before_nms.total} moved anchors (the top of "
+            f"each level) go to non-maximum suppression at IoU {e.nms_threshold:g} (panel 2 shows the "
+            f"{shown(e.before_nms)} best), which leaves {e.after_nms.total} *proposals* (panel 3). The "
+            f"Fast R-CNN head pools each proposal's features, classifies it and refines its box: "
+            f"{kept} detections score at least {threshold:.2f} (panel 4)."
+        )
+    else:
+        source = e.proposals_source
+        first = f"1 · selective search: first {shown(source)} of {source.total} proposals"
+        how = ("warps every proposal to a fixed size and runs the whole CNN on each one (R-CNN)"
+               if e.kind == "rcnn" else
+               f"runs the CNN once on the image resized to {w}×{h} and pools each proposal's features from "
+               f"it (Fast R-CNN)")
+        body = (
+            f"**{'R-CNN' if e.kind == 'rcnn' else 'Fast R-CNN'}.** No anchors: selective search groups "
+            f"similar neighbouring pixels into {source.total} candidate boxes (panel 1). The detector "
+            f"{how}, scores every class and refines the box per class. Panel 2: the "
+            f"{shown(e.before_nms)} best-scored regions (each with its most likely class) before "
+            f"non-maximum suppression; panel 3: after per-class NMS at IoU {e.nms_threshold:g} "
+            f"({e.after_nms.total} boxes remain); panel 4: the {kept} detections scoring at least "
+            f"{threshold:.2f}."
+        )
+    titles = [first, f"2 · top {shown(e.before_nms)} before NMS", f"3 · top {shown(e.after_nms)} after NMS",
+              f"4 · {kept} final detections"]
+    return {"titles": titles, "body": body}

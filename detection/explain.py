@@ -1,0 +1,302 @@
+"""How a detector of the R-CNN family reached its answer, stage by stage, for the demo's "how it works" view.
+
+For one image, :func:`explain` runs the detector's own parts one after the other and keeps what each stage
+produced, in the image's pixels:
+
+- Faster R-CNN (a TwoStageDetector with a RegionProposalNetwork): the anchors at a chosen position (every
+  level's anchors centred on the feature cell nearest to it) with their objectness; the best-scored anchors
+  moved by their regression deltas, before NMS; the proposals after the RPN's NMS (exactly those the RoI
+  heads receive); the final detections.
+- Fast R-CNN (a TwoStageDetector with ExternalProposals) and R-CNN (detection.rcnn.RCNN): the proposals of
+  selective search (or the given ones) instead of anchors; the best-scored regions (each with its most
+  likely class and that class's refined box) before the per-class NMS; the same after NMS; the detections.
+
+Nothing here changes the model: every number comes from its public parts (transform, backbone,
+``proposal_generator.head`` / ``anchor_generator`` / ``box_coder`` / ``select_proposals``, ``roi_heads``;
+R-CNN's ``propose`` / ``features`` / ``class_scores`` / ``refine_boxes``), and the final detections equal
+``model([image])``'s.
+
+Legend: A anchors at the chosen position, T boxes shown for a stage (at most ``top_n``), K object classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import clip_boxes_to_image, remove_small_boxes
+
+from detection.models import ExternalProposals, TwoStageDetector
+from detection.rcnn import RCNN
+from detection.roi_heads import detections_from_scores
+from detection.rpn import RegionProposalNetwork, flatten_predictions
+from detection.structures import Detections
+from detection.transform import ImageBatch, scale_boxes
+
+__all__ = ["Stage", "Explanation", "explain", "detector_kind"]
+
+
+@dataclass
+class Stage:
+    """Boxes of one stage in the original image's pixels, best first.
+
+    boxes: [T, 4] float32 xyxy; scores: [T] float32 (objectness, or a class probability); labels: [T] int64
+    (a class label 1..K where the stage has classes, else 0); ``names[i]`` describes box ``i`` in words
+    (anchor level, size and ratio; class name is left to the caller); ``total``: how many boxes the stage
+    had before keeping the best ``top_n``.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    total: int
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Explanation:
+    """What :func:`explain` returns.
+
+    kind: "faster_rcnn", "fast_rcnn" or "rcnn". anchors: the anchors at ``position`` (Faster R-CNN), or
+    None. proposals_source: the proposals before scoring (selective search / given; None for Faster R-CNN,
+    whose proposals are scored anchors). before_nms / after_nms: see the module docstring. detections: the
+    model's final answer. position: the (x, y) the anchors were taken at, in image pixels, snapped to the
+    feature cell's centre on the finest level. input_size: (h, w) the network saw after resizing.
+    """
+
+    kind: str
+    image_size: tuple[int, int]
+    input_size: tuple[int, int]
+    anchors: Stage | None
+    proposals_source: Stage | None
+    before_nms: Stage
+    after_nms: Stage
+    detections: Detections
+    position: tuple[float, float] | None = None
+    nms_threshold: float = 0.0
+
+
+def detector_kind(model: nn.Module) -> str:
+    """"faster_rcnn", "fast_rcnn" or "rcnn"; ValueError for anything else."""
+    if isinstance(model, RCNN):
+        return "rcnn"
+    if isinstance(model, TwoStageDetector):
+        if isinstance(model.proposal_generator, RegionProposalNetwork):
+            return "faster_rcnn"
+        if isinstance(model.proposal_generator, ExternalProposals):
+            return "fast_rcnn"
+    raise ValueError(f"cannot explain a {type(model).__name__}: expected a Faster R-CNN, Fast R-CNN or R-CNN")
+
+
+@torch.inference_mode()
+def explain(
+    model: nn.Module,
+    image: Tensor,
+    *,
+    position: tuple[float, float] | None = None,
+    top_n: int = 50,
+    proposals: Tensor | None = None,
+) -> Explanation:
+    """Run ``model`` (in eval mode) on one image and keep every stage.
+
+    image: [3, H, W] float in [0, 1] on the model's device. position: (x, y) in image pixels for the anchors
+    (default: the image centre). top_n: boxes kept for the before/after-NMS stages and shown from the
+    proposal source. proposals: [P, 4] xyxy boxes in image pixels for detectors with external proposals
+    (default: the model's own source, e.g. selective search).
+    """
+    if model.training:
+        raise ValueError("explain needs the model in eval mode (call model.eval())")
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected one [3, H, W] image, got shape {tuple(image.shape)}")
+    if top_n < 1:
+        raise ValueError(f"top_n must be at least 1, got {top_n}")
+    kind = detector_kind(model)
+    height, width = int(image.shape[1]), int(image.shape[2])
+    if position is None:
+        position = (width / 2.0, height / 2.0)
+    if kind == "rcnn":
+        return _explain_rcnn(model, image, top_n, proposals)
+    batch, _, given = model.transform([image], None, [proposals] if proposals is not None else None)
+    features = model.backbone(batch.tensors)
+    heads = model.roi_heads
+    if kind == "faster_rcnn":
+        if proposals is not None:
+            raise ValueError("a Faster R-CNN makes its own proposals; do not pass proposals")
+        out = _explain_rpn(model.proposal_generator, batch, features, position, top_n)
+        anchors, before, after, kept, position = out
+        class_logits, box_deltas = heads.predict(features, kept, batch.image_sizes)
+        proposals_source, nms = None, model.proposal_generator.nms_thresh
+    else:
+        kept, _ = model.proposal_generator(batch, features, None, given)
+        class_logits, box_deltas = heads.predict(features, kept, batch.image_sizes)
+        # Every region scored by the box head: its class-specific boxes and softmax scores, background and
+        # void classes left out as the heads' postprocess does.
+        boxes = heads.box_coder.decode(box_deltas, kept[0]).reshape(box_deltas.shape[0], -1, 4)
+        scores = F.softmax(class_logits, dim=-1)[:, : boxes.shape[1]]
+        before, after = _before_after(boxes[:, 1:], scores[:, 1:], heads.nms_thresh, top_n, batch)
+        proposals_source, anchors, nms = _top(kept[0], None, None, top_n, batch), None, heads.nms_thresh
+    detections = heads.postprocess(class_logits, box_deltas, kept, batch.image_sizes)
+    detections = model.transform.postprocess(detections, batch)[0]
+    return Explanation(kind, (height, width), batch.image_sizes[0], anchors, proposals_source, before, after,
+                       detections, position, nms)
+
+
+# ---- Faster R-CNN ------------------------------------------------------------------------------------------
+
+
+def _explain_rpn(rpn: RegionProposalNetwork, batch: ImageBatch, features: dict[str, Tensor],
+                 position: tuple[float, float], top_n: int
+                 ) -> tuple[Stage, Stage, Stage, list[Tensor], tuple[float, float]]:
+    maps = [features[name] for name in rpn.in_features]
+    objectness_maps, delta_maps = rpn.head(maps)
+    padded = tuple(batch.tensors.shape[-2:])
+    anchors = rpn.anchor_generator(padded, [tuple(m.shape[-2:]) for m in maps], device=maps[0].device)
+    flat = [flatten_predictions(o, d) for o, d in zip(objectness_maps, delta_maps, strict=True)]
+    objectness = torch.cat([o for o, _ in flat], dim=1)  # [1, R]
+    deltas = torch.cat([d for _, d in flat], dim=1)  # [1, R, 4]
+    num_per_level = [a.shape[0] for a in anchors]
+    all_anchors = torch.cat(anchors)
+
+    anchor_stage, snapped = _anchors_at(rpn, anchors, maps, objectness[0], position, batch, padded)
+
+    # Before NMS: what the RPN considers (the best pre_nms_top_n of each level), decoded and clipped as
+    # select_proposals does; shown best first over all levels.
+    candidates = []
+    start = 0
+    for count in num_per_level:
+        k = min(rpn.pre_nms_top_n[False], count)
+        candidates.append(objectness[0, start : start + count].topk(k).indices + start)
+        start += count
+    candidates = torch.cat(candidates)
+    scores = torch.sigmoid(objectness[0, candidates])
+    boxes = rpn.box_coder.decode(deltas[0, candidates], all_anchors[candidates])
+    boxes = clip_boxes_to_image(boxes, batch.image_sizes[0])
+    keep = remove_small_boxes(boxes, rpn.min_box_size)
+    before = _top(boxes[keep], scores[keep], None, top_n, batch)
+
+    # After NMS: the RPN's own selection, i.e. the proposals the RoI heads will see (sorted by score).
+    kept = rpn.select_proposals(objectness, deltas, all_anchors, num_per_level, batch)
+    shown = kept[0][:top_n]
+    # select_proposals keeps boxes, not scores; each kept box is one of the candidates decoded above with
+    # the same arithmetic, so its objectness is that of the identical candidate.
+    same = (shown[:, None, :] == boxes[keep][None]).all(dim=2)
+    after = _top(shown, scores[keep][same.float().argmax(dim=1)], None, top_n, batch)
+    after.total = int(kept[0].shape[0])
+    return anchor_stage, before, after, kept, snapped
+
+
+def _anchors_at(rpn: RegionProposalNetwork, anchors: list[Tensor], maps: list[Tensor], objectness: Tensor,
+                position: tuple[float, float], batch, padded: tuple[int, int]
+                ) -> tuple[Stage, tuple[float, float]]:
+    """Every level's anchors on the feature cell nearest to ``position`` (image pixels)."""
+    (in_h, in_w), (orig_h, orig_w) = batch.image_sizes[0], batch.original_sizes[0]
+    x = float(position[0]) * in_w / orig_w
+    y = float(position[1]) * in_h / orig_h
+    boxes, scores, labels, names = [], [], [], []
+    start, snapped = 0, None
+    for level, (level_anchors, feature) in enumerate(zip(anchors, maps, strict=True)):
+        grid_h, grid_w = int(feature.shape[-2]), int(feature.shape[-1])
+        # The generator's own stride convention: padded size // grid size.
+        stride_h, stride_w = padded[0] // grid_h, padded[1] // grid_w
+        i = min(max(round(y / stride_h), 0), grid_h - 1)
+        j = min(max(round(x / stride_w), 0), grid_w - 1)
+        if snapped is None:
+            snapped = (j * stride_w * orig_w / in_w, i * stride_h * orig_h / in_h)
+        per_cell = level_anchors.shape[0] // (grid_h * grid_w)
+        first = (i * grid_w + j) * per_cell
+        boxes.append(level_anchors[first : first + per_cell])
+        scores.append(torch.sigmoid(objectness[start + first : start + first + per_cell]))
+        labels.append(torch.full((per_cell,), level, dtype=torch.int64, device=objectness.device))
+        sizes, ratios = rpn.anchor_generator.sizes[level], rpn.anchor_generator.aspect_ratios[level]
+        name = rpn.in_features[level]
+        # cell_anchors is ratio-major: all sizes of the first ratio, then the next ratio.
+        names += [f"{name} {s:g}px {_ratio(r)}" for r in ratios for s in sizes]
+        start += level_anchors.shape[0]
+    boxes_t = scale_boxes(torch.cat(boxes), batch.image_sizes[0], batch.original_sizes[0])
+    stage = Stage(boxes_t.float(), torch.cat(scores).float(), torch.cat(labels), len(boxes_t), names)
+    return stage, snapped
+
+
+def _ratio(r: float) -> str:
+    """Aspect ratio h/w as "h:w" text: 0.5 -> "1:2", 2 -> "2:1"."""
+    return f"{r:g}:1" if r >= 1 else f"1:{1 / r:g}"
+
+
+# ---- detectors with external proposals --------------------------------------------------------------------
+
+
+def _explain_rcnn(model: RCNN, image: Tensor, top_n: int, proposals: Tensor | None) -> Explanation:
+    """R-CNN: warped regions through the CNN one by one, SVM (or softmax) scores, ridge-refined boxes."""
+    height, width = int(image.shape[1]), int(image.shape[2])
+    # As RCNN.detect: the source's boxes as they are (selective search already clips and filters them).
+    boxes = model.propose(image) if proposals is None else proposals.to(image)
+    batch = _Identity((height, width))
+    source = _top(boxes, None, None, top_n, batch)
+    if len(boxes) == 0:
+        empty = _top(boxes, None, None, top_n, batch)
+        return Explanation("rcnn", (height, width), (height, width), None, source, empty, empty,
+                           Detections.empty(image.device), None, model.cfg.nms_thresh)
+    pool, fc7 = model.features(image, boxes)
+    scores = model.class_scores(fc7)
+    refined = model.refine_boxes(pool if model.cfg.bbox.features == "pool" else fc7, boxes)
+    before, after = _before_after(refined, scores, model.cfg.nms_thresh, top_n, batch)
+    detections = detections_from_scores(refined, scores, (height, width), score_thresh=model.cfg.score_thresh,
+                                        nms_thresh=model.cfg.nms_thresh,
+                                        detections_per_img=model.cfg.detections_per_img)
+    return Explanation("rcnn", (height, width), (height, width), None, source, before, after, detections,
+                       None, model.cfg.nms_thresh)
+
+
+def _before_after(boxes: Tensor, scores: Tensor, nms_thresh: float, top_n: int, batch) -> tuple[Stage, Stage]:
+    """boxes [P, K, 4] per class, scores [P, K] (column k is label k + 1), in the network's input pixels.
+
+    Before NMS: each region once, with its most likely class and that class's box. After NMS: the per-class
+    NMS the detector runs, with no score threshold, so that the only difference between the two is NMS.
+    """
+    best, best_class = scores.max(dim=1)
+    best_boxes = boxes[torch.arange(len(boxes), device=boxes.device), best_class]
+    before = _top(best_boxes, best, best_class + 1, top_n, batch)
+    nms = detections_from_scores(boxes, scores, batch.image_sizes[0], score_thresh=0.0, nms_thresh=nms_thresh,
+                                 detections_per_img=top_n)
+    # The count after NMS over every region (not only the shown ones) for the text beside the panel.
+    every = detections_from_scores(boxes, scores, batch.image_sizes[0], score_thresh=0.0,
+                                   nms_thresh=nms_thresh, detections_per_img=boxes.shape[0] * boxes.shape[1])
+    after = _top(nms.boxes, nms.scores, nms.labels, top_n, batch)
+    after.total = len(every)
+    return before, after
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Identity:
+    """The batch geometry of a model that works at the image's own size (R-CNN)."""
+
+    size: tuple[int, int]
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        return [self.size]
+
+    @property
+    def original_sizes(self) -> list[tuple[int, int]]:
+        return [self.size]
+
+
+def _top(boxes: Tensor, scores: Tensor | None, labels: Tensor | None, top_n: int, batch) -> Stage:
+    """The ``top_n`` best boxes (the given order when unscored) in the original image's pixels."""
+    total = int(boxes.shape[0])
+    if scores is not None:
+        order = scores.argsort(descending=True, stable=True)[:top_n]
+        boxes, scores = boxes[order], scores[order]
+        labels = labels[order] if labels is not None else None
+    else:
+        boxes = boxes[:top_n]
+        scores = torch.zeros(len(boxes), device=boxes.device)
+    if labels is None:
+        labels = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
+    boxes = scale_boxes(boxes.float(), batch.image_sizes[0], batch.original_sizes[0])
+    return Stage(boxes, scores.float(), labels, total)
