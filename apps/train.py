@@ -105,13 +105,13 @@ class _Trainer:
         self.device = info.device
         resume_path = (ckpt_io.find_resume_checkpoint(exp.resume, exp.output_dir, exp.task, runs_root)
                        if exp.resume else None)
+        data = self.task.build_datasets(exp)  # bad data is an error before the run folder exists
         self.run_dir = self._make_run_dir(resume_path, runs_root)
         # what the run folder keeps (config.yaml, checkpoints): this run, as a fresh run would describe it
         self.exp = exp = replace(exp, output_dir=str(self.run_dir), resume=False)
         self.log = RunLogger(self.run_dir if info.is_main else None)
         _seed_everything(exp.seed + info.rank, self.cfg.deterministic)
 
-        data = self.task.build_datasets(exp)
         self.train_ds, self.val_ds, self.classes = data.train, data.val, data.classes
         self.model_cfg = self.task.model_config_for(exp.model, self.classes)
         model = self.task.build_model(exp.model, self.classes, load_pretrained=resume_path is None)

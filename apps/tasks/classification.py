@@ -19,6 +19,8 @@ from apps.config import ConfigError, Experiment, SplitConfig
 from apps.engine.distributed import all_reduce_sum
 from apps.tasks.base import Datasets, Task
 from vision.classification import Classifier, ClassifierConfig
+from vision.data.folder import ImageFolderDataset
+from vision.data.transforms import build_transforms
 
 __all__ = ["ClassificationOptions", "ClassificationTask", "classification_metrics"]
 
@@ -85,23 +87,28 @@ class ClassificationTask(Task):
                          ) -> ClassifierConfig:
         return replace(model_cfg, num_classes=len(classes))
 
-    def _dataset(self, root: str, spec: list[dict[str, Any]] | None, size: int, train: bool) -> Any:
-        from vision.data.folder import ImageFolderDataset
-        from vision.data.transforms import build_transforms
-
-        return ImageFolderDataset(root, transforms=build_transforms(spec, "classification", train, size=size))
+    def _dataset(self, root: str, spec: list[dict[str, Any]] | None, size: int, train: bool, where: str
+                 ) -> ImageFolderDataset:
+        try:
+            transforms = build_transforms(spec, "classification", train, size=size)
+        except ValueError as exc:  # unknown transform or parameter: the message suggests the close one
+            raise ConfigError(f"{where.rsplit('.', 1)[0]}.transforms: {exc}") from None
+        try:
+            return ImageFolderDataset(root, transforms=transforms)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
     def build_datasets(self, exp: Experiment) -> Datasets:
         size = exp.data.options.size
-        train = self._dataset(exp.data.train.root, exp.data.train.transforms, size, True)
+        train = self._dataset(exp.data.train.root, exp.data.train.transforms, size, True, "data.train.root")
         classes = [dict(c) for c in train.classes]
         if len(classes) < 2:
             raise ConfigError(f"data.train.root: {exp.data.train.root}: {len(classes)} class folder(s); "
                               "classification needs at least 2")
         val = None
         if exp.data.val is not None:
-            val = _align(self._dataset(exp.data.val.root, exp.data.val.transforms, size, False), classes,
-                         f"data.val.root: {exp.data.val.root}")
+            folder = self._dataset(exp.data.val.root, exp.data.val.transforms, size, False, "data.val.root")
+            val = _align(folder, classes, f"data.val.root: {exp.data.val.root}")
         return Datasets(train, val, classes)
 
     def build_eval_dataset(self, split: SplitConfig, loaded: Any) -> Dataset:
@@ -110,7 +117,8 @@ class ClassificationTask(Task):
         if not Path(split.root).is_dir():
             raise ConfigError(f"--root: {split.root}: no such folder")
         size = int(loaded.preprocess.get("size", 224))
-        return _align(self._dataset(split.root, None, size, False), loaded.classes, f"--root: {split.root}")
+        folder = self._dataset(split.root, None, size, False, "--root")
+        return _align(folder, loaded.classes, f"--root: {split.root}")
 
     def move_batch(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch
