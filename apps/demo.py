@@ -55,19 +55,22 @@ class Demo:
     Args:
         checkpoints: what the model pickers offer (see ``apps.demo_models.find_checkpoints``).
         problems: lines about files that are not usable checkpoints, shown at the top of the page.
-        examples: bundled example images (one-click runs).
+        examples: bundled example scenes (one-click runs of the detection, segmentation and explain tabs).
+        shape_examples: bundled single-shape images for the classification tab.
         device: where models run (``cpu``, ``cuda``).
         max_pixels, max_side: see ``apps.demo_handlers.DemoHandlers``.
         concurrency: model runs at the same time (the rest wait in the queue).
     """
 
     def __init__(self, checkpoints: Sequence[Checkpoint], *, problems: Sequence[str] = (),
-                 examples: Sequence[str | Path] = (), device: str = "cpu",
+                 examples: Sequence[str | Path] = (), shape_examples: Sequence[str | Path] = (),
+                 device: str = "cpu",
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE,
                  concurrency: int = 1):
         self.cache = ModelCache(checkpoints, device)
         self.problems = list(problems)
         self.examples = [str(p) for p in examples]
+        self.shape_examples = [str(p) for p in shape_examples]
         self.max_pixels = max_pixels
         self.max_side = max_side
         self.concurrency = concurrency
@@ -86,8 +89,8 @@ class Demo:
         checkpoints, problems = find_checkpoints(folders, extra)
         for line in problems:
             print(f"visiondet demo: skipped {line}", file=sys.stderr)
-        examples = sorted(EXAMPLES_DIR.glob("*.png")) if EXAMPLES_DIR.is_dir() else []
-        kwargs.setdefault("examples", examples)
+        kwargs.setdefault("examples", sorted(EXAMPLES_DIR.glob("scene_*.png")))
+        kwargs.setdefault("shape_examples", sorted(EXAMPLES_DIR.glob("shape_*.png")))
         return cls(checkpoints, problems=problems, **kwargs)
 
     # ---- page ----------------------------------------------------------------------------------------------
@@ -131,10 +134,10 @@ class Demo:
         return gr.Dropdown(choices=choices, value=choices[0] if choices else None, label=label,
                            interactive=True)
 
-    def _examples(self, gr: Any, image: Any) -> Any:
-        if not self.examples:
+    def _examples(self, gr: Any, image: Any, paths: Sequence[str]) -> Any:
+        if not paths:
             return None
-        return gr.Examples([[p] for p in self.examples], inputs=[image], label="Examples (click to run)",
+        return gr.Examples([[p] for p in paths], inputs=[image], label="Examples (click to run)",
                            examples_per_page=12)
 
     def _detection_tab(self, gr: Any, h: Any, run: dict[str, Any]) -> None:
@@ -162,7 +165,7 @@ class Demo:
                 download = gr.File(label="JSON", interactive=False, elem_id="det-json")
         inputs, outputs = [image, model, score, nms, classes], [picture, table, download, info]
         button.click(h.detect, inputs, outputs, api_name="detect", validator=h.check_image, **run)
-        examples = self._examples(gr, image)
+        examples = self._examples(gr, image, self.examples)
         if examples is not None:
             examples.load_input_event.then(h.detect, inputs, outputs, validator=h.check_image,
                                            api_visibility="undocumented", **run)
@@ -185,7 +188,7 @@ class Demo:
                                      label="Classes", elem_id="seg-table")
         inputs, outputs = [image, model], [picture, table, info]
         button.click(h.segment, inputs, outputs, api_name="segment", validator=h.check_image, **run)
-        examples = self._examples(gr, image)
+        examples = self._examples(gr, image, self.examples)
         if examples is not None:
             examples.load_input_event.then(h.segment, inputs, outputs, validator=h.check_image,
                                            api_visibility="undocumented", **run)
@@ -202,7 +205,7 @@ class Demo:
                 info = gr.Markdown(elem_id="cls-info")
         inputs, outputs = [image, model], [top, info]
         button.click(h.classify, inputs, outputs, api_name="classify", validator=h.check_image, **run)
-        examples = self._examples(gr, image)
+        examples = self._examples(gr, image, self.shape_examples)
         if examples is not None:
             examples.load_input_event.then(h.classify, inputs, outputs, validator=h.check_image,
                                            api_visibility="undocumented", **run)
@@ -231,7 +234,7 @@ class Demo:
         button.click(h.explain, inputs, outputs, api_name="explain", validator=h.check_image, **run)
         panels[0].select(h.pick_position, [panels[0]], [x, y], api_visibility="private", queue=False).then(
             h.explain, inputs, outputs, validator=h.check_image, api_visibility="private", **run)
-        examples = self._examples(gr, image)
+        examples = self._examples(gr, image, self.examples)
         if examples is not None:
             examples.load_input_event.then(h.explain, inputs, outputs, validator=h.check_image,
                                            api_visibility="undocumented", **run)

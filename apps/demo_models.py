@@ -120,13 +120,13 @@ class ModelCache:
     """Loads each checkpoint on first use and keeps it (one copy per checkpoint, whatever the requests).
 
     ``lock(label)`` serialises the use of one model: the predictor changes a detector's thresholds for the
-    length of a call. ``loads`` counts the checkpoints actually read from disk.
+    length of a call. ``loads[label]`` counts how often a checkpoint was read from disk (once).
     """
 
     def __init__(self, checkpoints: Sequence[Checkpoint], device: str | torch.device = "cpu"):
         self.checkpoints = {c.label: c for c in checkpoints}
         self.device = torch.device(device)
-        self.loads = 0
+        self.loads: dict[str, int] = {}
         self._models: dict[str, LoadedModel] = {}
         self._locks = {c.label: threading.Lock() for c in checkpoints}
         self._loading = threading.Lock()
@@ -160,7 +160,7 @@ class ModelCache:
                     # how it trains, so the predictor sees it as one.
                     loaded = dataclasses.replace(loaded, task=get_task("detection"))
                 self._models[label] = loaded
-                self.loads += 1
+                self.loads[label] = self.loads.get(label, 0) + 1
         return self._models[label]
 
 

@@ -220,8 +220,8 @@ def _anchors_at(rpn: RegionProposalNetwork, anchors: list[Tensor], maps: list[Te
 
 
 def _ratio(r: float) -> str:
-    """Aspect ratio h/w as "h:w" text: 0.5 -> "1:2", 2 -> "2:1"."""
-    return f"{r:g}:1" if r >= 1 else f"1:{1 / r:g}"
+    """An anchor aspect ratio (height / width) as width:height text: 0.5 -> "2:1" (wide), 2 -> "1:2"."""
+    return f"1:{r:g}" if r >= 1 else f"{1 / r:g}:1"
 
 
 # ---- detectors with external proposals --------------------------------------------------------------------

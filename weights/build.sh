@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Reproduce the shipped default weights and example images with the project's own commands:
+# synthetic shapes data (`visiondet synth`), training with the shipped small CPU configs (`visiondet train`),
+# then weights/export.py (drops the resume state, stores float16, checks the export against the original).
+#
+#   bash weights/build.sh classifier|segmenter|faster_rcnn|fast_rcnn|rcnn|examples ...   (or: all)
+#
+# Everything intermediate goes to runs/default_weights/ (git-ignored). Each training run is niced and uses the
+# CPU; extra `key=value` overrides for every `visiondet train` can be given in TRAIN_OVERRIDES.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VD="${VISIONDET:-.venv/bin/visiondet}"
+PY="${PYTHON:-.venv/bin/python}"
+OUT="${OUT:-runs/default_weights}"
+read -r -a EXTRA <<< "${TRAIN_OVERRIDES:-}"
+export NO_ALBUMENTATIONS_UPDATE=1
+
+run() { echo "+ $*"; nice -n 10 "$@"; }
+
+det_data() {  # one detection set for the three detectors (seed 0, 128-160 px as the configs expect)
+  [ -f "$OUT/shapes_det/val/annotations.json" ] ||
+    run "$VD" synth --task detection --out "$OUT/shapes_det" --num-images 1000 --image-size 128 160 --seed 0
+}
+det_paths=(data.train.images="$OUT/shapes_det/train/images" data.train.annotations="$OUT/shapes_det/train/annotations.json"
+           data.val.images="$OUT/shapes_det/val/images" data.val.annotations="$OUT/shapes_det/val/annotations.json")
+
+classifier() {
+  run "$VD" synth --task classification --out "$OUT/shapes_cls" --num-images 1000 --seed 0
+  run "$VD" train configs/classification/resnet18_shapes.yaml data.train.root="$OUT/shapes_cls/train" \
+    data.val.root="$OUT/shapes_cls/val" output_dir="$OUT/classifier" device=cpu "${EXTRA[@]}"
+  run "$PY" weights/export.py "$OUT/classifier/best.pt" weights/classifier_shapes.pt --check-images "$OUT/shapes_cls/val"
+}
+
+segmenter() {
+  run "$VD" synth --task segmentation --out "$OUT/shapes_seg" --num-images 300 --image-size 64 96 --seed 0
+  run "$VD" train configs/segmentation/deeplabv3_r18_shapes_cpu.yaml \
+    data.train.images="$OUT/shapes_seg/train/images" data.train.annotations="$OUT/shapes_seg/train/annotations.json" \
+    data.val.images="$OUT/shapes_seg/val/images" data.val.annotations="$OUT/shapes_seg/val/annotations.json" \
+    output_dir="$OUT/segmenter" device=cpu "${EXTRA[@]}"
+  run "$PY" weights/export.py "$OUT/segmenter/best.pt" weights/deeplabv3_shapes.pt --check-images "$OUT/shapes_seg/val/images"
+}
+
+faster_rcnn() {
+  det_data
+  run "$VD" train configs/detection/faster_rcnn_r18_fpn_shapes.yaml "${det_paths[@]}" output_dir="$OUT/faster_rcnn" \
+    device=cpu "${EXTRA[@]}"
+  run "$PY" weights/export.py "$OUT/faster_rcnn/best.pt" weights/faster_rcnn_shapes.pt --check-images "$OUT/shapes_det/val/images"
+}
+
+fast_rcnn() {
+  det_data
+  run "$VD" train configs/detection/fast_rcnn_r18_fpn_shapes.yaml "${det_paths[@]}" output_dir="$OUT/fast_rcnn" \
+    model.proposals.cache_dir="$OUT/proposal_cache" device=cpu "${EXTRA[@]}"
+  run "$PY" weights/export.py "$OUT/fast_rcnn/best.pt" weights/fast_rcnn_shapes.pt --check-images "$OUT/shapes_det/val/images"
+}
+
+rcnn() {
+  det_data
+  run "$VD" train configs/detection/rcnn_r18_shapes.yaml "${det_paths[@]}" output_dir="$OUT/rcnn" \
+    model.proposals.cache_dir="$OUT/proposal_cache" device=cpu "${EXTRA[@]}"
+  run "$PY" weights/export.py "$OUT/rcnn/final.pt" weights/rcnn_shapes.pt --check-images "$OUT/shapes_det/val/images"
+}
+
+examples() {  # a few scenes the detectors have never seen (another seed), plus two single shapes
+  run "$VD" synth --task detection --out "$OUT/examples_det" --num-images 12 --image-size 192 256 --seed 2024
+  run "$VD" synth --task classification --out "$OUT/examples_cls" --num-images 6 --image-size 96 --seed 2024
+  run "$PY" weights/pick_examples.py "$OUT/examples_det" "$OUT/examples_cls" weights/examples
+}
+
+[ $# -gt 0 ] || { echo "usage: bash weights/build.sh classifier|segmenter|faster_rcnn|fast_rcnn|rcnn|examples|all" >&2; exit 2; }
+for part in "$@"; do
+  if [ "$part" = all ]; then
+    classifier; segmenter; faster_rcnn; fast_rcnn; rcnn; examples
+  else
+    "$part"
+  fi
+done
