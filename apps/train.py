@@ -14,16 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
-import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -33,7 +27,7 @@ from apps.engine import checkpointing as ckpt_io
 from apps.engine import distributed as dist_utils
 from apps.engine.ema import ModelEMA
 from apps.engine.loader import SeededItems, epoch_batches, eval_loader, make_loader
-from apps.engine.logging import RunLogger, plot_curves
+from apps.engine.logging import RunLogger, plot_curves, run_log
 from apps.engine.optim import build_optimizer
 from apps.engine.schedule import build_scheduler
 from apps.tasks import get_task
@@ -70,32 +64,9 @@ def train(exp: Experiment, *, runs_root: str | Path = "runs") -> TrainResult:
     # later stages run in one process; with a process group the caller keeps open they could block on it
     if info.is_main and (created_group or info.world_size == 1):
         run_dir = result.run_dir
-        final = trainer.task.finish_training(trainer.exp, run_dir, info.device, _run_log(run_dir))
+        final = trainer.task.finish_training(trainer.exp, run_dir, info.device, run_log(run_dir))
         result.metrics.update(final or {})
     return result
-
-
-def _run_log(run_dir: Path) -> Callable[[str], None]:
-    """A ``log(message)`` for work after the loop: stderr and the run's train.log."""
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr)
-        with open(run_dir / "train.log", "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} INFO {message}\n")
-
-    return log
-
-
-def _seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
 
 
 class _Trainer:
@@ -110,7 +81,7 @@ class _Trainer:
         # what the run folder keeps (config.yaml, checkpoints): this run, as a fresh run would describe it
         self.exp = exp = replace(exp, output_dir=str(self.run_dir), resume=False)
         self.log = RunLogger(self.run_dir if info.is_main else None)
-        _seed_everything(exp.seed + info.rank, self.cfg.deterministic)
+        ckpt_io.seed_everything(exp.seed + info.rank, deterministic=self.cfg.deterministic)
 
         self.train_ds, self.val_ds, self.classes = data.train, data.val, data.classes
         self.model_cfg = self.task.model_config_for(exp.model, self.classes)

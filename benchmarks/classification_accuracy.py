@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -23,6 +24,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 CONFIG = ROOT / "configs" / "classification" / "resnet18_shapes.yaml"
 GOAL = 0.95
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main() -> int:
@@ -48,8 +55,10 @@ def main() -> int:
     made = time.perf_counter()
     exp = load_config(CONFIG, [f"data.train.root={splits['train']}", f"data.val.root={splits['val']}",
                                f"output_dir={work / 'run'}", *args.overrides])
+    cpu_before = _cpu_seconds()
     result = train(exp)
     trained = time.perf_counter()
+    cpu = _cpu_seconds() - cpu_before
 
     loaded = load_model(result.run_dir / "best.pt", "cpu")
     dataset = loaded.task.build_eval_dataset(SplitConfig(root=str(splits["val"])), loaded)
@@ -60,8 +69,8 @@ def main() -> int:
     print()
     print(f"data:      {args.num_images} images ({len(dataset)} val), generated in {made - started:.1f} s")
     print(f"training:  {CONFIG.relative_to(ROOT)} {' '.join(args.overrides)}".rstrip())
-    print(f"           {result.epochs_done} epochs in {trained - made:.0f} s on {torch.get_num_threads()} "
-          f"CPU threads ({result.status})")
+    print(f"           {result.epochs_done} epochs in {trained - made:.0f} s wall, {cpu:.0f} s CPU "
+          f"({torch.get_num_threads()} threads, {os.cpu_count()} cores; {result.status})")
     print(loaded.task.format_metrics(metrics))
     verdict = "meets" if metrics["top1"] >= GOAL else "MISSES"
     print(f"validation top-1 {metrics['top1']:.2%} ({verdict} the goal of {GOAL:.0%}); "

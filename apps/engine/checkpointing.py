@@ -7,6 +7,7 @@ writing leaves the previous file intact (plus a stray temporary file, removed on
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from apps.config import ConfigError, Experiment, to_dict
 from vision.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint, save_checkpoint
 
 __all__ = [
+    "seed_everything",
     "capture_rng",
     "restore_rng",
     "make_checkpoint",
@@ -29,6 +31,19 @@ __all__ = [
     "FinetuneReport",
     "load_finetune_weights",
 ]
+
+
+def seed_everything(seed: int, *, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; ``deterministic`` also selects deterministic kernels (slower)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
 
 
 def capture_rng() -> dict[str, Any]:

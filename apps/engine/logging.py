@@ -12,11 +12,12 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
-__all__ = ["RunLogger", "Progress", "plot_curves"]
+__all__ = ["RunLogger", "Progress", "plot_curves", "run_log"]
 
 LOGGER_NAME = "visiondet.train"
 
@@ -159,3 +160,14 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     fig.savefig(out_path, dpi=100)
     return out_path
+
+
+def run_log(run_dir: Path) -> Callable[[str], None]:
+    """A plain ``log(message)`` to stderr and the run's train.log, for work after the loop."""
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+        with open(run_dir / "train.log", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} INFO {message}\n")
+
+    return log
