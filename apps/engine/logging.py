@@ -139,7 +139,9 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
         return None
     skip = {"kind", "step", "epoch", "time"}
     loss_keys = sorted({k for r in train for k in r if k.startswith("loss")})
-    val_keys = sorted({k for r in val for k in r if k not in skip and "/" not in k})
+    # per-class values ("acc/cat") and counts ("images") would crowd or rescale the panel
+    val_keys = sorted({k for r in val for k in r
+                       if k not in skip and "/" not in k and not k.endswith("images")})
     panels = [("training loss", loss_keys, train, "step"),
               ("learning rate", ["lr"] if any("lr" in r for r in train) else [], train, "step"),
               ("validation", val_keys, val, "epoch")]
@@ -150,7 +152,7 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
         ax = fig.add_subplot(1, len(panels), i + 1)
         for key in keys:
             points = [(r[x_key], r[key]) for r in data if key in r]
-            marker = "o" if x_key == "epoch" else None
+            marker = "o" if x_key == "epoch" or len(points) < 30 else None
             ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker=marker)
         ax.set_title(title)
         ax.set_xlabel(x_key)
