@@ -40,7 +40,8 @@ SHARDS_DIR = ".shards"
 OUTPUTS = (RUN_JSON, PREDICTIONS, ERRORS, COCO_RESULTS, CSV_FILE, SUMMARY, MASKS_DIR, IMAGES_DIR, SHARDS_DIR)
 
 # Options whose change would mix incompatible lines into one predictions.jsonl.
-RESUME_KEYS = ("weights", "task", "score_threshold", "nms_threshold", "classes", "top_k", "max_pixels")
+RESUME_KEYS = ("weights", "task", "sources", "score_threshold", "nms_threshold", "classes", "top_k",
+               "max_pixels")
 
 
 class OutputError(ValueError):

@@ -166,7 +166,7 @@ def run_predict(opts: PredictOptions) -> int:
             "weights": str(Path(opts.weights).resolve()), "task": task,
             "score_threshold": opts.score_threshold, "nms_threshold": opts.nms_threshold,
             "classes": opts.classes, "top_k": opts.top_k,
-            "max_pixels": opts.max_pixels, "sources": [str(s) for s in opts.sources],
+            "max_pixels": opts.max_pixels, "sources": [os.path.abspath(s) for s in opts.sources],
             "formats": formats, "save_images": opts.save_images, "coco_ids": opts.coco_ids,
         }
         # Every rank checks (and fails) alike; only rank 0 changes the folder, the others wait for it.
@@ -187,7 +187,9 @@ def run_predict(opts: PredictOptions) -> int:
 
         done = failed = 0
         loop_start = time.perf_counter()
+        # Redrawn often on a terminal, a line every half minute in a log file.
         bar = tqdm(total=len(mine), unit="img", desc="predict", dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 30.0,
                    disable=not (opts.progress and dist.is_main))
         with JsonlWriter(journal) as predictions, JsonlWriter(error_journal) as errors:
             for item in predictor.predict_source(mine, batch_size=opts.batch_size, workers=opts.workers,

@@ -20,8 +20,8 @@ from apps.predict_io import (
 from apps.predict_run import image_ids
 from apps.predict_sources import find_images
 
-RUN = {"weights": "/w.pt", "task": "detection", "score_threshold": 0.5, "nms_threshold": None,
-       "classes": None, "top_k": 5, "max_pixels": 100}
+RUN = {"weights": "/w.pt", "task": "detection", "sources": ["/data"], "score_threshold": 0.5,
+       "nms_threshold": None, "classes": None, "top_k": 5, "max_pixels": 100}
 
 
 def det_record(name, image_id, *boxes):

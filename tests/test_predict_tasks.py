@@ -68,3 +68,61 @@ def test_segmentation_masks_and_overlays(tmp_path, size):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["done"] == 3 and summary["outputs"]["masks"] == "masks/"
     assert sum(summary["images_per_class"].values()) == sum(len(r["classes"]) for r in records.values())
+
+
+def tiny_detector_checkpoint(path: Path) -> Path:
+    from detection.models import DetectorConfig, RoIConfig, RPNConfig, build_detector
+
+    torch.manual_seed(0)
+    cfg = DetectorConfig(arch="faster_rcnn_r18_fpn", num_classes=2, min_size=64, max_size=96, frozen_bn=False,
+                         rpn=RPNConfig(pre_nms_top_n_test=50, post_nms_top_n_test=20),
+                         roi=RoIConfig(representation_size=64))
+    return checkpoint(path, "detection", cfg, build_detector(cfg, load_pretrained=False), {})
+
+
+def test_detection_coco_results_score_in_evaluation(tmp_path):
+    from detection.evaluation import evaluate_coco, load_results
+
+    weights = tiny_detector_checkpoint(tmp_path / "det.pt")
+    src, out = tmp_path / "src", tmp_path / "out"
+    sizes = write_images(src)
+    (src / "y" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    # the COCO file names images by base name only, with ids of its own; a.jpg is not in it
+    gt_images = [{"id": 101, "file_name": "a.png", "width": 40, "height": 30},
+                 {"id": 102, "file_name": "b.png", "width": 24, "height": 24}]
+    coco_ids = tmp_path / "instances.json"
+    coco_ids.write_text(json.dumps({"images": gt_images, "annotations": [], "categories": CLASSES}))
+    code = main(["predict", "--weights", str(weights), "--source", str(src), "--output", str(out),
+                 "--workers", "2", "--batch-size", "2", "--score-threshold", "0.2",
+                 "--coco-ids", str(coco_ids), "--save-images", "--format", "coco", "csv", "--no-progress"])
+    assert code == 0
+    records = {r["file"]: r for r in lines(out / "predictions.jsonl")}
+    assert set(records) == set(sizes)
+    assert {n: r["image_id"] for n, r in records.items()} == {"x/a.png": 101, "x/a.jpg": None, "y/b.png": 102}
+    predictor = Predictor(weights, "cpu", score_threshold=0.2)
+    total = 0
+    for name, (h, w) in sizes.items():
+        dets = records[name]["detections"]
+        total += len(dets)
+        for d in dets:
+            x, y, bw, bh = d["bbox"]
+            assert 0 <= x <= x + bw <= w + 0.01 and 0 <= y <= y + bh <= h + 0.01  # original pixels
+            assert d["score"] >= 0.2 and (d["category_id"], d["name"]) in {(3, "road"), (7, "sky")}
+        [direct] = predictor.predict([read_image(src / name)])
+        corners = [d["bbox"][:2] for d in dets]
+        np.testing.assert_allclose(np.reshape(corners, (-1, 2)), direct.boxes[:, :2], atol=0.01)
+    assert total > 0
+    assert (out / "images" / "x" / "a.jpg").is_file()
+
+    results = load_results(out / "predictions.json")
+    assert {r["image_id"] for r in results} <= {101, 102}
+    assert len(results) == len(records["x/a.png"]["detections"]) + len(records["y/b.png"]["detections"])
+    # ground truth = the predicted boxes themselves: a correct export scores AP50 = 1
+    annotations = [{"id": i, "image_id": r["image_id"], "category_id": r["category_id"], "bbox": r["bbox"],
+                    "area": r["bbox"][2] * r["bbox"][3], "iscrowd": 0} for i, r in enumerate(results, 1)]
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"images": gt_images, "annotations": annotations, "categories": CLASSES}))
+    assert evaluate_coco(gt, results)["AP50"] == pytest.approx(1.0)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == 1 and sum(summary["detections_per_class"].values()) == total
+    assert summary["coco_results"] == {"detections": len(results), "images_without_id": 1}
