@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -80,11 +81,11 @@ class _ImageFiles(Dataset):
         return item
 
 
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+def _collate(items: list[dict[str, Any]], stack: bool = True) -> dict[str, Any]:
     """A batch keeps its items apart (each may have failed); inputs of one shape are stacked here, in the
-    worker, so the main process receives one tensor."""
+    worker, so the main process receives one tensor (not for detectors, which take a list)."""
     inputs = [it["input"] for it in items if it["input"] is not None]
-    same = len(inputs) > 1 and all(t.shape == inputs[0].shape for t in inputs)
+    same = stack and len(inputs) > 1 and all(t.shape == inputs[0].shape for t in inputs)
     return {"items": items, "stacked": torch.stack(inputs) if same else None}
 
 
@@ -268,7 +269,8 @@ class Predictor:
         """Batches of decoded, preprocessed files (see :class:`_ImageFiles`) in file order."""
         dataset = _ImageFiles(files, self.transform, max_pixels=self.max_pixels, keep_images=keep_images)
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+            dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+            collate_fn=partial(_collate, stack=self.task != "detection"),
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             prefetch_factor=2 if workers > 0 else None,
         )

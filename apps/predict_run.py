@@ -160,8 +160,11 @@ def run_predict(opts: PredictOptions) -> int:
         for fmt in formats:
             if fmt not in FORMATS:
                 raise OutputError(f"--format {fmt}: choose from {', '.join(FORMATS)}")
+        if opts.coco_ids and task != "detection":
+            raise OutputError(f"--coco-ids: image ids are for detection results; this checkpoint is {task}")
         if "coco" in formats and task != "detection":
             raise OutputError(f"--format coco: COCO results need a detection checkpoint; this one is {task}")
+        ids = image_ids(scan.files, opts.coco_ids) if task == "detection" else None
         run_info = {
             "weights": str(Path(opts.weights).resolve()), "task": task,
             "score_threshold": opts.score_threshold, "nms_threshold": opts.nms_threshold,
@@ -175,7 +178,6 @@ def run_predict(opts: PredictOptions) -> int:
         if dist.is_main:
             prepare_output(output, run_info, resume=opts.resume, overwrite=opts.overwrite)
         distributed.barrier()
-        ids = image_ids(scan.files, opts.coco_ids) if task == "detection" else None
         done_before = done_names(output) if opts.resume else set()
         todo = [f for f in scan.files if f.name not in done_before]
         mine = shard(todo, dist.rank, dist.world_size)
