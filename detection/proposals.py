@@ -120,7 +120,7 @@ class SelectiveSearch(ProposalSource):
         try:
             import cv2
 
-            self._segmentation = cv2.ximgproc.segmentation
+            cv2.ximgproc.segmentation.createSelectiveSearchSegmentation  # noqa: B018 (fail early if missing)
         except (ImportError, AttributeError) as exc:
             raise ImportError(
                 "selective search needs OpenCV's contrib build (cv2.ximgproc): "
@@ -144,7 +144,7 @@ class SelectiveSearch(ProposalSource):
             scale = self.max_side / max(height, width)
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
             image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-        search = self._segmentation.createSelectiveSearchSegmentation()
+        search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
         search.setBaseImage(np.ascontiguousarray(image[:, :, ::-1]))  # OpenCV expects BGR
         if self.mode == "fast":
             search.switchToSelectiveSearchFast()

@@ -195,6 +195,8 @@ class RCNN(nn.Module):
             all_boxes, all_labels, all_owners = torch.cat(boxes), torch.cat(labels), torch.cat(owners)
             pos, neg = self.sampler(torch.cat(matches))  # over the whole batch, as the paper samples
             picked = torch.cat([pos, neg])
+        if picked.numel() == 0:  # no proposal and no object in any image: nothing to learn from
+            return {"loss_classifier": self.cls_score.weight.sum() * 0}
         per_image = [picked[all_owners[picked] == i] for i in range(len(images))]
         regions = torch.cat([self.warp(image, all_boxes[sel]) for image, sel in zip(images, per_image,
                                                                                        strict=True)])

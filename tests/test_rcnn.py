@@ -127,7 +127,7 @@ def test_ridge_box_regression_recovers_the_ground_truth():
 
 class FixedProposals(ProposalSource):
     def __init__(self, boxes):
-        self.boxes = torch.tensor(boxes, dtype=torch.float32)
+        self.boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
 
     def settings(self):
         return {"source": "fixed"}
@@ -227,3 +227,11 @@ def test_rcnn_stages_train_resume_and_load(tmp_path, monkeypatch):
     assert [line for line in lines if line.startswith("rcnn svm class")] == [
         next(line for line in lines if line.startswith("rcnn svm class 3"))]
     assert (stage / "svm_1.pt").stat().st_mtime_ns == svm1 and (result.run_dir / "final.pt").is_file()
+
+
+def test_finetune_without_any_region_gives_a_zero_loss():
+    model = _tiny_rcnn().train()
+    model.proposal_source = FixedProposals([])
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    _, losses = model([torch.rand(3, 40, 40)], [empty])
+    assert losses["loss_classifier"].item() == 0 and losses["loss_classifier"].requires_grad
