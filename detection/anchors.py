@@ -41,7 +41,6 @@ class AnchorGenerator(nn.Module):
             )
         self.sizes = sizes
         self.aspect_ratios = aspect_ratios
-        self._cache: dict[tuple, list[Tensor]] = {}
 
     def num_anchors_per_location(self) -> list[int]:
         """A for each level."""
@@ -70,15 +69,9 @@ class AnchorGenerator(nn.Module):
                 f"AnchorGenerator has {len(self.sizes)} levels but got {len(feature_sizes)} feature maps"
             )
         device = torch.device(device or "cpu")
-        key = (tuple(image_size), tuple(tuple(s) for s in feature_sizes), str(device))
-        if key not in self._cache:
-            if len(self._cache) > 32:  # many distinct image sizes (no resizing): keep memory bounded
-                self._cache.clear()
-            self._cache[key] = [
-                self._grid_anchors(level, image_size, size, device)
-                for level, size in enumerate(feature_sizes)
-            ]
-        return self._cache[key]
+        return [
+            self._grid_anchors(level, image_size, size, device) for level, size in enumerate(feature_sizes)
+        ]
 
     def _grid_anchors(self, level: int, image_size: tuple[int, int], size: tuple[int, int], device) -> Tensor:
         grid_h, grid_w = int(size[0]), int(size[1])

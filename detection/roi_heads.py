@@ -6,6 +6,7 @@ background), C channels, S x S the pooled grid.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +21,7 @@ from torchvision.ops import (
     roi_align,
     roi_pool,
 )
+from torchvision.ops.poolers import initLevelMapper
 
 from detection.boxes import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from detection.rpn import box_regression_loss
@@ -57,11 +59,16 @@ class RoIPooler(nn.Module):
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
-        self.multiscale = (
-            MultiScaleRoIAlign(self.in_features, output_size, sampling_ratio)
-            if kind == "multiscale"
-            else None
-        )
+        self.multiscale = None
+        if kind == "multiscale":
+            self.multiscale = MultiScaleRoIAlign(self.in_features, output_size, sampling_ratio)
+            # torchvision infers each level's scale from the first batch it sees and keeps it; with small
+            # or padded images that guess can be off by a power of two, so give it the declared strides.
+            levels = [int(math.log2(s)) for s in self.strides]
+            self.multiscale.scales = [1.0 / s for s in self.strides]
+            self.multiscale.map_levels = initLevelMapper(
+                levels[0], levels[-1], canonical_scale=224, canonical_level=4
+            )
 
     def forward(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]

@@ -126,6 +126,11 @@ def test_multiscale_pooler_picks_levels_by_size():
     boxes = [torch.tensor([[0.0, 0.0, 112.0, 112.0], [0.0, 0.0, 16.0, 16.0]])]
     out = pooler(feats, boxes, [(256, 256)])
     assert out[:, 0, 0, 0].tolist() == [3.0, 2.0]
+    # the level scales come from the declared strides, not from guessing with the first batch's sizes
+    # (torchvision's guess for a 100-px image padded to 256 would make p2 1/2 and p3 1/4)
+    fresh = RoIPooler("multiscale", ["p2", "p3"], [4, 8], output_size=2)
+    assert fresh(feats, boxes, [(100, 100)])[:, 0, 0, 0].tolist() == [3.0, 2.0]
+    assert fresh.multiscale.scales == [0.25, 0.125]
 
 
 # ---------------------------------------------------------------- loss and post-processing

@@ -1,0 +1,188 @@
+"""Object detection for the engine: COCO data, the R-CNN family's detectors, COCO box AP.
+
+Data, per split: ``images`` (folder) + ``annotations`` (COCO instances JSON). Images keep their own sizes
+(the detector resizes and pads inside), batches group images of similar aspect ratio, and images without
+objects stay in both splits (negatives; on validation their false positives count).
+
+Evaluation runs the model over the validation split, maps every box back to the annotation file's pixels,
+and scores the results with pycocotools against that file: ``AP`` (AP@[.5:.95], the primary metric),
+``AP50``, ``AP75``, ``APs/m/l``, ``AR1/10/100``, ``ARs/m/l`` and ``AP/<class>``, ``AP50/<class>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from apps.config import ConfigError, Experiment, SplitConfig
+from apps.engine.distributed import all_gather_object
+from apps.tasks.base import Datasets, Task
+from detection.evaluation import (
+    EvaluationError,
+    detections_to_coco,
+    evaluate_coco,
+    format_table,
+    load_results,
+)
+from detection.models import DetectorConfig, build_detector
+
+__all__ = ["DetectionOptions", "DetectionTask"]
+
+
+@dataclass
+class DetectionOptions:
+    """``data.options`` of the detection task (the default pipelines; a split's explicit ``transforms``
+    list replaces its default)."""
+
+    size: int | None = None  # longest side after loading, before the detector's own resize; None: as is
+    min_visibility: float = 0.1  # training crops: a box survives if this fraction of it stays visible
+    drop_empty: bool = False  # leave training images without objects out (validation keeps them)
+
+
+def _unwrap(dataset: Any) -> Any:
+    while not hasattr(dataset, "coco") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return dataset
+
+
+class DetectionTask(Task):
+    name = "detection"
+    model_config_type = DetectorConfig
+    options_type = DetectionOptions
+    primary_metric = "AP"
+    split_keys = ("images", "annotations")
+
+    # ---- model -------------------------------------------------------------------------------------------
+
+    def model_config_for(self, model_cfg: DetectorConfig, classes: list[dict[str, Any]]) -> DetectorConfig:
+        return replace(model_cfg, num_classes=len(classes))
+
+    def build_model(
+        self, model_cfg: DetectorConfig, classes: list[dict[str, Any]], *, load_pretrained: bool = True
+    ) -> nn.Module:
+        try:
+            return build_detector(self.model_config_for(model_cfg, classes), load_pretrained=load_pretrained)
+        except ValueError as exc:  # unknown arch, inconsistent anchors, unreadable backbone weights
+            raise ConfigError(f"model: {exc}") from exc
+
+    # ---- data --------------------------------------------------------------------------------------------
+
+    def _dataset(self, split: SplitConfig, where: str, transforms: Any, *, drop_empty: bool = False) -> Any:
+        from vision.data.coco import CocoDetection
+
+        try:
+            return CocoDetection(
+                split.images, split.annotations, transforms=transforms, drop_empty=drop_empty
+            )
+        except (ValueError, OSError) as exc:  # AnnotationError, ImageError, missing files: name the split
+            raise ConfigError(f"{where}: {exc}") from exc
+
+    @staticmethod
+    def _transforms(
+        spec: list[dict[str, Any]] | None, train: bool, opts: DetectionOptions, where: str
+    ) -> Any:
+        from vision.data.transforms import build_transforms
+
+        try:
+            return build_transforms(
+                spec, "detection", train, size=opts.size, min_visibility=opts.min_visibility
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{where}.transforms: {exc}") from exc
+
+    def build_datasets(self, exp: Experiment) -> Datasets:
+        opts: DetectionOptions = exp.data.options
+        train_tf = self._transforms(exp.data.train.transforms, True, opts, "data.train")
+        train = self._dataset(exp.data.train, "data.train", train_tf, drop_empty=opts.drop_empty)
+        classes = [dict(c) for c in train.classes]
+        val = None
+        if exp.data.val is not None:
+            val_tf = self._transforms(exp.data.val.transforms, False, opts, "data.val")
+            val = self._dataset(exp.data.val, "data.val", val_tf)
+            _check_classes(val.classes, classes, "data.val.annotations")
+        return Datasets(train, val, classes)
+
+    def build_eval_dataset(self, split: SplitConfig, loaded: Any) -> Dataset:
+        if split.images is None or split.annotations is None:
+            raise ConfigError("--images and --annotations (COCO JSON) are required to evaluate a detector")
+        dataset = self._dataset(split, "--annotations", None)
+        _check_classes(dataset.classes, loaded.classes, "--annotations")
+        return dataset
+
+    def collate(self, items: list[Any]) -> Any:
+        from vision.data.collate import detection_collate
+
+        return detection_collate(items)
+
+    def batch_sampler(self, dataset: Dataset, sampler: Any, batch_size: int, *, drop_last: bool) -> Any:
+        from vision.data.samplers import AspectRatioGroupedBatchSampler
+
+        base = _unwrap(dataset)
+        if not hasattr(base, "aspect_ratios"):
+            return super().batch_sampler(dataset, sampler, batch_size, drop_last=drop_last)
+        return AspectRatioGroupedBatchSampler(sampler, base.aspect_ratios(), batch_size, drop_last)
+
+    def move_batch(self, batch: Any, device: torch.device) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+        images, targets = batch
+        non_blocking = device.type == "cuda"
+        images = [image.to(device, non_blocking=non_blocking) for image in images]
+        targets = [
+            {"boxes": t["boxes"].to(device, non_blocking=non_blocking), "labels": t["labels"].to(device)}
+            for t in targets
+        ]
+        return images, targets
+
+    def sample_names(self, dataset: Any, indices: list[int]) -> list[str]:
+        base = _unwrap(dataset)
+        if hasattr(base, "coco"):
+            return [base.coco.imgs[base.ids[i]]["file_name"] for i in indices]
+        return [str(i) for i in indices]
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+
+    def evaluate(
+        self, model: nn.Module, loader: Any, device: torch.device, classes: list[dict[str, Any]]
+    ) -> dict[str, float]:
+        results: list[dict[str, Any]] = []
+        for images, targets in loader:
+            outputs, _ = model([image.to(device) for image in images])
+            for image, target, det in zip(images, targets, outputs, strict=True):
+                # boxes back to the pixels the annotation file describes (the eval pipeline may resize)
+                orig_h, orig_w = (int(v) for v in target["orig_size"])
+                scale = torch.tensor(
+                    [orig_w / image.shape[-1], orig_h / image.shape[-2]] * 2, device=det.boxes.device
+                )
+                det = type(det)(det.boxes * scale, det.scores, det.labels)
+                results += detections_to_coco(int(target["image_id"]), det, classes)
+        results = [r for part in all_gather_object(results) for r in part]
+        try:
+            metrics = evaluate_coco(_unwrap(loader.dataset).coco, results, classes=classes)
+        except EvaluationError as exc:
+            raise ConfigError(f"evaluation: {exc}") from exc
+        metrics["detections"] = float(len(results))
+        return metrics
+
+    def score_predictions(self, predictions: str, split: SplitConfig) -> dict[str, float]:
+        if split.annotations is None:
+            raise ConfigError("--annotations (COCO JSON) is required to score detection predictions")
+        try:
+            return evaluate_coco(split.annotations, load_results(predictions))
+        except EvaluationError as exc:
+            raise ConfigError(f"--predictions: {predictions}: {exc}") from exc
+
+    def format_metrics(self, metrics: dict[str, float]) -> str:
+        return format_table(metrics)
+
+
+def _check_classes(found: list[dict[str, Any]], expected: list[dict[str, Any]], where: str) -> None:
+    """Evaluation maps labels to category ids, so the category lists must be the same."""
+    pairs = lambda cs: [(int(c["id"]), str(c["name"])) for c in cs]  # noqa: E731
+    if pairs(found) != pairs(expected):
+        raise ConfigError(
+            f"{where}: categories {pairs(found)} differ from the model's {pairs(expected)} "
+            "(detection evaluation needs the same category ids and names)"
+        )

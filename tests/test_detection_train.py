@@ -1,0 +1,155 @@
+"""The detection task in the engine: a tiny train + `visiondet evaluate`, shipped configs, builders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from apps.cli import main
+from apps.config import ConfigError, build_experiment, load_yaml_with_bases
+from apps.tasks import load_model
+from apps.train import train
+from detection.models import DETECTOR_ARCHS, DetectorConfig, RoIConfig, RPNConfig, build_detector
+from detection.structures import Detections
+from vision.data.synthetic import make_shapes
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
+# the smallest model that still has every part: ResNet-18 FPN with 32 channels, few proposals
+TINY_MODEL = {
+    "arch": "faster_rcnn_r18_fpn",
+    "frozen_bn": False,
+    "trainable_backbone_layers": 5,
+    "min_size": 64,
+    "max_size": 96,
+    "fpn_channels": 32,
+    "rpn": {
+        "anchor_sizes": [[16], [32], [64], [128], [256]],
+        "post_nms_top_n_train": 64,
+        "post_nms_top_n_test": 32,
+    },  # fmt: skip
+    "roi": {"representation_size": 32, "batch_size_per_image": 32, "detections_per_img": 20},
+}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes_det")
+    return make_shapes("detection", root, num_images=8, seed=0, image_size=(64, 96), val_fraction=0.25)
+
+
+def experiment(shapes, out):
+    split = lambda name: {
+        "images": str(shapes[name] / "images"),
+        "annotations": str(shapes[name] / "annotations.json"),
+    }  # noqa: E731,E501
+    return {
+        "task": "detection",
+        "model": TINY_MODEL,
+        "data": {"train": split("train"), "val": split("val"), "workers": 0},
+        "train": {"epochs": 2, "batch_size": 3, "lr": 0.01, "log_every": 1, "grad_clip": 10.0},
+        "output_dir": str(out),
+        "device": "cpu",
+    }
+
+
+def test_train_then_evaluate(shapes, tmp_path, capsys):
+    torch.set_num_threads(2)
+    result = train(build_experiment(experiment(shapes, tmp_path / "run")))
+    assert result.status == "completed"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    for key in ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"):
+        assert all(r[key] == r[key] and r[key] >= 0 for r in train_rows)  # finite (not NaN), every step
+    vals = [r for r in rows if r["kind"] == "val"]
+    val = max(vals, key=lambda r: r["AP"])  # best.pt's epoch (the first of equal APs)
+    assert 0.0 <= val["AP"] <= val["AP50"] <= 1.0 and "AP50/circle" in val or "AP50/square" in val
+
+    loaded = load_model(tmp_path / "run" / "best.pt")
+    assert loaded.task.name == "detection" and [c["name"] for c in loaded.classes] == [
+        "circle",
+        "square",
+        "triangle",
+    ]
+    assert loaded.model.roi_heads.box_predictor.cls_score.out_features == 4
+    outputs, losses = loaded.model([torch.rand(3, 70, 90)])
+    assert isinstance(outputs[0], Detections) and losses == {}
+
+    out = tmp_path / "eval.json"
+    val_split = ["--images", str(shapes["val"] / "images"), "--annotations"]
+    val_split.append(str(shapes["val"] / "annotations.json"))
+    code = main(["evaluate", "--weights", str(tmp_path / "run" / "best.pt"), *val_split, "--device", "cpu",
+                 "--workers", "0", "--batch-size", "2", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "AP50" in printed and "circle" in printed
+    # the same weights on the same split give the training run's validation figures
+    assert json.loads(out.read_text())["metrics"]["AP50"] == pytest.approx(val["AP50"])
+
+
+def test_shipped_configs_are_valid(shapes):
+    for name in (
+        "faster_rcnn_vgg16",
+        "faster_rcnn_r50_c4",
+        "faster_rcnn_r50_fpn",
+        "faster_rcnn_r18_fpn_shapes",
+    ):
+        path = CONFIGS / f"{name}.yaml"
+        data = load_yaml_with_bases(path)
+        data["data"] = experiment(shapes, "unused")["data"]  # their data paths point at real datasets
+        exp = build_experiment(data)
+        assert exp.model.arch in DETECTOR_ARCHS, path.name
+
+
+def test_small_config_builds_the_documented_model(shapes):
+    exp = build_experiment({**load_yaml_with_bases(CONFIGS / "faster_rcnn_r18_fpn_shapes.yaml"),
+                            "data": experiment(shapes, "unused")["data"]})  # fmt: skip
+    model = build_detector(exp.model)
+    assert list(model.backbone.feature_info) == ["p2", "p3", "p4", "p5", "p6"]
+    assert model.proposal_generator.anchor_generator.sizes[0] == (16.0,)
+    assert model.roi_heads.pooler.kind == "multiscale"
+
+
+def test_bad_model_settings_are_config_errors(shapes, tmp_path):
+    exp = experiment(shapes, tmp_path)
+    exp["model"] = {**TINY_MODEL, "arch": "faster_rcnn_r19_fpn"}
+    with pytest.raises(ConfigError, match="unknown detector arch 'faster_rcnn_r19_fpn'"):
+        train(build_experiment(exp))
+    exp["model"] = {**TINY_MODEL, "rpn": {"anchor_sizes": [[32, 64]]}}
+    with pytest.raises(
+        ConfigError, match="anchor_sizes has 1 levels but faster_rcnn_r18_fpn gives the RPN 5"
+    ):
+        train(build_experiment(exp))
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn_r18_c4", "fast_rcnn_r18_fpn"])
+def test_other_layouts_train_and_predict(arch):
+    # C4 (res5 as box head, RoIAlign 14) and Fast R-CNN (external proposals) from the same parts
+    torch.manual_seed(0)
+    cfg = DetectorConfig(arch=arch, num_classes=2, frozen_bn=False, min_size=64, max_size=64,
+                         rpn=RPNConfig(post_nms_top_n_train=16, post_nms_top_n_test=16),
+                         roi=RoIConfig(batch_size_per_image=16, representation_size=32))  # fmt: skip
+    model = build_detector(cfg)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]  # fmt: skip
+    proposals = [
+        torch.tensor([[0.0, 0.0, 30.0, 30.0], [10, 10, 50, 44]]),
+        torch.tensor([[4.0, 4.0, 20.0, 30.0]]),
+    ]
+    given = proposals if arch.startswith("fast_rcnn") else None
+    _, losses = model.train()(images, targets, given)
+    expected = {"loss_classifier", "loss_box_reg"} | (
+        {"loss_objectness", "loss_rpn_box_reg"} if not given else set()
+    )
+    assert set(losses) == expected and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    with torch.no_grad():
+        outputs, _ = model.eval()(images, proposals=given)
+    assert len(outputs) == 2 and all(o.boxes.shape[1] == 4 for o in outputs)
+    if given:  # Fast R-CNN: at most one detection per class per proposal, inside the image
+        assert len(outputs[1]) <= 2 and (outputs[1].boxes[:, 3] <= 48).all()
+        with pytest.raises(ValueError, match="external proposals"):
+            model(images)
