@@ -15,6 +15,7 @@ from vision.segmentation import (
     build_segmentation_model,
     load_torchvision_segmentation,
     predict_mask,
+    save_torchvision_segmentation,
     segmentation_loss,
 )
 from vision.segmentation.model import IMAGENET_MEAN, IMAGENET_STD
@@ -164,6 +165,14 @@ def test_torchvision_state_dict_gives_the_same_output(arch, aux_loss, tmp_path):
         aux = ours.aux_head(ours.backbone(ours.normalize(images)))
         aux = F.interpolate(aux, size=(64, 64), mode="bilinear", align_corners=False)
         assert (aux - expected["aux"]).abs().max() <= 1e-4
+    if arch == "fcn_resnet50" and not aux_loss:
+        # As a visiondet checkpoint: rebuilt by the same loader as trained checkpoints, same outputs.
+        from apps.tasks import load_model
+
+        names = [{"id": i, "name": f"class{i}"} for i in range(1, 5)]
+        loaded = load_model(save_torchvision_segmentation(path, arch, tmp_path / "ours.pt", classes=names))
+        assert loaded.task.name == "segmentation" and loaded.classes == names
+        assert torch.equal(loaded.model(images)[0], logits)
 
 
 def test_torchvision_import_rejects_the_wrong_arch():

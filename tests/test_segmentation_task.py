@@ -126,3 +126,19 @@ def test_config_errors_name_the_key(shapes, tmp_path):
     exp = load_config(None, ["model.arch=fcn8s_vgg16"], base=experiment(shapes, tmp_path / "run"))
     with pytest.raises(ConfigError, match="auxiliary head"):
         get_task("segmentation").build_model(exp.model, [{"id": 1, "name": "a"}])
+
+
+@pytest.mark.parametrize("name", ["deeplabv3_r18_shapes_cpu", "fcn8s_vgg16_voc", "deeplabv3_r50",
+                                  "pspnet_r50"])
+def test_shipped_configs_parse_and_their_pipelines_build(name):
+    from pathlib import Path
+
+    from apps.config import load_yaml_with_bases
+    from vision.data.transforms import build_transforms
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "segmentation" / f"{name}.yaml"
+    exp = build_experiment(load_yaml_with_bases(path))  # every key and type checked (data files are not)
+    assert exp.task == "segmentation" and exp.model.arch.split("_")[0] in name
+    opts = exp.data.options
+    build_transforms(exp.data.train.transforms, "segmentation", True, size=opts.crop_size,
+                     scale=tuple(opts.scale))

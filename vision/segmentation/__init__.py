@@ -10,6 +10,7 @@ from vision.segmentation.convert import (
     TORCHVISION_ARCHS,
     convert_torchvision_state_dict,
     load_torchvision_segmentation,
+    save_torchvision_segmentation,
 )
 from vision.segmentation.metrics import (
     IGNORE_INDEX,
@@ -28,7 +29,7 @@ from vision.segmentation.model import (
 
 __all__ = [
     "ARCHS", "IGNORE_INDEX", "TORCHVISION_ARCHS", "SegmentationConfig", "SegmentationMetric",
-    "SegmentationModel",
-    "build_segmentation_model", "confusion_matrix", "convert_torchvision_state_dict",
-    "load_torchvision_segmentation", "metrics_from_confusion", "predict_mask", "segmentation_loss",
+    "SegmentationModel", "build_segmentation_model", "confusion_matrix", "convert_torchvision_state_dict",
+    "load_torchvision_segmentation", "metrics_from_confusion", "predict_mask",
+    "save_torchvision_segmentation", "segmentation_loss",
 ]

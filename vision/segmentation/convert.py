@@ -8,13 +8,15 @@ the mean/std given here (torchvision's reference transforms use the ImageNet val
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 from torch import Tensor
 
-from vision.checkpoint import load_checkpoint
+from vision.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
 from vision.segmentation.model import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -24,6 +26,12 @@ from vision.segmentation.model import (
 )
 
 TORCHVISION_ARCHS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101")
+
+# torchvision's published weights (COCO_WITH_VOC_LABELS) predict background + these 20 classes.
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
 
 # torchvision key prefix (regex) -> ours. Its FCNHead is Sequential(conv, bn, relu, dropout, conv); its
 # DeepLabHead is Sequential(ASPP, conv, bn, relu, conv) with ASPP.convs = [1x1, 3 atrous, pooling].
@@ -104,3 +112,26 @@ def load_torchvision_segmentation(
     except RuntimeError as exc:
         raise ValueError(f"{where}: weights do not fit {arch}: {exc}") from None
     return model, cfg
+
+
+def save_torchvision_segmentation(
+    source: str | os.PathLike | Mapping[str, Tensor], arch: str, out: str | os.PathLike,
+    classes: list[dict] | None = None,
+) -> Path:
+    """Write a visiondet segmentation checkpoint (ready for predict, evaluate and the demo) from torchvision
+    weights. ``classes`` (``[{"id", "name"}, ...]`` of labels 1..K) defaults to the 20 VOC classes of
+    torchvision's published weights when the class count is 20."""
+    model, cfg = load_torchvision_segmentation(source, arch)
+    if classes is None:
+        if cfg.num_classes != len(VOC_CLASSES):
+            raise ValueError(f"{cfg.num_classes} classes in the weights: give their names (classes=...)")
+        classes = [{"id": i + 1, "name": name} for i, name in enumerate(VOC_CLASSES)]
+    if len(classes) != cfg.num_classes:
+        raise ValueError(f"{len(classes)} class names for {cfg.num_classes} classes in the weights")
+    checkpoint = {
+        "format": FORMAT, "version": VERSION, "task": "segmentation",
+        "model": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
+        "classes": [dict(c) for c in classes], "preprocess": {"size": None},
+        "state_dict": model.state_dict(), "metrics": {}, "config": {"source": f"torchvision {arch}"},
+    }
+    return save_checkpoint(checkpoint, out)
