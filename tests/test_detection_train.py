@@ -12,9 +12,17 @@ from apps.cli import main
 from apps.config import ConfigError, build_experiment, load_yaml_with_bases
 from apps.tasks import load_model
 from apps.train import train
-from detection.models import DETECTOR_ARCHS, DetectorConfig, RoIConfig, RPNConfig, build_detector
+from detection.models import (
+    DETECTOR_ARCHS,
+    DetectorConfig,
+    RoIConfig,
+    RPNConfig,
+    build_detector,
+    prepare_for_inference,
+)
 from detection.structures import Detections
 from vision.data.synthetic import make_shapes
+from vision.layers import FrozenBatchNorm2d
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
 # the smallest model that still has every part: ResNet-18 FPN with 32 channels, few proposals
@@ -153,3 +161,30 @@ def test_other_layouts_train_and_predict(arch):
         assert len(outputs[1]) <= 2 and (outputs[1].boxes[:, 3] <= 48).all()
         with pytest.raises(ValueError, match="external proposals"):
             model(images)
+
+
+def test_prepare_for_inference_keeps_the_outputs():
+    torch.manual_seed(0)
+    model = build_detector(
+        DetectorConfig(
+            **{**TINY_MODEL, "num_classes": 3, "frozen_bn": True, "rpn": RPNConfig(), "roi": RoIConfig()}
+        )
+    )
+    with torch.no_grad():  # give the frozen batch norms real statistics, so folding them changes the convs
+        for name, buffer in model.backbone.body.named_buffers():
+            if name.endswith(("running_mean", "bias")):
+                buffer.normal_(0, 0.1)
+            elif name.endswith(("running_var", "weight")):
+                buffer.uniform_(0.5, 1.5)
+    model.eval()
+    fast = prepare_for_inference(model)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in fast.modules())
+    assert fast.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    images = [torch.rand(3, 80, 96), torch.rand(3, 64, 72)]
+    with torch.inference_mode():
+        expected, _ = model(images)
+        got, _ = fast(images)
+    assert sum(len(d) for d in expected) > 0
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e.labels, g.labels)
+        assert (e.boxes - g.boxes).abs().max() <= 1e-3 and (e.scores - g.scores).abs().max() <= 1e-4
