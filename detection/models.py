@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -156,7 +157,9 @@ class RPNConfig:
 class RoIConfig:
     """Fast R-CNN head settings (the detection half)."""
 
-    pooler: str | None = None  # "pool" (RoIPool), "align" (RoIAlign), "multiscale" (FPN); None: arch default
+    pooler: Literal["pool", "align", "multiscale"] | None = (
+        None  # RoIPool, RoIAlign, FPN levels; None: arch's
+    )
     output_size: int | None = None  # pooled grid; None: 7 (14 for C4, whose res5 halves it)
     sampling_ratio: int = 2  # RoIAlign sample points per bin side (0: adaptive)
     fg_iou_thresh: float = 0.5

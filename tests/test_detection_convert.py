@@ -5,6 +5,7 @@ import torch
 import torchvision
 
 from apps.cli import main as cli_main
+from apps.tasks import load_model
 from detection.convert import (
     COCO_CATEGORIES,
     COCO_CLASSES,
@@ -107,6 +108,13 @@ def test_convert_command_writes_a_coco_checkpoint(tmp_path):
     w = ckpt["state_dict"]["roi_heads.box_predictor.cls_score.weight"]
     assert torch.equal(w[1], tv.roi_heads.box_predictor.cls_score.weight[1])
     assert torch.equal(w[12], tv.roi_heads.box_predictor.cls_score.weight[13])
+    # the checkpoint rebuilds through the same path as trained ones (predict, evaluate, demo)
+    loaded = load_model(dst)
+    assert loaded.task.name == "detection" and loaded.classes[0] == {"id": 1, "name": "person"}
+    loaded.model.transform.min_size, loaded.model.transform.max_size = (64,), 80  # keep the test fast
+    with torch.inference_mode():
+        outputs, _ = loaded.model([torch.rand(3, 64, 80)])
+    assert outputs[0].boxes.shape[1] == 4
 
 
 def test_convert_refuses_other_files(tmp_path):

@@ -29,6 +29,7 @@ from detection.evaluation import (
     load_results,
 )
 from detection.models import DetectorConfig, build_detector
+from detection.structures import Detections
 
 __all__ = ["DetectionOptions", "DetectionTask"]
 
@@ -156,7 +157,7 @@ class DetectionTask(Task):
                 scale = torch.tensor(
                     [orig_w / image.shape[-1], orig_h / image.shape[-2]] * 2, device=det.boxes.device
                 )
-                det = type(det)(det.boxes * scale, det.scores, det.labels)
+                det = Detections(det.boxes * scale, det.scores, det.labels)
                 results += detections_to_coco(int(target["image_id"]), det, classes)
         results = [r for part in all_gather_object(results) for r in part]
         try:
