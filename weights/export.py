@@ -5,9 +5,10 @@
 
 What changes: ``train_state`` (optimizer, scheduler, RNG: only for resuming) is removed; the weights the run
 selected on (the EMA copy when there is one) become ``state_dict`` and the other copy is dropped; floating
-point tensors are stored in float16 (integer buffers and flags stay as they are). ``apps.tasks.load_model``
-reads the result like any checkpoint: ``load_state_dict`` copies each float16 tensor into the float32
-parameter it belongs to, so the loaded model runs in float32 as before.
+point tensors are stored in float16 (integer buffers and flags stay as they are); a detector's proposal
+cache folder (``model.proposals.cache_dir``, a training convenience) is switched off.
+``apps.tasks.load_model`` reads the result like any checkpoint: ``load_state_dict`` copies each float16
+tensor into the float32 parameter it belongs to, so the loaded model runs in float32 as before.
 
 What is checked: the export loads through ``load_model`` and, on ``--check-images``, gives the same answers
 as the original within float16 rounding (detection: the same boxes within 1 px at matching labels among the
@@ -37,6 +38,11 @@ def export(src: Path, dst: Path) -> dict:
     state = ckpt.get("ema_state_dict") or ckpt["state_dict"]
     slim = {k: v for k, v in ckpt.items() if k not in ("train_state", "ema_state_dict", "state_dict")}
     slim["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    proposals = (slim.get("model") or {}).get("proposals")
+    if isinstance(proposals, dict) and proposals.get("cache_dir"):
+        # A shipped detector must not write a proposal file per image it sees into the training run's cache
+        # folder (relative to wherever it is used): selective search runs afresh instead.
+        slim["model"] = {**slim["model"], "proposals": {**proposals, "cache_dir": None}}
     slim["exported_from"] = {"file": src.name, "dtype": "float16", "note": "train_state and EMA copy removed"}
     save_checkpoint(slim, dst)
     return slim
