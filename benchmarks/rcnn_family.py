@@ -273,6 +273,9 @@ def main() -> int:
     parser.add_argument("--rcnn-sample", type=int, default=128, help="warped regions R-CNN's CNN is timed on")
     parser.add_argument("--speed-only", action="store_true", help="skip part 2 (training)")
     parser.add_argument("--accuracy-only", action="store_true", help="skip part 1 (paper-scale timing)")
+    parser.add_argument("--vgg-svd", action="store_true",
+                        help="also time VGG-16's fc6/fc7 with and without truncated SVD (the SVD of the "
+                             "25088 x 4096 fc6 alone takes over 10 minutes on 2 busy cores)")
     parser.add_argument("--num-images", type=int, default=300, help="synthetic train + val images (20%% val)")
     parser.add_argument("--time-images", type=int, default=10, help="validation images timed in part 2")
     parser.add_argument("--keep", metavar="DIR", help="keep data and runs here (default: a temp folder)")
@@ -287,7 +290,8 @@ def main() -> int:
     if not args.accuracy_only:
         print(f"CPU threads: {torch.get_num_threads()}; part 1: speed at the papers' scale", flush=True)
         speed = speed_part(args.runs, args.rcnn_sample)
-        vgg_head_svd()
+        if args.vgg_svd:
+            vgg_head_svd()
     accuracy = {}
     if not args.speed_only:
         work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="visiondet_rcnn_family_"))
