@@ -182,7 +182,6 @@ def accuracy_part(work: Path, num_images: int, time_images: int, overrides: list
     """Train the three shapes models on one synthetic set -> {name: (AP50, s per image, proposal s)}."""
     import torch
 
-    import apps.tasks
     from apps.config import SplitConfig, load_config
     from apps.engine.loader import eval_loader
     from apps.tasks import get_task, load_model
@@ -190,7 +189,6 @@ def accuracy_part(work: Path, num_images: int, time_images: int, overrides: list
     from detection.proposals import ProposalConfig, build_proposal_source
     from vision.data.synthetic import make_shapes
 
-    apps.tasks.TASKS.setdefault("rcnn", "apps.tasks.rcnn:RCNNTask")
     splits = make_shapes("detection", work / "data", num_images=num_images, seed=0, image_size=(128, 160))
     data = [f"data.train.images={splits['train']}/images",
             f"data.train.annotations={splits['train']}/annotations.json",
@@ -208,7 +206,7 @@ def accuracy_part(work: Path, num_images: int, time_images: int, overrides: list
         result = train(exp)
         checkpoint = result.run_dir / "best.pt"
         if name == "R-CNN":
-            if not (result.run_dir / "final.pt").is_file():  # until the engine calls the hook itself
+            if not (result.run_dir / "final.pt").is_file():  # the engine's hook writes it; not under torchrun
                 get_task("rcnn").finish_training(exp, result.run_dir, torch.device("cpu"))
             checkpoint = result.run_dir / "final.pt"
         print(f"  {name}: trained in {time.perf_counter() - started:.0f} s -> {checkpoint}", flush=True)

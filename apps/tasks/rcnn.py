@@ -12,8 +12,8 @@ Stages (R-CNN section 2.3), each kept on disk so an interrupted run continues wh
 5. ``<run>/final.pt``: the complete detector (a visiondet checkpoint for evaluate / predict / the demo),
    scored on the validation split.
 
-Stages 2-5 run in ``RCNNTask.finish_training``, which the engine calls after stage 1 (see the report of
-issue 6 for the hook); ``run_stages`` runs them on any fine-tuned R-CNN.
+Stages 2-5 run in ``RCNNTask.finish_training``, which the engine calls after stage 1 (``Task``'s hook);
+``run_stages`` runs them on any fine-tuned R-CNN.
 """
 
 from __future__ import annotations
