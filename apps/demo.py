@@ -77,6 +77,7 @@ class Demo:
         # Gradio reads GRADIO_TEMP_DIR when components are created: set it before building the page, so
         # that uploads, results and downloads all land in one folder of ours.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="visiondet-demo-"))
+        self._previous_temp_dir = os.environ.get("GRADIO_TEMP_DIR")
         os.environ["GRADIO_TEMP_DIR"] = str(self.temp_dir)
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -264,3 +265,8 @@ class Demo:
         if self.blocks is not None:
             self.blocks.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if os.environ.get("GRADIO_TEMP_DIR") == str(self.temp_dir):
+            if self._previous_temp_dir is None:
+                os.environ.pop("GRADIO_TEMP_DIR")
+            else:
+                os.environ["GRADIO_TEMP_DIR"] = self._previous_temp_dir
