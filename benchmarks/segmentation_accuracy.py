@@ -1,7 +1,7 @@
 """Segmentation accuracy on the synthetic shapes set, trained from scratch on the CPU.
 
 Writes the shapes segmentation set (``vision.data.synthetic``), trains
-``configs/segmentation/deeplabv3_r18_shapes_cpu.yaml`` through the engine (the same code path as
+``configs/segmentation/deeplabv3plus_r18_shapes_cpu.yaml`` through the engine (the same code path as
 ``visiondet train``), evaluates the best checkpoint on the validation split (as ``visiondet evaluate``
 does) and prints mIoU, per-class IoU, pixel accuracy and fw-IoU against the goal (mIoU >= 0.85).
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-CONFIG = ROOT / "configs" / "segmentation" / "deeplabv3_r18_shapes_cpu.yaml"
+CONFIG = ROOT / "configs" / "segmentation" / "deeplabv3plus_r18_shapes_cpu.yaml"
 GOAL = 0.85
 
 

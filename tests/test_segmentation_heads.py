@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vision.segmentation.fcn_vgg import BilinearUpsample, FCNVGGHead, bilinear_kernel
-from vision.segmentation.heads import ASPP, DeepLabV3Head, FCNHead, PSPHead, PyramidPooling
+from vision.segmentation.heads import ASPP, DeepLabV3Head, DeepLabV3PlusHead, FCNHead, PSPHead, PyramidPooling
 
 
 def info(channels: int, stride: int) -> SimpleNamespace:
@@ -105,6 +105,13 @@ def test_deeplabv3_and_psp_heads_shapes():
     features = {"c5": torch.randn(2, 32, 9, 7)}
     assert DeepLabV3Head("c5", 32, 5, rates=(1, 2, 3), channels=8).eval()(features).shape == (2, 5, 9, 7)
     assert PSPHead("c5", 32, 5, channels=8).eval()(features).shape == (2, 5, 9, 7)
+
+
+def test_deeplabv3plus_decodes_at_the_low_level_resolution():
+    head = DeepLabV3PlusHead("c5", 32, "c2", 16, 5, rates=(1, 2), channels=8).eval()
+    assert head.low_proj.conv.out_channels == 48 and head.fuse[0].conv.in_channels == 8 + 48
+    out = head({"c5": torch.randn(2, 32, 3, 4), "c2": torch.randn(2, 16, 12, 16)})
+    assert out.shape == (2, 5, 12, 16)
 
 
 def test_pyramid_pooling_bins_and_channels():

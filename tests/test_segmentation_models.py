@@ -25,7 +25,8 @@ torch.set_num_threads(2)
 
 @pytest.mark.parametrize(
     ("arch", "output_stride"),
-    [("fcn_resnet18", 8), ("deeplabv3_resnet18", 16), ("pspnet_resnet18", 8), ("deeplabv3_resnet50", 8)],
+    [("fcn_resnet18", 8), ("deeplabv3_resnet18", 16), ("pspnet_resnet18", 8), ("deeplabv3plus_resnet18", 16),
+     ("deeplabv3_resnet50", 8)],
 )
 def test_resnet_heads_shape_and_stride(arch, output_stride):
     torch.manual_seed(0)

@@ -128,8 +128,9 @@ def test_config_errors_name_the_key(shapes, tmp_path):
         get_task("segmentation").build_model(exp.model, [{"id": 1, "name": "a"}])
 
 
-@pytest.mark.parametrize("name", ["deeplabv3_r18_shapes_cpu", "fcn8s_vgg16_voc", "deeplabv3_r50",
-                                  "pspnet_r50"])
+@pytest.mark.parametrize(
+    "name", ["deeplabv3plus_r18_shapes_cpu", "fcn8s_vgg16_voc", "deeplabv3_r50", "pspnet_r50"]
+)
 def test_shipped_configs_parse_and_their_pipelines_build(name):
     from pathlib import Path
 

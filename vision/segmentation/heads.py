@@ -109,6 +109,36 @@ class DeepLabV3Head(nn.Module):
         return self.classifier(self.conv(self.aspp(features[self.in_feature])))
 
 
+class DeepLabV3PlusHead(nn.Module):
+    """DeepLabV3+ (Chen et al., ECCV 2018, sec. 3.1): ASPP on the last map, then a decoder that upsamples
+    it to the stride-4 map (``c2``), concatenates that map reduced to 48 channels, refines with two 3x3
+    convs and scores. Sharper boundaries than DeepLabV3 at output stride 16 for little extra work.
+
+    ``{c5: [N, C5, h, w], c2: [N, C2, 4h', 4w']} -> [N, C, 4h', 4w']`` (at ``c2``'s resolution).
+    """
+
+    def __init__(
+        self, in_feature: str, in_channels: int, low_feature: str, low_channels: int, num_outputs: int, *,
+        rates: Sequence[int] = (6, 12, 18), channels: int = 256, low_proj: int = 48, dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.in_feature, self.low_feature = in_feature, low_feature
+        self.aspp = ASPP(in_channels, rates, channels=channels, dropout=dropout)
+        self.low_proj = ConvBNReLU(low_channels, low_proj, kernel_size=1)
+        self.fuse = nn.Sequential(
+            ConvBNReLU(channels + low_proj, channels, kernel_size=3),
+            ConvBNReLU(channels, channels, kernel_size=3),
+        )
+        self.classifier = nn.Conv2d(channels, num_outputs, 1)
+        _init_classifier(self.classifier)
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        low = self.low_proj(features[self.low_feature])
+        context = self.aspp(features[self.in_feature])
+        context = F.interpolate(context, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classifier(self.fuse(torch.cat([context, low], dim=1)))
+
+
 class PyramidPooling(nn.Module):
     """PSPNet's pyramid pooling module (Zhao et al., sec. 3.2).
 

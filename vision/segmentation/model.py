@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from vision.backbones import VGGFeatures, build_backbone, build_network
 from vision.layers import Normalize
 from vision.segmentation.fcn_vgg import FCNVGGHead
-from vision.segmentation.heads import DeepLabV3Head, FCNHead, PSPHead
+from vision.segmentation.heads import DeepLabV3Head, DeepLabV3PlusHead, FCNHead, PSPHead
 from vision.segmentation.metrics import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,6 +31,7 @@ Arch = Literal[
     "fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16",
     "fcn_resnet18", "fcn_resnet34", "fcn_resnet50", "fcn_resnet101",
     "deeplabv3_resnet18", "deeplabv3_resnet34", "deeplabv3_resnet50", "deeplabv3_resnet101",
+    "deeplabv3plus_resnet18", "deeplabv3plus_resnet34", "deeplabv3plus_resnet50", "deeplabv3plus_resnet101",
     "pspnet_resnet18", "pspnet_resnet34", "pspnet_resnet50", "pspnet_resnet101",
 ]
 ARCHS: tuple[str, ...] = get_args(Arch)
@@ -43,8 +44,8 @@ ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 class SegmentationConfig:
     """Everything needed to rebuild a segmentation model (saved in checkpoints as ``model``).
 
-    ``arch`` is ``<head>_<backbone>``: FCN-32s/16s/8s on VGG-16 (Long et al.), or an FCN head, DeepLabV3
-    or PSPNet on a dilated ResNet.
+    ``arch`` is ``<head>_<backbone>``: FCN-32s/16s/8s on VGG-16 (Long et al.), or an FCN head, DeepLabV3,
+    DeepLabV3+ or PSPNet on a dilated ResNet.
     """
 
     arch: Arch = "deeplabv3_resnet50"
@@ -54,7 +55,7 @@ class SegmentationConfig:
     aux_loss: bool = False  # auxiliary FCN head on c4 (ResNet archs), as in PSPNet
     aux_weight: float = 0.4  # weight of loss_aux (PSPNet: 0.4)
     frozen_bn: bool = False  # backbone batch norm with fixed statistics (for very small per-device batches)
-    head_channels: int | None = None  # ASPP / PSP width; None: the papers' 256 (DeepLabV3) and 512 (PSPNet)
+    head_channels: int | None = None  # ASPP / PSP width; None: the papers' 256 (DeepLabV3/V3+), 512 (PSPNet)
     aspp_rates: tuple[int, ...] | None = None  # None: (6, 12, 18) at output stride 16, (12, 24, 36) at 8
     psp_bins: tuple[int, ...] = (1, 2, 3, 6)
     learnable_upsampling: bool = True  # FCN-VGG: learn the 2x upsamplings (the final one stays bilinear)
@@ -163,14 +164,19 @@ def build_segmentation_model(cfg: SegmentationConfig, *, load_pretrained: bool =
                                  size_divisor=FCNVGGHead.size_divisor)
 
     out_features = ["c4", "c5"] if cfg.aux_loss else ["c5"]
+    if head_name == "deeplabv3plus":
+        out_features.insert(0, "c2")
     backbone = build_backbone(network, weights=weights, out_features=out_features, frozen_bn=cfg.frozen_bn,
                               output_stride=cfg.output_stride)
     c5 = backbone.feature_info["c5"]
+    rates = cfg.aspp_rates or ASPP_RATES[cfg.output_stride]
     if head_name == "fcn":
         head = FCNHead("c5", c5.channels, num_outputs)
     elif head_name == "deeplabv3":
-        rates = cfg.aspp_rates or ASPP_RATES[cfg.output_stride]
         head = DeepLabV3Head("c5", c5.channels, num_outputs, rates=rates, channels=cfg.head_channels or 256)
+    elif head_name == "deeplabv3plus":
+        head = DeepLabV3PlusHead("c5", c5.channels, "c2", backbone.feature_info["c2"].channels, num_outputs,
+                                 rates=rates, channels=cfg.head_channels or 256)
     else:
         head = PSPHead("c5", c5.channels, num_outputs, bins=cfg.psp_bins, channels=cfg.head_channels or 512)
     aux_head = None
