@@ -5,7 +5,7 @@ configs/classification/resnet18_shapes.yaml on it, then evaluates best.pt again 
 `apps.tasks.load_model` (as `visiondet evaluate` does) and prints the figures. Goal: top-1 >= 95% in a
 few minutes. Not a test: run it by hand, ideally on a quiet machine:
 
-    nice -n 10 .venv/bin/python benchmarks/classification_accuracy.py [--num-images 1000] [--keep DIR]
+    nice -n 10 .venv/bin/python benchmarks/classification_accuracy.py [--num-images 4000] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _cpu_seconds() -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-images", type=int, default=1000, help="train + val images (20%% val)")
+    parser.add_argument("--num-images", type=int, default=4000, help="train + val images (20%% val)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed")
     parser.add_argument("--keep", metavar="DIR", help="keep data and run here (default: a temp folder)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=8")
