@@ -390,7 +390,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, base: dic
     except ConfigError as exc:
         where = "override" if _mentions_override(str(exc), override_map) else source
         raise ConfigError(f"{where}: {exc}") from None
-    get_task_checks(exp)
+    check_paths(exp)
     return exp
 
 
@@ -407,7 +407,7 @@ def _mentions_override(message: str, override_map: dict[str, Any]) -> bool:
     return any(f"'{k}'" in message or message.startswith(f"{k}:") for k in keys)
 
 
-def get_task_checks(exp: Experiment) -> None:
+def check_paths(exp: Experiment) -> None:
     """Fail early on missing files: the task's data paths, fine-tuning weights."""
     from apps.tasks import get_task
 

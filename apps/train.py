@@ -161,7 +161,8 @@ class _Trainer:
         if self.info.world_size == 1:
             return self.model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(self.model, device_ids=ids)
+        return DistributedDataParallel(self.model, device_ids=ids,
+                                       find_unused_parameters=self.task.find_unused_parameters)
 
     def _batches(self, epoch: int) -> list[list[int]]:
         batches = epoch_batches(self.task, self.train_ds, batch_size=self.cfg.batch_size, seed=self.exp.seed,

@@ -72,6 +72,8 @@ class Task(ABC):
     options_type: ClassVar[type] = NoOptions  # dataclass for the config's data.options
     primary_metric: ClassVar[str]  # key of evaluate()'s result, higher is better: "top1", "mIoU", "AP50"
     split_keys: ClassVar[tuple[str, ...]]  # SplitConfig fields each split needs: ("images", "annotations")
+    # DDP: True when some trainable parameters may get no gradient in a step (slower; DDP must search)
+    find_unused_parameters: ClassVar[bool] = False
 
     # ---- configuration -----------------------------------------------------------------------------------
 
