@@ -35,10 +35,10 @@ demo: install
 	$(BIN)/visiondet demo
 
 lint: install-dev
-	$(BIN)/ruff check .
+	$(BIN)/ruff check --no-cache .
 
 test: install-dev
-	$(BIN)/ruff check .
+	$(BIN)/ruff check --no-cache .
 	$(BIN)/python -m pytest
 
 clean:

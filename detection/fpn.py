@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
 from vision.backbones import FeatureInfo
 
 
