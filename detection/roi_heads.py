@@ -95,7 +95,7 @@ class TwoMLPHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """[R, C, S, S] -> [R, representation_size]."""
-        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
+        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)), inplace=True)), inplace=True)
 
 
 class VGGBoxHead(nn.Module):
@@ -114,8 +114,8 @@ class VGGBoxHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """[R, 512, 7, 7] -> [R, 4096]."""
-        x = self.dropout(F.relu(self.fc6(x.flatten(1))))
-        return self.dropout(F.relu(self.fc7(x)))
+        x = self.dropout(F.relu(self.fc6(x.flatten(1)), inplace=True))
+        return self.dropout(F.relu(self.fc7(x), inplace=True))
 
 
 class ResNetC4Head(nn.Module):

@@ -39,7 +39,7 @@ class RPNHead(nn.Module):
         objectness, deltas = [], []
         for x in features:
             for conv in self.conv:
-                x = F.relu(conv(x))
+                x = F.relu(conv(x), inplace=True)
             objectness.append(self.cls_logits(x))
             deltas.append(self.bbox_pred(x))
         return objectness, deltas
