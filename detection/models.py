@@ -47,6 +47,11 @@ class TwoStageDetector(nn.Module):
     1..K (losses are computed whenever they are given); proposals: [P_i, 4] boxes per image in input
     pixels for detectors with external proposals (they may also come as ``targets[i]["proposals"]``).
     detections: one Detections per image in its own pixels, unless training.
+
+    Parts: ``transform`` (DetectionTransform), ``backbone`` (``forward(x) -> {name: map}`` with
+    ``feature_info``), ``proposal_generator`` (any module ``forward(batch, features, targets, proposals)
+    -> (N tensors [P_i, 4] in the batch's resized pixels, {loss_*})``: RegionProposalNetwork or
+    ExternalProposals), ``roi_heads`` (RoIHeads: pooler, box head, predictor, sampling, post-processing).
     """
 
     def __init__(
