@@ -5,7 +5,7 @@ synthetic shapes set, then its validation AP50 (goal: >= 0.9). About 20 minutes 
     python benchmarks/detection_accuracy.py --epochs 2       # a quick check that it learns
 
 Equivalent to:
-    visiondet synth --task detection --out runs/shapes_det --num-images 1000 --image-size 128 160
+    visiondet synth --task detection --out runs/shapes_det --num-images 2000 --image-size 128 160
     visiondet train configs/detection/faster_rcnn_r18_fpn_shapes.yaml data.train.images=... (see below)
 """
 
@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="run folder (default: a new runs/detection/expN)"
     )
-    parser.add_argument("--num-images", type=int, default=1000, help="train + val images to synthesise")
+    parser.add_argument("--num-images", type=int, default=2000, help="train + val images to synthesise")
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     parser.add_argument("overrides", nargs="*", help="more key=value config overrides")
     args = parser.parse_args()
