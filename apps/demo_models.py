@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from apps.predict_results import DetectionResult
-from apps.tasks import LoadedModel, get_task, load_model
+from apps.tasks import LoadedModel, load_model
 from vision.checkpoint import CheckpointError, is_visiondet_checkpoint, load_checkpoint
 from vision.data.images import ImageError, read_image
 
@@ -155,10 +155,6 @@ class ModelCache:
                     print(f"visiondet demo: {exc}", file=sys.stderr)
                     reason = _without_paths(exc, entry.path)
                     raise DemoInputError(f"Model {label} could not be loaded: {reason}") from None
-                if loaded.task.name == "rcnn":
-                    # R-CNN is a detector for prediction (same forward contract); its task only differs in
-                    # how it trains, so the predictor sees it as one.
-                    loaded = dataclasses.replace(loaded, task=get_task("detection"))
                 self._models[label] = loaded
                 self.loads[label] = self.loads.get(label, 0) + 1
         return self._models[label]

@@ -123,7 +123,7 @@ class Predictor:
         else:
             self.loaded = weights
             self.loaded.model.to(self.device).eval()
-        self.task: str = self.loaded.task.name
+        self.task: str = self.loaded.task.output  # R-CNN predicts as a detector
         self.classes: list[dict[str, Any]] = self.loaded.classes
         self.model = self.loaded.model
         if not 0.0 <= score_threshold <= 1.0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -213,6 +215,17 @@ def test_rcnn_stages_train_resume_and_load(tmp_path):
     image, _ = loaded.task.build_datasets(exp).val[0]
     (det,), _ = loaded.model([image])
     assert det.boxes.shape[1] == 4 and (det.scores <= 1).all()
+    # `visiondet predict` runs an R-CNN checkpoint like any detector: COCO results with the dataset's ids
+    from apps.cli import main
+
+    pred = tmp_path / "pred"
+    assert main(["predict", "--no-progress", "--weights", str(result.run_dir / "final.pt"), "--source",
+                 str(data / "val" / "images"), "--output", str(pred), "--score-threshold", "0",
+                 "--format", "jsonl", "--workers", "0", "--device", "cpu"]) == 0
+    summary = json.loads((pred / "summary.json").read_text())
+    assert (summary["task"], summary["done"], summary["failed"]) == ("detection", 2, 0)
+    rows = [json.loads(line) for line in (pred / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(d["category_id"] in (1, 2, 3) for r in rows for d in r["detections"])
     # resume after a stop during the SVM stage: features and finished SVMs are reused, not recomputed
     svm1 = (stage / "svm_1.pt").stat().st_mtime_ns
     (stage / "svm_3.pt").unlink()

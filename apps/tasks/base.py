@@ -68,6 +68,9 @@ class Task(ABC):
     """Model, data and evaluation of one task; subclasses set the class attributes and abstract methods."""
 
     name: ClassVar[str]
+    # What the model returns at inference, for predict and the demo: "detection", "classification" or
+    # "segmentation". Tasks that differ only in training (R-CNN's stages) share their output kind.
+    output: ClassVar[str]
     model_config_type: ClassVar[type]  # dataclass rebuilt from checkpoint["model"], e.g. ClassifierConfig
     options_type: ClassVar[type] = NoOptions  # dataclass for the config's data.options
     primary_metric: ClassVar[str]  # key of evaluate()'s result, higher is better: "top1", "mIoU", "AP50"

@@ -74,6 +74,7 @@ def classification_metrics(correct_top1: torch.Tensor, correct_topk: torch.Tenso
 
 class ClassificationTask(Task):
     name = "classification"
+    output = "classification"
     model_config_type = ClassifierConfig
     options_type = ClassificationOptions
     primary_metric = "top1"

@@ -52,6 +52,7 @@ def _unwrap(dataset: Any) -> Any:
 
 class DetectionTask(Task):
     name = "detection"
+    output = "detection"
     model_config_type = DetectorConfig
     options_type = DetectionOptions
     primary_metric = "AP"

@@ -92,6 +92,7 @@ def _metric_summary(metrics: dict[str, Any], classes: list[dict[str, Any]], imag
 
 class SegmentationTask(Task):
     name = "segmentation"
+    output = "segmentation"
     model_config_type = SegmentationConfig
     options_type = SegmentationOptions
     primary_metric = "mIoU"
