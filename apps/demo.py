@@ -224,7 +224,7 @@ class Demo:
                     x = gr.Slider(0, 100, value=50, step=0.5, label="Anchor position x (% of width)")
                     y = gr.Slider(0, 100, value=50, step=0.5, label="Anchor position y (% of height)")
                 with gr.Row():
-                    top_n = gr.Slider(5, 300, value=50, step=5, label="Boxes shown per stage")
+                    top_n = gr.Slider(5, 300, value=20, step=5, label="Boxes shown per stage")
                     score = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Final score threshold")
                 button = gr.Button("Explain", variant="primary", elem_id="exp-run")
         with gr.Row():

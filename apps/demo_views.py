@@ -89,15 +89,27 @@ def _name(class_names: Sequence[str], label: int) -> str:
 
 def _anchor_picture(image: np.ndarray, stage: Stage, position: tuple[float, float], scale: float
                     ) -> np.ndarray:
-    """Each anchor in its own colour with "level size ratio objectness", and the position as a cross."""
+    """The anchors coloured by feature level, a legend with each level's anchor size and best objectness, and
+    the position as a cross. (One text label per anchor would cover the picture: 15 anchors sit on one
+    point with FPN.)"""
     canvas, view = display_copy(image)
     boxes = stage.boxes.cpu().numpy() * (scale * view)
-    labels = np.arange(1, len(boxes) + 1)
-    canvas = np.array(visualize.draw_detections(canvas, boxes, labels, stage.scores.cpu().numpy(),
-                                                ["", *stage.names], line_width=1))
+    levels = stage.labels.cpu().tolist()
+    scores = stage.scores.cpu().tolist()
+    colors = [visualize.color_of(level + 1) for level in levels]
+    for box, color in zip(boxes, colors, strict=True):
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), color, 2, lineType=cv2.LINE_AA)
+    entries = []
+    for level in sorted(set(levels)):
+        members = [i for i, lv in enumerate(levels) if lv == level]
+        size = " ".join(stage.names[members[0]].split()[:2])  # "p2 16px"
+        best = max(scores[i] for i in members)
+        entries.append((f"{size}: objectness up to {best:.2f}", visualize.color_of(level + 1)))
+    canvas = np.array(visualize.draw_legend(canvas, entries))
     x, y = (int(round(v * scale * view)) for v in position)
-    cv2.drawMarker(canvas, (x, y), (255, 255, 255), cv2.MARKER_CROSS, 14, 3)
-    cv2.drawMarker(canvas, (x, y), (220, 0, 0), cv2.MARKER_CROSS, 12, 1)
+    cv2.drawMarker(canvas, (x, y), (255, 255, 255), cv2.MARKER_CROSS, 18, 4)
+    cv2.drawMarker(canvas, (x, y), (220, 0, 0), cv2.MARKER_CROSS, 16, 2)
     return canvas
 
 
