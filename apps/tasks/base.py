@@ -64,6 +64,35 @@ class Datasets:
     classes: list[dict[str, Any]]
 
 
+class Relabelled(Dataset):
+    """``dataset`` with each item's target ``t`` replaced by ``lookup[t]`` (a list for class indices, a
+    tensor for label maps)."""
+
+    def __init__(self, dataset: Dataset, lookup: Any) -> None:
+        self.dataset, self.lookup = dataset, lookup
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image, target = self.dataset[index]
+        return image, self.lookup[target]
+
+
+def class_positions(own: list[dict[str, Any]], classes: list[dict[str, Any]], where: str,
+                    kind: str = "classes") -> list[int] | None:
+    """Index in ``classes`` (the model's order) of each of a dataset's ``own`` classes, matched by name;
+    None when the two orders already agree. A class the model does not know is a ConfigError."""
+    names = [c["name"] for c in classes]
+    mine = [c["name"] for c in own]
+    if mine == names:
+        return None
+    unknown = [n for n in mine if n not in names]
+    if unknown:
+        raise ConfigError(f"{where}: {kind} {unknown} are not among the model's classes {names}")
+    return [names.index(n) for n in mine]
+
+
 class Task(ABC):
     """Model, data and evaluation of one task; subclasses set the class attributes and abstract methods."""
 

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from apps.config import ConfigError, Experiment, SplitConfig
 from apps.engine.distributed import all_reduce_sum
-from apps.tasks.base import Datasets, Task
+from apps.tasks.base import Datasets, Relabelled, Task, class_positions
 from vision.classification import Classifier, ClassifierConfig
 from vision.data.folder import ImageFolderDataset
 from vision.data.transforms import build_transforms
@@ -30,30 +30,10 @@ class ClassificationOptions:
     size: int = 224  # input side; evaluation resizes the short side to size / 0.875 and centre-crops
 
 
-class _Relabelled(Dataset):
-    """A dataset whose labels are mapped into another class order (matching classes by name)."""
-
-    def __init__(self, dataset: Dataset, mapping: list[int]) -> None:
-        self.dataset, self.mapping = dataset, mapping
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.dataset[index]
-        return image, self.mapping[label]
-
-
 def _align(dataset: Any, classes: list[dict[str, Any]], where: str) -> Dataset:
     """``dataset`` with labels in the order of ``classes``; its folders must all be among them."""
-    names = [c["name"] for c in classes]
-    own = [c["name"] for c in dataset.classes]
-    if own == names:
-        return dataset
-    unknown = [n for n in own if n not in names]
-    if unknown:
-        raise ConfigError(f"{where}: class folders {unknown} are not among the model's classes {names}")
-    return _Relabelled(dataset, [names.index(n) for n in own])
+    positions = class_positions(dataset.classes, classes, where, "class folders")
+    return dataset if positions is None else Relabelled(dataset, positions)
 
 
 def classification_metrics(correct_top1: torch.Tensor, correct_topk: torch.Tensor, total: torch.Tensor,

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from apps.config import ConfigError, Experiment, SplitConfig
 from apps.engine.distributed import all_reduce_sum
-from apps.tasks.base import Datasets, Task
+from apps.tasks.base import Datasets, Relabelled, Task, class_positions
 from vision.segmentation import IGNORE_INDEX, SegmentationConfig, SegmentationMetric, build_segmentation_model
 
 __all__ = ["SegmentationOptions", "SegmentationTask", "segmentation_collate"]
@@ -40,33 +40,14 @@ class SegmentationOptions:
     classes: list[str] | None = None  # mask folders: names of labels 1..K (COCO files name their categories)
 
 
-class _Relabelled(Dataset):
-    """Targets mapped into another label order through a lookup table (255 stays 255)."""
-
-    def __init__(self, dataset: Dataset, lookup: Tensor) -> None:
-        self.dataset, self.lookup = dataset, lookup
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image, target = self.dataset[index]
-        return image, self.lookup[target]
-
-
 def _align(dataset: Any, classes: list[dict[str, Any]], where: str) -> Dataset:
-    """``dataset`` with labels in the order of ``classes`` (by name); it may not bring unknown classes."""
-    names = [c["name"] for c in classes]
-    own = [c["name"] for c in dataset.classes]
-    if own == names:
+    """``dataset`` with label maps in the order of ``classes`` (by name); 0 and 255 keep their meaning."""
+    positions = class_positions(dataset.classes, classes, where)
+    if positions is None:
         return dataset
-    unknown = [n for n in own if n not in names]
-    if unknown:
-        raise ConfigError(f"{where}: classes {unknown} are not among the model's classes {names}")
     lookup = torch.arange(IGNORE_INDEX + 1)
-    for label, name in enumerate(own, start=1):
-        lookup[label] = names.index(name) + 1
-    return _Relabelled(dataset, lookup)
+    lookup[1:len(positions) + 1] = torch.tensor(positions) + 1
+    return Relabelled(dataset, lookup)
 
 
 def segmentation_collate(items: list[tuple[Tensor, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
