@@ -19,25 +19,25 @@ run() { echo "+ $*"; nice -n 10 "$@"; }
 
 det_data() {  # one detection set for the three detectors (seed 0, 128-160 px as the configs expect)
   [ -f "$OUT/shapes_det/val/annotations.json" ] ||
-    run "$VD" synth --task detection --out "$OUT/shapes_det" --num-images 1000 --image-size 128 160 --seed 0
+    run "$VD" synth --task detection --out "$OUT/shapes_det" --num-images 2000 --image-size 128 160 --seed 0
 }
 det_paths=(data.train.images="$OUT/shapes_det/train/images" data.train.annotations="$OUT/shapes_det/train/annotations.json"
            data.val.images="$OUT/shapes_det/val/images" data.val.annotations="$OUT/shapes_det/val/annotations.json")
 
 classifier() {
-  run "$VD" synth --task classification --out "$OUT/shapes_cls" --num-images 1000 --seed 0
+  run "$VD" synth --task classification --out "$OUT/shapes_cls" --num-images 4000 --seed 0
   run "$VD" train configs/classification/resnet18_shapes.yaml data.train.root="$OUT/shapes_cls/train" \
     data.val.root="$OUT/shapes_cls/val" output_dir="$OUT/classifier" device=cpu "${EXTRA[@]}"
   run "$PY" weights/export.py "$OUT/classifier/best.pt" weights/classifier_shapes.pt --check-images "$OUT/shapes_cls/val"
 }
 
 segmenter() {
-  run "$VD" synth --task segmentation --out "$OUT/shapes_seg" --num-images 300 --image-size 64 96 --seed 0
-  run "$VD" train configs/segmentation/deeplabv3_r18_shapes_cpu.yaml \
+  run "$VD" synth --task segmentation --out "$OUT/shapes_seg" --num-images 2000 --image-size 64 96 --seed 0
+  run "$VD" train configs/segmentation/deeplabv3plus_r18_shapes_cpu.yaml \
     data.train.images="$OUT/shapes_seg/train/images" data.train.annotations="$OUT/shapes_seg/train/annotations.json" \
     data.val.images="$OUT/shapes_seg/val/images" data.val.annotations="$OUT/shapes_seg/val/annotations.json" \
     output_dir="$OUT/segmenter" device=cpu "${EXTRA[@]}"
-  run "$PY" weights/export.py "$OUT/segmenter/best.pt" weights/deeplabv3_shapes.pt --check-images "$OUT/shapes_seg/val/images"
+  run "$PY" weights/export.py "$OUT/segmenter/best.pt" weights/deeplabv3plus_shapes.pt --check-images "$OUT/shapes_seg/val/images"
 }
 
 faster_rcnn() {
