@@ -98,3 +98,20 @@ def test_bad_arguments(tmp_path, kwargs, message):
     args = {"task": "detection", "num_images": 2, "seed": 0, **kwargs}
     with pytest.raises(ValueError, match=message):
         make_shapes(args.pop("task"), tmp_path, **args)
+
+
+def test_an_existing_set_is_reused_and_another_one_refused(tmp_path):
+    make_shapes("classification", tmp_path, num_images=12, seed=0, image_size=48)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")}
+    make_shapes("classification", tmp_path, num_images=12, seed=0, image_size=48)  # same request: kept
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")} == before
+    # a bigger set over the small one would leave the small one's val images among the new ones
+    with pytest.raises(ValueError, match=r"val: not empty"):
+        make_shapes("classification", tmp_path, num_images=40, seed=0, image_size=48)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")} == before
+    stray = tmp_path / "mine"
+    (stray / "train").mkdir(parents=True)
+    (stray / "train" / "notes.txt").write_text("the user's own file")
+    with pytest.raises(ValueError, match="not empty"):
+        make_shapes("detection", stray, num_images=4, seed=0)
+    assert (stray / "train" / "notes.txt").read_text() == "the user's own file"

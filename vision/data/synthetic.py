@@ -30,6 +30,7 @@ __all__ = ["SHAPES", "make_shapes"]
 SHAPES = ("circle", "square", "triangle")
 _DEFAULT_SIZES = {"detection": (160, 256), "segmentation": (160, 256), "classification": (64, 96)}
 _OBJECT_SIZE = (16, 80)  # detection/segmentation object side in pixels (capped by the image)
+_VERSION = 1  # of the drawing code: a change that alters the images bumps it
 _SUBPIXEL = 4  # cv2 fixed-point bits: polygons are drawn at 1/16 px, as recorded in the JSON
 
 
@@ -46,7 +47,9 @@ def make_shapes(
 
     Args:
         task: "detection", "segmentation" or "classification".
-        out_dir: created if needed; existing files of the same names are overwritten.
+        out_dir: created if needed. A folder this function filled with the same arguments is reused as it
+            is; one holding anything else is refused (ValueError), so that no stale image from another
+            run can end up in a split (an ImageFolder reads every file it finds).
         num_images: total over both splits.
         seed: the only source of randomness.
         image_size: side length, or (smallest, largest) side; each image draws its width and height
@@ -66,9 +69,19 @@ def make_shapes(
     num_val = round(num_images * val_fraction)
     if val_fraction > 0 and num_images >= 2:
         num_val = max(num_val, 1)
-    rng = np.random.default_rng(seed)
     out = Path(out_dir)
     splits = {"train": out / "train", "val": out / "val"}
+    request = {"task": task, "num_images": num_images, "seed": seed, "image_size": [low, high],
+               "val_fraction": val_fraction, "version": _VERSION}
+    manifest = out / "synth.json"
+    if manifest.is_file() and _read_json(manifest) == request:
+        return splits
+    taken = [str(p) for p in splits.values() if p.is_dir() and any(p.iterdir())]
+    if taken:
+        raise ValueError(f"{', '.join(taken)}: not empty (another dataset, or other settings); "
+                         f"choose an empty --out folder or delete these")
+    manifest.unlink(missing_ok=True)
+    rng = np.random.default_rng(seed)
     counts = {"train": num_images - num_val, "val": num_val}
     first = 0
     for split, folder in splits.items():
@@ -78,7 +91,15 @@ def make_shapes(
         else:
             _write_coco(folder, indices, rng, low, high)
         first += counts[split]
+    manifest.write_text(json.dumps(request), encoding="utf-8")  # last: a half-written set has none
     return splits
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _write_coco(folder: Path, indices: range, rng: np.random.Generator, low: int, high: int) -> None:
