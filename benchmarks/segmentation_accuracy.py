@@ -14,6 +14,7 @@ minutes and its figure depends on the machine only through time, not through the
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -32,10 +33,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="work folder (data and run); default: a temporary folder")
-    parser.add_argument("--num-images", type=int, default=300, help="images over both splits (default 300)")
+    parser.add_argument("--num-images", type=int, default=2000, help="images over both splits (default 2000)")
     parser.add_argument("--image-size", type=int, nargs=2, default=(64, 96), metavar=("MIN", "MAX"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    # One thread by default: on a shared, oversubscribed CPU two OpenMP threads wait on each other and run
+    # several times slower than one (measured here: 1.6 s vs 0.33 s per ResNet-18 training step).
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
 
@@ -76,7 +79,13 @@ def main() -> int:
         metrics = loaded.task.evaluate(loaded.model, loader, torch.device("cpu"), loaded.classes)
     print(f"\ntraining: {result.status}, {result.epochs_done} epochs in {train_s / 60:.1f} min; run folder "
           f"{result.run_dir}")
-    print(f"validation split, best checkpoint (epoch {loaded.checkpoint['train_state']['epoch']}):")
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in rows if r["kind"] == "val"]
+    print("epoch  mIoU")
+    for r in vals:
+        print(f"{r['epoch']:5d}  {r['mIoU']:.4f}")
+    best = max(vals, key=lambda r: r["mIoU"])
+    print(f"validation split, best checkpoint (epoch {best['epoch']}), evaluated again:")
     print(loaded.task.format_metrics(metrics))
     reached = metrics["mIoU"] >= GOAL
     print(f"\nmIoU {metrics['mIoU']:.4f} vs goal {GOAL:.2f}: {'reached' if reached else 'NOT reached'}")

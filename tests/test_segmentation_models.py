@@ -20,8 +20,6 @@ from vision.segmentation import (
 )
 from vision.segmentation.model import IMAGENET_MEAN, IMAGENET_STD
 
-torch.set_num_threads(2)
-
 
 @pytest.mark.parametrize(
     ("arch", "output_stride"),

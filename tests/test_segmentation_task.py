@@ -41,7 +41,6 @@ def experiment(shapes, out, **model):
 
 
 def test_train_then_evaluate_prints_segmentation_metrics(shapes, tmp_path, capsys):
-    torch.set_num_threads(2)
     result = train(build_experiment(experiment(shapes, tmp_path / "run")))
     assert result.status == "completed"
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
