@@ -4,7 +4,6 @@ The models here follow the model contract of docs/ARCHITECTURE.md; other predict
 """
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from apps.predict import ClassificationResult, DetectionResult, Predictor, SegmentationResult
-from apps.tasks import LoadedModel
+from apps.tasks import LoadedModel, get_task
 from detection.structures import Detections
 
 COLORS = [{"id": 11, "name": "red"}, {"id": 12, "name": "green"}, {"id": 13, "name": "blue"}]
@@ -66,8 +65,7 @@ class RedBoxDetector(nn.Module):
 
 
 def loaded(task: str, model: nn.Module, preprocess: dict | None = None) -> LoadedModel:
-    task_obj = SimpleNamespace(name=task)
-    return LoadedModel(task_obj, model.eval(), list(COLORS), preprocess or {}, {}, Path("m.pt"))
+    return LoadedModel(get_task(task), model.eval(), list(COLORS), preprocess or {}, {}, Path("m.pt"))
 
 
 def red_square(h=40, w=60, box=(10, 5, 30, 25)) -> np.ndarray:
