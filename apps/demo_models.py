@@ -23,6 +23,7 @@ from apps.predict_results import DetectionResult
 from apps.tasks import LoadedModel, load_model
 from vision.checkpoint import CheckpointError, is_visiondet_checkpoint, load_checkpoint
 from vision.data.images import ImageError, read_image
+from vision.layers import prepare_for_inference
 
 __all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_SIDE", "DETECTION_TASKS", "Checkpoint", "DemoInputError",
            "ModelCache", "detection_record", "detection_rows", "find_checkpoints", "fit_size", "read_upload",
@@ -155,7 +156,7 @@ class ModelCache:
                     print(f"visiondet demo: {exc}", file=sys.stderr)
                     reason = _without_paths(exc, entry.path)
                     raise DemoInputError(f"Model {label} could not be loaded: {reason}") from None
-                self._models[label] = loaded
+                self._models[label] = dataclasses.replace(loaded, model=prepare_for_inference(loaded.model))
                 self.loads[label] = self.loads.get(label, 0) + 1
         return self._models[label]
 

@@ -33,7 +33,8 @@ from detection.rpn import RegionProposalNetwork, RPNHead
 from detection.structures import Detections
 from detection.transform import DetectionTransform, ImageBatch, scale_boxes
 from vision.backbones import ResNetFeatures, VGGFeatures, build_network
-from vision.layers import convert_frozen_batchnorm, fold_conv_bn
+from vision.layers import convert_frozen_batchnorm
+from vision.layers import prepare_for_inference as prepare_for_inference  # where detection users look
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -346,8 +347,3 @@ def _freeze(trunk: nn.Module, cfg: DetectorConfig) -> None:
         convert_frozen_batchnorm(trunk)
     trunk.freeze(min(5 - cfg.trainable_backbone_layers, len(trunk.stages())))
 
-
-def prepare_for_inference(model: TwoStageDetector) -> TwoStageDetector:
-    """A copy for fast CPU/GPU inference with the same outputs (within float rounding): batch norms folded
-    into the preceding convs, weights in channels-last layout, eval mode, no gradients."""
-    return fold_conv_bn(model).to(memory_format=torch.channels_last)

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["FrozenBatchNorm2d", "Normalize", "convert_frozen_batchnorm", "fold_conv_bn"]
+__all__ = ["FrozenBatchNorm2d", "Normalize", "convert_frozen_batchnorm", "fold_conv_bn",
+           "prepare_for_inference"]
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -158,3 +159,10 @@ def fold_conv_bn(module: nn.Module) -> nn.Module:
     for p in folded.parameters():
         p.requires_grad_(False)
     return folded
+
+
+def prepare_for_inference(model: nn.Module) -> nn.Module:
+    """An inference copy of any model with the same outputs (within float rounding): batch norms folded into
+    the preceding convs, 4-D weights channels-last (the layout oneDNN's CPU convolutions run fastest in),
+    eval mode, no gradients. ``benchmarks/detection.py`` and ``backbones.py`` measure the gain."""
+    return fold_conv_bn(model).to(memory_format=torch.channels_last)
