@@ -83,7 +83,9 @@ def _nms_thresh(task: str, model_cfg: dict[str, Any]) -> float | None:
 
 def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] = ()
                      ) -> tuple[list[Checkpoint], list[str]]:
-    """Checkpoints ``*.pt`` in ``folders`` (not recursive) and the given ``files``, in that order.
+    """Checkpoints ``*.pt`` in ``folders`` (not recursive) and the given ``files``, in that order, except
+    that detectors are listed newest R-CNN generation first (Faster, Fast, then R-CNN): a picker opens on
+    its first entry, and the newest is the one a first-time user should see.
 
     Returns (usable checkpoints, one problem line per file that is not one). A file is read in full once
     here (for its task, classes and metrics) and again when first used; the weights are not kept.
@@ -114,7 +116,15 @@ def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] 
         task, model_cfg = str(ckpt["task"]), ckpt.get("model") or {}
         found.append(Checkpoint(label, path, task, _arch(task, model_cfg), list(ckpt["classes"]),
                                 dict(ckpt.get("metrics") or {}), _nms_thresh(task, model_cfg)))
+    found.sort(key=_generation)  # stable: discovery order otherwise
     return found, problems
+
+
+def _generation(checkpoint: Checkpoint) -> int:
+    """0 for Faster R-CNN and every non-detector, 1 for Fast R-CNN, 2 for R-CNN."""
+    if checkpoint.task == "rcnn":
+        return 2
+    return 1 if checkpoint.arch.startswith("fast_rcnn") else 0
 
 
 class ModelCache:

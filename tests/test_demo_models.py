@@ -100,8 +100,11 @@ def test_find_checkpoints_keeps_usable_ones_and_names_the_others(tmp_path):
     (tmp_path / "c_junk.pt").write_bytes(b"not a checkpoint")
     other = tmp_path / "other"
     save_checkpoint(dict(good, task="classification", model={"backbone": "resnet18"}), other / "a_good.pt")
+    save_checkpoint(dict(good, task="rcnn", model={"backbone": "resnet18"}), tmp_path / "0_rcnn.pt")
+    save_checkpoint(dict(good, model={"arch": "fast_rcnn_r18"}), tmp_path / "1_fast.pt")
     found, problems = find_checkpoints([tmp_path], [other / "a_good.pt", tmp_path / "a_good.pt"])
-    assert [c.label for c in found] == ["a_good.pt", str(other / "a_good.pt")]  # names stay unique
+    # names stay unique; detectors newest generation first, discovery order otherwise
+    assert [c.label for c in found] == ["a_good.pt", str(other / "a_good.pt"), "1_fast.pt", "0_rcnn.pt"]
     first = found[0]
     assert (first.task, first.arch, first.nms_thresh) == ("detection", "faster_rcnn_r18_fpn", 0.4)
     assert first.summary() == "faster_rcnn_r18_fpn (2 classes: circle, square); val AP50 0.912, val AP 0.700"
