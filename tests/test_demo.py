@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from apps.demo import EXAMPLES_DIR, WEIGHTS_DIR, Demo
+from apps.demo_models import DETECTION_TASKS
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -114,6 +115,24 @@ def test_gradio_client_every_task(server, tmp_path):
     *panels, text = client.predict(handle_file(SCENE), DETECTOR, 50, 50, 20, 0.5, api_name="/explain")
     assert len(panels) == 4 and all(Path(p["value"] if isinstance(p, dict) else p).is_file() for p in panels)
     assert "anchors" in text and "proposals" in text
+
+
+def test_every_shipped_detector_finds_the_example_objects(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    demo, url = server
+    detectors = demo.cache.labels(DETECTION_TASKS)
+    assert detectors[0] == DETECTOR and len(detectors) >= 2  # Fast R-CNN (and R-CNN) after Faster R-CNN
+    client = Client(url, verbose=False, download_files=str(tmp_path))
+    for scene in (SCENE, EXAMPLES_DIR / "scene_3.png"):
+        truth = TRUTH[scene.name]
+        for label in detectors:
+            _, table, _, _ = client.predict(handle_file(scene), label, 0.5, 0.5, [], api_name="/detect")
+            assert found_objects(table["data"], truth) >= len(truth) - 1, (label, scene.name, table["data"])
+    for label in detectors[1:]:  # the selective-search view
+        *panels, text = client.predict(handle_file(SCENE), label, 50, 50, 20, 0.5, api_name="/explain")
+        assert "selective search" in text and all(Path(p["value"] if isinstance(p, dict) else p).is_file()
+                                                  for p in panels)
 
 
 def test_bad_uploads_get_a_message_and_the_server_keeps_serving(server, browser, tmp_path):
