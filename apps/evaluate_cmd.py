@@ -67,6 +67,7 @@ def evaluate(args: argparse.Namespace) -> tuple[str, dict[str, float], Path]:
                              pin_memory=info.device.type == "cuda")
         with torch.inference_mode():
             metrics = loaded.task.evaluate(loaded.model, loader, info.device, loaded.classes)
+        dist_utils.barrier()  # leave the group together (see cleanup)
     finally:
         dist_utils.cleanup()
     weights = Path(args.weights)

@@ -57,6 +57,7 @@ def train(exp: Experiment, *, runs_root: str | Path = "runs") -> TrainResult:
     try:
         trainer = _Trainer(exp, info, Path(runs_root))
         result = trainer.run()
+        dist_utils.barrier()  # leave the group together (see cleanup)
     finally:
         torch.use_deterministic_algorithms(deterministic)  # a global switch: leave it as it was
         if created_group:

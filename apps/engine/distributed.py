@@ -71,6 +71,10 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 1800.0) -> Dist
 
 
 def cleanup() -> None:
+    """Leave the process group. On the success path call ``barrier()`` first: a rank that tears gloo down
+    while another is still in its last collective or writing can die in C++ at exit ("terminate called
+    without an active exception", seen once in the torchrun test on a loaded machine). Not after an error:
+    the other ranks may never arrive."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
