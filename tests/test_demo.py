@@ -122,7 +122,7 @@ def test_every_shipped_detector_finds_the_example_objects(server, tmp_path):
 
     demo, url = server
     detectors = demo.cache.labels(DETECTION_TASKS)
-    assert detectors[0] == DETECTOR and len(detectors) >= 2  # Fast R-CNN (and R-CNN) after Faster R-CNN
+    assert detectors == [DETECTOR, "fast_rcnn_shapes.pt", "rcnn_shapes.pt"]  # newest generation first
     client = Client(url, verbose=False, download_files=str(tmp_path))
     for scene in (SCENE, EXAMPLES_DIR / "scene_3.png"):
         truth = TRUTH[scene.name]
