@@ -51,6 +51,15 @@ def test_missing_and_truncated_files_name_the_file(tmp_path):
         load_checkpoint(path)
 
 
+def test_files_that_are_no_checkpoint_at_all_get_one_plain_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello, these are not weights\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "photo.pt").write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))  # a JPEG under a .pt name
+    for name in ("notes.txt", "empty.pt", "photo.pt"):
+        with pytest.raises(CheckpointError, match=rf"{name}: not a visiondet or PyTorch checkpoint"):
+            load_checkpoint(tmp_path / name)
+
+
 def test_pickled_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "payload-ran"
     path = tmp_path / "evil.pt"

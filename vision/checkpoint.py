@@ -16,6 +16,8 @@ import torch
 
 FORMAT = "visiondet"
 VERSION = 1
+# torch.save writes a zip archive; files from before PyTorch 1.6 are a bare pickle (protocol 2+ starts with 0x80)
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 class CheckpointError(ValueError):
@@ -44,6 +46,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head.startswith(_CHECKPOINT_MAGIC):
+        # torch's own error for a text or image file is a bare KeyError such as '101'
+        what = "the file is empty" if not head else "it is neither a zip archive nor a pickle"
+        raise CheckpointError(f"{path}: not a visiondet or PyTorch checkpoint ({what})")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
