@@ -27,7 +27,7 @@ from apps.engine import checkpointing as ckpt_io
 from apps.engine import distributed as dist_utils
 from apps.engine.ema import ModelEMA
 from apps.engine.loader import SeededItems, epoch_batches, eval_loader, make_loader
-from apps.engine.logging import RunLogger, plot_curves, run_log
+from apps.engine.logging import DataWait, RunLogger, plot_curves, run_log
 from apps.engine.optim import build_optimizer
 from apps.engine.schedule import build_scheduler
 from apps.tasks import get_task
@@ -259,10 +259,12 @@ class _Trainer:
         batches = self._batches(epoch)
         start = self.batch_in_epoch
         self.items.epoch = epoch
-        loader = make_loader(self.items, batches[start:], self.task.collate, workers=self.exp.data.workers,
-                             pin_memory=self.device.type == "cuda", seed=self.exp.seed + epoch)
+        loader = DataWait(make_loader(self.items, batches[start:], self.task.collate,
+                                      workers=self.exp.data.workers, pin_memory=self.device.type == "cuda",
+                                      seed=self.exp.seed + epoch))
         progress = self.log.progress(epoch=epoch, epochs=cfg.epochs, total=len(batches), start=start,
-                                     log_every=cfg.log_every)
+                                     log_every=cfg.log_every, data_wait=loader)
+        record_mark = loader.mark()  # start of the next metrics record's data-wait window
         self.ddp.train()
         window = 0  # batches whose gradients wait for the next optimizer step
         sums: dict[str, torch.Tensor] = {}
@@ -297,8 +299,8 @@ class _Trainer:
                     if self._optimizer_step():
                         self.step += 1
                         if self.step % cfg.log_every == 0:
-                            self._log_train(sums, logged_batches, epoch)
-                            sums, logged_batches = {}, 0
+                            self._log_train(sums, logged_batches, epoch, loader.share(record_mark))
+                            sums, logged_batches, record_mark = {}, 0, loader.mark()
                         every = cfg.checkpoint_every
                         if every and self.step % every == 0 and i + 1 < len(batches):  # (epoch end saves)
                             self._save_last()
@@ -354,15 +356,38 @@ class _Trainer:
             self.ema.update(self.model)
         return True
 
-    def _log_train(self, sums: dict[str, torch.Tensor], count: int, epoch: int) -> None:
+    _data_wait_warned = False  # the data-wait warning is given once per run
+
+    def _log_train(self, sums: dict[str, torch.Tensor], count: int, epoch: int, data_wait: float) -> None:
         keys = sorted(sums)
         totals = torch.stack([torch.as_tensor(sums[k], device=self.device) for k in keys]
-                             + [torch.tensor(float(count), device=self.device)])
+                             + [torch.tensor(float(count), device=self.device),
+                                torch.tensor(data_wait, device=self.device)])
         totals = dist_utils.all_reduce_sum(totals).tolist()
-        values = {k: v / max(totals[-1], 1.0) for k, v in zip(keys, totals[:-1], strict=True)}
+        values = {k: v / max(totals[-2], 1.0) for k, v in zip(keys, totals[:-2], strict=True)}
         values["loss"] = sum(values.values())
         values["lr"] = self.optimizer.param_groups[0]["lr"]
+        values["data_wait"] = totals[-1] / self.info.world_size  # the mean over the ranks
+        if self.scaler.is_enabled():
+            values["grad_scale"] = self.scaler.get_scale()
         self.log.record("train", step=self.step, epoch=epoch + 1, values=values)
+        if values["data_wait"] > 1 / 3 and not self._data_wait_warned:
+            self._data_wait_warned = True
+            self.log.warning(self._data_wait_advice(values["data_wait"]))
+
+    def _data_wait_advice(self, share: float) -> str:
+        data = self.exp.data
+        # name each setting with its state now; the data.* keys only where this config has them
+        pin = getattr(data, "pin_memory", None)
+        pin = self.device.type == "cuda" if pin is None else pin
+        persistent = getattr(data, "persistent_workers", None)
+        return (f"steps {max(self.step - self.cfg.log_every, 0) + 1}-{self.step} waited for data {share:.0%} "
+                f"of the time: the model is starved. Raise data.workers (now {data.workers}; up to the CPU "
+                f"cores per process); pin_memory is {'on' if pin else 'off'}"
+                f"{'' if pin else ' (turn it on for CUDA)'}; persistent workers are "
+                f"{'on' if persistent else 'off (workers start again every epoch)'}"
+                f"{'' if persistent is None or persistent else ': set data.persistent_workers=true'}; "
+                "or make the transforms cheaper")
 
     # ---- evaluation and the end of an epoch ---------------------------------------------------------------
 

@@ -4,6 +4,7 @@ checkpoint format, non-finite losses, early stopping, accumulation, fine-tuning 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 from apps.config import ConfigError, build_experiment, load_config
 from apps.engine.checkpointing import load_finetune_weights
 from apps.engine.loader import IndexedCollate, SeededItems, epoch_batches, make_loader
+from apps.engine.logging import DataWait
 from apps.tasks import TASKS, get_task, load_model
 from apps.train import TrainingError, train
 from vision.checkpoint import load_checkpoint, save_checkpoint
@@ -168,3 +170,38 @@ def test_finish_training_runs_once_after_the_loop_with_the_run_folder(tmp_path, 
     assert calls == [(tmp_path / "run", True, "cpu")]
     assert result.metrics == {"final_accuracy": 1.0}
     assert "later stage done" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_data_wait_is_measured_over_each_window():
+    def slow_items():
+        for i in range(4):
+            time.sleep(0.05)
+            yield i
+
+    wait = DataWait(slow_items())
+    mark = wait.mark()
+    for _ in wait:
+        time.sleep(0.05)  # as long as the wait: about half the time is waiting
+    assert 0.3 < wait.share(mark) < 0.7 and 0.18 < wait.waited < 0.5
+    assert wait.share(wait.mark()) == 0.0  # a window that has not waited yet
+
+
+def test_a_run_starved_of_data_says_so_in_every_record_and_warns_once(tmp_path, monkeypatch):
+    slow = ToyDataset.__getitem__
+
+    def sleepy(self, i):
+        time.sleep(0.03)  # 0.12 s per batch of 4 against a few ms of compute
+        return slow(self, i)
+
+    monkeypatch.setattr(ToyDataset, "__getitem__", sleepy)
+    run(tmp_path, epochs=2, val=False, log_every=1)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    shares = [r["data_wait"] for r in rows if r["kind"] == "train"]
+    assert len(shares) == 8 and all(0.5 < s <= 1.0 for s in shares), shares
+    log = (tmp_path / "run" / "train.log").read_text()
+    warnings = [line for line in log.splitlines() if "waited for data" in line]
+    assert len(warnings) == 1, warnings
+    assert "data.workers (now 0" in warnings[0] and "pin_memory is off" in warnings[0]
+    assert "persistent workers are off" in warnings[0]
+    lines = [line for line in log.splitlines() if " it " in line and "/4 " in line]  # progress lines
+    assert len(lines) == 8 and all("data_wait 0." in line or "data_wait 1" in line for line in lines)

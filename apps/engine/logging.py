@@ -3,6 +3,8 @@
 Only rank 0 writes. Messages go to stderr (through ``tqdm.write`` so they do not break the bar) and to
 ``train.log`` in the run folder. On a terminal each epoch gets a tqdm bar (loss, lr, it/s, ETA); when the
 output is not a terminal (CI, nohup, a pipe) the same figures come as plain lines every ``log_every`` steps.
+Both, and every ``train`` record, carry ``data_wait``: the share of the wall time spent waiting for the next
+batch (:class:`DataWait`), the first thing to look at when a GPU is not kept busy.
 """
 
 from __future__ import annotations
@@ -12,14 +14,51 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-__all__ = ["RunLogger", "Progress", "plot_curves", "run_log"]
+__all__ = ["RunLogger", "Progress", "DataWait", "plot_curves", "run_log"]
 
 LOGGER_NAME = "visiondet.train"
+
+
+class DataWait:
+    """Iterates over a loader and measures how long each ``next()`` blocked.
+
+    ``share(mark)`` is the fraction of the wall time since ``mark`` (a :meth:`mark`) spent waiting, so each
+    reader (the progress line, the metrics record) keeps its own window. The training step reads its loss
+    on the host every batch (a device sync), so on CUDA the time outside ``next()`` is the real compute time
+    rather than a kernel queue that returned early.
+    """
+
+    def __init__(self, iterable: Iterable[Any]) -> None:
+        self.iterable = iterable
+        self.waited = 0.0  # seconds blocked in next(), since construction
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = iter(self.iterable)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.perf_counter() - start
+            yield item
+
+    def mark(self) -> tuple[float, float]:
+        """(seconds waited so far, now): the start of a window."""
+        return self.waited, time.perf_counter()
+
+    def share(self, mark: tuple[float, float]) -> float:
+        """Fraction of the time since ``mark`` spent waiting for data, in [0, 1]."""
+        waited, since = mark
+        elapsed = time.perf_counter() - since
+        return min(max((self.waited - waited) / elapsed, 0.0), 1.0) if elapsed > 0 else 0.0
 
 
 class _TqdmHandler(logging.Handler):
@@ -38,11 +77,14 @@ class Progress:
     """One epoch's progress: a tqdm bar on a terminal, else a plain line every ``log_every`` updates."""
 
     def __init__(self, *, epoch: int, epochs: int, total: int, start: int, log_every: int, enabled: bool,
-                 tty: bool, log: logging.Logger) -> None:
+                 tty: bool, log: logging.Logger, data_wait: DataWait | None = None) -> None:
         self.desc = f"epoch {epoch + 1}/{epochs}"
         self.total, self.done, self.log_every, self.log = total, start, log_every, log
         self.start_done, self.start_time = start, time.perf_counter()
         self.enabled = enabled
+        # the bar shows the epoch's share so far; each plain line the share since the previous line
+        self.data_wait = data_wait
+        self.epoch_mark = self.line_mark = data_wait.mark() if data_wait is not None else (0.0, 0.0)
         self.bar = (tqdm(total=total, initial=start, desc=self.desc, file=sys.stderr, dynamic_ncols=True,
                          unit="it", leave=True) if enabled and tty else None)
 
@@ -51,11 +93,16 @@ class Progress:
         if not self.enabled:
             return
         if self.bar is not None:
+            if self.data_wait is not None:
+                values = {**values, "data_wait": self.data_wait.share(self.epoch_mark)}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
             self.bar.update(n)
         elif self.done % self.log_every == 0 or self.done == self.total:
             rate = (self.done - self.start_done) / max(time.perf_counter() - self.start_time, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            if self.data_wait is not None:
+                values = {**values, "data_wait": self.data_wait.share(self.line_mark)}
+                self.line_mark = self.data_wait.mark()
             figures = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
             self.log.info(f"{self.desc}  it {self.done}/{self.total}  {figures}  {rate:.2f} it/s  "
                           f"eta {_format_eta(eta)}")
@@ -99,9 +146,10 @@ class RunLogger:
     def error(self, message: str) -> None:
         self.log.error(f"ERROR: {message}")
 
-    def progress(self, *, epoch: int, epochs: int, total: int, start: int, log_every: int) -> Progress:
+    def progress(self, *, epoch: int, epochs: int, total: int, start: int, log_every: int,
+                 data_wait: DataWait | None = None) -> Progress:
         return Progress(epoch=epoch, epochs=epochs, total=total, start=start, log_every=log_every,
-                        enabled=self.enabled, tty=self.tty, log=self.log)
+                        enabled=self.enabled, tty=self.tty, log=self.log, data_wait=data_wait)
 
     def record(self, kind: str, *, step: int, epoch: int, values: dict[str, float]) -> None:
         """One metrics.jsonl line ``{"kind", "step", "epoch", "time", **values}`` and TensorBoard scalars."""
