@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -75,9 +77,13 @@ class Demo:
         self.max_side = max_side
         self.concurrency = concurrency
         # Gradio reads GRADIO_TEMP_DIR when components are created: set it before building the page, so
-        # that uploads, results and downloads all land in one folder of ours.
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="visiondet-demo-"))
+        # that uploads, results and downloads all land in one folder of ours. A user's own GRADIO_TEMP_DIR
+        # (another disk, a tmpfs) is honoured: ours is a fresh folder inside it, removed on close.
         self._previous_temp_dir = os.environ.get("GRADIO_TEMP_DIR")
+        parent = self._previous_temp_dir or None
+        if parent:
+            Path(parent).mkdir(parents=True, exist_ok=True)
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="visiondet-demo-", dir=parent))
         os.environ["GRADIO_TEMP_DIR"] = str(self.temp_dir)
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -242,9 +248,8 @@ class Demo:
 
     # ---- server --------------------------------------------------------------------------------------------
 
-    def start(self, host: str = "127.0.0.1", port: int | None = 7860, *, share: bool = False,
-              block: bool = False) -> str:
-        """Serve the page; returns its local URL (``block=True`` returns only when the server stops)."""
+    def start(self, host: str = "127.0.0.1", port: int | None = 7860, *, share: bool = False) -> str:
+        """Serve the page in the background; returns its local URL (the real port when ``port`` is None)."""
         blocks = self.build()
         _, url, share_url = blocks.launch(
             server_name=host, server_port=port, share=share, prevent_thread_lock=True, show_error=False,
@@ -253,12 +258,27 @@ class Demo:
         )
         if share_url:
             print(f"visiondet demo: public link {share_url}")
-        if block:
-            try:
-                blocks.block_thread()
-            finally:
-                self.close()
         return url
+
+    def serve_forever(self) -> None:
+        """Block until SIGINT (Ctrl+C) or SIGTERM (``docker stop``, ``systemctl stop``), then :meth:`close`.
+
+        Gradio cleans up on Ctrl+C only; a service manager's SIGTERM would kill the process with every upload
+        left in the temporary folder, so both signals end the wait the same way.
+        """
+        stop = threading.Event()
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        previous = {}
+        if on_main_thread:  # signal handlers can only be installed there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda *_: stop.set())
+        try:
+            while not stop.wait(0.2) and self.blocks is not None and self.blocks.is_running:
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.close()
 
     def close(self) -> None:
         """Stop the server and delete every temporary file (uploads, results, downloads)."""

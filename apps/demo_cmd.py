@@ -64,14 +64,14 @@ def run(args: argparse.Namespace) -> int:
     demo = Demo.from_weights(folders, files, device=device, max_side=args.max_side or DEFAULT_MAX_SIDE,
                              max_pixels=max_pixels, concurrency=args.concurrency)
     found = len(demo.cache.checkpoints)
-    print(f"visiondet demo: {found} checkpoint{'s' * (found != 1)} on {device}; "
-          f"http://{args.host}:{args.port or '<free port>'} (Ctrl+C stops it)")
     try:
-        demo.start(args.host, args.port or None, share=args.share, block=True)
-    except KeyboardInterrupt:
-        pass
+        url = demo.start(args.host, args.port or None, share=args.share)
     except OSError as exc:  # port in use, address not available
         print(f"error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         demo.close()
         return 1
+    # the URL Gradio reports carries the port it really got (``--port 0`` picks a free one)
+    print(f"visiondet demo: {found} checkpoint{'s' * (found != 1)} on {device}; {url} (Ctrl+C stops it)",
+          flush=True)
+    demo.serve_forever()
     return 0

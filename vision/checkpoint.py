@@ -16,7 +16,7 @@ import torch
 
 FORMAT = "visiondet"
 VERSION = 1
-# torch.save writes a zip archive; files from before PyTorch 1.6 are a bare pickle (protocol 2+ starts with 0x80)
+# torch.save writes a zip archive; files from before PyTorch 1.6 are a bare pickle (protocol 2+: 0x80 first)
 _CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
