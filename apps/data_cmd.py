@@ -108,6 +108,7 @@ def _convert(args: argparse.Namespace) -> int:
     elif args.source == "yolo":
         need("images", "labels", "names")
         data = convert.yolo_to_coco(args.images, args.labels, convert.read_names(args.names))
+        orphans = convert.unmatched_yolo_labels(args.images, args.labels)
     elif args.target == "voc":
         need("annotations")
         files = convert.coco_to_voc(args.annotations, args.out)
@@ -121,6 +122,11 @@ def _convert(args: argparse.Namespace) -> int:
     path = convert.write_json(data, args.out)
     print(f"wrote {path}: {len(data['images'])} images, {len(data['annotations'])} annotations, "
           f"{len(data['categories'])} categories")
+    if args.source == "yolo" and orphans:
+        shown = ", ".join(str(p) for p in orphans[:10]) + (" ..." if len(orphans) > 10 else "")
+        print(f"warning: {len(orphans)} label file(s) under {args.labels} match no image under "
+              f"{args.images} and were not converted: {shown}", file=sys.stderr)
+        return 1
     return 0
 
 

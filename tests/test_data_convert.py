@@ -13,6 +13,7 @@ from vision.data.convert import (
     coco_to_voc,
     coco_to_yolo,
     read_names,
+    unmatched_yolo_labels,
     voc_to_coco,
     write_json,
     yolo_to_coco,
@@ -153,3 +154,20 @@ def test_read_names_formats(tmp_path):
     (tmp_path / "e.yaml").write_text("nc: 2\n")
     with pytest.raises(ConversionError, match="no 'names' list"):
         read_names(tmp_path / "e.yaml")
+
+
+def test_yolo_label_files_without_an_image_are_reported_not_dropped(tmp_path, capsys):
+    from apps.cli import main
+
+    images, labels, _ = _yolo_dataset(tmp_path)
+    (labels / "renamed.txt").write_text("0 0.5 0.5 0.2 0.2\n")  # its image was renamed or deleted
+    (labels / "sub").mkdir()
+    (labels / "sub" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")  # same stem, but no images/sub/a.png
+    (labels / "classes.txt").write_text("cat\ndog\n")  # YOLO's class list is not a label file
+    assert unmatched_yolo_labels(images, labels) == [labels / "renamed.txt", labels / "sub" / "a.txt"]
+    out = tmp_path / "coco.json"
+    code = main(["data", "convert", "--from", "yolo", "--images", str(images), "--labels", str(labels),
+                 "--names", str(tmp_path / "data.yaml"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and out.is_file()  # the matched images are converted; the exit code says not all were
+    assert "2 label file(s)" in err and "renamed.txt" in err and "match no image" in err

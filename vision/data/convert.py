@@ -187,6 +187,19 @@ def yolo_to_coco(
     return _coco(images, annotations, [{"id": i, "name": n} for i, n in enumerate(names)], "YOLO")
 
 
+def unmatched_yolo_labels(images_dir: str | os.PathLike, labels_dir: str | os.PathLike) -> list[Path]:
+    """Label files under ``labels_dir`` with no image of the same relative stem under ``images_dir``.
+
+    :func:`yolo_to_coco` starts from the images, so these would be dropped without a word: a renamed or
+    deleted image, or ``--images`` pointing at the wrong split.
+    """
+    images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+    stems = {p.relative_to(images_dir).with_suffix("") for p in images_dir.rglob("*")
+             if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()}
+    labels = (p for p in labels_dir.rglob("*.txt") if p.is_file() and p.name != "classes.txt")
+    return sorted(p for p in labels if p.relative_to(labels_dir).with_suffix("") not in stems)
+
+
 def _yolo_line(line: str, where: str, num_classes: int, width: int, height: int) -> dict[str, Any]:
     fields = line.split()
     try:
