@@ -91,7 +91,7 @@ class TrainConfig:
     cycle_epochs: float = 4.0  # cyclic: length of one full triangle (up and down)
     warmup_iters: int = 0  # linear warm-up over this many optimizer steps
     warmup_factor: float = 0.001  # warm-up starts at lr * warmup_factor
-    amp: bool = False  # mixed precision, CUDA only (ignored with a warning on CPU)
+    amp: bool = False  # mixed precision (autocast) in amp_dtype, on CUDA or the CPU
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 uses a gradient scaler
     grad_clip: float | None = None  # max global L2 norm of the gradients
     accum_steps: int = 1  # batches whose gradients are summed before one optimizer step

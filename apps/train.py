@@ -1,10 +1,13 @@
 """The one training loop, for every task (a task provides model, data and evaluator: apps/tasks/base.py).
 
-Per optimizer step: ``accum_steps`` batches are run forward (autocast on CUDA when ``train.amp``) and
-backward (DDP synchronises gradients on the last one only), then the gradients are unscaled, clipped,
-applied, the learning rate advances and the EMA follows. A non-finite loss drops its batch's gradients
-with a warning; ``train.max_nonfinite`` of them in a row end the run with a checkpoint of the last good
-state. After each epoch: evaluation, ``last.pt``, ``best.pt`` on a better primary metric, early stopping.
+Per optimizer step: ``accum_steps`` batches are run forward (under autocast when ``train.amp``: the
+``train.amp_dtype`` on CUDA or the CPU; float16 adds a gradient scaler, whose overflowing steps are
+skipped) and backward (DDP synchronises gradients on the last one only), then the gradients are
+unscaled, clipped, applied, the learning rate advances and the EMA follows. A non-finite loss drops its
+batch's gradients with a warning; ``train.max_nonfinite`` of them in a row end the run with a checkpoint of
+the last good state. After each epoch: evaluation, ``last.pt``, ``best.pt`` on a better primary metric,
+early stopping.
+
 
 Resuming restores everything: weights, EMA, optimizer, scheduler, grad scaler, counters, every random
 generator, and the position in the epoch's batch order (see apps/engine/loader.py).
@@ -100,7 +103,7 @@ class _Trainer:
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.cfg, self.steps_per_epoch)
         self.amp_dtype = self._amp_dtype()
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = ModelEMA(self.model, self.cfg.ema_decay) if self.cfg.ema else None
         self.items = SeededItems(self.train_ds, exp.seed)
 
@@ -148,15 +151,23 @@ class _Trainer:
         return Path(dist_utils.broadcast_object(str(path) if path else None))
 
     def _amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of ``train.amp`` on this device, or None for float32."""
         if not self.cfg.amp:
             return None
-        if self.device.type != "cuda":
-            self.log.warning("train.amp needs CUDA; training in float32 on the CPU")
-            return None
-        if self.cfg.amp_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16 if self.cfg.amp_dtype == "bfloat16" else torch.float16
+        if self.device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             self.log.warning("this GPU has no bfloat16; using float16 with a gradient scaler")
-            return torch.float16
-        return torch.bfloat16 if self.cfg.amp_dtype == "bfloat16" else torch.float16
+            dtype = torch.float16
+        elif self.device.type == "cpu" and dtype == torch.float16:
+            # CPU autocast takes float16 too, but few processors compute it natively
+            self.log.warning("train.amp_dtype=float16 on the CPU is slow on most processors; bfloat16 is the "
+                             "CPU's mixed precision")
+        elif self.device.type not in ("cuda", "cpu"):
+            self.log.warning(f"train.amp: no autocast on {self.device.type}; training in float32")
+            return None
+        self.log.info(f"mixed precision: {str(dtype).removeprefix('torch.')} autocast on {self.device.type}"
+                      + (" with a gradient scaler" if dtype == torch.float16 else ""))
+        return dtype
 
     def _wrap(self) -> nn.Module:
         if self.info.world_size == 1:
@@ -348,9 +359,12 @@ class _Trainer:
                 self.log.warning(f"non-finite gradient norm at step {self.step}; step skipped")
                 self.optimizer.zero_grad(set_to_none=True)
                 return False
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 0.0
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.get_scale() < scale:  # float16 overflow: the scaler skipped the step and backed off
+            return False  # (common in the first steps while the scale settles; not an error)
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
