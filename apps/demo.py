@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from apps import WEIGHTS_DIR
 from apps.demo_models import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_SIDE,
@@ -33,7 +34,6 @@ from apps.demo_models import (
 
 __all__ = ["Demo", "WEIGHTS_DIR", "EXAMPLES_DIR"]
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 EXAMPLES_DIR = WEIGHTS_DIR / "examples"
 # Gradio deletes its temporary files (uploads, results) every 10 minutes once they are 30 minutes old, and
 # everything when the server stops; the whole folder is ours and removed by close().

@@ -21,6 +21,12 @@ import torch
 
 from apps.predict_results import DetectionResult
 from apps.tasks import LoadedModel, load_model
+from detection.convert import (
+    COCO_CLASSES,
+    TORCHVISION_COCO_FILES,
+    find_torchvision_coco,
+    torchvision_coco_title,
+)
 from vision.checkpoint import CheckpointError, is_visiondet_checkpoint, load_checkpoint
 from vision.data.images import ImageError, read_image
 from vision.layers import prepare_for_inference
@@ -83,19 +89,21 @@ def _nms_thresh(task: str, model_cfg: dict[str, Any]) -> float | None:
 
 def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] = ()
                      ) -> tuple[list[Checkpoint], list[str]]:
-    """Checkpoints ``*.pt`` in ``folders`` (not recursive) and the given ``files``, in that order, except
+    """Checkpoints ``*.pt`` in ``folders`` (not recursive) and the given ``files``, then torchvision's COCO
+    Faster R-CNN files found in ``folders`` or torch's hub cache, in that order, except
     that detectors are listed newest R-CNN generation first (Faster, Fast, then R-CNN): a picker opens on
     its first entry, and the newest is the one a first-time user should see.
 
     Returns (usable checkpoints, one problem line per file that is not one). A file is read in full once
     here (for its task, classes and metrics) and again when first used; the weights are not kept.
     """
+    folders = [Path(f) for f in folders]
     paths: list[Path] = []
     for folder in folders:
-        folder = Path(folder)
         if folder.is_dir():
             paths += sorted(p for p in folder.glob("*.pt") if p.is_file())
     paths += [Path(f) for f in files]
+    paths += find_torchvision_coco(folders)
     found: list[Checkpoint] = []
     problems: list[str] = []
     seen: set[Path] = set()
@@ -104,6 +112,11 @@ def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] 
         if key in seen:
             continue
         seen.add(key)
+        title = torchvision_coco_title(path)
+        if title is not None:  # converted on first use (apps.tasks.load_model): listing it reads nothing
+            found.append(Checkpoint(title, path, "detection", TORCHVISION_COCO_FILES[path.name][0],
+                                    list(COCO_CLASSES), nms_thresh=0.5))
+            continue
         try:
             ckpt = load_checkpoint(path, map_location="cpu")
         except CheckpointError as exc:

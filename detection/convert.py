@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,63 @@ def convert_checkpoint(
         "preprocess": {},
         "state_dict": model.state_dict(),
         "config": {"converted_from": f"torchvision {CONVERTIBLE[arch]}", "source_file": Path(src).name},
+        "trained_on": "COCO 2017 train (torchvision's published weights): 80 everyday object classes",
         "metrics": {},
     }
     return save_checkpoint(checkpoint, dst)
+
+
+# ---- torchvision's published COCO files, found where torch.hub keeps them --------------------------------
+
+# File name (as torch.hub saves it) -> (our architecture, what the demo's picker calls it).
+TORCHVISION_COCO_FILES: dict[str, tuple[str, str]] = {
+    "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth": (
+        "faster_rcnn_r50_fpn", "Faster R-CNN R50-FPN, COCO, 80 classes"),
+    "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth": (
+        "faster_rcnn_r50_fpn_v2", "Faster R-CNN R50-FPN v2, COCO, 80 classes"),
+}
+
+
+def hub_checkpoint_dir() -> Path:
+    """Where torch.hub keeps weights: ``$TORCH_HOME/hub/checkpoints`` (default ``~/.cache/torch``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def find_torchvision_coco(folders: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """torchvision COCO detector files present in ``folders`` or torch's hub cache (nothing is downloaded)."""
+    found: dict[str, Path] = {}
+    for folder in [*map(Path, folders), hub_checkpoint_dir()]:
+        for name in TORCHVISION_COCO_FILES:
+            if name not in found and (folder / name).is_file():
+                found[name] = folder / name
+    return [found[name] for name in TORCHVISION_COCO_FILES if name in found]
+
+
+def torchvision_coco_title(path: str | os.PathLike) -> str | None:
+    """The picker's name for a torchvision COCO file, or None for any other file."""
+    entry = TORCHVISION_COCO_FILES.get(Path(path).name)
+    return entry[1] if entry else None
+
+
+def resolve_torchvision_coco(path: str | os.PathLike,
+                             folders: Sequence[str | os.PathLike] = ()) -> Path | None:
+    """A visiondet checkpoint for torchvision COCO file ``path``, converted on first use; None if ``path`` is
+    not one of :data:`TORCHVISION_COCO_FILES`.
+
+    A bare file name is looked up in ``folders`` and the hub cache. The conversion is cached next to the hub's
+    files (``visiondet/<name>.pt``) and redone only when the source file is newer than it.
+    """
+    path = Path(path)
+    if path.name not in TORCHVISION_COCO_FILES:
+        return None
+    if not path.is_file():
+        candidates = [p for p in find_torchvision_coco(folders) if p.name == path.name]
+        if not candidates:
+            raise CheckpointError(
+                f"{path}: not found; put torchvision's file in {hub_checkpoint_dir()} or weights/ "
+                "(visiondet downloads nothing)")
+        path = candidates[0]
+    cached = hub_checkpoint_dir() / "visiondet" / f"{path.stem}.pt"
+    if not cached.is_file() or cached.stat().st_mtime < path.stat().st_mtime:
+        convert_checkpoint(path, cached, TORCHVISION_COCO_FILES[path.name][0])
+    return cached

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from apps import WEIGHTS_DIR
+from detection.convert import resolve_torchvision_coco
 from vision.checkpoint import CheckpointError, is_visiondet_checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
@@ -58,11 +60,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, ema: boo
     """Rebuild the model saved in ``path`` on ``device`` (any checkpoint loads on CPU).
 
     ``ema=True`` uses the EMA weights when the checkpoint has them (they are what the run selected on).
+    torchvision's COCO Faster R-CNN files (``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth`` and its v2), given as
+    a path or a bare name found in weights/ or the hub cache, are converted once and loaded from the cache.
     Errors are CheckpointError naming the file and the reason.
     """
     from apps.config import ConfigError, from_dict
 
-    path = Path(path)
+    path = resolve_torchvision_coco(path, [WEIGHTS_DIR]) or Path(path)
     ckpt = load_checkpoint(path, map_location="cpu")
     if not is_visiondet_checkpoint(ckpt):
         raise CheckpointError(f"{path}: not a visiondet checkpoint (a bare state dict has no model config; "
