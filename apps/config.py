@@ -34,6 +34,7 @@ __all__ = [
     "parse_overrides",
     "save_config",
     "resolve_output_dir",
+    "parse_duration",
 ]
 
 
@@ -104,6 +105,9 @@ class TrainConfig:
     max_nonfinite: int = 5  # consecutive non-finite losses that stop the run
     deterministic: bool = False  # deterministic kernels (slower); with a fixed seed, runs repeat exactly
     unfreeze_at_epoch: int | None = None  # transfer learning: unfreeze the frozen backbone at this epoch
+    # train for this long (90s, 20m, 2h, 1h30m) instead of `epochs`: the schedule (warm-up, decay,
+    # evaluations) is laid over the steps that fit, measured as the run goes (apps/engine/schedule.py)
+    time_budget: str | int | float | None = None
 
 
 @dataclass
@@ -369,6 +373,27 @@ def _check_values(exp: Experiment) -> None:
         raise ConfigError(f"train.milestones: must be increasing, got {t.milestones}")
     if t.patience is not None and t.patience < 1:
         raise ConfigError(f"train.patience: must be >= 1 or null, got {t.patience}")
+    if t.time_budget is not None:
+        parse_duration(t.time_budget, "train.time_budget")
+
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?$")
+
+
+def parse_duration(value: str | int | float, key: str = "duration") -> float:
+    """``"90s"``, ``"20m"``, ``"2h"``, ``"1h30m"`` -> seconds (> 0). A bare number is refused: minutes or
+    hours (Ultralytics' ``time=`` is hours) would both be guesses."""
+    text = str(value).strip().lower().replace(" ", "")
+    match = _DURATION.match(text) if not isinstance(value, bool) else None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ConfigError(f"{key}: {value!r} has no unit; write e.g. {value}s, {value}m or {value}h")
+    if not text or match is None or not any(match.groups()):
+        raise ConfigError(f"{key}: cannot read {value!r} as a duration; write e.g. 90s, 20m, 2h or 1h30m")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise ConfigError(f"{key}: must be longer than zero, got {value!r}")
+    return total
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), *, base: dict[str, Any] | None = None

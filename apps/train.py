@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,18 +26,20 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from apps.config import ConfigError, Experiment, resolve_output_dir, save_config
+from apps.config import ConfigError, Experiment, parse_duration, resolve_output_dir, save_config
 from apps.engine import checkpointing as ckpt_io
 from apps.engine import distributed as dist_utils
 from apps.engine.ema import ModelEMA
 from apps.engine.loader import SeededItems, epoch_batches, eval_loader, make_loader
 from apps.engine.logging import DataWait, RunLogger, plot_curves, run_log
 from apps.engine.optim import build_optimizer
-from apps.engine.schedule import build_scheduler
+from apps.engine.schedule import LrPlan, TimeBudget, build_scheduler
 from apps.tasks import get_task
 from vision.checkpoint import load_checkpoint
 
 __all__ = ["train", "TrainResult", "TrainingError"]
+
+clock = time.monotonic  # the time budget's clock (tests replace it with a fake one)
 
 
 class TrainingError(RuntimeError):
@@ -101,7 +104,8 @@ class _Trainer:
         self.batches_per_epoch = len(self._batches(0))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.cfg.accum_steps)
         self.optimizer = build_optimizer(self.model, self.cfg)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg, self.steps_per_epoch)
+        self.lr_plan = LrPlan(self.cfg, self.steps_per_epoch)  # a time budget re-lays its total steps
+        self.scheduler = build_scheduler(self.optimizer, self.lr_plan)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = ModelEMA(self.model, self.cfg.ema_decay) if self.cfg.ema else None
@@ -200,6 +204,7 @@ class _Trainer:
             self.ema.load_state_dict(ckpt["ema_state_dict"], state["ema_updates"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.resumed_budget = state.get("time_budget")  # elapsed time and speed of a budgeted run
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
@@ -224,6 +229,7 @@ class _Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
                 "best": self.best, "bad_evals": self.bad_evals,
+                "time_budget": self._budget_state(),
                 "ema_updates": self.ema.updates if self.ema is not None else 0, "rng": rngs,
             }
         return ckpt_io.make_checkpoint(
@@ -240,20 +246,93 @@ class _Trainer:
 
     def run(self) -> TrainResult:
         status = "completed"
+        self.budget = self._start_budget()
+        if self.budget is None and (line := self.lr_plan.warmup_warning()):
+            self.log.warning(line)
         try:
-            for epoch in range(self.epoch, self.cfg.epochs):
+            epoch = self.epoch
+            while not self._schedule_done(epoch):
                 self.epoch = epoch
                 self._maybe_unfreeze(epoch)
+                self.tick_at = clock()
                 self._train_epoch(epoch)
                 self.epoch, self.batch_in_epoch = epoch + 1, 0
                 stop = self._end_of_epoch(epoch)
+                saving = clock()
                 self._save_last()
+                if self.budget is not None:
+                    self.budget.add_save(clock() - saving)
                 if stop:
                     status = "early_stopped"
                     break
+                epoch += 1
+            if self.budget is not None:
+                self.log.info(f"time budget: {_duration(self.budget.elapsed(clock()))} of "
+                              f"{_duration(self.budget.seconds)} used, {self.step} optimizer steps")
         finally:
             self._finish()
         return TrainResult(self.run_dir, status, self.epoch, self.best, dict(self.last_metrics))
+
+    def _schedule_done(self, epoch: int) -> bool:
+        """Whether the run has reached its end: ``train.epochs``, or the steps its time budget fits."""
+        if self.budget is None:
+            return epoch >= self.cfg.epochs
+        return self.step >= self.lr_plan.total_steps
+
+    # ---- time budget (train.time_budget): the schedule laid over the steps that fit ------------------------
+
+    def _start_budget(self) -> TimeBudget | None:
+        if self.cfg.time_budget is None:
+            return None
+        seconds = parse_duration(self.cfg.time_budget, "train.time_budget")
+        per_rank = self.cfg.batch_size * self.info.world_size
+        budget = TimeBudget(seconds, steps_per_epoch=self.steps_per_epoch, eval_every=self.cfg.eval_every,
+                            eval_batches=math.ceil(len(self.val_ds) / per_rank) if self.val_ds else 0)
+        saved = getattr(self, "resumed_budget", None)
+        if saved:
+            budget.load_state_dict(saved)
+            self.lr_plan.total_steps = int(saved["total_steps"])
+        else:  # until the first steps are timed: no end in sight, so no decay yet and the full warm-up
+            self.lr_plan.total_steps = 1 << 40
+        now = clock()
+        budget.start(now)
+        self.tick_at, self.ticked_step = now, self.step
+        self.budget_laid = budget.step_s is not None  # (a resumed run's plan was logged before)
+        self.log.info(f"time budget {_duration(seconds)}"
+                      + (f" ({_duration(budget.elapsed(now))} used before this resume)" if saved else "")
+                      + ": the schedule is laid over the steps that fit once the first ones are timed")
+        return budget
+
+    def _budget_tick(self) -> bool:
+        """After each batch under a time budget: time the optimizer step just taken, re-lay the schedule over
+        the steps that fit the time left, and say whether the run has reached that end."""
+        if self.budget is None or self.step == self.ticked_step:
+            return False
+        now = clock()
+        self.budget.add_step(now - self.tick_at)
+        self.tick_at, self.ticked_step = now, self.step
+        total = self.budget.plan(self.step, now) if self.info.is_main else None
+        if self.info.world_size > 1:  # every rank must stop at the same step: rank 0's clock decides
+            total = dist_utils.broadcast_object(total)
+        if total is None:
+            return False
+        self.lr_plan.total_steps = total
+        if not self.budget_laid:
+            self.budget_laid = True
+            b = self.budget
+            self.log.info(f"time budget: {b.step_s:.3g} s per step, {b.eval_s:.3g} s per evaluation "
+                          f"({'measured' if b.eval_count else 'estimated'}): {total} optimizer steps "
+                          f"({total / self.steps_per_epoch:.1f} epochs), warm-up {self.lr_plan.warmup_steps}")
+            if line := self.lr_plan.warmup_warning():
+                self.log.warning(line)
+        return self.step >= total
+
+    def _budget_state(self) -> dict[str, float] | None:
+        budget = getattr(self, "budget", None)
+        if budget is None:
+            return None
+        return {**budget.state_dict(clock()), "total_steps": self.lr_plan.total_steps}
+
 
     def _maybe_unfreeze(self, epoch: int) -> None:
         at = self.cfg.unfreeze_at_epoch
@@ -317,6 +396,8 @@ class _Trainer:
                             self._save_last()
                     window = 0
                 progress.update(1, {"loss": float(loss.detach()), "lr": self.optimizer.param_groups[0]["lr"]})
+                if self._budget_tick():  # the time budget's last step (it may end inside an epoch)
+                    break
         finally:
             progress.close()
 
@@ -420,11 +501,23 @@ class _Trainer:
         return metrics
 
     def _end_of_epoch(self, epoch: int) -> bool:
+        """Evaluate every ``eval_every`` epochs and at the run's end; True to stop early."""
         if self.val_ds is None:
             return False
-        last = epoch + 1 == self.cfg.epochs
+        last = self._schedule_done(epoch + 1)
         if (epoch + 1) % self.cfg.eval_every and not last:
             return False
+        started = clock()
+        stop = self._validate(epoch)
+        if self.budget is not None:  # the time budget reserves this much for every evaluation left
+            self.budget.add_eval(clock() - started)
+            if not last:
+                left = self.budget.seconds - self.budget.elapsed(clock())
+                self.log.info(f"time budget: {_duration(left)} left, {self.lr_plan.total_steps} optimizer "
+                              f"steps planned ({self.step} done)")
+        return stop
+
+    def _validate(self, epoch: int) -> bool:
         metrics = self._evaluate()
         self.last_metrics = metrics
         self.log.record("val", step=self.step, epoch=epoch + 1, values=metrics)
@@ -433,7 +526,9 @@ class _Trainer:
             raise TrainingError(f"the {self.task.name} evaluator returned no {key!r} (got {sorted(metrics)})")
         value = metrics[key]
         summary = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)
-        self.log.info(f"epoch {epoch + 1}/{self.cfg.epochs} validation: {summary}")
+        total = self.lr_plan.total_steps
+        where = f"/{self.cfg.epochs}" if self.budget is None else f" (step {self.step}/{total})"
+        self.log.info(f"epoch {epoch + 1}{where} validation: {summary}")
         if self.best is None or value > self.best:
             self.best, self.bad_evals = value, 0
             best = self._checkpoint(metrics, resumable=False)
@@ -459,3 +554,10 @@ class _Trainer:
                     print(f"warning: could not draw {self.run_dir / 'curves.png'}: {exc}")
         else:
             self.log.close()
+
+def _duration(seconds: float) -> str:
+    """``754.2`` -> ``12m34s`` (log lines of the time budget)."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_area
 
 # Labels a Matcher gives each box; the samplers read them.
 FOREGROUND = 1
@@ -172,3 +173,28 @@ class BalancedPositiveNegativeSampler:
         pos_pick = torch.randperm(positive.numel(), device=labels.device)[:num_pos]
         neg_pick = torch.randperm(negative.numel(), device=labels.device)[:num_neg]
         return positive[pos_pick], negative[neg_pick]
+
+
+def box_iof(boxes: Tensor, regions: Tensor) -> Tensor:
+    """Intersection over foreground: [N, 4] boxes and [C, 4] regions (xyxy) -> [N, C], each intersection
+    divided by the area of the box (not of the union), so a box lying wholly inside a region scores 1
+    however large the region is. Boxes of zero area score 0."""
+    top_left = torch.max(boxes[:, None, :2], regions[None, :, :2])
+    bottom_right = torch.min(boxes[:, None, 2:], regions[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)
+    # a zero-area box has zero intersection too: clamping its area gives 0 rather than 0/0
+    return inter / box_area(boxes)[:, None].clamp(min=torch.finfo(inter.dtype).tiny)
+
+
+def ignore_crowd(labels: Tensor, boxes: Tensor, crowd_boxes: Tensor | None, iof_thresh: float) -> Tensor:
+    """Matcher ``labels`` [N] of ``boxes`` [N, 4] with the BACKGROUND boxes that lie at least
+    ``iof_thresh`` inside a crowd region (``box_iof``) turned to IGNORE: a crowd box covers objects nobody
+    outlined, so calling them background would teach the detector to miss them (the COCO convention,
+    MMDetection's ``ignore_iof_thr``). Foreground boxes stay foreground: they match a real box. Returns a
+    new tensor; ``crowd_boxes`` None or empty changes nothing."""
+    if crowd_boxes is None or crowd_boxes.numel() == 0 or boxes.numel() == 0:
+        return labels
+    covered = box_iof(boxes, crowd_boxes.to(boxes)).max(dim=1).values >= iof_thresh
+    labels = labels.clone()
+    labels[covered & (labels == BACKGROUND)] = IGNORE
+    return labels

@@ -89,9 +89,11 @@ class TwoStageDetector(nn.Module):
 
 
 class ExternalProposals(nn.Module):
-    """Proposals from outside the network (Fast R-CNN): the ``proposals`` given to the detector, or, when
-    none are given, ``source(image)`` for each input image (e.g. detection.proposals' selective search,
-    which takes a [3, H, W] image in [0, 1] and returns [P, 4] boxes in its pixels).
+    """Proposals from outside the network (Fast R-CNN): the ``proposals`` given to the detector (or carried
+    by its targets: in training they must be, attached to each sample before augmentation), or, when none
+    are given to a model in eval mode, ``source(image)`` for each input image (e.g. detection.proposals'
+    selective search, which takes a [3, H, W] image in [0, 1] and returns [P, 4] boxes in its pixels): the
+    path of `visiondet predict` and the demo, whose images are not augmented.
 
     Boxes are clipped to the image, those under ``min_box_size`` px dropped, and the first
     ``max_proposals`` kept (sources rank them best first).
@@ -117,6 +119,14 @@ class ExternalProposals(nn.Module):
         proposals: list[Tensor] | None = None,
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
         if proposals is None:
+            if self.training:
+                # The images of a training batch are augmented: proposals computed or looked up from their
+                # pixels would be recomputed every epoch, or missed (a flipped image is not in the file).
+                raise ValueError(
+                    "training a detector with external proposals needs them with the data: "
+                    "targets[i]['proposals'] (xyxy in the augmented image's pixels), as "
+                    "detection.proposal_data.ProposalDataset attaches them before augmentation"
+                )
             if self.source is None:
                 raise ValueError(
                     "this detector takes external proposals: pass proposals=[Tensor[P, 4], ...] (one per "
@@ -157,6 +167,7 @@ class RPNConfig:
     nms_thresh: float = 0.7
     min_box_size: float = 1e-3
     smooth_l1_beta: float = 1.0 / 9  # 0: L1
+    ignore_iof_thresh: float = 0.5  # negatives this far inside a crowd box (intersection / own area): ignored
 
 
 @dataclass
@@ -181,6 +192,7 @@ class RoIConfig:
     nms_thresh: float = 0.5
     detections_per_img: int = 100
     max_proposals: int = 2000  # external proposals kept per image (Fast R-CNN)
+    ignore_iof_thresh: float = 0.5  # background regions this far inside a crowd box are ignored
 
 
 @dataclass
@@ -262,6 +274,7 @@ def build_detector(cfg: DetectorConfig, *, load_pretrained: bool = True) -> TwoS
         score_thresh=cfg.roi.score_thresh,
         nms_thresh=cfg.roi.nms_thresh,
         detections_per_img=cfg.roi.detections_per_img,
+        ignore_iof_thresh=cfg.roi.ignore_iof_thresh,
     )
     if kind == "faster":
         proposal_generator: nn.Module = _build_rpn(cfg, backbone, anchor_sizes)
@@ -303,6 +316,7 @@ def _build_rpn(
         nms_thresh=r.nms_thresh,
         min_box_size=r.min_box_size,
         smooth_l1_beta=r.smooth_l1_beta,
+        ignore_iof_thresh=r.ignore_iof_thresh,
     )
 
 

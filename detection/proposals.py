@@ -10,7 +10,9 @@ the same question, "which boxes of this image may hold an object?", through one 
 tensor back into one); the answer is P boxes, float32 xyxy in that image's pixels, best-ranked first.
 
 ``CachedSource`` wraps any source and stores its answers on disk, keyed by the sha1 of the decoded pixels
-and the source's settings, so a second epoch, a second model or a second run never recomputes them.
+and the source's settings, so a second epoch, a second model or a second run never recomputes them. In
+training, proposals are data: detection.proposal_data attaches them to each sample (by image id, file name
+or the un-augmented pixels) before augmentation moves them with the boxes.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ __all__ = [
     "write_proposal_file",
     "ProposalConfig",
     "build_proposal_source",
+    "default_cache_dir",
     "RPNProposals",
 ]
 
@@ -244,6 +247,9 @@ class ProposalFile(ProposalSource):
             raise ProposalError(f"{self.path}: not a readable proposal file ({reason})") from exc
         self.by_id = {_key(rec.image_id): rec for rec in entries}
         self.by_sha1 = {rec.sha1: rec for rec in entries if rec.sha1}
+        # `visiondet proposals` without annotations uses the relative file path as the id
+        self.by_name = {rec.file_name: rec for rec in entries if rec.file_name}
+        self.by_name.update({rec.image_id: rec for rec in entries if isinstance(rec.image_id, str)})
 
     def _read_npz(self) -> list[ProposalRecord]:
         with np.load(self.path, allow_pickle=False) as data:
@@ -297,14 +303,20 @@ class ProposalFile(ProposalSource):
         return {"source": "file", "path": str(self.path.resolve()), "max_boxes": self.max_boxes,
                 "mtime_ns": self.path.stat().st_mtime_ns}
 
-    def record(self, image: np.ndarray | Tensor | None, image_id: Hashable | None = None) -> ProposalRecord:
+    def record(self, image: np.ndarray | Tensor | None, image_id: Hashable | None = None, *,
+               file_name: str | None = None) -> ProposalRecord:
+        """The record of an image: by its id, else by its file name (relative to the image folder), else by
+        the sha1 of its pixels; a ProposalError names the file when none matches."""
         if image_id is not None and _key(image_id) in self.by_id:
             return self.by_id[_key(image_id)]
+        if file_name and file_name in self.by_name:
+            return self.by_name[file_name]
         if image is not None:
             found = self.by_sha1.get(image_sha1(_as_image(image)))
             if found is not None:
                 return found
         what = f"image id {image_id!r}" if image_id is not None else "this image (no id; its pixel sha1)"
+        what += f" ({file_name})" if file_name else ""
         raise ProposalError(f"{self.path}: no proposals for {what}; the file holds {len(self.by_id)} images")
 
     def propose(self, image: np.ndarray | Tensor | None, image_id: Hashable | None = None) -> Tensor:
@@ -312,20 +324,55 @@ class ProposalFile(ProposalSource):
         return torch.from_numpy(np.array(boxes, dtype=np.float32).reshape(-1, 4))
 
 
+DEFAULT_CACHE_ENTRIES = 200_000  # about 16 KB each at 2000 boxes: a few GB at most
+
+
+def default_cache_dir() -> Path:
+    """Where proposals are cached when a config names no folder: ``$XDG_CACHE_HOME/visiondet/proposals``
+    (``~/.cache/visiondet/proposals``), beside the caches of torch hub and Hugging Face."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "visiondet" / "proposals"
+
+
 class CachedSource(ProposalSource):
     """Wrap ``source`` with an on-disk cache: one ``.npy`` per (image pixels, source settings).
 
+    The key is the image as decoded (its pixels, before any augmentation) and the source's settings, so the
+    same picture finds its entry from any run, model or file name. At most ``max_entries`` files are kept:
+    past that the least recently used tenth is deleted (a hit refreshes an entry's time).
     ``hits`` and ``misses`` count what happened, so a caller (or a test) can see that nothing was recomputed.
     Writes are atomic, so several data-loader workers may share one cache folder.
     """
 
-    def __init__(self, source: ProposalSource, cache_dir: str | os.PathLike) -> None:
+    def __init__(self, source: ProposalSource, cache_dir: str | os.PathLike, *,
+                 max_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
+        if max_entries < 1:
+            raise ValueError(f"proposal cache max_entries must be >= 1, got {max_entries}")
         self.source = source
         self.cache_dir = Path(cache_dir)
+        self.max_entries = max_entries
         settings = json.dumps(source.settings(), sort_keys=True)
         self.settings_sha1 = hashlib.sha1(settings.encode()).hexdigest()
         self.hits = 0
         self.misses = 0
+        self._entries: int | None = None  # counted on the first write, then tracked
+
+    def _files(self) -> list[Path]:
+        return list(self.cache_dir.glob("??/*.npy"))
+
+    def _prune(self) -> None:
+        """Delete the least recently used entries down to 90% of ``max_entries``."""
+        dated = []
+        for path in self._files():
+            try:
+                dated.append((path.stat().st_mtime_ns, path))
+            except FileNotFoundError:  # another worker pruned it
+                continue
+        dated.sort()
+        excess = len(dated) - int(self.max_entries * 0.9)
+        for _, path in dated[: max(excess, 0)]:
+            path.unlink(missing_ok=True)
+        self._entries = len(dated) - max(excess, 0)
 
     def settings(self) -> dict[str, Any]:
         return self.source.settings()
@@ -341,16 +388,22 @@ class CachedSource(ProposalSource):
             try:
                 boxes = np.load(path, allow_pickle=False)
                 self.hits += 1
+                os.utime(path)  # recently used: the last to be pruned
                 return torch.from_numpy(boxes.astype(np.float32).reshape(-1, 4))
             except (OSError, ValueError):
                 pass  # a damaged entry (disk full, killed writer on a non-atomic FS) is simply recomputed
         boxes = self.source.propose(image, image_id)
         self.misses += 1
         path.parent.mkdir(parents=True, exist_ok=True)
+        if self._entries is None:
+            self._entries = len(self._files())
         fd, tmp = tempfile.mkstemp(prefix=".", suffix=".npy", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             np.save(f, boxes.numpy().astype(np.float32))
         os.replace(tmp, path)
+        self._entries += 1
+        if self._entries > self.max_entries:
+            self._prune()
         return boxes
 
 
@@ -359,8 +412,9 @@ class ProposalConfig:
     """Where a detector's external proposals come from (R-CNN, Fast R-CNN); a model config section.
 
     method: "selective_search" (``mode``, ``max_boxes``, ``min_size``, ``max_side``) or "file" (``file``,
-    ``max_boxes``). ``cache_dir``: store computed proposals there (recommended for selective search: a
-    second epoch, model or run reuses them).
+    ``max_boxes``). ``cache_dir``: store computed proposals there (a second epoch, model or run reuses
+    them); training data caches selective search in ``default_cache_dir()`` when it is None.
+    ``cache_max_entries`` bounds the folder (least recently used entries go first).
     """
 
     method: Literal["selective_search", "file"] = "selective_search"
@@ -370,6 +424,7 @@ class ProposalConfig:
     max_side: int | None = None
     file: str | None = None
     cache_dir: str | None = None
+    cache_max_entries: int = DEFAULT_CACHE_ENTRIES
 
 
 def build_proposal_source(cfg: ProposalConfig) -> ProposalSource:
@@ -384,7 +439,7 @@ def build_proposal_source(cfg: ProposalConfig) -> ProposalSource:
         source = ProposalFile(cfg.file, max_boxes=cfg.max_boxes)
     else:
         raise ProposalError(f"proposals.method: unknown {cfg.method!r}; use 'selective_search' or 'file'")
-    return CachedSource(source, cfg.cache_dir) if cfg.cache_dir else source
+    return CachedSource(source, cfg.cache_dir, max_entries=cfg.cache_max_entries) if cfg.cache_dir else source
 
 
 class RPNProposals(ProposalSource):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-from detection.boxes import FOREGROUND, BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from detection.boxes import FOREGROUND, BalancedPositiveNegativeSampler, BoxCoder, Matcher, ignore_crowd
 from detection.proposals import ProposalConfig, ProposalSource, build_proposal_source
 from detection.roi_heads import ResNetC4Head, RoIPooler, TwoMLPHead, VGGBoxHead, detections_from_scores
 from detection.structures import Detections
@@ -84,6 +84,7 @@ class RCNNConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
     fg_iou_thresh: float = 0.5  # fine-tuning: foreground at IoU >= 0.5, everything else background
+    ignore_iof_thresh: float = 0.5  # ...but regions this far inside a crowd box are ignored (no SVM negative)
     batch_size: int = 128  # regions per fine-tuning batch, drawn over all images of the batch
     positive_fraction: float = 0.25  # 32 of 128
     svm: SVMConfig = field(default_factory=SVMConfig)
@@ -95,7 +96,9 @@ class RCNNConfig:
 
 
 class RCNN(nn.Module):
-    """The R-CNN detector; ``forward(images, targets=None) -> (list[Detections] | None, losses)``.
+    """The R-CNN detector; ``forward(images, targets=None, proposals=None) -> (list[Detections] | None,
+    losses)``. Proposals come with the data (``proposals``, or ``targets[i]["proposals"]``, which training
+    requires: see detection.proposal_data); without them an eval-mode model asks its ``proposal_source``.
 
     With targets it returns the fine-tuning loss (``loss_classifier``, K + 1-way softmax on warped regions).
     At test time it scores proposals with the SVMs once they are trained (``svm_trained``), else with the
@@ -167,23 +170,37 @@ class RCNN(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
-                ) -> tuple[list[Detections] | None, dict[str, Tensor]]:
-        """images: N tensors [3, H_i, W_i] in [0, 1]; targets: dicts with boxes [M, 4], labels [M]."""
-        check_inputs(images, targets, None)
-        losses = self.finetune_loss(images, targets) if targets is not None else {}
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None,
+                proposals: list[Tensor] | None = None) -> tuple[list[Detections] | None, dict[str, Tensor]]:
+        """images: N tensors [3, H_i, W_i] in [0, 1]; targets: dicts with boxes [M, 4], labels [M] (and
+        optionally crowd_boxes [C, 4], proposals [P, 4]); proposals: [P_i, 4] per image, its pixels."""
+        if proposals is None and targets and all("proposals" in t for t in targets):
+            proposals = [t["proposals"] for t in targets]
+        check_inputs(images, targets, proposals)
+        if proposals is None and self.training:
+            raise ValueError(
+                "training an R-CNN needs its proposals with the data: targets[i]['proposals'] (xyxy in the "
+                "augmented image's pixels), as detection.proposal_data.ProposalDataset attaches them"
+            )
+        if proposals is None:
+            proposals = [self.propose(image) for image in images]
+        proposals = [p.to(image.device, image.dtype) for p, image in zip(proposals, images, strict=True)]
+        losses = self.finetune_loss(images, targets, proposals) if targets is not None else {}
         if self.training:
             return None, losses
-        return [self.detect(image) for image in images], losses
+        return [self.detect(image, p) for image, p in zip(images, proposals, strict=True)], losses
 
-    def finetune_loss(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Softmax loss on ``batch_size`` warped regions sampled over all images (25% foreground)."""
+    def finetune_loss(self, images: list[Tensor], targets: list[dict[str, Tensor]], proposals: list[Tensor]
+                      ) -> dict[str, Tensor]:
+        """Softmax loss on ``batch_size`` warped regions sampled over all images (25% foreground); background
+        regions inside a target's crowd regions are ignored."""
         boxes, matches, labels, owners = [], [], [], []
         with torch.no_grad():
             for i, (image, target) in enumerate(zip(images, targets, strict=True)):
                 gt_boxes = target["boxes"].to(image.dtype)
-                candidates = torch.cat([self.propose(image), gt_boxes])
+                candidates = torch.cat([proposals[i], gt_boxes])
                 matched, match = self.matcher(box_iou(gt_boxes, candidates))
+                match = ignore_crowd(match, candidates, target.get("crowd_boxes"), self.cfg.ignore_iof_thresh)
                 region_labels = torch.zeros(len(candidates), dtype=torch.int64, device=image.device)
                 if len(gt_boxes):
                     fg = match == FOREGROUND
@@ -204,9 +221,11 @@ class RCNN(nn.Module):
         return {"loss_classifier": F.cross_entropy(self.cls_score(fc7), all_labels[torch.cat(per_image)])}
 
     @torch.no_grad()
-    def detect(self, image: Tensor) -> Detections:
-        """One image [3, H, W] in [0, 1] -> Detections in its pixels."""
-        proposals = self.propose(image)
+    def detect(self, image: Tensor, proposals: Tensor | None = None) -> Detections:
+        """One image [3, H, W] in [0, 1] (and its proposals [P, 4], else the source's) -> Detections in its
+        pixels."""
+        if proposals is None:
+            proposals = self.propose(image)
         if len(proposals) == 0:
             return Detections.empty(image.device)
         pool, fc7 = self.features(image, proposals)

@@ -23,7 +23,7 @@ from torchvision.ops import (
 )
 from torchvision.ops.poolers import initLevelMapper
 
-from detection.boxes import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from detection.boxes import BalancedPositiveNegativeSampler, BoxCoder, Matcher, ignore_crowd
 from detection.rpn import box_regression_loss
 from detection.structures import Detections
 
@@ -243,9 +243,10 @@ class RoIHeads(nn.Module):
     """Regions -> class scores and refined boxes (the Fast R-CNN detector on shared features).
 
     Training regions: the proposals plus the ground-truth boxes, matched by IoU: foreground at
-    >= ``fg_iou_thresh``, background in ``bg_iou_range`` [lo, hi); ``batch_size_per_image`` sampled with up to
-    ``positive_fraction`` foreground. Testing: every proposal is scored, decoded per class, and
-    post-processed by ``detections_from_scores``.
+    >= ``fg_iou_thresh``, background in ``bg_iou_range`` [lo, hi) unless it lies at least
+    ``ignore_iof_thresh`` inside one of the target's ``crowd_boxes`` (then it is ignored);
+    ``batch_size_per_image`` sampled with up to ``positive_fraction`` foreground. Testing: every proposal
+    is scored, decoded per class, and post-processed by ``detections_from_scores``.
     """
 
     def __init__(
@@ -264,6 +265,7 @@ class RoIHeads(nn.Module):
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
         add_gt_as_proposals: bool = True,
+        ignore_iof_thresh: float = 0.5,
     ) -> None:
         super().__init__()
         self.pooler = pooler
@@ -277,6 +279,7 @@ class RoIHeads(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
         self.add_gt_as_proposals = add_gt_as_proposals
+        self.ignore_iof_thresh = ignore_iof_thresh
 
     def forward(
         self,
@@ -313,6 +316,7 @@ class RoIHeads(nn.Module):
             if self.add_gt_as_proposals:
                 boxes = torch.cat((boxes, gt_boxes))
             matched_idxs, match = self.matcher(box_iou(gt_boxes, boxes))
+            match = ignore_crowd(match, boxes, target.get("crowd_boxes"), self.ignore_iof_thresh)
             pos, neg = self.sampler(match)
             sampled = torch.cat((pos, neg))
             region_labels = torch.zeros(sampled.numel(), dtype=torch.int64, device=boxes.device)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 from detection.anchors import AnchorGenerator
-from detection.boxes import FOREGROUND, BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from detection.boxes import FOREGROUND, BalancedPositiveNegativeSampler, BoxCoder, Matcher, ignore_crowd
 from detection.transform import ImageBatch
 
 
@@ -63,9 +63,10 @@ class RegionProposalNetwork(nn.Module):
     boxes under ``min_box_size`` px and scores under ``score_thresh`` dropped, NMS at ``nms_thresh`` run
     per level, and the ``post_nms_top_n`` best kept. Train and test take separate top-n values.
     Training: anchors with IoU >= ``fg_iou_thresh`` (or the best for a ground truth) are positive,
-    < ``bg_iou_thresh`` negative; ``batch_size_per_image`` anchors are sampled, up to ``positive_fraction``
-    positive. The box loss is smooth-L1 (``smooth_l1_beta``; 0 gives L1) over positives, normalised by the
-    sampled count.
+    < ``bg_iou_thresh`` negative, except that negatives lying at least ``ignore_iof_thresh`` inside one of
+    the target's ``crowd_boxes`` (intersection over the anchor's area) are ignored;
+    ``batch_size_per_image`` anchors are sampled, up to ``positive_fraction`` positive. The box loss is
+    smooth-L1 (``smooth_l1_beta``; 0 gives L1) over positives, normalised by the sampled count.
     """
 
     def __init__(
@@ -86,6 +87,7 @@ class RegionProposalNetwork(nn.Module):
         score_thresh: float = 0.0,
         min_box_size: float = 1e-3,
         smooth_l1_beta: float = 1.0 / 9,
+        ignore_iof_thresh: float = 0.5,
     ) -> None:
         super().__init__()
         self.anchor_generator = anchor_generator
@@ -100,6 +102,7 @@ class RegionProposalNetwork(nn.Module):
         self.score_thresh = score_thresh
         self.min_box_size = min_box_size
         self.smooth_l1_beta = smooth_l1_beta
+        self.ignore_iof_thresh = ignore_iof_thresh
 
     def forward(
         self,
@@ -163,14 +166,23 @@ class RegionProposalNetwork(nn.Module):
             proposals.append(boxes[keep])
         return proposals
 
+    @torch.no_grad()
+    def label_anchors(self, anchors: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """anchors [R, 4] -> (matched_idxs [R], labels [R] in {FOREGROUND, BACKGROUND, IGNORE}) for one
+        image's target: IoU matching, then crowd regions' negatives ignored."""
+        matched_idxs, labels = self.matcher(box_iou(target["boxes"].to(anchors.dtype), anchors))
+        labels = ignore_crowd(labels, anchors, target.get("crowd_boxes"), self.ignore_iof_thresh)
+        return matched_idxs, labels
+
     def losses(
         self, objectness: Tensor, deltas: Tensor, anchors: Tensor, targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
-        """objectness [N, R], deltas [N, R, 4], anchors [R, 4]. Images without boxes give only negatives."""
+        """objectness [N, R], deltas [N, R, 4], anchors [R, 4]. Images without boxes give only negatives
+        (and ignored anchors on their crowd regions)."""
         obj_logits, obj_labels, box_pred, box_targets = [], [], [], []
         for i, target in enumerate(targets):
+            matched_idxs, labels = self.label_anchors(anchors, target)
             gt_boxes = target["boxes"].to(anchors.dtype)
-            matched_idxs, labels = self.matcher(box_iou(gt_boxes, anchors))
             pos, neg = self.sampler(labels)
             sampled = torch.cat((pos, neg))
             obj_logits.append(objectness[i, sampled])

@@ -15,6 +15,10 @@ from torch import Tensor, nn
 
 from detection.structures import Detections
 
+# Target entries that hold xyxy boxes in the image's pixels: ground truth, crowd (ignore) regions, and the
+# external proposals a data pipeline attached to the sample.
+BOX_KEYS = ("boxes", "crowd_boxes", "proposals")
+
 
 @dataclass
 class ImageBatch:
@@ -47,7 +51,8 @@ class DetectionTransform(nn.Module):
     ``max_size``, and zero-pad to a common size divisible by ``size_divisible``.
 
     ``min_size`` may be a list: in training one is drawn per image (multi-scale training); at test time the
-    last one is used. Targets' boxes and given proposals are scaled with their image.
+    last one is used. Every box a target carries (``BOX_KEYS``: its boxes, crowd regions and proposals) and
+    the given proposals are scaled with their image.
     """
 
     def __init__(
@@ -89,7 +94,9 @@ class DetectionTransform(nn.Module):
             resized.append(image)
             new_size = (int(image.shape[-2]), int(image.shape[-1]))
             if out_targets is not None:
-                out_targets[i]["boxes"] = scale_boxes(out_targets[i]["boxes"], original_sizes[i], new_size)
+                for key in BOX_KEYS:
+                    if key in out_targets[i]:
+                        out_targets[i][key] = scale_boxes(out_targets[i][key], original_sizes[i], new_size)
             if out_proposals is not None:
                 out_proposals[i] = scale_boxes(out_proposals[i], original_sizes[i], new_size)
         image_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in resized]
@@ -165,6 +172,13 @@ def check_inputs(
                     f"target {i}: labels must be int64 [M] matching boxes, got {labels.dtype} "
                     f"{tuple(labels.shape)} for {boxes.shape[0]} boxes"
                 )
+            for key in BOX_KEYS[1:]:
+                extra = t.get(key)
+                if extra is not None and (extra.dim() != 2 or extra.shape[1] != 4
+                                          or not extra.is_floating_point()):
+                    raise ValueError(
+                        f"target {i}: {key} must be float [C, 4] xyxy, got {extra.dtype} {tuple(extra.shape)}"
+                    )
             if boxes.numel() and not bool(((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()):
                 bad = torch.where((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))[0].tolist()
                 raise ValueError(

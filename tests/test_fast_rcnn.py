@@ -17,6 +17,7 @@ from detection.boxes import BoxCoder
 from detection.fast_rcnn import compress_fc_layers, truncated_svd_linear
 from detection.models import DetectorConfig, build_detector
 from detection.proposals import (
+    ProposalFile,
     ProposalRecord,
     image_sha1,
     to_uint8_image,
@@ -142,6 +143,10 @@ def test_tiny_fast_rcnn_trains_and_predicts_from_a_proposal_file(tmp_path):
     path = write_proposal_file(tmp_path / "props.npz", records)
     cfg = _paper_config(num_classes=1, proposals={"method": "file", "file": str(path)})
     model = build_detector(cfg)
+    with pytest.raises(ValueError, match="needs them with the data"):  # never looked up from augmented pixels
+        model.train()(images[:2], targets[:2])
+    for i, target in enumerate(targets):  # in training, proposals come with the data (by image id)
+        target["proposals"] = ProposalFile(path).propose(None, i)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     first = None

@@ -155,6 +155,10 @@ def test_finetune_batch_samples_foreground_and_background():
     images = [torch.rand(3, 48, 64), torch.rand(3, 48, 64)]
     targets = [{"boxes": torch.tensor([[0.0, 0.0, 20.0, 20.0]]), "labels": torch.tensor([2])},
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    with pytest.raises(ValueError, match="proposals with the data"):  # never from augmented pixels
+        model(images, targets)
+    for target in targets:
+        target["proposals"] = model.proposal_source.propose(None)
     outputs, losses = model(images, targets)
     assert outputs is None and set(losses) == {"loss_classifier"}
     # 2 images x (4 proposals + gt): 3 foreground (gt, [0,0,20,20], [2,2,21,22]: IoU 0.88) -> 2 sampled,
@@ -240,7 +244,7 @@ def test_rcnn_stages_train_resume_and_load(tmp_path):
 
 def test_finetune_without_any_region_gives_a_zero_loss():
     model = _tiny_rcnn().train()
-    model.proposal_source = FixedProposals([])
-    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "proposals": torch.zeros(0, 4)}
     _, losses = model([torch.rand(3, 40, 40)], [empty])
     assert losses["loss_classifier"].item() == 0 and losses["loss_classifier"].requires_grad

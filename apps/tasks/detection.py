@@ -4,6 +4,12 @@ Data, per split: ``images`` (folder) + ``annotations`` (COCO instances JSON). Im
 (the detector resizes and pads inside), batches group images of similar aspect ratio, and images without
 objects stay in both splits (negatives; on validation their false positives count).
 
+Crowd annotations reach the model as ``crowd_boxes`` (ignore regions, moved with every resize, flip and
+crop). Detectors with external proposals (Fast R-CNN, R-CNN) get them with the data: each sample's
+proposals are found by image (a file by image id or file name; selective search on the stored pixels,
+cached on disk) before augmentation and moved with its boxes (detection.proposal_data), in the DataLoader
+workers.
+
 Evaluation runs the model over the validation split, maps every box back to the annotation file's pixels,
 and scores the results with pycocotools against that file: ``AP`` (AP@[.5:.95], the primary metric),
 ``AP50``, ``AP75``, ``APs/m/l``, ``AR1/10/100``, ``ARs/m/l`` and ``AP/<class>``, ``AP50/<class>``.
@@ -18,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from apps.config import ConfigError, Experiment, SplitConfig
+from apps.config import ConfigError, Experiment, SplitConfig, from_dict
 from apps.engine.distributed import all_gather_object
 from apps.tasks.base import Datasets, Task
 from detection.evaluation import (
@@ -29,6 +35,7 @@ from detection.evaluation import (
     load_results,
 )
 from detection.models import DetectorConfig, build_detector
+from detection.proposals import ProposalConfig, ProposalError, build_proposal_source, default_cache_dir
 from detection.structures import Detections
 
 __all__ = ["DetectionOptions", "DetectionTask"]
@@ -45,7 +52,7 @@ class DetectionOptions:
 
 
 def _unwrap(dataset: Any) -> Any:
-    while not hasattr(dataset, "coco") and hasattr(dataset, "dataset"):
+    while not hasattr(dataset, "file_name_of") and hasattr(dataset, "dataset"):
         dataset = dataset.dataset
     return dataset
 
@@ -71,7 +78,40 @@ class DetectionTask(Task):
         except ValueError as exc:  # unknown arch, inconsistent anchors, unreadable backbone weights
             raise ConfigError(f"model: {exc}") from exc
 
+    def proposal_config(self, model_cfg: DetectorConfig) -> ProposalConfig | None:
+        """Where the model's external proposals come from; None for a detector with an RPN."""
+        if model_cfg.arch.startswith("fast_rcnn_"):
+            if model_cfg.proposals is None:
+                raise ConfigError(
+                    f"model.proposals: {model_cfg.arch} trains on external proposals; set proposals.method "
+                    "(selective_search, or file with proposals.file from `visiondet proposals`)"
+                )
+            return model_cfg.proposals
+        return None
+
     # ---- data --------------------------------------------------------------------------------------------
+
+    def _proposal_source(self, cfg: ProposalConfig) -> Any:
+        if cfg.method == "selective_search" and not cfg.cache_dir:
+            # selective search must run once per image, not once per epoch: always through a disk cache
+            cfg = replace(cfg, cache_dir=str(default_cache_dir()))
+        try:
+            return build_proposal_source(cfg)
+        except (ProposalError, ImportError, ValueError) as exc:
+            raise ConfigError(f"model.proposals: {exc}") from exc
+
+    def _with_proposals(self, split: SplitConfig, where: str, spec: list[dict[str, Any]] | None, train: bool,
+                        opts: DetectionOptions, cfg: ProposalConfig, max_proposals: int | None,
+                        *, drop_empty: bool = False, default: bool = True) -> Any:
+        """The split's samples with their proposals attached before augmentation (ProposalDataset)."""
+        from detection.proposal_data import EXTRA_BOXES, ProposalDataset
+
+        transforms = (
+            self._transforms(spec, train, opts, where, extra_boxes=EXTRA_BOXES)
+            if spec is not None or default else None
+        )
+        stored = self._dataset(split, where, None, drop_empty=drop_empty)
+        return ProposalDataset(stored, self._proposal_source(cfg), transforms, max_proposals=max_proposals)
 
     def _dataset(self, split: SplitConfig, where: str, transforms: Any, *, drop_empty: bool = False) -> Any:
         from vision.data.coco import CocoDetection
@@ -85,26 +125,41 @@ class DetectionTask(Task):
 
     @staticmethod
     def _transforms(
-        spec: list[dict[str, Any]] | None, train: bool, opts: DetectionOptions, where: str
+        spec: list[dict[str, Any]] | None, train: bool, opts: DetectionOptions, where: str,
+        extra_boxes: tuple[str, ...] = (),
     ) -> Any:
         from vision.data.transforms import build_transforms
 
         try:
             return build_transforms(
-                spec, "detection", train, size=opts.size, min_visibility=opts.min_visibility
+                spec, "detection", train, extra_boxes=extra_boxes, size=opts.size,
+                min_visibility=opts.min_visibility,
             )
         except ValueError as exc:
             raise ConfigError(f"{where}.transforms: {exc}") from exc
 
+    def _max_proposals(self, model_cfg: Any) -> int | None:
+        return model_cfg.roi.max_proposals
+
     def build_datasets(self, exp: Experiment) -> Datasets:
         opts: DetectionOptions = exp.data.options
-        train_tf = self._transforms(exp.data.train.transforms, True, opts, "data.train")
-        train = self._dataset(exp.data.train, "data.train", train_tf, drop_empty=opts.drop_empty)
+        proposals = self.proposal_config(exp.model)
+        if proposals is not None:
+            limit = self._max_proposals(exp.model)
+            train = self._with_proposals(exp.data.train, "data.train", exp.data.train.transforms, True, opts,
+                                         proposals, limit, drop_empty=opts.drop_empty)
+        else:
+            train_tf = self._transforms(exp.data.train.transforms, True, opts, "data.train")
+            train = self._dataset(exp.data.train, "data.train", train_tf, drop_empty=opts.drop_empty)
         classes = [dict(c) for c in train.classes]
         val = None
         if exp.data.val is not None:
-            val_tf = self._transforms(exp.data.val.transforms, False, opts, "data.val")
-            val = self._dataset(exp.data.val, "data.val", val_tf)
+            if proposals is not None:
+                val = self._with_proposals(exp.data.val, "data.val", exp.data.val.transforms, False, opts,
+                                           proposals, self._max_proposals(exp.model))
+            else:
+                val_tf = self._transforms(exp.data.val.transforms, False, opts, "data.val")
+                val = self._dataset(exp.data.val, "data.val", val_tf)
             _check_classes(val.classes, classes, "data.val.annotations")
         return Datasets(train, val, classes)
 
@@ -113,7 +168,18 @@ class DetectionTask(Task):
             raise ConfigError("--images and --annotations (COCO JSON) are required to evaluate a detector")
         dataset = self._dataset(split, "--annotations", None)
         _check_classes(dataset.classes, loaded.classes, "--annotations")
-        return dataset
+        model_cfg = from_dict(self.model_config_type, loaded.checkpoint["model"], "model")
+        proposals = self.proposal_config(model_cfg) if self._has_proposal_source(model_cfg) else None
+        if proposals is None:
+            return dataset
+        from detection.proposal_data import ProposalDataset
+
+        # proposals computed in the loader's workers, from the stored images, as in training
+        return ProposalDataset(dataset, self._proposal_source(proposals),
+                               max_proposals=self._max_proposals(model_cfg))
+
+    def _has_proposal_source(self, model_cfg: Any) -> bool:
+        return model_cfg.arch.startswith("fast_rcnn_") and model_cfg.proposals is not None
 
     def collate(self, items: list[Any]) -> Any:
         from vision.data.collate import detection_collate
@@ -132,16 +198,17 @@ class DetectionTask(Task):
         images, targets = batch
         non_blocking = device.type == "cuda"
         images = [image.to(device, non_blocking=non_blocking) for image in images]
+        # what the detectors read: ground truth, crowd (ignore) regions, and attached proposals
+        keys = ("boxes", "labels", "crowd_boxes", "proposals")
         targets = [
-            {"boxes": t["boxes"].to(device, non_blocking=non_blocking), "labels": t["labels"].to(device)}
-            for t in targets
+            {k: t[k].to(device, non_blocking=non_blocking) for k in keys if k in t} for t in targets
         ]
         return images, targets
 
     def sample_names(self, dataset: Any, indices: list[int]) -> list[str]:
         base = _unwrap(dataset)
-        if hasattr(base, "coco"):
-            return [base.coco.imgs[base.ids[i]]["file_name"] for i in indices]
+        if hasattr(base, "file_name_of"):
+            return [base.file_name_of(base.ids[i]) for i in indices]
         return [str(i) for i in indices]
 
     # ---- evaluation --------------------------------------------------------------------------------------
@@ -151,7 +218,10 @@ class DetectionTask(Task):
     ) -> dict[str, float]:
         results: list[dict[str, Any]] = []
         for images, targets in loader:
-            outputs, _ = model([image.to(device) for image in images])
+            proposals = None
+            if targets and all("proposals" in t for t in targets):  # attached by the data pipeline
+                proposals = [t["proposals"].to(device) for t in targets]
+            outputs, _ = model([image.to(device) for image in images], proposals=proposals)
             for image, target, det in zip(images, targets, outputs, strict=True):
                 # boxes back to the pixels the annotation file describes (the eval pipeline may resize)
                 orig_h, orig_w = (int(v) for v in target["orig_size"])
@@ -162,7 +232,7 @@ class DetectionTask(Task):
                 results += detections_to_coco(int(target["image_id"]), det, classes)
         results = [r for part in all_gather_object(results) for r in part]
         try:
-            metrics = evaluate_coco(_unwrap(loader.dataset).coco, results, classes=classes)
+            metrics = evaluate_coco(_unwrap(loader.dataset).annotations_path, results, classes=classes)
         except EvaluationError as exc:
             raise ConfigError(f"evaluation: {exc}") from exc
         metrics["detections"] = float(len(results))

@@ -30,7 +30,7 @@ from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from apps.tasks.detection import DetectionTask
-from detection.boxes import BoxCoder
+from detection.boxes import BoxCoder, box_iof
 from detection.rcnn import (
     RCNN,
     RCNNConfig,
@@ -61,7 +61,8 @@ def extract_features(model: RCNN, dataset: Dataset, out_dir: Path, device: torch
                      ) -> list[Path]:
     """Stage 2: one file per training image with, for its ground-truth boxes then its proposals:
     ``fc7`` [B, D] (float16), ``labels`` [B] (class of ground-truth rows, 0 for proposals), ``overlaps``
-    [B, K]; and for proposals overlapping an object by >= ``bbox.min_iou``: ``reg_pool`` / ``reg_fc7``
+    [B, K], ``ignored`` [B] (proposals at least ``ignore_iof_thresh`` inside a crowd region: never an SVM
+    negative); and for proposals overlapping an object by >= ``bbox.min_iou``: ``reg_pool`` / ``reg_fc7``
     features, ``reg_targets`` [R, 4] deltas to that object and ``reg_labels`` [R]."""
     cfg = model.cfg
     coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
@@ -81,7 +82,13 @@ def extract_features(model: RCNN, dataset: Dataset, out_dir: Path, device: torch
         overlaps = class_overlaps(boxes.cpu(), gt_boxes.cpu(), gt_labels.cpu(), cfg.num_classes)
         labels = torch.zeros(len(boxes), dtype=torch.int64)
         labels[: len(gt_boxes)] = gt_labels.cpu()
-        record: dict[str, Any] = {"fc7": fc7.half().cpu(), "labels": labels, "overlaps": overlaps.half()}
+        ignored = torch.zeros(len(boxes), dtype=torch.bool)
+        crowd = target.get("crowd_boxes")
+        if crowd is not None and len(crowd) and len(proposals):
+            iof = box_iof(proposals.cpu(), crowd.to(proposals).cpu()).max(dim=1).values
+            ignored[len(gt_boxes):] = iof >= cfg.ignore_iof_thresh
+        record: dict[str, Any] = {"fc7": fc7.half().cpu(), "labels": labels, "overlaps": overlaps.half(),
+                                  "ignored": ignored}
         reg = torch.zeros(0, dtype=torch.int64)
         reg_targets, reg_labels = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
         if len(gt_boxes) and len(proposals):
@@ -100,7 +107,8 @@ def extract_features(model: RCNN, dataset: Dataset, out_dir: Path, device: torch
 
 class _Negatives(Sequence):
     """Per image, the scaled fc7 features of the boxes that overlap every object of ``label`` by less than
-    ``max_iou``; read from the feature files on demand so the whole set never sits in memory."""
+    ``max_iou`` and do not lie in a crowd region; read from the feature files on demand so the whole set
+    never sits in memory."""
 
     def __init__(self, paths: Sequence[Path], label: int, max_iou: float, scale: float) -> None:
         self.paths, self.label, self.max_iou, self.scale = list(paths), label, max_iou, scale
@@ -111,6 +119,8 @@ class _Negatives(Sequence):
     def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
         record = load_checkpoint(self.paths[i])
         rows = record["overlaps"][:, self.label - 1].float() < self.max_iou
+        if "ignored" in record:  # feature files of older runs have no crowd flags
+            rows &= ~record["ignored"]
         return record["fc7"][rows].float() * self.scale
 
 
@@ -189,6 +199,15 @@ class RCNNTask(DetectionTask):
 
     def model_config_for(self, model_cfg: RCNNConfig, classes: list[dict[str, Any]]) -> RCNNConfig:
         return dataclasses.replace(model_cfg, num_classes=len(classes))
+
+    def proposal_config(self, model_cfg: RCNNConfig) -> Any:
+        return model_cfg.proposals  # R-CNN always classifies external proposals
+
+    def _has_proposal_source(self, model_cfg: RCNNConfig) -> bool:
+        return True
+
+    def _max_proposals(self, model_cfg: RCNNConfig) -> int | None:
+        return None  # the source's own max_boxes
 
     def build_model(self, model_cfg: RCNNConfig, classes: list[dict[str, Any]], *,
                     load_pretrained: bool = True) -> RCNN:

@@ -68,7 +68,12 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def build_transforms(
-    spec: Sequence[Mapping[str, Any]] | None, task: str, train: bool, **defaults: Any
+    spec: Sequence[Mapping[str, Any]] | None,
+    task: str,
+    train: bool,
+    *,
+    extra_boxes: Sequence[str] = (),
+    **defaults: Any,
 ) -> A.Compose:
     """Build the albumentations pipeline for one task and split.
 
@@ -78,13 +83,18 @@ def build_transforms(
             pipeline for ``train`` or evaluation.
         task: "detection", "segmentation" or "classification".
         train: training (random) or evaluation (deterministic) default pipeline.
+        extra_boxes: detection only: names of further box lists that follow the image's geometry like the
+            boxes but take no part in box-safe crops (e.g. ``crowd_boxes``, ``proposals``). Such a pipeline
+            is called through ``augment_detection``, not with label fields.
         **defaults: per-task settings, see ``_DEFAULTS`` (detection: ``size``, ``min_visibility``;
             segmentation: ``size``, ``scale``; classification: ``size``). Unknown names are an error.
 
     Returns:
         ``albumentations.Compose``; for detection it takes ``bboxes`` (pascal_voc = xyxy pixels) with the
         label fields ``labels`` and ``indices``, boxes clipped to the image and dropped below
-        ``min_visibility`` or 1 px.
+        ``min_visibility`` or 1 px. With ``extra_boxes`` the labels travel as an extra box column instead
+        (albumentations joins label fields to one box list only) and each extra list is a box target of its
+        own, clipped and filtered the same way.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -100,11 +110,13 @@ def build_transforms(
         transforms = _default_pipeline(task, train, settings)
     else:
         transforms = _from_spec(spec, "transforms")
+    if extra_boxes and task != "detection":
+        raise ValueError(f"extra_boxes is for detection pipelines, not {task}")
     bbox_params = None
     if task == "detection":
         bbox_params = A.BboxParams(
             format="pascal_voc",
-            label_fields=list(BOX_LABEL_FIELDS),
+            label_fields=[] if extra_boxes else list(BOX_LABEL_FIELDS),
             min_visibility=float(settings["min_visibility"]),
             min_width=1.0,
             min_height=1.0,
@@ -114,7 +126,40 @@ def build_transforms(
     with warnings.catch_warnings():
         # An evaluation pipeline may have no geometric transform; the box processor is still wanted.
         warnings.filterwarnings("ignore", message="Got processor for bboxes, but no transform to process it")
-        return A.Compose(transforms, bbox_params=bbox_params)
+        return A.Compose(
+            transforms,
+            bbox_params=bbox_params,
+            additional_targets={name: "bboxes" for name in extra_boxes} or None,
+        )
+
+
+def augment_detection(
+    transforms: A.Compose, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, **extra: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Augment an image with its boxes [M, 4] (xyxy pixels), their labels [M] and the ``extra`` box lists
+    [K, 4] named when the pipeline was built (``build_transforms(..., extra_boxes=...)``).
+
+    Every box list is moved, flipped, cropped, clipped and filtered exactly like the boxes; only ``boxes``
+    steer box-safe crops. Surviving boxes keep their order. Returns (image, boxes, labels, extra).
+    """
+    missing = sorted(set(extra) - set(transforms.additional_targets))
+    if missing:
+        raise ValueError(f"the pipeline was not built with extra_boxes {missing}")
+    data: dict[str, Any] = {
+        "image": image,
+        # the label rides as a fifth column: what survives keeps its label, whatever got dropped
+        "bboxes": np.concatenate([_xyxy(boxes), np.asarray(labels, np.float32).reshape(-1, 1)], axis=1),
+    }
+    for name, value in extra.items():
+        data[name] = _xyxy(value)
+    out = augment(transforms, **data)
+    kept = np.asarray(out["bboxes"], np.float32).reshape(-1, 5)
+    moved = {name: np.asarray(out[name], np.float32).reshape(-1, 4)[:, :4] for name in extra}
+    return out["image"], kept[:, :4].copy(), kept[:, 4].round().astype(np.int64), moved
+
+
+def _xyxy(boxes: Any) -> np.ndarray:
+    return np.asarray(boxes, np.float32).reshape(-1, 4)
 
 
 def augment(transforms: Any, **data: Any) -> dict[str, Any]:

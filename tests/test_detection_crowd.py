@@ -1,0 +1,177 @@
+"""Crowd regions are ignored, not background: hand-made anchors / proposals against a hand-made crowd box.
+
+Shared scene (pixels): crowd region [0, 0, 40, 40]; one real object [20, 20, 40, 40] lying inside it.
+Boxes tried, with their IoU against the object and their IoF (intersection over the box's own area)
+against the crowd region:
+    b0 [0, 0, 10, 10]    IoU 0       IoF 1.0    background -> ignored
+    b1 [22, 20, 40, 40]  IoU 0.9     IoF 1.0    foreground: it matches a real box, stays positive
+    b2 [30, 0, 50, 20]   IoU 0       IoF 0.5    background -> ignored (IoF >= 0.5)
+    b3 [35, 35, 55, 55]  IoU 25/775  IoF 0.0625 background, stays background
+    b4 [60, 60, 80, 80]  IoU 0       IoF 0      background
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from apps.tasks.detection import DetectionTask
+from apps.tasks.rcnn import _Negatives
+from detection.anchors import AnchorGenerator
+from detection.boxes import BACKGROUND, FOREGROUND, IGNORE, box_iof, ignore_crowd
+from detection.rcnn import RCNNConfig, build_rcnn
+from detection.roi_heads import BoxPredictor, RoIHeads
+from detection.rpn import RegionProposalNetwork, RPNHead
+from detection.transform import DetectionTransform
+from vision.checkpoint import save_checkpoint
+from vision.data.transforms import augment_detection, build_transforms
+
+CROWD = torch.tensor([[0.0, 0.0, 40.0, 40.0]])
+GT = torch.tensor([[20.0, 20.0, 40.0, 40.0]])
+BOXES = torch.tensor([
+    [0.0, 0.0, 10.0, 10.0],
+    [22.0, 20.0, 40.0, 40.0],
+    [30.0, 0.0, 50.0, 20.0],
+    [35.0, 35.0, 55.0, 55.0],
+    [60.0, 60.0, 80.0, 80.0],
+])
+
+
+def test_iof_hand_computed():
+    iof = box_iof(BOXES, torch.cat([CROWD, torch.tensor([[0.0, 0.0, 5.0, 100.0]])]))
+    expected = torch.tensor([[1.0, 0.5], [1.0, 0.0], [0.5, 0.0], [0.0625, 0.0], [0.0, 0.0]])
+    assert torch.allclose(iof, expected)
+    # a zero-area box has no intersection to divide: 0, not NaN
+    assert box_iof(torch.tensor([[5.0, 5.0, 5.0, 9.0]]), CROWD).item() == 0.0
+
+
+def test_ignore_crowd_turns_only_background_inside_crowds_to_ignore():
+    labels = torch.tensor([BACKGROUND, FOREGROUND, BACKGROUND, BACKGROUND, IGNORE])
+    out = ignore_crowd(labels, BOXES, CROWD, 0.5)
+    assert out.tolist() == [IGNORE, FOREGROUND, IGNORE, BACKGROUND, IGNORE]
+    assert labels[0] == BACKGROUND  # the input is left alone
+    assert ignore_crowd(labels, BOXES, CROWD, 0.51).tolist()[2] == BACKGROUND  # IoF 0.5 is below 0.51
+    assert ignore_crowd(labels, BOXES, torch.zeros(0, 4), 0.5) is labels
+
+
+def _rpn(**kwargs) -> RegionProposalNetwork:
+    return RegionProposalNetwork(AnchorGenerator([[32]], [[1.0]]), RPNHead(4, 1), in_features=["p"], **kwargs)
+
+
+def test_rpn_anchor_labels_ignore_crowd_negatives_and_keep_matches():
+    rpn = _rpn()
+    target = {"boxes": GT, "labels": torch.tensor([1]), "crowd_boxes": CROWD}
+    _, labels = rpn.label_anchors(BOXES, target)
+    assert labels.tolist() == [IGNORE, FOREGROUND, IGNORE, BACKGROUND, BACKGROUND]
+    _, plain = rpn.label_anchors(BOXES, {"boxes": GT, "labels": torch.tensor([1])})
+    assert plain.tolist() == [BACKGROUND, FOREGROUND, BACKGROUND, BACKGROUND, BACKGROUND]
+    _, off = _rpn(ignore_iof_thresh=1.01).label_anchors(BOXES, target)  # above 1: crowds are background
+    assert off.tolist() == plain.tolist()
+
+
+def test_rpn_loss_samples_no_anchor_inside_a_crowd():
+    rpn = _rpn()
+    seen = []
+    original = rpn.sampler.__call__
+
+    class Recording(type(rpn.sampler)):
+        def __call__(self, labels):
+            pos, neg = original(labels)
+            seen.append((pos.tolist(), sorted(neg.tolist())))
+            return pos, neg
+
+    rpn.sampler.__class__ = Recording
+    objectness = torch.zeros(1, len(BOXES), requires_grad=True)
+    deltas = torch.zeros(1, len(BOXES), 4)
+    target = {"boxes": GT, "labels": torch.tensor([1]), "crowd_boxes": CROWD}
+    losses = rpn.losses(objectness, deltas, BOXES, [target])
+    assert seen == [([1], [3, 4])]
+    losses["loss_objectness"].backward()
+    assert objectness.grad[0, [0, 2]].tolist() == [0.0, 0.0]  # ignored anchors get no gradient
+    assert (objectness.grad[0, [1, 3, 4]] != 0).all()
+
+
+def test_roi_sampling_ignores_background_proposals_inside_crowds():
+    heads = RoIHeads(nn.Identity(), nn.Identity(), BoxPredictor(4, 2), batch_size_per_image=512)
+    target = {"boxes": GT, "labels": torch.tensor([2]), "crowd_boxes": CROWD}
+    regions, labels, _ = heads.sample_regions([BOXES], [target])
+    # foreground first (b1 and the ground truth added as a proposal), then background b3, b4
+    got = sorted(zip(labels.tolist(), [tuple(r) for r in regions[0].tolist()], strict=True))
+    assert got == sorted([(2, (22.0, 20.0, 40.0, 40.0)), (2, (20.0, 20.0, 40.0, 40.0)),
+                          (0, (35.0, 35.0, 55.0, 55.0)), (0, (60.0, 60.0, 80.0, 80.0))])
+    _, plain, _ = heads.sample_regions([BOXES], [{"boxes": GT, "labels": torch.tensor([2])}])
+    assert sorted(plain.tolist()) == [0, 0, 0, 0, 2, 2]  # b0 and b2 are background without the crowd
+
+
+def test_rcnn_finetuning_ignores_background_regions_inside_crowds():
+    torch.manual_seed(0)
+    cfg = RCNNConfig(num_classes=2, backbone="resnet18", weights=None, feature_map="c4", pool_size=2,
+                     representation_size=8, input_size=32, context_padding=4, batch_size=64)
+    model = build_rcnn(cfg).train()
+    seen = []
+    model.box_head.register_forward_hook(lambda m, i, o: seen.append(len(o)))
+    target = {"boxes": GT, "labels": torch.tensor([2]), "proposals": BOXES}
+    model([torch.rand(3, 80, 80)], [dict(target, crowd_boxes=CROWD)])
+    model([torch.rand(3, 80, 80)], [target])
+    assert seen == [4, 6]  # b1 + gt + b3 + b4; without the crowd b0 and b2 too
+
+
+def test_svm_negatives_leave_out_crowd_regions(tmp_path):
+    record = {"fc7": torch.arange(8.0).reshape(4, 2).half(), "labels": torch.tensor([1, 0, 0, 0]),
+              "overlaps": torch.tensor([[1.0], [0.0], [0.1], [0.0]]).half(),
+              "ignored": torch.tensor([False, True, False, False])}
+    save_checkpoint(record, tmp_path / "0.pt")
+    negatives = _Negatives([tmp_path / "0.pt"], label=1, max_iou=0.3, scale=1.0)
+    assert negatives[0].tolist() == [[4.0, 5.0], [6.0, 7.0]]  # row 1 lies in a crowd: not a negative
+
+
+def test_detection_transform_scales_crowd_boxes_and_proposals():
+    t = DetectionTransform(min_size=50, max_size=1000)
+    target = {"boxes": torch.tensor([[10.0, 10.0, 20.0, 20.0]]), "labels": torch.tensor([1]),
+              "crowd_boxes": torch.tensor([[0.0, 0.0, 100.0, 40.0]]),
+              "proposals": torch.tensor([[4.0, 2.0, 8.0, 6.0]])}
+    _, (out,), _ = t([torch.rand(3, 100, 200)], [target])
+    assert out["boxes"].tolist() == [[5.0, 5.0, 10.0, 10.0]]
+    assert out["crowd_boxes"].tolist() == [[0.0, 0.0, 50.0, 20.0]]
+    assert out["proposals"].tolist() == [[2.0, 1.0, 4.0, 3.0]]
+    with pytest.raises(ValueError, match="crowd_boxes must be float"):
+        t([torch.rand(3, 10, 10)], [dict(target, crowd_boxes=torch.zeros(3))])
+
+
+def test_crowd_boxes_and_proposals_follow_flip_and_crop_but_do_not_steer_the_crop():
+    spec = [{"name": "HorizontalFlip", "p": 1.0}, {"name": "Crop", "x_min": 10, "y_min": 0, "x_max": 90,
+                                                   "y_max": 50}]
+    pipeline = build_transforms(spec, "detection", True, extra_boxes=("crowd_boxes", "proposals"))
+    image = np.zeros((50, 100, 3), np.uint8)
+    _, boxes, labels, extra = augment_detection(
+        pipeline, image, np.array([[10.0, 10.0, 30.0, 20.0]]), np.array([3]),
+        crowd_boxes=np.array([[0.0, 0.0, 40.0, 50.0]]),
+        proposals=np.array([[60.0, 0.0, 80.0, 10.0], [95.0, 0.0, 100.0, 5.0]]),
+    )
+    # flip: x -> 100 - x; crop: x -> x - 10, clipped to [0, 80]; the second proposal is cropped away
+    assert boxes.tolist() == [[60.0, 10.0, 80.0, 20.0]] and labels.tolist() == [3]
+    assert np.allclose(extra["crowd_boxes"], [[50.0, 0.0, 80.0, 50.0]])
+    assert np.allclose(extra["proposals"], [[10.0, 0.0, 30.0, 10.0]])
+    # a box-safe crop keeps the objects whole, not the whole-image proposal or crowd region
+    safe = build_transforms([{"name": "BBoxSafeRandomCrop", "p": 1.0}], "detection", True,
+                            extra_boxes=("crowd_boxes", "proposals"))
+    whole = np.array([[0.0, 0.0, 100.0, 50.0]])
+    sizes = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out, boxes, _, extra = augment_detection(safe, image, np.array([[40.0, 20.0, 60.0, 30.0]]),
+                                                 np.array([1]), crowd_boxes=whole, proposals=whole)
+        sizes.add(out.shape[:2])
+        assert boxes.shape == (1, 4) and np.allclose(boxes[0, 2:] - boxes[0, :2], [20.0, 10.0], atol=1e-4)
+        assert np.allclose(extra["proposals"], [[0, 0, out.shape[1], out.shape[0]]], atol=1e-4)
+    assert len(sizes) > 1
+
+
+def test_move_batch_hands_crowd_boxes_and_proposals_to_the_model():
+    target = {"boxes": GT, "labels": torch.tensor([1]), "crowd_boxes": CROWD, "proposals": BOXES,
+              "image_id": 7, "orig_size": torch.tensor([80, 80])}
+    _, (moved,) = DetectionTask().move_batch(([torch.rand(3, 8, 8)], [target]), torch.device("cpu"))
+    assert set(moved) == {"boxes", "labels", "crowd_boxes", "proposals"}
+    assert torch.equal(moved["crowd_boxes"], CROWD)
