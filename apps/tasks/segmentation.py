@@ -176,8 +176,8 @@ class SegmentationTask(Task):
 
     def sample_names(self, dataset: Any, indices: list[int]) -> list[str]:
         base = getattr(dataset, "dataset", dataset)
-        if hasattr(base, "coco"):
-            return [base.coco.imgs[base.ids[i]]["file_name"] for i in indices]
+        if hasattr(base, "file_name_of"):
+            return [base.file_name_of(base.ids[i]) for i in indices]
         if hasattr(base, "samples"):
             return [str(base.samples[i][0]) for i in indices]
         return [str(i) for i in indices]

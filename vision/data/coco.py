@@ -2,12 +2,14 @@
 
 Legend: M instances kept for training, C crowd regions, H x W image size, K classes.
 
-The JSON is read by ``cocofile.load_coco`` (pycocotools underneath; optional fields filled in, broken
-files refused with the offending ids). Category ids may be anything (non-contiguous, 0 included):
-``CategoryMap`` maps them to training labels 1..K (0 is background) and back. COCO ``[x, y, w, h]`` boxes
-become xyxy absolute pixels here and nowhere else, clipped to the image; boxes under 1 px after clipping
-are dropped with one warning that names them. Crowd regions are never positives: they travel separately
-as ``crowd_boxes`` (ignore regions) or as label 255 in segmentation maps.
+The JSON is read into flat arrays by ``cocotable.read_coco_table`` (the checks and defaults of
+``cocofile.load_coco``: optional fields filled in, broken files refused with the offending ids; masks
+decoded by pycocotools only when an item needs them). Category ids may be anything (non-contiguous, 0
+included): ``CategoryMap`` maps them to training labels 1..K (0 is background) and back. COCO
+``[x, y, w, h]`` boxes become xyxy absolute pixels there (``xywh_to_xyxy`` is the same rule for one box),
+clipped to the image; boxes under 1 px after clipping are dropped with one warning that names them.
+Crowd regions are never positives: they travel separately as ``crowd_boxes`` (ignore regions) or as
+label 255 in segmentation maps.
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ import logging
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from .cocofile import AnnotationError, format_ids, load_coco, safe_join, segmentation_rle
+from .cocotable import read_coco_table
 from .images import ImageHeader, apply_orientation, exif_for_size, read_raw
 from .segfolder import MaskFolderSegmentation
 from .transforms import IGNORE_INDEX, augment, to_tensor
@@ -108,7 +112,7 @@ class CategoryMap:
 
 
 class _Record(NamedTuple):
-    """One image, prepared at construction so that a bad annotation is reported before training starts."""
+    """One image's view of the table, made when the item is read (nothing per image is stored)."""
 
     image_id: int
     path: Path
@@ -116,59 +120,68 @@ class _Record(NamedTuple):
     height: int
     boxes: np.ndarray  # float32 [M, 4] xyxy, clipped, at least 1 px wide and high
     labels: np.ndarray  # int64 [M] in 1..K
-    ann_ids: list[int]  # [M]
+    rows: np.ndarray  # int64 [M]: the instances' rows in the table (their masks)
     crowd_boxes: np.ndarray  # float32 [C, 4]
-    crowd_ann_ids: list[int]  # [C]
+    crowd_rows: np.ndarray  # int64 [C]
 
 
 class _CocoBase(Dataset):
-    def __init__(self, images: str | os.PathLike, annotations: str | os.PathLike, transforms: Any):
+    """The annotations live in a ``CocoTable`` (flat numpy arrays, see ``cocotable``): building it costs
+    about what ``pycocotools.coco.COCO()`` costs, and forked DataLoader workers share its pages instead of
+    copying them. There is no pycocotools ``COCO`` here; evaluation reads ``annotations_path``."""
+
+    def __init__(self, images: str | os.PathLike, annotations: str | os.PathLike, transforms: Any,
+                 *, keep_segmentations: bool = False):
         self.root = Path(images)
         self.annotations_path = Path(annotations)
         self.transforms = transforms
-        self.coco = load_coco(self.annotations_path, images_root=self.root)
-        self.category_map = CategoryMap.from_categories(self.coco.dataset["categories"])
+        self._table = read_coco_table(self.annotations_path, self.root, keep_segmentations=keep_segmentations)
+        self.category_map = CategoryMap.from_categories(self._table.categories)
         self.classes = self.category_map.classes
-        self.ids = sorted(self.coco.imgs)
-        self._records = self._prepare_records()
+        self._index = np.arange(len(self._table), dtype=np.int64)  # dataset index -> table row
+        self.ids = self._table.image_ids.tolist()
+        if self._table.num_dropped:
+            n, shown = self._table.num_dropped, ", ".join(self._table.dropped)
+            warnings.warn(
+                f"{self.annotations_path}: dropped {n} boxes narrower or lower than 1 px after clipping to "
+                f"the image: {shown}{_more(range(n), len(self._table.dropped))}",
+                stacklevel=3,
+            )
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self._index)
 
     def aspect_ratios(self) -> list[float]:
         """Width / height of every image in ``ids`` order, from the JSON (no image is opened)."""
-        return [self._records[i].width / self._records[i].height for i in range(len(self.ids))]
+        table = self._table
+        return (table.widths[self._index] / table.heights[self._index]).tolist()
 
-    def _prepare_records(self) -> list[_Record]:
-        unsafe, degenerate, records = [], [], []
-        for image_id in self.ids:
-            img = self.coco.imgs[image_id]
-            try:
-                path = safe_join(self.root, img["file_name"])
-            except ValueError as exc:
-                unsafe.append(f"image id {image_id}: {exc}")
-                continue
-            width, height = int(img["width"]), int(img["height"])
-            kept: dict[bool, list[tuple[tuple[float, ...], int, int]]] = {False: [], True: []}
-            for ann in self.coco.imgToAnns[image_id]:
-                x1, y1, x2, y2 = xywh_to_xyxy(ann["bbox"], width, height)
-                if x2 - x1 < 1 or y2 - y1 < 1:
-                    degenerate.append(f"{img['file_name']} (annotation {ann['id']})")
-                    continue
-                label = self.category_map.label_of(ann["category_id"])
-                kept[bool(ann["iscrowd"])].append(((x1, y1, x2, y2), label, ann["id"]))
-            boxes, labels, ann_ids = _unzip(kept[False])
-            crowd, _, crowd_ids = _unzip(kept[True])
-            records.append(_Record(image_id, path, width, height, boxes, labels, ann_ids, crowd, crowd_ids))
-        if unsafe:
-            raise AnnotationError(self.annotations_path, "; ".join(unsafe[:5]) + _more(unsafe, 5))
-        if degenerate:
-            warnings.warn(
-                f"{self.annotations_path}: dropped {len(degenerate)} boxes narrower or lower than 1 px after "
-                f"clipping to the image: {format_ids(degenerate, limit=5)}",
-                stacklevel=3,
-            )
-        return records
+    def file_name_of(self, image_id: int) -> str | None:
+        """The JSON's ``file_name`` of an image id (relative to the image folder); None if not listed."""
+        ids = self._table.image_ids
+        row = int(np.searchsorted(ids, image_id))
+        return self._table.file_name(row) if row < len(ids) and ids[row] == image_id else None
+
+    def _select(self, keep: np.ndarray) -> None:
+        """Keep the dataset items ``keep`` (indices), in that order."""
+        self._index = self._index[keep]
+        self.ids = self._table.image_ids[self._index].tolist()
+
+    def _record(self, index: int) -> _Record:
+        table, i = self._table, int(self._index[index])
+        rows = np.arange(table.first[i], table.first[i + 1])
+        crowd = table.crowd[rows]
+        return _Record(
+            image_id=int(table.image_ids[i]),
+            path=safe_join(self.root, table.file_name(i)),  # names were checked when the table was built
+            width=int(table.widths[i]),
+            height=int(table.heights[i]),
+            boxes=table.boxes[rows[~crowd]],
+            labels=table.labels[rows[~crowd]],
+            rows=rows[~crowd],
+            crowd_boxes=table.boxes[rows[crowd]],
+            crowd_rows=rows[crowd],
+        )
 
     def _read(self, record: _Record, *, need_exact_size: bool) -> np.ndarray:
         """Decode the image in the orientation its annotations were drawn on (see images.exif_for_size)."""
@@ -189,32 +202,23 @@ class _CocoBase(Dataset):
             raw = apply_orientation(raw, orientation)
         return raw
 
-    def _masks(self, ann_ids: Sequence[int]) -> list[np.ndarray]:
-        """uint8 ``[H, W]`` mask of each annotation, at the JSON's image size (pycocotools decodes)."""
+    def _masks(self, record: _Record, rows: Sequence[int]) -> list[np.ndarray]:
+        """uint8 ``[H, W]`` mask of each table row, at the JSON's image size (pycocotools decodes)."""
         with warnings.catch_warnings():
             # pycocotools 2.0.11 + NumPy 2 warn on every decode about a copy keyword; nothing we can act on.
             warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy")
-            return [self.coco.annToMask(self.coco.anns[i]) for i in ann_ids]
+            rles = [segmentation_rle(self._table.segmentation(r), record.height, record.width) for r in rows]
+            return [mask_utils.decode(rle) for rle in rles]
 
-    def _check_segmentations(self, ann_ids: Iterable[int]) -> None:
-        bad = []
-        for ann_id in ann_ids:
-            ann = self.coco.anns[ann_id]
-            img = self.coco.imgs[ann["image_id"]]
-            if segmentation_rle(ann.get("segmentation"), img["height"], img["width"]) is None:
-                bad.append(ann_id)
-        if bad:
+    def _check_segmentations(self, crowd_too: bool) -> None:
+        table = self._table
+        usable = table.segmentation_ok | (np.zeros_like(table.crowd) if crowd_too else table.crowd)
+        if not usable.all():
             raise AnnotationError(
                 self.annotations_path,
                 f"annotations without a usable polygon or RLE segmentation (masks are needed): "
-                f"ids {format_ids(bad)}",
+                f"ids {format_ids(table.ann_ids[~usable].tolist())}",
             )
-
-
-def _unzip(items: list[tuple[tuple[float, ...], int, int]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    boxes = np.array([b for b, _, _ in items], dtype=np.float32).reshape(-1, 4)
-    labels = np.array([label for _, label, _ in items], dtype=np.int64)
-    return boxes, labels, [i for _, _, i in items]
 
 
 def _more(items: Sequence[Any], shown: int) -> str:
@@ -249,16 +253,18 @@ class CocoDetection(_CocoBase):
         with_masks: bool = False,
         num_classes: int | None = None,
     ):
-        super().__init__(images, annotations, transforms)
+        super().__init__(images, annotations, transforms, keep_segmentations=with_masks)
         self.with_masks = with_masks
         self.num_classes = self._check_num_classes(num_classes)
         if with_masks:
-            self._check_segmentations(i for r in self._records for i in r.ann_ids)
+            self._check_segmentations(crowd_too=False)
         if drop_empty:
-            keep = [i for i, r in enumerate(self._records) if len(r.boxes)]
-            dropped = len(self._records) - len(keep)
-            self._records = [self._records[i] for i in keep]
-            self.ids = [r.image_id for r in self._records]
+            table = self._table
+            instances = np.bincount(np.repeat(np.arange(len(table)), np.diff(table.first))[~table.crowd],
+                                    minlength=len(table))
+            keep = np.flatnonzero(instances[self._index] > 0)
+            dropped = len(self) - len(keep)
+            self._select(keep)
             logger.info("%s: dropped %d images without boxes (drop_empty)", self.annotations_path, dropped)
 
     def _check_num_classes(self, num_classes: int | None) -> int:
@@ -277,14 +283,14 @@ class CocoDetection(_CocoBase):
         return num_classes
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        record = self._records[index]
+        record = self._record(index)
         image = self._read(record, need_exact_size=self.with_masks)
         height, width = image.shape[:2]
-        boxes, labels, ann_ids, crowd = record.boxes, record.labels, record.ann_ids, record.crowd_boxes
+        boxes, labels, rows, crowd = record.boxes, record.labels, record.rows, record.crowd_boxes
         if (width, height) != (record.width, record.height):  # size mismatch, warned in _read
-            boxes, labels, ann_ids = _clip_boxes(boxes, labels, ann_ids, width, height)
-            crowd, _, _ = _clip_boxes(crowd, np.zeros(len(crowd), np.int64), [], width, height)
-        masks = np.stack(self._masks(ann_ids)) if self.with_masks and ann_ids else None
+            boxes, labels, rows = _clip_boxes(boxes, labels, rows, width, height)
+            crowd, _, _ = _clip_boxes(crowd, np.zeros(len(crowd), np.int64), record.crowd_rows, width, height)
+        masks = np.stack(self._masks(record, rows)) if self.with_masks and len(rows) else None
         if self.transforms is not None:
             image, boxes, labels, crowd, masks = self._augment(image, boxes, labels, crowd, masks)
         target = {
@@ -322,12 +328,12 @@ class CocoDetection(_CocoBase):
         return out["image"], out_boxes[is_instance], labels[instances], out_boxes[~is_instance], new_masks
 
 
-def _clip_boxes(boxes: np.ndarray, labels: np.ndarray, ann_ids: list[int], width: int, height: int):
+def _clip_boxes(boxes: np.ndarray, labels: np.ndarray, rows: np.ndarray, width: int, height: int):
     clipped = boxes.copy()
     clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
     clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
     keep = ((clipped[:, 2] - clipped[:, 0]) >= 1) & ((clipped[:, 3] - clipped[:, 1]) >= 1)
-    return clipped[keep], labels[keep], [a for a, k in zip(ann_ids, keep, strict=False) if k]
+    return clipped[keep], labels[keep], rows[keep]
 
 
 class CocoSegmentation(_CocoBase):
@@ -339,7 +345,7 @@ class CocoSegmentation(_CocoBase):
     """
 
     def __init__(self, images: str | os.PathLike, annotations: str | os.PathLike, *, transforms: Any = None):
-        super().__init__(images, annotations, transforms)
+        super().__init__(images, annotations, transforms, keep_segmentations=True)
         if self.category_map.num_classes >= IGNORE_INDEX:
             raise AnnotationError(
                 self.annotations_path,
@@ -347,20 +353,20 @@ class CocoSegmentation(_CocoBase):
                 f"{IGNORE_INDEX - 1} (label {IGNORE_INDEX} means ignore)",
             )
         self.num_classes = self.category_map.num_classes
-        self._check_segmentations(a for r in self._records for a in r.ann_ids + r.crowd_ann_ids)
+        self._check_segmentations(crowd_too=True)
 
     def index_map(self, index: int) -> np.ndarray:
         """uint8 ``[H, W]`` label map of image ``index`` at the JSON's size, before transforms."""
-        record = self._records[index]
+        record = self._record(index)
         target = np.zeros((record.height, record.width), np.uint8)
-        for mask in self._masks(record.crowd_ann_ids):
+        for mask in self._masks(record, record.crowd_rows):
             target[mask > 0] = IGNORE_INDEX
-        for label, mask in zip(record.labels, self._masks(record.ann_ids), strict=True):
+        for label, mask in zip(record.labels, self._masks(record, record.rows), strict=True):
             target[mask > 0] = label
         return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self._read(self._records[index], need_exact_size=True)
+        image = self._read(self._record(index), need_exact_size=True)
         target = self.index_map(index)
         if self.transforms is not None:
             out = augment(self.transforms, image=image, mask=target)

@@ -15,15 +15,26 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterable
+from itertools import chain
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from .images import image_size
 
-__all__ = ["AnnotationError", "format_ids", "load_coco", "read_json", "safe_join", "segmentation_rle"]
+__all__ = [
+    "AnnotationError",
+    "duplicate_ints",
+    "format_ids",
+    "load_coco",
+    "read_coco_json",
+    "read_json",
+    "safe_join",
+    "segmentation_rle",
+]
 
 
 class AnnotationError(ValueError):
@@ -75,6 +86,19 @@ def load_coco(annotations_path: str | os.PathLike, images_root: str | os.PathLik
         AnnotationError: unreadable JSON, missing ``images``/``categories``, duplicate ids, annotations
             with an undeclared category or an unknown image, malformed boxes. Ids are listed.
     """
+    coco = COCO()
+    coco.dataset = read_coco_json(annotations_path, images_root)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        coco.createIndex()
+    return coco
+
+
+def read_coco_json(annotations_path: str | os.PathLike, images_root: str | os.PathLike | None = None) -> dict:
+    """The checked JSON object with the defaults of ``load_coco`` filled in (plain dicts, no index).
+
+    The checks are whole-array operations or single passes of cheap comprehensions: at COCO scale
+    (118k images, 860k annotations) they cost a small fraction of parsing the file.
+    """
     path = Path(annotations_path)
     data = read_json(path)
     for key in ("images", "categories"):
@@ -83,19 +107,18 @@ def load_coco(annotations_path: str | os.PathLike, images_root: str | os.PathLik
     data.setdefault("info", {})
     data.setdefault("licenses", [])
     data["annotations"] = data.get("annotations") or []
+    if not isinstance(data["annotations"], list):
+        raise AnnotationError(path, "'annotations' is not a list")
     _check_ids(path, data)
     images = {img["id"]: img for img in data["images"]}
-    for img in data["images"]:
-        if ("width" not in img or "height" not in img) and images_root is not None:
-            img["width"], img["height"] = _size_from_file(path, images_root, img)
+    if images_root is not None:
+        for img in data["images"]:
+            if "width" not in img or "height" not in img:
+                img["width"], img["height"] = _size_from_file(path, images_root, img)
     for cat in data["categories"]:
         cat.setdefault("name", str(cat["id"]))
     _fill_annotations(path, data["annotations"], images, {c["id"] for c in data["categories"]})
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-        coco.createIndex()
-    return coco
+    return data
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -118,23 +141,31 @@ def read_json(path: Path) -> dict[str, Any]:
 def _check_ids(path: Path, data: dict[str, Any]) -> None:
     for key, what in (("images", "image"), ("categories", "category"), ("annotations", "annotation")):
         entries = data[key]
-        if any(not isinstance(e, dict) for e in entries):
+        if not all(type(e) is dict for e in entries):
             raise AnnotationError(path, f"every entry of {key!r} must be a JSON object")
+        # missing annotation ids are numbered in _fill_annotations
         if key == "annotations":
-            entries = [e for e in entries if "id" in e]  # missing annotation ids are numbered below
-        bad = [e.get("id") for e in entries if not _is_int(e.get("id"))]
+            ids = [e["id"] for e in entries if "id" in e]
+        else:
+            ids = [e.get("id") for e in entries]
+        bad = [i for i in ids if type(i) is not int]  # bool is not int here
         if bad:
             raise AnnotationError(path, f"{what} ids must be integers; found {format_ids(map(repr, bad))}")
-        dupes = [i for i, n in Counter(e["id"] for e in entries).items() if n > 1]
+        dupes = duplicate_ints(ids)
         if dupes:
             raise AnnotationError(path, f"duplicate {what} ids: {format_ids(dupes)}")
-    missing_names = [img["id"] for img in data["images"] if not isinstance(img.get("file_name"), str)]
+    missing_names = [img["id"] for img in data["images"] if type(img.get("file_name")) is not str]
     if missing_names:
         raise AnnotationError(path, f"images without a 'file_name': ids {format_ids(missing_names)}")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def duplicate_ints(values: list[int]) -> list[int]:
+    """The values that occur more than once, ascending (a sort, not a Counter: 860k ids in 0.1 s)."""
+    try:
+        array = np.sort(np.asarray(values, dtype=np.int64))
+    except OverflowError:  # ids beyond 64 bits: rare enough for the slow way
+        return sorted(v for v, n in Counter(values).items() if n > 1)
+    return np.unique(array[1:][array[1:] == array[:-1]]).tolist()
 
 
 def _size_from_file(path: Path, images_root: str | os.PathLike, img: dict[str, Any]) -> tuple[int, int]:
@@ -147,35 +178,63 @@ def _size_from_file(path: Path, images_root: str | os.PathLike, img: dict[str, A
 
 def _fill_annotations(path: Path, anns: list[dict[str, Any]], images: dict[int, Any], cat_ids: set[int]):
     next_id = max((a["id"] for a in anns if "id" in a), default=0) + 1
-    unknown_image, unknown_cat, bad_box = [], [], []
     for ann in anns:
         if "id" not in ann:
             ann["id"], next_id = next_id, next_id + 1
-        if ann.get("image_id") not in images:
-            unknown_image.append(ann["id"])
-        if ann.get("category_id") not in cat_ids:
-            unknown_cat.append(ann["id"])
-        ann.setdefault("iscrowd", 0)
-        segm = ann.get("segmentation")
-        img = images.get(ann.get("image_id"), {})
-        rle = segmentation_rle(segm, img.get("height"), img.get("width")) if segm else None
-        if "bbox" not in ann and rle is not None:
-            ann["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
-        box = ann.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
-            bad_box.append(ann["id"])
-            continue
-        if "area" not in ann:
-            ann["area"] = float(mask_utils.area(rle)) if rle is not None else float(box[2] * box[3])
+        if "iscrowd" not in ann:
+            ann["iscrowd"] = 0
+    unknown_cat = [a["id"] for a in anns if not _is_key(a.get("category_id"), cat_ids)]
     if unknown_cat:
         raise AnnotationError(
             path, f"annotations with a category_id not in 'categories': ids {format_ids(unknown_cat)}"
         )
+    unknown_image = [a["id"] for a in anns if not _is_key(a.get("image_id"), images)]
     if unknown_image:
         reason = f"annotations of an image_id not in 'images': ids {format_ids(unknown_image)}"
         raise AnnotationError(path, reason)
+    # Decoding a segmentation is the slow part of a COCO file: only for the fields it must supply.
+    for ann in anns:
+        if "bbox" not in ann or "area" not in ann:
+            _fill_from_segmentation(ann, images[ann["image_id"]])
+    bad_box = _bad_boxes(anns)
     if bad_box:
         raise AnnotationError(path, f"annotations without a valid [x, y, w, h] bbox: {format_ids(bad_box)}")
+    for ann in anns:
+        if "area" not in ann:
+            box = ann["bbox"]
+            ann["area"] = float(box[2] * box[3])
+
+
+def _is_key(value: Any, keys: set[int] | dict[int, Any]) -> bool:
+    return type(value) is int and value in keys  # a list or dict as an id must not raise TypeError here
+
+
+def _fill_from_segmentation(ann: dict[str, Any], img: dict[str, Any]) -> None:
+    segm = ann.get("segmentation")
+    rle = segmentation_rle(segm, img.get("height"), img.get("width")) if segm else None
+    if rle is None:
+        return
+    if "bbox" not in ann:
+        ann["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
+    if "area" not in ann:
+        ann["area"] = float(mask_utils.area(rle))
+
+
+def _bad_boxes(anns: list[dict[str, Any]]) -> list[int]:
+    """Ids of annotations whose bbox is not a list of four finite numbers."""
+    boxes = [a.get("bbox") for a in anns]
+    # Fast path, whole arrays: every box a list, every value an int or a float, four of them, all finite.
+    if all(type(b) is list for b in boxes) and set(map(type, chain.from_iterable(boxes))) <= {int, float}:
+        try:
+            array = np.array(boxes, dtype=np.float64).reshape(len(boxes), -1)
+        except (ValueError, OverflowError):
+            array = None
+        if array is not None and array.shape[1] == 4 and np.isfinite(array).all():
+            return []
+    return [
+        a["id"] for a, box in zip(anns, boxes, strict=True)
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box))
+    ]
 
 
 def _is_number(value: Any) -> bool:

@@ -1,0 +1,198 @@
+"""A COCO instances file as a few flat numpy arrays: what the datasets keep once the JSON is read.
+
+Why flat arrays: a DataLoader worker that reads a Python list of per-image records writes to every
+record's reference count (and the garbage collector to every container's header), so the pages holding
+them are copied into each worker one by one: memory grows towards one copy of the dataset per worker.
+A numpy array is one object whatever its length, so forked workers share its pages for good. The same
+reason makes detectron2 serialise its dataset list into one buffer.
+
+The file is parsed once with ``cocofile.read_coco_json`` (the checks and defaults of ``load_coco``), the
+arrays are cut from it with whole-array operations, and the parsed dicts are dropped before returning.
+
+Legend: N images (ascending id), A annotations kept, grouped by image (file order within an image).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cocofile import AnnotationError, read_coco_json, safe_join, segmentation_rle
+
+__all__ = ["CocoTable", "PackedBytes", "read_coco_table"]
+
+
+class PackedBytes:
+    """Byte strings in one ``uint8`` buffer with ``int64`` offsets: no Python object per item."""
+
+    def __init__(self, items: Sequence[bytes]):
+        lengths = np.fromiter((len(b) for b in items), dtype=np.int64, count=len(items))
+        self.offsets = np.zeros(len(items) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+        self.buffer = np.frombuffer(b"".join(items), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> bytes:
+        return self.buffer[self.offsets[index] : self.offsets[index + 1]].tobytes()
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes + self.offsets.nbytes
+
+
+@dataclass(frozen=True, eq=False)
+class CocoTable:
+    """The annotations the datasets need, as arrays; ``boxes`` are xyxy pixels clipped to the image."""
+
+    categories: list[dict[str, Any]]  # as in the file (a few hundred at most)
+    image_ids: np.ndarray  # int64 [N], ascending
+    widths: np.ndarray  # int64 [N]: the size the annotations were drawn on
+    heights: np.ndarray  # int64 [N]
+    file_names: PackedBytes  # [N] UTF-8, relative to the image folder (checked safe)
+    first: np.ndarray  # int64 [N + 1]: rows first[i]:first[i + 1] are image i's annotations
+    boxes: np.ndarray  # float32 [A, 4] xyxy, clipped, at least 1 px wide and high
+    labels: np.ndarray  # int64 [A] in 1..K, K categories in ascending id order
+    ann_ids: np.ndarray  # int64 [A]
+    crowd: np.ndarray  # bool [A]
+    segmentations: PackedBytes | None  # [A] pickled polygon / RLE objects, when asked for
+    segmentation_ok: np.ndarray | None  # bool [A]: decodes to a mask (checked once, when asked for)
+    dropped: list[str]  # the first degenerate boxes, "file (annotation id)", for the warning
+    num_dropped: int
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def file_name(self, index: int) -> str:
+        return self.file_names[index].decode("utf-8", "surrogatepass")
+
+    def rows(self, index: int) -> slice:
+        return slice(int(self.first[index]), int(self.first[index + 1]))
+
+    def segmentation(self, row: int) -> Any:
+        if self.segmentations is None:
+            raise ValueError("segmentations were not kept (read_coco_table(..., keep_segmentations=False))")
+        return pickle.loads(self.segmentations[row])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the arrays (what each process keeps, shared by forked workers)."""
+        arrays = [self.image_ids, self.widths, self.heights, self.first, self.boxes, self.labels,
+                  self.ann_ids, self.crowd]
+        extra = [self.file_names.nbytes]
+        if self.segmentations is not None:
+            extra += [self.segmentations.nbytes, self.segmentation_ok.nbytes]
+        return sum(a.nbytes for a in arrays) + sum(extra)
+
+
+def read_coco_table(
+    annotations: str | os.PathLike,
+    images_root: str | os.PathLike,
+    *,
+    keep_segmentations: bool = False,
+    shown: int = 5,
+) -> CocoTable:
+    """Read and check a COCO instances JSON (see ``load_coco``) into a ``CocoTable``.
+
+    Boxes under 1 px wide or high after clipping are left out and counted (``num_dropped``; the first
+    ``shown`` are named in ``dropped``). ``keep_segmentations`` keeps each kept annotation's polygon or
+    RLE, pickled into one buffer and decoded only when a mask is asked for.
+
+    Raises:
+        AnnotationError: everything ``load_coco`` refuses, unsafe file names (``..``, absolute paths),
+            image sizes that are not numbers.
+    """
+    path = Path(annotations)
+    data = read_coco_json(path, images_root)
+    images, anns = data["images"], data["annotations"]
+    _check_file_names(path, images_root, images)
+
+    ids = np.fromiter((img["id"] for img in images), dtype=np.int64, count=len(images))
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    try:
+        widths = np.asarray([img["width"] for img in images], dtype=np.int64)[order]
+        heights = np.asarray([img["height"] for img in images], dtype=np.int64)[order]
+    except KeyError:
+        missing = [img["id"] for img in images if "width" not in img or "height" not in img]
+        raise AnnotationError(path, f"images without width/height: ids {missing[:10]}") from None
+    except (TypeError, ValueError):
+        raise AnnotationError(path, "image width and height must be numbers") from None
+    names = PackedBytes([images[j]["file_name"].encode("utf-8", "surrogatepass") for j in order.tolist()])
+
+    # Annotations grouped by image; a stable sort keeps the file order within an image (later masks
+    # paint over earlier ones in segmentation maps).
+    count = len(anns)
+    image_of = np.searchsorted(ids, np.fromiter((a["image_id"] for a in anns), np.int64, count))
+    rows = np.argsort(image_of, kind="stable")
+    image_of = image_of[rows]
+    xywh = np.asarray([anns[j]["bbox"] for j in rows.tolist()], dtype=np.float64).reshape(-1, 4)
+    w, h = widths[image_of], heights[image_of]
+    boxes = np.stack([np.maximum(xywh[:, 0], 0.0), np.maximum(xywh[:, 1], 0.0),
+                      np.minimum(xywh[:, 0] + xywh[:, 2], w), np.minimum(xywh[:, 1] + xywh[:, 3], h)], axis=1)
+    keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
+    ann_ids = np.fromiter((anns[j]["id"] for j in rows.tolist()), np.int64, count)
+    bad_images, bad_ids = image_of[~keep][:shown].tolist(), ann_ids[~keep][:shown].tolist()
+    dropped = [f"{names[i].decode('utf-8', 'surrogatepass')} (annotation {a})"
+               for i, a in zip(bad_images, bad_ids, strict=True)]
+
+    rows, image_of = rows[keep], image_of[keep]
+    cat_ids = np.sort(np.fromiter((c["id"] for c in data["categories"]), np.int64, len(data["categories"])))
+    categories = np.fromiter((anns[j]["category_id"] for j in rows.tolist()), np.int64, len(rows))
+    first = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(image_of, minlength=len(ids)), out=first[1:])
+    segmentations = segmentation_ok = None
+    if keep_segmentations:
+        segmentations, segmentation_ok = _pack_segmentations(anns, rows, image_of, widths, heights)
+    return CocoTable(
+        categories=data["categories"],
+        image_ids=ids,
+        widths=widths,
+        heights=heights,
+        file_names=names,
+        first=first,
+        boxes=np.ascontiguousarray(boxes[keep], dtype=np.float32),
+        labels=np.searchsorted(cat_ids, categories) + 1,
+        ann_ids=ann_ids[keep],
+        crowd=np.fromiter((bool(anns[j]["iscrowd"]) for j in rows.tolist()), bool, len(rows)),
+        segmentations=segmentations,
+        segmentation_ok=segmentation_ok,
+        dropped=dropped,
+        num_dropped=int((~keep).sum()),
+    )
+
+
+def _check_file_names(path: Path, root: str | os.PathLike, images: list[dict[str, Any]]) -> None:
+    # safe_join builds two path objects per name: only names that could be unsafe go through it.
+    suspect = [img for img in images if _maybe_unsafe(img["file_name"])]
+    unsafe = []
+    for img in suspect:
+        try:
+            safe_join(root, img["file_name"])
+        except ValueError as exc:
+            unsafe.append(f"image id {img['id']}: {exc}")
+    if unsafe:
+        more = f" ... ({len(unsafe)} in all)" if len(unsafe) > 5 else ""
+        raise AnnotationError(path, "; ".join(unsafe[:5]) + more)
+
+
+def _maybe_unsafe(name: str) -> bool:
+    """False only for names that ``safe_join`` surely accepts (no '..', ':', NUL, leading separator)."""
+    return not name.strip() or ".." in name or ":" in name or "\x00" in name or name[0] in "/\\"
+
+
+def _pack_segmentations(anns, rows, image_of, widths, heights) -> tuple[PackedBytes, np.ndarray]:
+    segms = [anns[j].get("segmentation") for j in rows.tolist()]
+    ok = np.fromiter(
+        (segmentation_rle(s, int(heights[i]), int(widths[i])) is not None if s else False
+         for s, i in zip(segms, image_of.tolist(), strict=True)),
+        bool, len(segms),
+    )
+    return PackedBytes([pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL) for s in segms]), ok
