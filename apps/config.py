@@ -64,6 +64,9 @@ class DataConfig:
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig | None = None  # no validation split: no evaluation, best.pt or early stopping
     workers: int = 2  # DataLoader worker processes per training process
+    # a file that cannot be decoded: false ends the run with one line naming it (check the set with
+    # `visiondet data check`); true skips it, lists it in <run>/skipped_images.txt and counts it
+    skip_unreadable: bool = False
     options: Any = None  # the task's own options dataclass (Task.options_type), e.g. image size
 
 
@@ -101,6 +104,7 @@ class TrainConfig:
     patience: int | None = None  # stop after this many evaluations without a better primary metric
     eval_every: int = 1  # epochs between evaluations
     checkpoint_every: int = 0  # also write last.pt every N optimizer steps (0: only at epoch ends)
+    checkpoint_minutes: float = 10.0  # also write last.pt this often during an epoch (0: never)
     log_every: int = 20  # optimizer steps between log lines / metrics.jsonl records
     max_nonfinite: int = 5  # consecutive non-finite losses that stop the run
     deterministic: bool = False  # deterministic kernels (slower); with a fixed seed, runs repeat exactly
@@ -122,7 +126,9 @@ class Experiment:
     device: str = "auto"  # auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...
     seed: int = 0
     weights: str | None = None  # fine-tune from this checkpoint's weights (mismatched layers re-initialised)
-    resume: bool | str = False  # true (output_dir or the latest run) or a run folder / last.pt to continue
+    resume: bool | str = False  # a run folder / last.pt to continue (true: the one in output_dir)
+    # resuming with other data, model or schedule than the run's saved config.yaml is refused unless true
+    resume_force: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -365,6 +371,8 @@ def _check_values(exp: Experiment) -> None:
         raise ConfigError(f"train.lr: must be > 0, got {t.lr}")
     if t.checkpoint_every < 0 or t.warmup_iters < 0 or exp.data.workers < 0:
         raise ConfigError("train.checkpoint_every, train.warmup_iters and data.workers must be >= 0")
+    if t.checkpoint_minutes < 0:
+        raise ConfigError(f"train.checkpoint_minutes: must be >= 0, got {t.checkpoint_minutes}")
     if not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in (0, 1), got {t.ema_decay}")
     if t.nesterov and (t.optimizer != "sgd" or t.momentum <= 0):

@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     parser.add_argument("--raw", action="store_true", help="evaluate the raw weights, not the EMA weights")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="leave out image files that cannot be decoded (listed on stderr and counted in "
+                             "the JSON; their ground truth still counts) instead of stopping at the first")
 
 
 def evaluate(args: argparse.Namespace) -> tuple[str, dict[str, float], Path]:
@@ -41,7 +44,7 @@ def evaluate(args: argparse.Namespace) -> tuple[str, dict[str, float], Path]:
 
     from apps.config import ConfigError, SplitConfig
     from apps.engine import distributed as dist_utils
-    from apps.engine.loader import eval_loader
+    from apps.engine.loader import Unreadable, eval_loader
     from apps.tasks import TASKS, get_task, load_model
 
     split = SplitConfig(images=args.images, annotations=args.annotations, masks=args.masks, root=args.root)
@@ -63,10 +66,20 @@ def evaluate(args: argparse.Namespace) -> tuple[str, dict[str, float], Path]:
     try:
         loaded = load_model(args.weights, info.device, ema=not args.raw)
         dataset = loaded.task.build_eval_dataset(split, loaded)
+        skipped: list[Unreadable] = []
+        check = "visiondet data check" + (f" --annotations {args.annotations} --images {args.images}"
+                                          if args.annotations and args.images else "")
         loader = eval_loader(dataset, loaded.task.collate, batch_size=args.batch_size, workers=args.workers,
-                             pin_memory=info.device.type == "cuda")
+                             pin_memory=info.device.type == "cuda", skip_unreadable=args.skip_unreadable,
+                             hint=f"find every such file with `{check}`, or pass --skip-unreadable",
+                             on_skip=skipped.extend)
         with torch.inference_mode():
             metrics = loaded.task.evaluate(loaded.model, loader, info.device, loaded.classes)
+        for file in skipped:
+            print(f"warning: skipped unreadable image {file.path}: {file.reason}", file=sys.stderr)
+        if args.skip_unreadable:  # every process's count (all_reduce_sum keeps the ranks in step)
+            total = dist_utils.all_reduce_sum(torch.tensor([float(len(skipped))], device=info.device))
+            metrics["skipped_images"] = float(total.item())
         dist_utils.barrier()  # leave the group together (see cleanup)
     finally:
         dist_utils.cleanup()
@@ -76,6 +89,7 @@ def evaluate(args: argparse.Namespace) -> tuple[str, dict[str, float], Path]:
 
 def run(args: argparse.Namespace) -> int:
     from apps.config import ConfigError
+    from apps.engine.loader import UnreadableImageError
     from apps.tasks import get_task
     from vision.checkpoint import CheckpointError
 
@@ -84,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except UnreadableImageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(get_task(task_name).format_metrics(metrics))

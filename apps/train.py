@@ -8,15 +8,22 @@ batch's gradients with a warning; ``train.max_nonfinite`` of them in a row end t
 the last good state. After each epoch: evaluation, ``last.pt``, ``best.pt`` on a better primary metric,
 early stopping.
 
-
 Resuming restores everything: weights, EMA, optimizer, scheduler, grad scaler, counters, every random
-generator, and the position in the epoch's batch order (see apps/engine/loader.py).
+generator, and the position in the epoch's batch order (see apps/engine/loader.py). It is explicit: a run
+folder (``resume=RUN_DIR``, or ``resume=true`` with ``output_dir``), continued with its own config.yaml,
+which is never rewritten; other data, model or schedule need ``resume_force``. ``last.pt`` is also written
+every ``train.checkpoint_minutes`` so that a long first epoch can be resumed.
+
+A file that cannot be decoded ends the run with one line naming it (also the last line of train.log; a run
+folder with no checkpoint yet is removed), or, with ``data.skip_unreadable``, is skipped and listed in
+``skipped_images.txt``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +37,14 @@ from apps.config import ConfigError, Experiment, parse_duration, resolve_output_
 from apps.engine import checkpointing as ckpt_io
 from apps.engine import distributed as dist_utils
 from apps.engine.ema import ModelEMA
-from apps.engine.loader import SeededItems, epoch_batches, eval_loader, make_loader
+from apps.engine.loader import (
+    SeededItems,
+    Unreadable,
+    UnreadableImageError,
+    epoch_batches,
+    eval_loader,
+    make_loader,
+)
 from apps.engine.logging import DataWait, RunLogger, plot_curves, run_log
 from apps.engine.optim import build_optimizer
 from apps.engine.schedule import LrPlan, TimeBudget, build_scheduler
@@ -53,6 +67,7 @@ class TrainResult:
     epochs_done: int
     best_metric: float | None
     metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation
+    skipped_images: int = 0  # unreadable files skipped (data.skip_unreadable), listed in skipped_images.txt
 
 
 def train(exp: Experiment, *, runs_root: str | Path = "runs") -> TrainResult:
@@ -83,10 +98,12 @@ class _Trainer:
         self.device = info.device
         resume_path = (ckpt_io.find_resume_checkpoint(exp.resume, exp.output_dir, exp.task, runs_root)
                        if exp.resume else None)
+        # a resumed run continues its config.yaml: other data, model or schedule only with resume_force
+        forced = ckpt_io.resume_changes(resume_path.parent, exp) if resume_path is not None else []
         data = self.task.build_datasets(exp)  # bad data is an error before the run folder exists
         self.run_dir = self._make_run_dir(resume_path, runs_root)
         # what the run folder keeps (config.yaml, checkpoints): this run, as a fresh run would describe it
-        self.exp = exp = replace(exp, output_dir=str(self.run_dir), resume=False)
+        self.exp = exp = replace(exp, output_dir=str(self.run_dir), resume=False, resume_force=False)
         self.log = RunLogger(self.run_dir if info.is_main else None)
         ckpt_io.seed_everything(exp.seed + info.rank, deterministic=self.cfg.deterministic)
 
@@ -109,7 +126,9 @@ class _Trainer:
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = ModelEMA(self.model, self.cfg.ema_decay) if self.cfg.ema else None
-        self.items = SeededItems(self.train_ds, exp.seed)
+        self.items = SeededItems(self.train_ds, exp.seed, skip_unreadable=exp.data.skip_unreadable)
+        self.skipped = self._listed_skipped()  # files skipped so far (a resumed run keeps the list)
+        self.saved_at = time.monotonic()  # of the last last.pt (train.checkpoint_minutes)
 
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.best: float | None = None
@@ -122,7 +141,10 @@ class _Trainer:
             rng = self._load_resume(resume_path)
         self.ddp: nn.Module = self._wrap()
         if info.is_main:
-            save_config(self.exp, self.run_dir / "config.yaml")
+            if resume_path is None:  # a resumed run keeps the config.yaml it was started with
+                save_config(self.exp, self.run_dir / "config.yaml")
+            for change in forced:
+                self.log.warning(f"resume_force: {change} (config.yaml keeps the saved value)")
             self.log.info(f"run folder: {self.run_dir}")
             self.log.info(f"{exp.task}: {len(self.train_ds)} training images, "
                           f"{len(self.val_ds) if self.val_ds is not None else 0} validation images, "
@@ -241,11 +263,68 @@ class _Trainer:
         ckpt = self._checkpoint(self.last_metrics, resumable=True)  # every rank: RNG states are gathered
         if self.info.is_main:
             ckpt_io.save(ckpt, self.run_dir / "last.pt")
+        self.saved_at = time.monotonic()
+
+    def _checkpoint_due(self) -> bool:
+        """After an optimizer step: ``train.checkpoint_every`` steps or ``train.checkpoint_minutes`` since the
+        last save (rank 0's clock decides for all ranks: saving gathers every rank's random state)."""
+        every, minutes = self.cfg.checkpoint_every, self.cfg.checkpoint_minutes
+        due = bool(every) and self.step % every == 0
+        due = due or (minutes > 0 and time.monotonic() - self.saved_at >= minutes * 60)
+        return bool(dist_utils.broadcast_object(due)) if self.info.world_size > 1 else due
+
+    # ---- unreadable files ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _unreadable_hint(split: Any) -> str:
+        check = "visiondet data check"
+        if getattr(split, "annotations", None) and getattr(split, "images", None):
+            check += f" --annotations {split.annotations} --images {split.images}"
+        return f"find every such file with `{check}`, or set data.skip_unreadable=true to skip them"
+
+    def _listed_skipped(self) -> set[str]:
+        listed = self.run_dir / "skipped_images.txt"
+        if not listed.is_file():
+            return set()
+        return {line.split("\t", 1)[0] for line in listed.read_text(encoding="utf-8").splitlines() if line}
+
+    def _skip(self, files: list[Unreadable]) -> None:
+        """data.skip_unreadable: list each file once in skipped_images.txt (path, tab, reason) and warn."""
+        new = [f for f in dict.fromkeys(files) if f.path not in self.skipped]
+        if not new:
+            return
+        with open(self.run_dir / "skipped_images.txt", "a", encoding="utf-8") as out:  # every rank appends
+            for f in new:
+                self.skipped.add(f.path)
+                out.write(f"{f.path}\t{f.reason}\n")
+                self.log.warning(f"skipped unreadable image {f.path}: {f.reason}")
+
+    def _after_failure(self, exc: UnreadableImageError) -> UnreadableImageError:
+        """An unreadable file ended the run: a run folder with no checkpoint is removed (it holds nothing
+        to resume); one with a checkpoint keeps the error line at the end of train.log."""
+        if not self.info.is_main:
+            return exc
+        if not any(self.run_dir.glob("*.pt")):
+            # only what this run wrote: an output_dir given by the user may hold other files
+            for name in ("config.yaml", "train.log", "metrics.jsonl", "curves.png", "skipped_images.txt",
+                         "tensorboard"):
+                path = self.run_dir / name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()  # when nothing else is left
+            return exc
+        hint = (f"continue with `visiondet train --resume {self.run_dir} data.skip_unreadable=true` or after "
+                f"fixing the file; {exc.hint}")
+        exc = UnreadableImageError(exc.path, exc.reason, hint)
+        with open(self.run_dir / "train.log", "a", encoding="utf-8") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR ERROR: {exc}\n")
+        return exc
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
         status = "completed"
+        failure: UnreadableImageError | None = None
         self.budget = self._start_budget()
         if self.budget is None and (line := self.lr_plan.warmup_warning()):
             self.log.warning(line)
@@ -269,9 +348,14 @@ class _Trainer:
             if self.budget is not None:
                 self.log.info(f"time budget: {_duration(self.budget.elapsed(clock()))} of "
                               f"{_duration(self.budget.seconds)} used, {self.step} optimizer steps")
+        except UnreadableImageError as exc:
+            failure = exc
         finally:
             self._finish()
-        return TrainResult(self.run_dir, status, self.epoch, self.best, dict(self.last_metrics))
+        if failure is not None:
+            raise self._after_failure(failure) from None  # one line, not a worker traceback
+        return TrainResult(self.run_dir, status, self.epoch, self.best, dict(self.last_metrics),
+                           skipped_images=len(self._listed_skipped()))  # (every rank's)
 
     def _schedule_done(self, epoch: int) -> bool:
         """Whether the run has reached its end: ``train.epochs``, or the steps its time budget fits."""
@@ -333,7 +417,6 @@ class _Trainer:
             return None
         return {**budget.state_dict(clock()), "total_steps": self.lr_plan.total_steps}
 
-
     def _maybe_unfreeze(self, epoch: int) -> None:
         at = self.cfg.unfreeze_at_epoch
         if at is None or epoch < at or self.unfrozen:
@@ -351,7 +434,8 @@ class _Trainer:
         self.items.epoch = epoch
         loader = DataWait(make_loader(self.items, batches[start:], self.task.collate,
                                       workers=self.exp.data.workers, pin_memory=self.device.type == "cuda",
-                                      seed=self.exp.seed + epoch))
+                                      seed=self.exp.seed + epoch, on_skip=self._skip,
+                                      hint=self._unreadable_hint(self.exp.data.train)))
         progress = self.log.progress(epoch=epoch, epochs=cfg.epochs, total=len(batches), start=start,
                                      log_every=cfg.log_every, data_wait=loader)
         record_mark = loader.mark()  # start of the next metrics record's data-wait window
@@ -391,8 +475,7 @@ class _Trainer:
                         if self.step % cfg.log_every == 0:
                             self._log_train(sums, logged_batches, epoch, loader.share(record_mark))
                             sums, logged_batches, record_mark = {}, 0, loader.mark()
-                        every = cfg.checkpoint_every
-                        if every and self.step % every == 0 and i + 1 < len(batches):  # (epoch end saves)
+                        if self._checkpoint_due() and i + 1 < len(batches):  # (epoch end saves)
                             self._save_last()
                     window = 0
                 progress.update(1, {"loss": float(loss.detach()), "lr": self.optimizer.param_groups[0]["lr"]})
@@ -489,13 +572,20 @@ class _Trainer:
     def _evaluate(self) -> dict[str, float]:
         assert self.val_ds is not None
         loader = eval_loader(self.val_ds, self.task.collate, batch_size=self.cfg.batch_size,
-                             workers=self.exp.data.workers, pin_memory=self.device.type == "cuda")
+                             workers=self.exp.data.workers, pin_memory=self.device.type == "cuda",
+                             skip_unreadable=self.exp.data.skip_unreadable,
+                             hint=self._unreadable_hint(self.exp.data.val), on_skip=self._skip)
         metrics: dict[str, float] = {}
         models = [("", self.model)] + ([("ema_", self.ema.module)] if self.ema is not None else [])
         for prefix, model in models:
             model.eval()
-            with torch.inference_mode():
-                result = self.task.evaluate(model, loader, self.device, self.classes)
+            try:
+                with torch.inference_mode():
+                    result = self.task.evaluate(model, loader, self.device, self.classes)
+            except UnreadableImageError:
+                if self.info.world_size == 1:  # the epoch's training is whole: keep it (resumable)
+                    self._save_last()
+                raise
             metrics.update({f"{prefix}{k}": float(v) for k, v in result.items()})
         self.model.train()
         return metrics
@@ -554,6 +644,7 @@ class _Trainer:
                     print(f"warning: could not draw {self.run_dir / 'curves.png'}: {exc}")
         else:
             self.log.close()
+
 
 def _duration(seconds: float) -> str:
     """``754.2`` -> ``12m34s`` (log lines of the time budget)."""

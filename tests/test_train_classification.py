@@ -118,7 +118,7 @@ def test_transfer_learning_trains_the_head_first_then_everything(data, trained, 
     assert all(torch.equal(phase1[k], start[k]) for k in trunk)  # weights and BatchNorm statistics
     assert not torch.equal(phase1["head.weight"], start["head.weight"])
 
-    assert main(["train", "--resume", str(run), "train.epochs=2"]) == 0  # one more epoch: phase 2
+    assert main(["train", "--resume", str(run), "--force", "train.epochs=2"]) == 0  # one more epoch: phase 2
     phase2 = load_checkpoint(run / "last.pt")
     assert phase2["train_state"]["epoch"] == 2
     assert not torch.equal(phase2["state_dict"]["backbone.conv1.weight"], start["backbone.conv1.weight"])
