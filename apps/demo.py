@@ -141,6 +141,12 @@ class Demo:
         return gr.Dropdown(choices=choices, value=choices[0] if choices else None, label=label,
                            interactive=True)
 
+    def _model_info(self, gr: Any, h: Any, model: Any, elem_id: str) -> Any:
+        """The picked model's two lines (what it is, what it was trained on), kept in step with the picker."""
+        info = gr.Markdown(h.about(model.value), elem_id=elem_id)
+        model.change(h.about, [model], [info], api_visibility="private", queue=False)
+        return info
+
     def _examples(self, gr: Any, image: Any, paths: Sequence[str]) -> Any:
         if not paths:
             return None
@@ -154,7 +160,7 @@ class Demo:
                                      elem_id="det-input")
                 model = self._picker(gr, DETECTION_TASKS, "Detector")
                 first = self.cache.checkpoints.get(model.value) if model.value else None
-                model_info = gr.Markdown(first.summary() if first else "")
+                model_info = gr.Markdown(h.about(model.value), elem_id="det-model")
                 score = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Score threshold")
                 nms = gr.Slider(0.05, 1.0, value=first.nms_thresh if first and first.nms_thresh else 0.5,
                                 step=0.05, label="NMS IoU threshold (per class)")
@@ -185,6 +191,7 @@ class Demo:
                 image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=360,
                                      elem_id="seg-input")
                 model = self._picker(gr, ("segmentation",), "Segmentation model")
+                self._model_info(gr, h, model, "seg-model")
                 button = gr.Button("Segment", variant="primary", elem_id="seg-run")
             with gr.Column(scale=1):
                 picture = gr.Image(label="Segmentation", format="png", interactive=False,
@@ -206,9 +213,10 @@ class Demo:
                 image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=360,
                                      elem_id="cls-input")
                 model = self._picker(gr, ("classification",), "Classifier")
+                self._model_info(gr, h, model, "cls-model")
                 button = gr.Button("Classify", variant="primary", elem_id="cls-run")
             with gr.Column(scale=1):
-                top = gr.Label(num_top_classes=5, label="Top 5", elem_id="cls-output")
+                top = gr.Label(num_top_classes=5, label="Most likely classes", elem_id="cls-output")
                 info = gr.Markdown(elem_id="cls-info")
         inputs, outputs = [image, model], [top, info]
         button.click(h.classify, inputs, outputs, api_name="classify", validator=h.check_image, **run)
@@ -226,6 +234,7 @@ class Demo:
                                      elem_id="exp-input")
             with gr.Column(scale=1):
                 model = self._picker(gr, DETECTION_TASKS, "Detector")
+                self._model_info(gr, h, model, "exp-model")
                 with gr.Row():
                     x = gr.Slider(0, 100, value=50, step=0.5, label="Anchor position x (% of width)")
                     y = gr.Slider(0, 100, value=50, step=0.5, label="Anchor position y (% of height)")

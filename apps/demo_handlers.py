@@ -133,7 +133,14 @@ class DemoHandlers:
         entry = self.cache.checkpoint(label)
         names = [c["name"] for c in entry.classes]
         nms = gr.update(value=entry.nms_thresh) if entry.nms_thresh is not None else gr.update()
-        return gr.update(choices=names, value=[]), nms, entry.summary()
+        return gr.update(choices=names, value=[]), nms, self.about(label)
+
+    def about(self, label: str | None) -> str:
+        """The picked model in two lines: architecture and metrics, then what it was trained on and knows."""
+        if not label or label not in self.cache.checkpoints:
+            return ""
+        entry = self.cache.checkpoint(label)
+        return f"{entry.summary()}  \n{entry.expectations()}"
 
     @_page_errors
     def detect(self, image: Any, label: str, score: float, nms: float, classes: list[str] | None
@@ -157,7 +164,8 @@ class DemoHandlers:
         json_path.write_text(json.dumps(record, indent=2))
         count = len(result.labels)
         info = (f"**{count} detection{'s' * (count != 1)}** at score ≥ {score:.2f} · inference "
-                f"{_ms(elapsed)} on {self.cache.device.type} · {label}.{self._size_note(original, small)}")
+                f"{_ms(elapsed)} on {self.cache.device.type} · {label}.{self._size_note(original, small)}"
+                f"{self.cache.checkpoint(label).result_note()}")
         return demo_views.draw_detections(small, result, scale), detection_rows(result), str(json_path), info
 
     # ---- segmentation and classification -------------------------------------------------------------------
@@ -175,7 +183,8 @@ class DemoHandlers:
         rows = [[c["name"], c["pixels"], round(100.0 * c["pixels"] / total, 1)]
                 for c in sorted(result.pixels_per_class(), key=lambda c: -c["pixels"])]
         info = (f"**{len(rows)} class{'es' * (len(rows) != 1)} found** · inference {_ms(elapsed)} on "
-                f"{self.cache.device.type} · {label}.{self._size_note(original, small)}")
+                f"{self.cache.device.type} · {label}.{self._size_note(original, small)}"
+                f"{self.cache.checkpoint(label).result_note()}")
         return demo_views.draw_segmentation(small, result), rows, info
 
     @_page_errors
@@ -188,7 +197,8 @@ class DemoHandlers:
             result = predictor.predict([small])[0]
             elapsed = time.perf_counter() - start
         top = {name: float(p) for name, p in zip(result.names, result.scores.tolist(), strict=True)}
-        return top, f"Inference {_ms(elapsed)} on {self.cache.device.type} · {label}."
+        note = self.cache.checkpoint(label).result_note()
+        return top, f"Inference {_ms(elapsed)} on {self.cache.device.type} · {label}.{note}"
 
     # ---- how it works --------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from apps.predict_results import DetectionResult
 from apps.tasks import LoadedModel, load_model
 from detection.convert import (
     COCO_CLASSES,
+    COCO_TRAINED_ON,
     TORCHVISION_COCO_FILES,
     find_torchvision_coco,
     torchvision_coco_title,
@@ -63,6 +64,23 @@ class Checkpoint:
     classes: list[dict[str, Any]]
     metrics: dict[str, float] = field(default_factory=dict)
     nms_thresh: float | None = None  # detectors: the per-class NMS IoU the model was trained with
+    trained_on: str = "data its checkpoint does not name"
+    synthetic: bool = False  # visiondet's generated shapes: meaningless on a real photograph
+
+    def expectations(self) -> str:
+        """One line for every tab: what the model was trained on and the classes it can answer with."""
+        names = ", ".join(c["name"] for c in self.classes[:12]) + (" ..." if len(self.classes) > 12 else "")
+        line = f"Trained on {self.trained_on}; it knows {len(self.classes)} classes: {names}."
+        if self.synthetic:
+            line += " It has never seen a real photograph: on one, its answers mean nothing."
+        return line
+
+    def result_note(self) -> str:
+        """What to say next to a result of this model ("" when nothing needs saying)."""
+        if not self.synthetic:
+            return ""
+        return (" *Synthetic-shapes model: it only knows drawn circles, squares and triangles; "
+                "on a photograph its answers are guesses.*")
 
     def summary(self) -> str:
         """One line for the page: architecture, classes and the validation metric saved with it."""
@@ -76,6 +94,32 @@ def _arch(task: str, model_cfg: dict[str, Any]) -> str:
     if task == "rcnn":
         return f"rcnn_{model_cfg.get('backbone', '?')}"
     return str(model_cfg.get("arch") or model_cfg.get("backbone") or task)
+
+
+SHAPE_NAMES = {"circle", "square", "triangle"}  # what `visiondet synth` draws
+
+
+def _trained_on(ckpt: dict[str, Any]) -> tuple[str, bool]:
+    """(the training data in a few words, whether it is visiondet's synthetic shapes).
+
+    New checkpoints may say it themselves (``trained_on``); otherwise the training set's folder is named (the
+    last two parts only: the page never shows a server path), and a model whose classes are nothing but
+    `visiondet synth`'s shape names is taken for a synthetic-shapes model, as the shipped defaults are (their
+    data folders are build-script paths that say nothing).
+    """
+    if ckpt.get("trained_on"):
+        text = str(ckpt["trained_on"])
+        return text, "synthetic" in text.lower()
+    train = (((ckpt.get("config") or {}).get("data") or {}).get("train") or {})
+    source = train.get("annotations") or train.get("root") or train.get("images")
+    names = {str(c.get("name")) for c in ckpt.get("classes") or []}
+    if len(names) >= 2 and names <= SHAPE_NAMES:
+        return "visiondet's synthetic shapes (`visiondet synth`)", True
+    if not source:
+        return "data its checkpoint does not name", False
+    folder = Path(str(source))
+    folder = folder.parent if folder.suffix else folder
+    return f"the dataset in {'/'.join(folder.parts[-2:])}", False
 
 
 def _nms_thresh(task: str, model_cfg: dict[str, Any]) -> float | None:
@@ -115,7 +159,7 @@ def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] 
         title = torchvision_coco_title(path)
         if title is not None:  # converted on first use (apps.tasks.load_model): listing it reads nothing
             found.append(Checkpoint(title, path, "detection", TORCHVISION_COCO_FILES[path.name][0],
-                                    list(COCO_CLASSES), nms_thresh=0.5))
+                                    list(COCO_CLASSES), nms_thresh=0.5, trained_on=COCO_TRAINED_ON))
             continue
         try:
             ckpt = load_checkpoint(path, map_location="cpu")
@@ -127,8 +171,10 @@ def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] 
             continue
         label = path.name if all(c.label != path.name for c in found) else str(path)
         task, model_cfg = str(ckpt["task"]), ckpt.get("model") or {}
+        trained_on, synthetic = _trained_on(ckpt)
         found.append(Checkpoint(label, path, task, _arch(task, model_cfg), list(ckpt["classes"]),
-                                dict(ckpt.get("metrics") or {}), _nms_thresh(task, model_cfg)))
+                                dict(ckpt.get("metrics") or {}), _nms_thresh(task, model_cfg),
+                                trained_on, synthetic))
     found.sort(key=_generation)  # stable: discovery order otherwise
     return found, problems
 

@@ -38,6 +38,7 @@ COCO_CATEGORIES: list[tuple[int, str]] = [
     (87, "scissors"), (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"),
 ]  # fmt: skip
 COCO_CLASSES: list[dict[str, Any]] = [{"id": i, "name": n} for i, n in COCO_CATEGORIES]
+COCO_TRAINED_ON = "COCO 2017 (real photographs; torchvision's published weights)"
 TORCHVISION_NUM_OUTPUTS = 91  # background + category ids 1..90
 
 # torchvision key pattern -> ours; applied in order, first match wins.
@@ -148,7 +149,7 @@ def convert_checkpoint(
         "preprocess": {},
         "state_dict": model.state_dict(),
         "config": {"converted_from": f"torchvision {CONVERTIBLE[arch]}", "source_file": Path(src).name},
-        "trained_on": "COCO 2017 train (torchvision's published weights): 80 everyday object classes",
+        "trained_on": COCO_TRAINED_ON,
         "metrics": {},
     }
     return save_checkpoint(checkpoint, dst)

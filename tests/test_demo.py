@@ -70,9 +70,12 @@ def test_browser_upload_detect_table_and_picture(server, browser, tmp_path):
     _, url = server
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url)
+    # before anything runs, every tab says what its model was trained on (the shapes, not photographs)
+    assert "never seen a real photograph" in page.locator("#det-model").inner_text()
     page.locator("#det-input input[type=file]").set_input_files(SCENE)
     page.click("#det-run")
     page.get_by_text("inference").first.wait_for(timeout=30_000)
+    assert "Synthetic-shapes model" in page.locator("#det-info").inner_text()
     rows = page.locator("#det-table tbody tr")
     assert rows.count() >= 1
     table = page.locator("#det-table").inner_text()

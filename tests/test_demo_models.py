@@ -137,3 +137,29 @@ def test_demo_command_refuses_bad_arguments(tmp_path, capsys):
     assert main(["demo", "--port", "70000"]) == 2
     assert "not a port number" in capsys.readouterr().err
     assert main(["demo", "--concurrency", "0"]) == 2
+
+
+def test_every_shipped_model_says_it_knows_only_synthetic_shapes():
+    from apps import WEIGHTS_DIR
+
+    found, problems = find_checkpoints([WEIGHTS_DIR])
+    assert problems == [] and len(found) == 5
+    for entry in found:
+        assert entry.synthetic, entry.label
+        line = entry.expectations()
+        assert "synthetic shapes" in line and "3 classes: circle, square, triangle" in line
+        assert "never seen a real photograph" in line and "/work" not in line  # no server path on the page
+        assert "Synthetic-shapes model" in entry.result_note()
+
+
+def test_a_model_of_real_data_is_described_by_its_data_folder_without_a_warning(tmp_path):
+    classes = [{"id": 3, "name": "circle"}, {"id": 5, "name": "dog"}]
+    data = {"train": {"annotations": "/srv/private/pets/train/annotations.json"}}
+    ckpt = {"format": "visiondet", "version": 1, "task": "detection", "classes": classes,
+            "model": {"arch": "faster_rcnn_r18_fpn"}, "state_dict": {}, "config": {"data": data}}
+    save_checkpoint(ckpt, tmp_path / "pets.pt")
+    save_checkpoint(dict(ckpt, config={}), tmp_path / "unnamed.pt")
+    (pets, unnamed), _ = find_checkpoints([tmp_path])
+    assert not pets.synthetic and pets.result_note() == ""
+    assert pets.expectations() == "Trained on the dataset in pets/train; it knows 2 classes: circle, dog."
+    assert unnamed.expectations().startswith("Trained on data its checkpoint does not name;")
