@@ -1,6 +1,6 @@
 """Interrupted runs, for real: child processes killed with SIGKILL mid-run and during a checkpoint write.
 
-Every run is a deterministic CPU run of the toy task (BatchNorm, dropout and per-item random noise, so
+Every kill test is a deterministic CPU run of the toy task (BatchNorm, dropout and per-item random noise, so
 every random stream matters) with last.pt written after every optimizer step. A resumed run must end
 with exactly the weights, EMA weights and optimizer state of an uninterrupted run of the same length.
 """
@@ -107,3 +107,73 @@ def test_killed_runs_resume_to_exactly_the_uninterrupted_result(tmp_path):
     assert run_child(tmp_path, config(tmp_path, "run", resume=True)) == 0
     assert_same_final_state(tmp_path / "reference", run)
     assert (run / "train.log").read_text().count("resuming") == 2
+
+
+def test_checkpoint_minutes_makes_a_killed_first_epoch_resumable(tmp_path):
+    # killed while loading batch 3 of the first (and only) epoch: with a time interval, last.pt is there
+    def one_epoch(name: str, minutes: float) -> dict:
+        cfg = toy_config(tmp_path, epochs=1, checkpoint_every=0, checkpoint_minutes=minutes)
+        return {**cfg, "output_dir": str(tmp_path / name)}
+
+    timed = one_epoch("timed", 1e-6)
+    assert run_child(tmp_path, timed, kill_batch=3) == -signal.SIGKILL
+    state = load_checkpoint(tmp_path / "timed" / "last.pt")["train_state"]
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (0, 2, 2)
+    # without one (only epoch ends save) the same kill leaves nothing to resume
+    plain = one_epoch("plain", 0)
+    assert run_child(tmp_path, plain, kill_batch=3) == -signal.SIGKILL
+    assert not (tmp_path / "plain" / "last.pt").exists()
+
+
+# ---- resuming is explicit: which run, with which settings -------------------------------------------------
+
+
+def toy_run(tmp_path: Path, name: str, **train) -> tuple[Path, Path]:
+    """A finished one-epoch toy run started from a config file; returns (config file, run folder)."""
+    import yaml
+    from test_engine_support import register_toy_task
+
+    from apps.cli import main
+
+    register_toy_task()
+    cfg = toy_config(tmp_path, epochs=1, **train)
+    cfg["output_dir"] = None
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "runs" / "toy" / name
+    assert main(["train", str(path), f"output_dir={run}"]) == 0
+    return path, run
+
+
+def test_resume_needs_a_run_folder_and_keeps_its_config(tmp_path, capsys, monkeypatch):
+    from apps.cli import main
+
+    monkeypatch.chdir(tmp_path)  # runs/ of `resume=true` is under the working folder
+    first_cfg, first = toy_run(tmp_path, "first")
+    _, second = toy_run(tmp_path, "second")
+    os.utime(first / "last.pt", (1e9, 1e9))  # the older of the two
+    capsys.readouterr()
+
+    # resume=true alone guesses nothing: an error that lists the recent runs, newest first
+    assert main(["train", str(first_cfg), "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert "resume=true: which run?" in err and "--resume RUN_DIR" in err
+    assert err.index("runs/toy/second") < err.index("runs/toy/first")
+
+    # --resume RUN_DIR alone continues that run with its saved config, which is never rewritten
+    saved = (first / "config.yaml").read_bytes()
+    assert main(["train", "--resume", str(first), "device=cpu", "train.log_every=2"]) == 0  # free to change
+    assert (first / "config.yaml").read_bytes() == saved
+    assert load_checkpoint(first / "last.pt")["train_state"]["epoch"] == 1  # nothing left: 1 epoch of 1
+
+    # resume=RUN_DIR with a config file that says otherwise: refused, naming each change
+    assert main(["train", str(first_cfg), f"resume={first}", "train.epochs=2", "train.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochs: 1 -> 2" in err and "train.lr: 0.1 -> 0.5" in err and "--force" in err
+    assert load_checkpoint(first / "last.pt")["train_state"]["epoch"] == 1  # untouched
+    # asked for: the run goes on with the new schedule; config.yaml still says how it was started
+    assert main(["train", "--resume", str(first), "--force", "train.epochs=2"]) == 0
+    assert load_checkpoint(first / "last.pt")["train_state"]["epoch"] == 2
+    assert (first / "config.yaml").read_bytes() == saved
+    assert "resume_force: train.epochs: 1 -> 2" in (first / "train.log").read_text()
+    assert load_checkpoint(second / "last.pt")["train_state"]["epoch"] == 1  # the newest run: untouched
