@@ -101,10 +101,13 @@ class _Trainer:
         # a resumed run continues its config.yaml: other data, model or schedule only with resume_force
         forced = ckpt_io.resume_changes(resume_path.parent, exp) if resume_path is not None else []
         data = self.task.build_datasets(exp)  # bad data is an error before the run folder exists
+        exp, fitted = self.task.fit_to_data(exp, data)  # e.g. anchors fitted to the training boxes
         self.run_dir = self._make_run_dir(resume_path, runs_root)
         # what the run folder keeps (config.yaml, checkpoints): this run, as a fresh run would describe it
         self.exp = exp = replace(exp, output_dir=str(self.run_dir), resume=False, resume_force=False)
         self.log = RunLogger(self.run_dir if info.is_main else None)
+        for line in fitted:
+            self.log.info(line)
         ckpt_io.seed_everything(exp.seed + info.rank, deterministic=self.cfg.deterministic)
 
         self.train_ds, self.val_ds, self.classes = data.train, data.val, data.classes

@@ -153,8 +153,10 @@ class ExternalProposals(nn.Module):
 class RPNConfig:
     """Region Proposal Network settings; defaults are the FPN paper's / torchvision's (per level pre-NMS)."""
 
-    anchor_sizes: list[list[float]] | None = None  # per level; None: the architecture's default
-    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # height / width
+    # per level; None: the architecture's default; "auto": fitted to the training boxes when training starts
+    # (detection/anchor_fit.py), and the fitted values are what checkpoints store
+    anchor_sizes: list[list[float]] | Literal["auto"] | None = None
+    aspect_ratios: list[float] | Literal["auto"] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # h / w
     conv_depth: int | None = None  # 3x3 convs in the head; None: 1 (2 for r50_fpn_v2, as torchvision)
     fg_iou_thresh: float = 0.7
     bg_iou_thresh: float = 0.3
@@ -234,11 +236,22 @@ _BODIES = {
     "vgg16": _Body("vgg16", "vgg"),
 }
 DETECTOR_ARCHS = tuple(f"{kind}_{body}" for kind in ("faster_rcnn", "fast_rcnn") for body in _BODIES)
+_RPN_STRIDES = {"fpn": [4, 8, 16, 32, 64], "c4": [16], "vgg": [16]}  # of the maps the RPN reads
 _LAYOUT_DEFAULTS = {  # anchor sizes, pooler, pooled size
     "fpn": ([[32], [64], [128], [256], [512]], "multiscale", 7),
     "c4": ([[32, 64, 128, 256, 512]], "align", 14),
     "vgg": ([[128, 256, 512]], "pool", 7),
 }
+
+
+def rpn_levels(cfg: DetectorConfig) -> tuple[list[list[float]], list[int]]:
+    """The anchor sizes the RPN of ``cfg`` uses per level (the architecture's default for None or "auto")
+    and the stride of each level, without building the model."""
+    if cfg.arch not in DETECTOR_ARCHS:
+        raise ValueError(f"unknown detector arch {cfg.arch!r}; choose one of {', '.join(DETECTOR_ARCHS)}")
+    layout = _BODIES[cfg.arch.split("_rcnn_")[1]].layout
+    sizes = cfg.rpn.anchor_sizes if isinstance(cfg.rpn.anchor_sizes, list) else _LAYOUT_DEFAULTS[layout][0]
+    return [list(s) for s in sizes], list(_RPN_STRIDES[layout])
 
 
 def build_detector(cfg: DetectorConfig, *, load_pretrained: bool = True) -> TwoStageDetector:
@@ -250,6 +263,9 @@ def build_detector(cfg: DetectorConfig, *, load_pretrained: bool = True) -> TwoS
         raise ValueError(f"num_classes must be >= 1, got {cfg.num_classes}")
     kind, body_name = cfg.arch.split("_rcnn_")
     body = _BODIES[body_name]
+    if "auto" in (cfg.rpn.anchor_sizes, cfg.rpn.aspect_ratios):
+        raise ValueError("rpn.anchor_sizes / rpn.aspect_ratios 'auto' are fitted to the training data when "
+                         "training starts; give numbers to build a model outside training")
     anchor_sizes, pooler_kind, pooled = _LAYOUT_DEFAULTS[body.layout]
     anchor_sizes = cfg.rpn.anchor_sizes or anchor_sizes
     pooler_kind = cfg.roi.pooler or pooler_kind

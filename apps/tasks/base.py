@@ -140,6 +140,12 @@ class Task(ABC):
         """The model config as stored in the checkpoint (e.g. with num_classes set); default: unchanged."""
         return model_cfg
 
+    def fit_to_data(self, exp: Experiment, data: Datasets) -> tuple[Experiment, list[str]]:
+        """``exp`` with the settings it leaves to the training data filled in (e.g. detection's
+        ``model.rpn.anchor_sizes: auto``), and lines for the run's log; default: unchanged. The trainer
+        calls it once the datasets exist, so the run folder and checkpoints keep the fitted values."""
+        return exp, []
+
     # ---- data --------------------------------------------------------------------------------------------
 
     @abstractmethod

@@ -70,6 +70,29 @@ class DetectionTask(Task):
     def model_config_for(self, model_cfg: DetectorConfig, classes: list[dict[str, Any]]) -> DetectorConfig:
         return replace(model_cfg, num_classes=len(classes))
 
+    def fit_to_data(self, exp: Experiment, data: Datasets) -> tuple[Experiment, list[str]]:
+        """``model.rpn.anchor_sizes`` / ``aspect_ratios`` "auto": fitted to the training boxes as the RPN
+        sees them (detection/anchor_fit.py); the run's config and checkpoints keep the numbers."""
+        import json
+
+        from detection.anchor_fit import coco_boxes, resolve_auto_anchors
+
+        rpn = exp.model.rpn
+        if "auto" not in (rpn.anchor_sizes, rpn.aspect_ratios):
+            return exp, []
+        with open(exp.data.train.annotations, encoding="utf-8") as f:  # (read once already: it is valid)
+            boxes, image_hw = coco_boxes(json.load(f))
+        try:
+            model, report = resolve_auto_anchors(exp.model, boxes, image_hw)
+        except ValueError as exc:
+            raise ConfigError(f"model.{exc} ({exp.data.train.annotations})") from exc
+        fmt = lambda recall: "/".join(f"{v:.3f}" for v in recall.values())  # noqa: E731
+        line = (f"anchors fitted to {report.num_boxes} training boxes: model.rpn.anchor_sizes="
+                f"{model.rpn.anchor_sizes} model.rpn.aspect_ratios={model.rpn.aspect_ratios}; best possible "
+                f"recall on the RPN's grid at IoU 0.5/0.7: {fmt(report.configured_grid)} before fitting, "
+                f"{fmt(report.fitted_grid)} fitted")
+        return replace(exp, model=model), [line]
+
     def build_model(
         self, model_cfg: DetectorConfig, classes: list[dict[str, Any]], *, load_pretrained: bool = True
     ) -> nn.Module:
