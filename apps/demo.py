@@ -11,12 +11,14 @@ CPU-bound requests at once would only share the same cores); models are loaded o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import sys
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,8 @@ EXAMPLES_DIR = WEIGHTS_DIR / "examples"
 # Gradio deletes its temporary files (uploads, results) every 10 minutes once they are 30 minutes old, and
 # everything when the server stops; the whole folder is ours and removed by close().
 DELETE_CACHE = (600, 1800)
+# No "share" button: it only works on Hugging Face Spaces and answers "Must be on Spaces to share" elsewhere.
+OUTPUT_BUTTONS = ["download", "fullscreen"]
 MAX_FILE_SIZE = "25mb"  # uploads over this are refused by the server before any decoding
 QUEUE_SIZE = 32
 
@@ -49,6 +53,34 @@ def _image_input(**kwargs: Any) -> Any:
     import gradio as gr
 
     return gr.Image(type="filepath", **kwargs)
+
+
+# Run once in the browser: names each example button after its file, and again as tabs render theirs.
+_LABEL_EXAMPLES_JS = """() => {
+    const names = NAMES;
+    const label = () => {
+        for (const img of document.querySelectorAll('button.gallery-item img')) {
+            const text = names[decodeURIComponent(img.src.split('/').pop())];
+            if (text && img.alt !== text) {
+                img.alt = text;
+                img.closest('button').setAttribute('aria-label', text);
+            }
+        }
+    };
+    label();
+    new MutationObserver(label).observe(document.body, {childList: true, subtree: true});
+}"""
+
+
+def _example_description(path: Path) -> str:
+    """ "Example scene_1.png: 2 squares, 1 triangle" from the shipped ground truth, else the file name."""
+    truth = EXAMPLES_DIR / "examples.json"
+    objects = json.loads(truth.read_text()).get(path.name, []) if truth.is_file() else []
+    counts = Counter(obj["name"] for obj in objects)
+    if not counts:
+        shape = path.stem.removeprefix("shape_")
+        return f"Example {path.name}" + (f": one {shape}" if shape != path.stem else "")
+    return f"Example {path.name}: " + ", ".join(f"{n} {name}{'s' * (n != 1)}" for name, n in counts.items())
 
 
 class Demo:
@@ -115,9 +147,8 @@ class Demo:
         run = {"concurrency_id": "models", "concurrency_limit": self.concurrency, "preprocess": False}
         with gr.Blocks(title="visiondet demo", delete_cache=DELETE_CACHE, analytics_enabled=False) as blocks:
             gr.Markdown(
-                "# visiondet\nCNN detectors of the R-CNN family, semantic segmentation and classification, "
-                "trained by this project. Upload an image (or paste one, use the webcam, or click an "
-                "example) and press the button. Models load on first use."
+                "## visiondet\nThe R-CNN family of detectors, segmentation and classification: upload an "
+                "image (or paste one, or click an example) and press the button."
             )
             if not self.cache.checkpoints:
                 gr.Markdown("**No checkpoints found.** Put visiondet checkpoints (`*.pt`) in `weights/` or "
@@ -147,29 +178,49 @@ class Demo:
         model.change(h.about, [model], [info], api_visibility="private", queue=False)
         return info
 
-    def _examples(self, gr: Any, image: Any, paths: Sequence[str]) -> Any:
+    def _examples(self, gr: Any, image: Any, paths: Sequence[str], elem_id: str) -> Any:
         if not paths:
             return None
         return gr.Examples([[p] for p in paths], inputs=[image], label="Examples (click to run)",
-                           examples_per_page=12)
+                           examples_per_page=12, elem_id=elem_id)
+
+    @staticmethod
+    def _run(h: Any, button: Any, examples: Any, fn: Any, inputs: list[Any], outputs: list[Any],
+             api_name: str, run: dict[str, Any]) -> None:
+        """``fn`` on the button (the public API ``api_name``) and on a click on an example. Each run first
+        clears the outputs, so a failed run (a bad upload, say) never leaves the previous image's results on
+        the page as if they were this one's."""
+        def clear() -> list[None]:
+            return [None] * len(outputs)
+
+        triggers = [(button.click, {"api_name": api_name})]
+        if examples is not None:
+            triggers.append((examples.load_input_event.then, {"api_visibility": "undocumented"}))
+        for trigger, api in triggers:
+            trigger(clear, None, outputs, queue=False, api_visibility="private").then(
+                fn, inputs, outputs, validator=h.check_image, **api, **run)
 
     def _detection_tab(self, gr: Any, h: Any, run: dict[str, Any]) -> None:
+        # Picker, image, button and examples first, thresholds after: at 1366x900 the button and the
+        # examples are in view without scrolling.
         with gr.Row():
             with gr.Column(scale=1):
-                image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=360,
-                                     elem_id="det-input")
                 model = self._picker(gr, DETECTION_TASKS, "Detector")
                 first = self.cache.checkpoints.get(model.value) if model.value else None
                 model_info = gr.Markdown(h.about(model.value), elem_id="det-model")
-                score = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Score threshold")
-                nms = gr.Slider(0.05, 1.0, value=first.nms_thresh if first and first.nms_thresh else 0.5,
-                                step=0.05, label="NMS IoU threshold (per class)")
-                classes = gr.CheckboxGroup(choices=[c["name"] for c in first.classes] if first else [],
-                                           label="Only these classes (none ticked: all)")
+                image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=260,
+                                     elem_id="det-input", alt_text="The image to run the detector on")
                 button = gr.Button("Detect", variant="primary", elem_id="det-run")
+                examples = self._examples(gr, image, self.examples, "det-examples")
+                with gr.Accordion("Thresholds and classes", open=True):
+                    score = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Score threshold")
+                    nms = gr.Slider(0.05, 1.0, value=first.nms_thresh if first and first.nms_thresh else 0.5,
+                                    step=0.05, label="NMS IoU threshold (per class)")
+                    classes = gr.CheckboxGroup(choices=[c["name"] for c in first.classes] if first else [],
+                                               label="Only these classes (none ticked: all)")
             with gr.Column(scale=1):
                 picture = gr.Image(label="Detections", format="png", interactive=False, elem_id="det-output",
-                                   buttons=["download", "fullscreen"])
+                                   buttons=OUTPUT_BUTTONS, alt_text="The image with the detected boxes")
                 info = gr.Markdown(elem_id="det-info")
                 table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "number", "number", "number",
                                                                       "number", "number"],
@@ -177,83 +228,83 @@ class Demo:
                                      elem_id="det-table")
                 download = gr.File(label="JSON", interactive=False, elem_id="det-json")
         inputs, outputs = [image, model, score, nms, classes], [picture, table, download, info]
-        button.click(h.detect, inputs, outputs, api_name="detect", validator=h.check_image, **run)
-        examples = self._examples(gr, image, self.examples)
-        if examples is not None:
-            examples.load_input_event.then(h.detect, inputs, outputs, validator=h.check_image,
-                                           api_visibility="undocumented", **run)
+        self._run(h, button, examples, h.detect, inputs, outputs, "detect", run)
         model.change(h.model_changed, [model], [classes, nms, model_info], api_visibility="private",
                      queue=False)
 
     def _segmentation_tab(self, gr: Any, h: Any, run: dict[str, Any]) -> None:
         with gr.Row():
             with gr.Column(scale=1):
-                image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=360,
-                                     elem_id="seg-input")
                 model = self._picker(gr, ("segmentation",), "Segmentation model")
                 self._model_info(gr, h, model, "seg-model")
+                image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=260,
+                                     elem_id="seg-input", alt_text="The image to segment")
                 button = gr.Button("Segment", variant="primary", elem_id="seg-run")
+                examples = self._examples(gr, image, self.examples, "seg-examples")
             with gr.Column(scale=1):
                 picture = gr.Image(label="Segmentation", format="png", interactive=False,
-                                   elem_id="seg-output")
+                                   elem_id="seg-output", buttons=OUTPUT_BUTTONS,
+                                   alt_text="The image with each class's pixels coloured and outlined")
                 info = gr.Markdown(elem_id="seg-info")
                 table = gr.Dataframe(headers=["class", "pixels", "% of image"],
                                      datatype=["str", "number", "number"], interactive=False,
                                      label="Classes", elem_id="seg-table")
-        inputs, outputs = [image, model], [picture, table, info]
-        button.click(h.segment, inputs, outputs, api_name="segment", validator=h.check_image, **run)
-        examples = self._examples(gr, image, self.examples)
-        if examples is not None:
-            examples.load_input_event.then(h.segment, inputs, outputs, validator=h.check_image,
-                                           api_visibility="undocumented", **run)
+        self._run(h, button, examples, h.segment, [image, model], [picture, table, info], "segment", run)
 
     def _classification_tab(self, gr: Any, h: Any, run: dict[str, Any]) -> None:
         with gr.Row():
             with gr.Column(scale=1):
-                image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=360,
-                                     elem_id="cls-input")
                 model = self._picker(gr, ("classification",), "Classifier")
                 self._model_info(gr, h, model, "cls-model")
+                image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=260,
+                                     elem_id="cls-input", alt_text="The image to classify")
                 button = gr.Button("Classify", variant="primary", elem_id="cls-run")
+                examples = self._examples(gr, image, self.shape_examples, "cls-examples")
             with gr.Column(scale=1):
                 top = gr.Label(num_top_classes=5, label="Most likely classes", elem_id="cls-output")
                 info = gr.Markdown(elem_id="cls-info")
-        inputs, outputs = [image, model], [top, info]
-        button.click(h.classify, inputs, outputs, api_name="classify", validator=h.check_image, **run)
-        examples = self._examples(gr, image, self.shape_examples)
-        if examples is not None:
-            examples.load_input_event.then(h.classify, inputs, outputs, validator=h.check_image,
-                                           api_visibility="undocumented", **run)
+        self._run(h, button, examples, h.classify, [image, model], [top, info], "classify", run)
 
     def _explain_tab(self, gr: Any, h: Any, run: dict[str, Any]) -> None:
-        gr.Markdown("What a two-stage detector does with one image, stage by stage. Click the first picture "
-                    "to look at the anchors somewhere else.")
+        gr.Markdown("What a two-stage detector does with one image, stage by stage.")
         with gr.Row():
-            with gr.Column(scale=1):
-                image = _image_input(label="Image", sources=["upload", "clipboard"], height=300,
-                                     elem_id="exp-input")
             with gr.Column(scale=1):
                 model = self._picker(gr, DETECTION_TASKS, "Detector")
                 self._model_info(gr, h, model, "exp-model")
-                with gr.Row():
+                image = _image_input(label="Image", sources=["upload", "clipboard"], height=260,
+                                     elem_id="exp-input", alt_text="The image to explain the detector on")
+                button = gr.Button("Explain", variant="primary", elem_id="exp-run")
+                examples = self._examples(gr, image, self.examples, "exp-examples")
+            with gr.Column(scale=1):
+                # only Faster R-CNN has anchors; R-CNN and Fast R-CNN start from selective search
+                anchors = h.has_anchors(model.value)
+                with gr.Row(visible=anchors, elem_id="exp-anchor-controls") as anchor_controls:
                     x = gr.Slider(0, 100, value=50, step=0.5, label="Anchor position x (% of width)")
                     y = gr.Slider(0, 100, value=50, step=0.5, label="Anchor position y (% of height)")
+                hint = gr.Markdown("Click the first picture to look at the anchors somewhere else.",
+                                   visible=anchors)
                 with gr.Row():
                     top_n = gr.Slider(5, 300, value=20, step=5, label="Boxes shown per stage")
                     score = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Final score threshold")
-                button = gr.Button("Explain", variant="primary", elem_id="exp-run")
         with gr.Row():
-            panels = [gr.Image(label=f"stage {i + 1}", format="png", interactive=False,
-                               elem_id=f"exp-{i + 1}") for i in range(4)]
+            panels = [gr.Image(label=f"stage {i + 1}", show_label=False, format="png", interactive=False,
+                               elem_id=f"exp-{i + 1}", buttons=OUTPUT_BUTTONS,
+                               alt_text=f"Stage {i + 1} of the detector, titled below the picture")
+                      for i in range(4)]
         text = gr.Markdown(elem_id="exp-info")
         inputs, outputs = [image, model, x, y, top_n, score], [*panels, text]
-        button.click(h.explain, inputs, outputs, api_name="explain", validator=h.check_image, **run)
-        panels[0].select(h.pick_position, [panels[0]], [x, y], api_visibility="private", queue=False).then(
-            h.explain, inputs, outputs, validator=h.check_image, api_visibility="private", **run)
-        examples = self._examples(gr, image, self.examples)
-        if examples is not None:
-            examples.load_input_event.then(h.explain, inputs, outputs, validator=h.check_image,
-                                           api_visibility="undocumented", **run)
+        self._run(h, button, examples, h.explain, inputs, outputs, "explain", run)
+        panels[0].select(h.pick_position, [model, image, panels[0]], [x, y], api_visibility="private",
+                         queue=False).then(h.explain, inputs, outputs, validator=h.check_image,
+                                           api_visibility="private", **run)
+        model.change(lambda label: [gr.update(visible=h.has_anchors(label))] * 2, [model],
+                     [anchor_controls, hint], api_visibility="private", queue=False)
+
+    def _accessible_examples_js(self) -> str:
+        """Gradio draws examples as buttons around an image with no text: give each an accessible name and
+        alt text ("Example scene_1.png: 2 squares, a triangle") once the page, or a tab, renders them."""
+        names = {Path(p).name: _example_description(Path(p)) for p in [*self.examples, *self.shape_examples]}
+        return _LABEL_EXAMPLES_JS.replace("NAMES", json.dumps(names))
 
     # ---- server --------------------------------------------------------------------------------------------
 
@@ -263,7 +314,7 @@ class Demo:
         _, url, share_url = blocks.launch(
             server_name=host, server_port=port, share=share, prevent_thread_lock=True, show_error=False,
             max_file_size=MAX_FILE_SIZE, ssr_mode=False, quiet=True, footer_links=["api"],
-            max_threads=8, theme=None,
+            max_threads=8, theme=None, js=self._accessible_examples_js(),
         )
         if share_url:
             print(f"visiondet demo: public link {share_url}")

@@ -226,16 +226,32 @@ class DemoHandlers:
             names=[classes[k - 1]["name"] for k in labels.tolist()], image_size=(height, width),
         )
         names = [c["name"] for c in classes]
-        panels = demo_views.explanation_panels(small, e, result, 1.0, names)
         text = demo_views.explanation_text(e, len(result.labels), float(score))
+        panels = demo_views.explanation_panels(small, e, result, 1.0, names, text["titles"])
         pictures = [gr.update(value=p, label=t) for p, t in zip(panels, text["titles"], strict=True)]
         return (*pictures, text["body"])
 
-    def pick_position(self, panel: np.ndarray | None, evt: gr.SelectData) -> tuple[Any, Any]:
-        """A click on the anchors picture -> the x, y sliders (percent of the width and height)."""
-        if panel is None or evt.index is None:
+    def pick_position(self, label: str | None, image: Any, panel: np.ndarray | None, evt: gr.SelectData
+                      ) -> tuple[Any, Any]:
+        """A click on the anchors picture -> the x, y sliders (percent of the width and height).
+
+        The panel is the picture with its caption strip below it: the picture's own height follows from the
+        upload's aspect ratio, and a click on the caption, or on a detector without anchors, moves nothing.
+        """
+        if panel is None or evt.index is None or not self.has_anchors(label):
             return gr.update(), gr.update()
-        height, width = np.asarray(panel).shape[:2]
+        try:
+            original = read_upload(upload_path(image), max_pixels=self.max_pixels)
+        except DemoInputError:
+            return gr.update(), gr.update()
+        width = np.asarray(panel).shape[1]
+        height = round(width * original.shape[0] / original.shape[1])
         x, y = evt.index[:2]
+        if y >= height:
+            return gr.update(), gr.update()
         return round(100.0 * float(x) / max(width - 1, 1), 1), round(100.0 * float(y) / max(height - 1, 1), 1)
+
+    def has_anchors(self, label: str | None) -> bool:
+        """Whether the picked detector has anchors to show (Faster R-CNN; not R-CNN or Fast R-CNN)."""
+        return bool(label) and label in self.cache.checkpoints and self.cache.checkpoint(label).has_anchors
 

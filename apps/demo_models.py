@@ -67,6 +67,11 @@ class Checkpoint:
     trained_on: str = "data its checkpoint does not name"
     synthetic: bool = False  # visiondet's generated shapes: meaningless on a real photograph
 
+    @property
+    def has_anchors(self) -> bool:
+        """Faster R-CNN's proposals come from anchors; R-CNN's and Fast R-CNN's from selective search."""
+        return self.task in DETECTION_TASKS and _generation(self) == 0
+
     def expectations(self) -> str:
         """One line for every tab: what the model was trained on and the classes it can answer with."""
         names = ", ".join(c["name"] for c in self.classes[:12]) + (" ..." if len(self.classes) > 12 else "")

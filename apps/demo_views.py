@@ -71,16 +71,19 @@ def _outline(canvas: np.ndarray, boxes: np.ndarray, colors: Sequence[tuple[int, 
     return canvas
 
 
-def _stage_picture(image: np.ndarray, stage: Stage, scale: float, class_names: Sequence[str]) -> np.ndarray:
-    """Unlabelled boxes: class colours with a legend when the stage has classes, else the rank colours."""
+Legend = list[tuple[str, tuple[int, int, int]]]
+
+
+def _stage_picture(image: np.ndarray, stage: Stage, scale: float, class_names: Sequence[str]
+                   ) -> tuple[np.ndarray, Legend]:
+    """Unlabelled boxes: class colours (and their legend) when the stage has classes, else rank colours."""
     canvas, view = display_copy(image)
     boxes = stage.boxes.cpu().numpy() * (scale * view)
     labels = stage.labels.cpu().tolist()
     if not any(labels):
-        return _outline(canvas, boxes, _rank_colors(len(boxes)))
+        return _outline(canvas, boxes, _rank_colors(len(boxes))), []
     _outline(canvas, boxes, [visualize.color_of(k) for k in labels])
-    present = sorted(set(labels))
-    return visualize.draw_legend(canvas, [(_name(class_names, k), visualize.color_of(k)) for k in present])
+    return canvas, [(_name(class_names, k), visualize.color_of(k)) for k in sorted(set(labels))]
 
 
 def _name(class_names: Sequence[str], label: int) -> str:
@@ -88,7 +91,7 @@ def _name(class_names: Sequence[str], label: int) -> str:
 
 
 def _anchor_picture(image: np.ndarray, stage: Stage, position: tuple[float, float], scale: float
-                    ) -> np.ndarray:
+                    ) -> tuple[np.ndarray, Legend]:
     """The anchors coloured by feature level, a legend with each level's anchor size and best objectness, and
     the position as a cross. (One text label per anchor would cover the picture: 15 anchors sit on one
     point with FPN.)"""
@@ -106,16 +109,16 @@ def _anchor_picture(image: np.ndarray, stage: Stage, position: tuple[float, floa
         size = " ".join(stage.names[members[0]].split()[:2])  # "p2 16px"
         best = max(scores[i] for i in members)
         entries.append((f"{size}: objectness up to {best:.2f}", visualize.color_of(level + 1)))
-    canvas = np.array(visualize.draw_legend(canvas, entries))
     x, y = (int(round(v * scale * view)) for v in position)
     cv2.drawMarker(canvas, (x, y), (255, 255, 255), cv2.MARKER_CROSS, 18, 4)
     cv2.drawMarker(canvas, (x, y), (220, 0, 0), cv2.MARKER_CROSS, 16, 2)
-    return canvas
+    return canvas, entries
 
 
 def explanation_panels(image: np.ndarray, explanation: Explanation, result: DetectionResult, scale: float,
-                       class_names: Sequence[str]) -> list[np.ndarray]:
-    """Four pictures: anchors (or the external proposals), before NMS, after NMS, final detections.
+                       class_names: Sequence[str], titles: Sequence[str]) -> list[np.ndarray]:
+    """Four pictures: anchors (or the external proposals), before NMS, after NMS, final detections, each with
+    its title and legend in a strip below it (nothing over the picture), padded to one height.
 
     ``image`` is the picture the detector ran on, ``scale`` its size over the original image's (boxes in
     ``explanation`` and ``result`` are in original pixels).
@@ -124,12 +127,16 @@ def explanation_panels(image: np.ndarray, explanation: Explanation, result: Dete
         first = _anchor_picture(image, explanation.anchors, explanation.position, scale)
     else:
         first = _stage_picture(image, explanation.proposals_source, scale, class_names)
-    return [
+    pictures = [
         first,
         _stage_picture(image, explanation.before_nms, scale, class_names),
         _stage_picture(image, explanation.after_nms, scale, class_names),
-        draw_detections(image, result, scale),
+        (draw_detections(image, result, scale), []),
     ]
+    panels = [visualize.draw_legend(canvas, entries, title=title)
+              for (canvas, entries), title in zip(pictures, titles, strict=True)]
+    height = max(p.shape[0] for p in panels)
+    return [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in panels]
 
 
 def explanation_text(e: Explanation, kept: int, threshold: float) -> dict[str, Any]:
@@ -152,14 +159,17 @@ def explanation_text(e: Explanation, kept: int, threshold: float) -> dict[str, A
     else:
         source = e.proposals_source
         first = f"1 · selective search: first {shown(source)} of {source.total} proposals"
-        how = ("warps every proposal to a fixed size and runs the whole CNN on each one (R-CNN)"
+        how = ("warps every proposal (with 16 px of context) to a fixed size and runs the whole CNN on each "
+               "one; a linear SVM per class scores the region's features and a ridge regressor per class "
+               "moves its box (R-CNN)"
                if e.kind == "rcnn" else
-               f"runs the CNN once on the image resized to {w}×{h} and pools each proposal's features from "
-               f"it (Fast R-CNN)")
+               f"runs the CNN once on the image resized to {w}×{h}, pools each proposal's features from it "
+               f"(RoI pooling), then one softmax scores every class and a regression layer refines the box "
+               f"per class (Fast R-CNN)")
         body = (
             f"**{'R-CNN' if e.kind == 'rcnn' else 'Fast R-CNN'}.** No anchors: selective search groups "
             f"similar neighbouring pixels into {source.total} candidate boxes (panel 1). The detector "
-            f"{how}, scores every class and refines the box per class. Panel 2: the "
+            f"{how}. Panel 2: the "
             f"{shown(e.before_nms)} best-scored regions (each with its most likely class) before "
             f"non-maximum suppression; panel 3: after per-class NMS at IoU {e.nms_threshold:g} "
             f"({e.after_nms.total} boxes remain); panel 4: the {kept} detections scoring at least "

@@ -1,5 +1,5 @@
-"""Drawing predictions on images: boxes with labels and scores, segmentation overlays with a legend,
-classification top-k text.
+"""Drawing predictions on images: boxes with labels and scores, segmentation overlays with outlines and a
+legend strip below the picture, classification top-k text.
 
 Everything takes and returns ``np.ndarray`` (H, W, 3) uint8 RGB and never modifies its input, so the
 batch predictor (``visiondet predict --save-images``) and the Gradio demo draw the same pictures.
@@ -13,6 +13,7 @@ import colorsys
 from collections.abc import Sequence
 from functools import lru_cache
 
+import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -140,13 +141,16 @@ def overlay_mask(
     mask: np.ndarray,
     names: Sequence[str] | None = None,
     *,
-    alpha: float = 0.5,
+    alpha: float = 0.45,
     legend: bool = True,
 ) -> np.ndarray:
-    """Blend class colours over ``image`` where ``mask`` has a class (labels 1..K; 0 and 255 untouched).
+    """Blend class colours over ``image`` where ``mask`` has a class (labels 1..K; 0 and 255 untouched), and
+    outline every class region in its full colour.
 
     image: (H, W, 3) uint8; mask: (H, W) int index mask of the same size; names: text per label
-    (``names[k]`` for label k, entry 0 the background). A legend lists the classes present.
+    (``names[k]`` for label k, entry 0 the background). A legend of the classes present goes in a strip
+    below the picture (:func:`draw_legend`). The outlines are why: a blue class blended over a green object
+    and a green class over a blue one both come out teal, and only the unblended edge tells them apart.
     """
     _check_image(image)
     mask = np.asarray(mask)
@@ -157,32 +161,58 @@ def overlay_mask(
     out = image.copy()
     blend = (1.0 - alpha) * image[painted].astype(np.float32) + alpha * colors[painted].astype(np.float32)
     out[painted] = np.round(blend).astype(np.uint8)
+    present = [int(k) for k in np.unique(mask[painted])]
+    width = _line_width(*mask.shape)
+    kernel = np.ones((2 * width + 1, 2 * width + 1), np.uint8)
+    for k in present:
+        region = (mask == k).astype(np.uint8)
+        edge = region.astype(bool) & ~cv2.erode(region, kernel, borderType=cv2.BORDER_REPLICATE).astype(bool)
+        out[edge] = colors[edge]
     if legend:
-        present = [int(k) for k in np.unique(mask[painted])]
         entries = [(names[k] if names is not None else str(k), color_of(k)) for k in present]
         out = draw_legend(out, entries)
     return out
 
 
-def draw_legend(image: np.ndarray, entries: Sequence[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
-    """A colour swatch and name per entry, stacked in the top-right corner. Returns a new image."""
+def draw_legend(image: np.ndarray, entries: Sequence[tuple[str, tuple[int, int, int]]],
+                title: str | None = None) -> np.ndarray:
+    """``image`` with a white strip below it: an optional ``title`` line, then a colour swatch and name per
+    entry, laid out left to right and wrapped. Returns a new, taller image (the same one when there is
+    nothing to write).
+
+    Below, not on top: a legend drawn inside the picture hides part of it, and viewers (Gradio's image
+    toolbar, a zoomed thumbnail) cover the corners where legends usually go.
+    """
     _check_image(image)
-    if not entries:
+    if not entries and not title:
         return image.copy()
     height, width = image.shape[:2]
-    font = _font(max(10, min(height, width) // 30))
-    canvas = Image.fromarray(image)
+    font = _font(max(11, min(24, width // 32)))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line = probe.textbbox((0, 0), "Ag", font=font)[3] + 6
+    swatch = line - 8
+    # lay the entries out in rows first, to know how tall the strip must be
+    rows: list[list[tuple[int, str, tuple[int, int, int]]]] = [[]]
+    x = 6
+    for name, color in entries:
+        w = swatch + 6 + probe.textlength(name, font=font) + 14
+        if rows[-1] and x + w > width - 6:
+            rows.append([])
+            x = 6
+        rows[-1].append((round(x), name, tuple(color)))
+        x += w
+    lines = (1 if title else 0) + (len(rows) if entries else 0)
+    canvas = Image.new("RGB", (width, height + lines * line + 6), (255, 255, 255))
+    canvas.paste(Image.fromarray(image), (0, 0))
     draw = ImageDraw.Draw(canvas)
-    sizes = [draw.textbbox((0, 0), name, font=font) for name, _ in entries]
-    line = max(b[3] - b[1] for b in sizes) + 4
-    swatch = line - 4
-    panel_w = max(b[2] - b[0] for b in sizes) + swatch + 12
-    x0 = max(0, width - panel_w - 4)
-    y = 4
-    draw.rectangle((x0, 2, x0 + panel_w, 4 + line * len(entries) + 2), fill=(255, 255, 255))
-    for (name, color), box in zip(entries, sizes, strict=True):
-        draw.rectangle((x0 + 4, y + 2, x0 + 4 + swatch, y + 2 + swatch), fill=tuple(color))
-        draw.text((x0 + swatch + 8 - box[0], y + 2 - box[1]), name, fill=(0, 0, 0), font=font)
+    y = height + 4
+    if title:
+        draw.text((6, y), title, fill=(0, 0, 0), font=font)
+        y += line
+    for row in rows if entries else []:
+        for x0, name, color in row:
+            draw.rectangle((x0, y + 3, x0 + swatch, y + 3 + swatch), fill=color, outline=(0, 0, 0))
+            draw.text((x0 + swatch + 6, y), name, fill=(0, 0, 0), font=font)
         y += line
     return np.asarray(canvas)
 

@@ -182,3 +182,60 @@ def test_close_removes_the_temporary_folder():
     (demo.temp_dir / "downloads" / "x.json").write_text("{}")
     demo.close()
     assert not demo.temp_dir.exists()
+
+
+def _bottom(page, selector: str) -> float:
+    box = page.locator(selector).bounding_box()
+    assert box is not None, f"{selector} is not rendered"
+    return box["y"] + box["height"]
+
+
+def test_first_screen_results_legend_and_stale_outputs_as_a_person_sees_them(server, browser, tmp_path):
+    _, url = server
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(SCENE.read_bytes()[:200])
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((1000, 1100, 3), np.uint8)).save(big)  # 1.1 megapixels, over the limit
+    for width in (1366, 420):  # a laptop, a phone: the button and the examples without scrolling
+        page = browser.new_page(viewport={"width": width, "height": 900})
+        page.goto(url)
+        page.wait_for_selector("#det-examples button.gallery-item", timeout=30_000)
+        assert _bottom(page, "#det-run") <= 900 and _bottom(page, "#det-examples") <= 900, width
+        page.close()
+
+    page = browser.new_page(viewport={"width": 1366, "height": 900})
+    page.goto(url)
+    page.wait_for_selector("#det-examples button.gallery-item[aria-label]", timeout=30_000)
+    labels = page.eval_on_selector_all("button.gallery-item",
+                                       "buttons => buttons.map(b => b.getAttribute('aria-label'))")
+    assert "Example scene_1.png: 1 triangle, 3 squares, 1 circle" in labels
+    assert all(label and label.startswith("Example ") for label in labels)
+    assert page.locator("button[aria-label='Share' i], button[title='Share' i]").count() == 0
+
+    page.locator("#det-input input[type=file]").set_input_files(SCENE)
+    page.click("#det-run")
+    page.locator("#det-info").get_by_text("inference").wait_for(timeout=30_000)
+    assert page.locator("#det-table tbody tr").count() >= 1 and page.locator("#det-output img").is_visible()
+    for bad, message in ((broken, "broken.png: truncated or corrupt"), (big, "big.png: over-size image")):
+        page.locator("#det-input input[type=file]").set_input_files(bad)
+        page.click("#det-run")
+        page.get_by_text(message).first.wait_for(timeout=10_000)
+        # the previous image's boxes, table and JSON are gone, not left as if they were this upload's
+        page.wait_for_function("() => !document.querySelector('#det-output img')", timeout=10_000)
+        assert page.locator("#det-table tbody tr").filter(has_text="square").count() == 0
+        assert page.locator("#det-info").inner_text().strip() == ""
+        assert page.locator("#det-json a[download]").count() == 0
+
+    page.get_by_role("tab", name="Segmentation").click()
+    page.locator("#seg-input input[type=file]").set_input_files(SCENE)
+    page.click("#seg-run")
+    page.locator("#seg-info").get_by_text("inference").wait_for(timeout=30_000)
+    picture = page.locator("#seg-output img")
+    box = picture.bounding_box()
+    # the legend is the strip at the bottom of the picture: what is drawn there is the picture itself, not
+    # Gradio's toolbar or label, on its left, middle and right
+    for fx in (0.05, 0.5, 0.95):
+        at = page.evaluate("([x, y]) => document.elementFromPoint(x, y).outerHTML.slice(0, 40)",
+                           [box["x"] + fx * box["width"], box["y"] + box["height"] - 6])
+        assert at.startswith("<img"), at
+    page.close()

@@ -64,7 +64,10 @@ def test_segmentation_masks_and_overlays(tmp_path, size):
         np.testing.assert_array_equal(mask, direct.mask)  # batched stream == one image in memory
         pixels = {c["name"]: c["pixels"] for c in records[name]["classes"]}
         assert pixels == {CLASSES[k - 1]["name"]: int((mask == k).sum()) for k in (1, 2) if (mask == k).any()}
-        assert np.asarray(Image.open(out / "images" / name)).shape == (h, w, 3)
+        overlay = np.asarray(Image.open(out / "images" / name))
+        # the picture in the image's own pixels, the legend in a white strip below it (only if a class shows)
+        assert overlay.shape[1:] == (w, 3) and overlay.shape[0] >= h
+        assert (overlay.shape[0] > h) == bool(records[name]["classes"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["done"] == 3 and summary["outputs"]["masks"] == "masks/"
     assert sum(summary["images_per_class"].values()) == sum(len(r["classes"]) for r in records.values())

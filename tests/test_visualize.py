@@ -87,17 +87,33 @@ def test_overlay_mask_blends_only_class_pixels():
         overlay_mask(image, mask[:10])
 
 
-def test_legend_lists_present_classes_top_right():
+def test_overlay_outlines_each_region_in_its_full_colour():
+    image = gray(40, 40, 100)
+    mask = np.zeros((40, 40), dtype=np.uint8)
+    mask[10:20, 10:20] = 1
+    mask[20:30, 10:20] = 2  # touching regions keep their own edges
+    out = overlay_mask(image, mask, legend=False)
+    colors = class_colors(3)
+    np.testing.assert_array_equal(out[10, 15], colors[1])  # top edge of region 1: unblended
+    np.testing.assert_array_equal(out[29, 15], colors[2])  # bottom edge of region 2
+    np.testing.assert_array_equal(out[20, 15], colors[2])  # the shared border belongs to both
+    assert not (out[15, 15] == colors[1]).all()  # inside: blended, the image shows through
+
+
+def test_legend_goes_in_a_strip_below_the_picture():
     image = gray(100, 200)
     mask = np.zeros((100, 200), dtype=np.uint8)
     mask[60:, :50] = 1
     out = overlay_mask(image, mask, ["background", "road", "sky"])
-    # white legend panel in the top-right corner with the class-1 swatch inside it
-    assert tuple(out[3, 194]) == (255, 255, 255)
-    panel = out[:30, 100:]
-    assert (panel == np.array(color_of(1), dtype=np.uint8)).all(-1).any()
-    assert not (panel == np.array(color_of(2), dtype=np.uint8)).all(-1).any()  # sky is absent
+    assert out.shape[0] > 100 and out.shape[1] == 200
+    np.testing.assert_array_equal(out[:60, 50:], image[:60, 50:])  # nothing drawn over the picture
+    strip = out[100:]
+    assert (strip == 255).all(-1).mean() > 0.8  # white
+    assert (strip == np.array(color_of(1), dtype=np.uint8)).all(-1).any()  # the road swatch
+    assert not (strip == np.array(color_of(2), dtype=np.uint8)).all(-1).any()  # sky is absent
     np.testing.assert_array_equal(draw_legend(image, []), image)
+    titled = draw_legend(image, [], title="1 · proposals")
+    assert titled.shape[0] > 100 and (titled[100:] < 100).all(-1).any()  # the title's dark text
 
 
 def test_draw_topk_panel():
