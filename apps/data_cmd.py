@@ -4,6 +4,7 @@ Examples::
 
     visiondet data check --annotations train.json --images train/          # report; exit 1 on errors
     visiondet data check --annotations train.json --images train/ --json   # the same, for scripts
+    visiondet data check --annotations train.json --images train/ --config my_detector.yaml  # its anchors
     visiondet data convert --from voc --annotations VOC2012/Annotations --split ImageSets/Main/train.txt \\
         --out train.json
     visiondet data convert --from yolo --images images/train --labels labels/train --names data.yaml \\
@@ -33,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--headers-only", action="store_true",
                        help="read image headers only (fast; does not find truncated files)")
     check.add_argument("--workers", type=int, default=None, help="threads reading images (default: CPUs)")
+    check.add_argument("--config", metavar="YAML",
+                       help="detection config whose anchors to measure (default: the default Faster R-CNN's)")
+    check.add_argument("--no-anchors", action="store_true", help="leave out the anchor report")
 
     convert = sub.add_parser("convert", help="Pascal VOC / YOLO datasets to COCO JSON, or COCO to VOC / YOLO")
     convert.add_argument("--from", dest="source", required=True, choices=["voc", "yolo", "coco"])
@@ -84,10 +88,32 @@ def _check(args: argparse.Namespace) -> int:
     def progress(items):
         return tqdm(items, desc="images", unit="img", disable=args.json or not sys.stderr.isatty())
 
+    if not args.no_anchors:  # a bad --config fails before the images are read
+        from apps.data_anchors import detector_config
+
+        detector_config(args.config)
     report = check_dataset(args.annotations, args.images, decode=not args.headers_only, workers=args.workers,
                            progress=progress)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
+    anchors = None if args.no_anchors else _anchors(args)
+    if args.json:
+        print(json.dumps({**report.to_dict(), **({"anchors": anchors[1]} if anchors else {})}, indent=2))
+    else:
+        print(report.to_text() + (f"\n{anchors[0]}" if anchors else ""))
     return 0 if report.ok else 1
+
+
+def _anchors(args: argparse.Namespace) -> tuple[str, dict] | None:
+    """The anchor section (text, dict), or None when the file gives no boxes (the check says why)."""
+    from apps.data_anchors import anchor_check, anchor_report_dict, detector_config, format_anchor_report
+
+    try:
+        report = anchor_check(args.annotations, args.config)
+    except (OSError, ValueError, KeyError, TypeError):  # an unreadable file: the check above reports it
+        return None
+    if report is None:
+        return None
+    source = detector_config(args.config)[1]
+    return format_anchor_report(report, source), anchor_report_dict(report, source)
 
 
 def _convert(args: argparse.Namespace) -> int:

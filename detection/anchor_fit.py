@@ -187,17 +187,27 @@ def fit_ratios(boxes: np.ndarray, k: int = 3) -> list[float]:
     return merged
 
 
+def _fitness(best_iou: np.ndarray) -> float:
+    """What the fit maximises: best possible recall at 0.5 and at 0.7 plus the mean best IoU (each in
+    [0, 1]; the recalls are what matter, the mean breaks their ties towards tighter anchors)."""
+    return float((best_iou >= 0.5).mean() + (best_iou >= 0.7).mean() + best_iou.mean())
+
+
 def fit_anchors(boxes: np.ndarray, padded_hw: np.ndarray, *, strides: Sequence[int],
                 sizes_per_level: Sequence[int], ratios: Sequence[float] | None = None, num_ratios: int = 3,
-                sizes: Sequence[Sequence[float]] | None = None, max_boxes: int = 5000, seed: int = 0
+                sizes: Sequence[Sequence[float]] | None = None,
+                initial: Sequence[Sequence[float]] | None = None, max_boxes: int = 2000, seed: int = 0
                 ) -> AnchorLayout:
     """Anchors that cover ``boxes`` (already at model scale) on the real grid.
 
-    Ratios: given, or :func:`fit_ratios`. Sizes: given, or fitted: k-means on log sqrt(area) with one
-    cluster per anchor size (sorted, finest level first), then coordinate ascent on the mean best
-    grid IoU, each size tried over a geometric grid (steps of 2^(1/8)) between its neighbours, so sizes
-    never decrease from one level to the next and stay at least twice the level's stride.
-    A seeded sample of ``max_boxes`` boxes is used beyond that many.
+    Ratios: given, or :func:`fit_ratios`. Sizes: given, or fitted by coordinate ascent on
+    :func:`_fitness` of the best grid IoUs: each size in turn tried over a geometric grid (steps of
+    2^(1/8)) between its neighbours, so sizes never decrease from one level to the next, and never below the
+    level's stride (a smaller anchor leaves gaps between its grid positions). The ascent starts from
+    k-means on log sqrt(area) (one cluster per size, finest level first), from sizes spread geometrically
+    over the 2-98 % quantiles, and from ``initial`` (e.g. the configured sizes), and keeps the best, so
+    the fit is never worse than ``initial`` on that measure. Beyond ``max_boxes`` boxes a seeded sample
+    is used.
     """
     if not len(boxes):
         raise ValueError("no boxes to fit anchors to")
@@ -208,37 +218,44 @@ def fit_anchors(boxes: np.ndarray, padded_hw: np.ndarray, *, strides: Sequence[i
     if sizes is not None:
         return AnchorLayout([list(map(float, s)) for s in sizes], ratios, list(strides))
     counts = list(sizes_per_level)
-    side = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
-    flat = [float(np.exp(c)) for c in _kmeans_1d(np.log(side), sum(counts))]
-    flat += [flat[-1] * 2.0 ** (i + 1) for i in range(sum(counts) - len(flat))]  # fewer distinct sizes
     slot_level = [lvl for lvl, n in enumerate(counts) for _ in range(n)]
-    # an anchor under two strides has a poor best grid IoU even for its own shape (0.39 at worst)
-    flat = [max(s, 2.0 * strides[lvl]) for s, lvl in zip(flat, slot_level, strict=True)]
-    for j in range(1, len(flat)):
-        flat[j] = max(flat[j], flat[j - 1])
+    floors = [float(strides[lvl]) for lvl in slot_level]
+    side = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    kmeans = [float(np.exp(c)) for c in _kmeans_1d(np.log(side), len(slot_level))]
+    kmeans += [kmeans[-1] * 2.0 ** (i + 1) for i in range(len(slot_level) - len(kmeans))]  # few sizes
+    lo_q, hi_q = np.quantile(side, [0.02, 0.98])
+    spread = list(np.geomspace(lo_q, hi_q, len(slot_level))) if len(slot_level) > 1 else [float(lo_q)]
+    starts = [kmeans, spread] + ([[float(v) for level in initial for v in level]] if initial else [])
 
     def slot_best(j: int, size: float) -> np.ndarray:  # best IoU of every box with slot j's anchors
-        lvl = slot_level[j]
         corners = anchor_corners([[size]], ratios)[0]
-        return grid_iou(boxes, padded_hw, corners, np.zeros(len(corners), int), [strides[lvl]]).max(axis=1)
+        return grid_iou(boxes, padded_hw, corners, np.zeros(len(corners), int), [strides[slot_level[j]]]
+                        ).max(axis=1)
 
-    best = np.stack([slot_best(j, s) for j, s in enumerate(flat)])  # [slots, M]
     candidates = np.exp2(np.arange(np.floor(np.log2(side.min()) * 8) - 8,
                                    np.ceil(np.log2(side.max()) * 8) + 9) / 8)
-    for _ in range(3):
-        changed = False
-        for j in range(len(flat)):
-            others = np.delete(best, j, axis=0).max(axis=0) if len(flat) > 1 else np.zeros(len(boxes))
-            lo = max(flat[j - 1] if j else 0.0, 2.0 * strides[slot_level[j]])
-            hi = flat[j + 1] if j + 1 < len(flat) else math.inf
-            score = np.maximum(others, best[j]).mean()
-            for size in candidates[(candidates >= lo) & (candidates <= hi)]:
-                trial = slot_best(j, float(size))
-                trial_score = np.maximum(others, trial).mean()
-                if trial_score > score + 1e-9:
-                    flat[j], best[j], score, changed = float(size), trial, trial_score, True
-        if not changed:
-            break
+    results = []
+    for flat in starts:
+        flat = [max(s, f) for s, f in zip(flat, floors, strict=True)]
+        for j in range(1, len(flat)):
+            flat[j] = max(flat[j], flat[j - 1])
+        best = np.stack([slot_best(j, s) for j, s in enumerate(flat)])  # [slots, M]
+        score = _fitness(best.max(axis=0))
+        for _ in range(4):
+            changed = False
+            for j in range(len(flat)):
+                others = np.delete(best, j, axis=0).max(axis=0) if len(flat) > 1 else np.zeros(len(boxes))
+                lo = max(flat[j - 1] if j else 0.0, floors[j])
+                hi = flat[j + 1] if j + 1 < len(flat) else math.inf
+                for size in candidates[(candidates >= lo) & (candidates <= hi)]:
+                    trial = slot_best(j, float(size))
+                    trial_score = _fitness(np.maximum(others, trial))
+                    if trial_score > score + 1e-9:
+                        flat[j], best[j], score, changed = float(size), trial, trial_score, True
+            if not changed:
+                break
+        results.append((score, flat))
+    flat = max(results, key=lambda r: r[0])[1]  # (the first of equal scores)
     fitted, start = [], 0
     for n in counts:
         fitted.append([round(float(s), 1) for s in flat[start:start + n]])
@@ -293,7 +310,7 @@ def anchor_report(cfg: Any, boxes: np.ndarray, image_hw: np.ndarray, *, fit_size
     scaled, padded = boxes_at_model_scale(boxes, image_hw, cfg.min_size, cfg.max_size, cfg.size_divisible)
     fitted = fit_anchors(scaled, padded, strides=strides, sizes_per_level=[len(s) for s in sizes],
                          num_ratios=len(ratios), ratios=None if fit_ratios else ratios,
-                         sizes=None if fit_sizes else sizes)
+                         sizes=None if fit_sizes else sizes, initial=sizes)
     return AnchorReport(
         num_boxes=len(boxes),
         min_size=[cfg.min_size] if isinstance(cfg.min_size, int) else list(cfg.min_size),

@@ -14,6 +14,7 @@ from torchvision.ops import box_iou
 
 from detection.anchor_fit import (
     AnchorLayout,
+    anchor_report,
     best_possible_recall,
     boxes_at_model_scale,
     centred_iou,
@@ -120,7 +121,7 @@ def test_fitted_sizes_match_boxes_that_sit_on_the_grid():
     assert best_possible_recall(boxes, hw, default, thresholds=(0.7,)) == {0.7: 0.0}
 
 
-def test_fitted_sizes_never_shrink_to_a_coarser_level_nor_below_two_strides():
+def test_fitted_sizes_never_shrink_to_a_coarser_level_nor_below_the_stride():
     rng = np.random.default_rng(1)
     side = np.exp(rng.uniform(np.log(12), np.log(60), 300))
     xy = rng.uniform(0, 200, (300, 2))
@@ -129,7 +130,7 @@ def test_fitted_sizes_never_shrink_to_a_coarser_level_nor_below_two_strides():
     strides = [4, 8, 16, 32, 64]
     layout = fit_anchors(boxes, hw, strides=strides, sizes_per_level=[1] * 5, num_ratios=3)
     flat = [s[0] for s in layout.sizes]
-    assert flat == sorted(flat) and all(s >= 2 * st for s, st in zip(flat, strides, strict=True))
+    assert flat == sorted(flat) and all(s >= st for s, st in zip(flat, strides, strict=True))
     before = best_possible_recall(boxes, hw, AnchorLayout([[32], [64], [128], [256], [512]],
                                                           [0.5, 1.0, 2.0], strides))
     after = best_possible_recall(boxes, hw, layout)
@@ -193,3 +194,39 @@ def test_auto_anchors_are_fitted_when_training_starts_and_kept_in_the_checkpoint
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["rpn"]
     assert (saved["anchor_sizes"], saved["aspect_ratios"]) == (fitted_cfg.rpn.anchor_sizes,
                                                                fitted_cfg.rpn.aspect_ratios)
+
+
+def test_data_check_reports_the_anchors_of_a_config(tmp_path, capsys):
+    from apps.cli import main
+    from vision.data.synthetic import make_shapes
+
+    shapes = make_shapes("detection", tmp_path / "data", num_images=4, seed=1, image_size=(64, 96),
+                         val_fraction=0.25)
+    config = tmp_path / "det.yaml"
+    config.write_text("task: detection\nmodel: {arch: faster_rcnn_r18_fpn, min_size: 128, max_size: 192,\n"
+                      "  rpn: {anchor_sizes: [[16], [32], [64], [128], [256]]}}\n"
+                      "data: {train: {images: nowhere, annotations: nowhere.json}}\n")
+    args = ["data", "check", "--annotations", str(shapes["train"] / "annotations.json"),
+            "--images", str(shapes["train"] / "images")]
+    assert main([*args, "--config", str(config), "--json"]) == 0
+    section = json.loads(capsys.readouterr().out)["anchors"]
+    with open(shapes["train"] / "annotations.json") as f:
+        boxes, hw = coco_boxes(json.load(f))
+    expected = anchor_report(DetectorConfig(arch="faster_rcnn_r18_fpn", min_size=128, max_size=192,
+                                            rpn=RPNConfig(anchor_sizes=[[16], [32], [64], [128], [256]])),
+                             boxes, hw)
+    assert section["boxes"] == len(boxes) and section["configured"]["anchor_sizes"] == [[16], [32], [64],
+                                                                                           [128], [256]]
+    assert section["configured"]["recall_grid"] == {str(k): v for k, v in expected.configured_grid.items()}
+    assert section["fitted"]["anchor_sizes"] == expected.fitted.sizes
+    assert section["sizes_model_input"] == expected.sizes_in_model  # (64-96 px images -> 128 px short side)
+    assert section["sizes_model_input"]["sqrt(area)"][3] > 1.3 * section["sizes_annotated"]["sqrt(area)"][3]
+
+    assert main(args) == 0  # no --config: the default Faster R-CNN (800 px)
+    text = capsys.readouterr().out
+    assert "default Faster R-CNN" in text and "min_size 800, max_size 1333" in text
+    assert "suggested: model.rpn.anchor_sizes=[[" in text
+
+    config.write_text("task: classification\nmodel: {backbone: resnet18}\ndata: {train: {root: x}}\n")
+    assert main([*args, "--config", str(config)]) == 2
+    assert "has no anchors" in capsys.readouterr().err
