@@ -6,7 +6,7 @@ them are copied into each worker one by one: memory grows towards one copy of th
 A numpy array is one object whatever its length, so forked workers share its pages for good. The same
 reason makes detectron2 serialise its dataset list into one buffer.
 
-The file is parsed once with ``cocofile.read_coco_json`` (the checks and defaults of ``load_coco``), the
+The file is parsed once with ``cocofile.read_checked`` (the checks and defaults of ``load_coco``), the
 arrays are cut from it with whole-array operations, and the parsed dicts are dropped before returning.
 
 Legend: N images (ascending id), A annotations kept, grouped by image (file order within an image).
@@ -18,12 +18,13 @@ import os
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .cocofile import AnnotationError, read_coco_json, safe_join, segmentation_rle
+from .cocofile import AnnotationError, column, format_ids, read_checked, safe_join, segmentation_rle
 
 __all__ = ["CocoTable", "PackedBytes", "read_coco_table"]
 
@@ -110,42 +111,44 @@ def read_coco_table(
             image sizes that are not numbers.
     """
     path = Path(annotations)
-    data = read_coco_json(path, images_root)
+    data, columns = read_checked(path, images_root)
     images, anns = data["images"], data["annotations"]
     _check_file_names(path, images_root, images)
 
-    ids = np.fromiter((img["id"] for img in images), dtype=np.int64, count=len(images))
+    # Every column is taken in one pass in file order, then reordered as arrays: visiting the parsed
+    # dicts in any other order costs several times more (they lie all over the heap).
+    ids = np.asarray(column(images, "id"), dtype=np.int64).reshape(-1)
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
     try:
-        widths = np.asarray([img["width"] for img in images], dtype=np.int64)[order]
-        heights = np.asarray([img["height"] for img in images], dtype=np.int64)[order]
+        widths = np.asarray(list(map(itemgetter("width"), images)), dtype=np.int64).reshape(-1)[order]
+        heights = np.asarray(list(map(itemgetter("height"), images)), dtype=np.int64).reshape(-1)[order]
     except KeyError:
         missing = [img["id"] for img in images if "width" not in img or "height" not in img]
-        raise AnnotationError(path, f"images without width/height: ids {missing[:10]}") from None
-    except (TypeError, ValueError):
+        raise AnnotationError(path, f"images without width/height: ids {format_ids(missing)}") from None
+    except (TypeError, ValueError, OverflowError):
         raise AnnotationError(path, "image width and height must be numbers") from None
-    names = PackedBytes([images[j]["file_name"].encode("utf-8", "surrogatepass") for j in order.tolist()])
+    names = column(images, "file_name")
+    names = PackedBytes([names[j].encode("utf-8", "surrogatepass") for j in order.tolist()])
 
     # Annotations grouped by image; a stable sort keeps the file order within an image (later masks
     # paint over earlier ones in segmentation maps).
-    count = len(anns)
-    image_of = np.searchsorted(ids, np.fromiter((a["image_id"] for a in anns), np.int64, count))
+    image_of = np.searchsorted(ids, columns.image_ids)
     rows = np.argsort(image_of, kind="stable")
     image_of = image_of[rows]
-    xywh = np.asarray([anns[j]["bbox"] for j in rows.tolist()], dtype=np.float64).reshape(-1, 4)
+    xywh = columns.xywh[rows]
     w, h = widths[image_of], heights[image_of]
     boxes = np.stack([np.maximum(xywh[:, 0], 0.0), np.maximum(xywh[:, 1], 0.0),
                       np.minimum(xywh[:, 0] + xywh[:, 2], w), np.minimum(xywh[:, 1] + xywh[:, 3], h)], axis=1)
     keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
-    ann_ids = np.fromiter((anns[j]["id"] for j in rows.tolist()), np.int64, count)
+    ann_ids = columns.ids[rows]
     bad_images, bad_ids = image_of[~keep][:shown].tolist(), ann_ids[~keep][:shown].tolist()
     dropped = [f"{names[i].decode('utf-8', 'surrogatepass')} (annotation {a})"
                for i, a in zip(bad_images, bad_ids, strict=True)]
 
     rows, image_of = rows[keep], image_of[keep]
     cat_ids = np.sort(np.fromiter((c["id"] for c in data["categories"]), np.int64, len(data["categories"])))
-    categories = np.fromiter((anns[j]["category_id"] for j in rows.tolist()), np.int64, len(rows))
+    crowd = np.fromiter(map(bool, column(anns, "iscrowd")), dtype=bool, count=len(anns))
     first = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum(np.bincount(image_of, minlength=len(ids)), out=first[1:])
     segmentations = segmentation_ok = None
@@ -159,9 +162,9 @@ def read_coco_table(
         file_names=names,
         first=first,
         boxes=np.ascontiguousarray(boxes[keep], dtype=np.float32),
-        labels=np.searchsorted(cat_ids, categories) + 1,
+        labels=np.searchsorted(cat_ids, columns.category_ids[rows]) + 1,
         ann_ids=ann_ids[keep],
-        crowd=np.fromiter((bool(anns[j]["iscrowd"]) for j in rows.tolist()), bool, len(rows)),
+        crowd=crowd[rows],
         segmentations=segmentations,
         segmentation_ok=segmentation_ok,
         dropped=dropped,
@@ -189,7 +192,8 @@ def _maybe_unsafe(name: str) -> bool:
 
 
 def _pack_segmentations(anns, rows, image_of, widths, heights) -> tuple[PackedBytes, np.ndarray]:
-    segms = [anns[j].get("segmentation") for j in rows.tolist()]
+    segms = [a.get("segmentation") for a in anns]  # None, not column()'s marker, where absent
+    segms = [segms[j] for j in rows.tolist()]
     ok = np.fromiter(
         (segmentation_rle(s, int(heights[i]), int(widths[i])) is not None if s else False
          for s, i in zip(segms, image_of.tolist(), strict=True)),
