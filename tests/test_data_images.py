@@ -162,7 +162,8 @@ def _jpeg_bytes(tmp_path):
     "name,content,reason",
     [
         ("empty.jpg", b"", "empty file (0 bytes)"),
-        ("notes.jpg", b"hello, this is text\n", "not an image (file starts with b'hello, t')"),
+        ("notes.jpg", b"hello, this is text\n", 'not an image (a text file starting "hello, t")'),
+        ("blob.jpg", b"\x00\x9f\x13binary", "not an image (unknown content starting with bytes 00 9f 13 62"),
         ("anim.jpg", b"GIF89a\x01\x00\x01\x00\x00\x00\x00;", "unsupported image format GIF"),
     ],
 )

@@ -105,7 +105,7 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         with open(path, "rb") as f:
             head = f.read(8)
         fmt = _guess_other_format(head)
-        reason = f"unsupported image format {fmt}" if fmt else f"not an image (file starts with {head!r})"
+        reason = f"unsupported image format {fmt}" if fmt else f"not an image ({_describe_start(head)})"
         raise ImageError(path, f"{reason}; supported: {', '.join(_FORMATS)}") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(path, f"over-size image: {exc}") from None
@@ -117,12 +117,23 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise ImageError(
             path,
             f"over-size image: {width}x{height} = {width * height / 1e6:.1f} megapixels, "
-            f"over the limit of {max_pixels / 1e6:.1f} (max_pixels)",
+            f"over the limit of {max_pixels / 1e6:.1f}",
         )
     if width == 0 or height == 0:
         image.close()
         raise ImageError(path, f"image has no pixels ({width}x{height})")
     return image
+
+
+def _describe_start(head: bytes) -> str:
+    """What the first bytes look like, in words a user can act on (never a Python bytes literal)."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if text and all(c.isprintable() or c in "\r\n\t" for c in text):
+        return f'a text file starting "{text.strip()}"'
+    return f"unknown content starting with bytes {head[:8].hex(' ')}"
 
 
 def _guess_other_format(head: bytes) -> str | None:
