@@ -1,0 +1,255 @@
+"""Real photographs on the CPU, same wall-clock budget: torchvision's reference recipe against visiondet's.
+
+    python benchmarks/real_imagery.py                       # 20 minutes each (about 45 minutes in all)
+    python benchmarks/real_imagery.py --minutes 8           # a shorter budget for both, said in the table
+
+On the real-imagery development set (benchmarks/realset.py; built into --data when missing), in one run:
+
+(a) torchvision's reference recipe, exactly as issue 14 words it: ``FasterRCNN`` on
+    ``resnet_fpn_backbone("resnet18", weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5)``
+    (from scratch, batch norm trained), SGD lr 0.02 momentum 0.9 weight decay 1e-4, 200-iteration linear
+    warm-up then the lr held (its step decays, at epochs 16 and 22 of 26, lie far past any CPU budget),
+    batch 4, min_size 320, max_size 480, horizontal flip; trained until the budget is spent;
+(b) ``visiondet train configs/detection/faster_rcnn_r18_fpn_cpu.yaml train.time_budget=<minutes>m`` in a
+    subprocess: the recipe's defaults, the data paths and the budget, nothing fitted to this set. Its
+    ``data.val`` is left out, so, like the reference, it spends the whole budget training (no evaluation
+    inside the budget) and its ``last.pt`` is scored, not a checkpoint picked on the validation split.
+
+Both are then scored by the same code: every validation image through the model, pycocotools COCOeval on the
+validation annotations. Printed side by side: AP, AP50, optimizer steps, images seen, training minutes.
+Goal (issue 14): visiondet's AP50 >= 2.5x the reference's and >= 0.65.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script: the repository root, not benchmarks/, first on sys.path
+    sys.path[0] = str(ROOT)
+
+CONFIG = ROOT / "configs" / "detection" / "faster_rcnn_r18_fpn_cpu.yaml"
+GOAL_RATIO, GOAL_AP50 = 2.5, 0.65
+
+# image [3, H, W] in [0, 1] -> (boxes [N, 4] xyxy, scores [N], category ids [N])
+Predict = Callable[["torch.Tensor"], tuple["torch.Tensor", "torch.Tensor", list[int]]]  # noqa: F821
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def _read(path: Path) -> torch.Tensor:  # noqa: F821
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+
+
+def evaluate(predict: Predict, images: Path, annotations: Path) -> dict[str, float]:
+    """COCO box AP of ``predict`` over every image of the split (pycocotools, the annotation file's ids)."""
+    import contextlib
+    import io
+
+    import torch
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotations))
+    results = []
+    with torch.inference_mode():
+        for image_id in sorted(gt.imgs):
+            boxes, scores, categories = predict(_read(images / gt.imgs[image_id]["file_name"]))
+            for box, score, category in zip(boxes.tolist(), scores.tolist(), categories, strict=True):
+                x0, y0, x1, y1 = box
+                results.append({"image_id": image_id, "category_id": category, "score": score,
+                                "bbox": [x0, y0, x1 - x0, y1 - y0]})
+    if not results:
+        return {"AP": 0.0, "AP50": 0.0, "detections": 0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_eval = COCOeval(gt, gt.loadRes(results), "bbox")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return {"AP": float(coco_eval.stats[0]), "AP50": float(coco_eval.stats[1]), "detections": len(results)}
+
+
+# ------------------------------------------------------------------------------------ (a) the reference
+
+
+class _ReferenceData:
+    """The split as torchvision's detection references feed it: image tensor, boxes, labels 1..K, h-flip."""
+
+    def __init__(self, images: Path, annotations: Path, category_ids: list[int], train: bool) -> None:
+        coco = json.loads(annotations.read_text())
+        self.images, self.train = images, train
+        self.label = {cid: i + 1 for i, cid in enumerate(category_ids)}
+        self.items = [(im["file_name"], []) for im in coco["images"]]
+        index = {im["id"]: i for i, im in enumerate(coco["images"])}
+        for ann in coco["annotations"]:
+            self.items[index[ann["image_id"]]][1].append(ann)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # noqa: F821
+        import torch
+
+        file_name, anns = self.items[i]
+        image = _read(self.images / file_name)
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
+                             dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([self.label[a["category_id"]] for a in anns], dtype=torch.int64)
+        if self.train and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+            boxes = torch.stack([image.shape[-1] - boxes[:, 2], boxes[:, 1],
+                                 image.shape[-1] - boxes[:, 0], boxes[:, 3]], dim=1)
+        return image, {"boxes": boxes, "labels": labels}
+
+
+def run_reference(data: Path, minutes: float, seed: int) -> dict[str, float]:
+    import torch
+    from torch import nn
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    torch.manual_seed(seed)
+    coco = json.loads((data / "train" / "annotations.json").read_text())
+    categories = sorted(c["id"] for c in coco["categories"])  # label i is the i-th id, as visiondet maps
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d,
+                                   trainable_layers=5)
+    model = FasterRCNN(backbone, num_classes=len(categories) + 1, min_size=320, max_size=480)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
+    warmup = 200
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: 0.001 + (1 - 0.001) * it / warmup if it < warmup else 1.0
+    )
+    dataset = _ReferenceData(data / "train" / "images", data / "train" / "annotations.json", categories, True)
+    # one loading process beside the training one, as the visiondet recipe (data.workers: 1) has
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True, num_workers=1,
+                                         collate_fn=lambda batch: tuple(zip(*batch, strict=True)),
+                                         persistent_workers=True)
+    model.train()
+    steps, seen, start = 0, 0, time.perf_counter()
+    budget = minutes * 60
+    while time.perf_counter() - start < budget:
+        for images, targets in loader:
+            losses = model(list(images), list(targets))
+            loss = sum(losses.values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            steps += 1
+            seen += len(images)
+            if steps % 20 == 0:
+                print(f"  reference step {steps}: loss {loss.item():.3f}, "
+                      f"{(time.perf_counter() - start) / 60:.1f} min", flush=True)
+            if time.perf_counter() - start >= budget:
+                break
+    trained = (time.perf_counter() - start) / 60
+    model.eval()
+
+    def predict(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        out = model([image])[0]
+        return out["boxes"], out["scores"], [categories[int(label) - 1] for label in out["labels"]]
+
+    metrics = evaluate(predict, data / "val" / "images", data / "val" / "annotations.json")
+    return {**metrics, "steps": steps, "images": seen, "minutes": trained}
+
+
+# ------------------------------------------------------------------------------------ (b) visiondet
+
+
+def run_visiondet(data: Path, minutes: float, out: Path, threads: int, extra: list[str]) -> dict[str, float]:
+    import torch
+
+    from apps.tasks import load_model
+
+    overrides = [
+        f"data.train.images={data / 'train' / 'images'}",
+        f"data.train.annotations={data / 'train' / 'annotations.json'}",
+        "data.val=null",  # scored below by the same code as the reference, which validates nothing either
+        f"train.time_budget={minutes:g}m",
+        f"output_dir={out}",
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "apps.cli", "train", str(CONFIG), *overrides],
+                   cwd=ROOT, env=env, check=True)
+    trained = (time.perf_counter() - start) / 60
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    steps = int(ckpt["train_state"]["step"]) if "step" in ckpt.get("train_state", {}) else -1
+    batch = int(ckpt["config"]["train"]["batch_size"])
+    loaded = load_model(out / "last.pt", "cpu")
+    model, classes = loaded.model.eval(), loaded.classes
+
+    def predict(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        (det,), _ = model([image])
+        return det.boxes, det.scores, [int(classes[int(label) - 1]["id"]) for label in det.labels]
+
+    metrics = evaluate(predict, data / "val" / "images", data / "val" / "annotations.json")
+    return {**metrics, "steps": steps, "images": steps * batch, "minutes": trained}
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=20.0, help="training budget of each recipe")
+    parser.add_argument("--data", type=Path, default=ROOT / "runs" / "realset",
+                        help="the set (built when absent)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "real_imagery", help="visiondet's run")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, each recipe")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=["reference", "visiondet"], help="run one side (exploration)")
+    parser.add_argument("overrides", nargs="*", help="visiondet overrides (exploration; not the benchmark)")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if not (args.data / "val" / "annotations.json").is_file():
+        from benchmarks.realset import build_realset
+
+        build_realset(args.data, seed=0)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.minutes:g} min each; data {args.data}",
+          flush=True)
+    rows = {}
+    if args.only in (None, "reference"):
+        rows["torchvision reference"] = run_reference(args.data, args.minutes, args.seed)
+        print(f"reference: {json.dumps(rows['torchvision reference'])}", flush=True)
+    if args.only in (None, "visiondet"):
+        rows["visiondet " + CONFIG.stem] = run_visiondet(
+            args.data, args.minutes, args.out, args.threads, args.overrides
+        )
+
+    print(f"\n{'recipe':34s} {'AP50':>6s} {'AP':>6s} {'steps':>6s} {'images':>7s} {'minutes':>7s}")
+    for name, r in rows.items():
+        print(f"{name:34s} {r['AP50']:6.3f} {r['AP']:6.3f} {r['steps']:6d} {r['images']:7d} "
+              f"{r['minutes']:7.1f}")
+    if len(rows) == 2:
+        ref, ours = rows.values()
+        ratio = ours["AP50"] / max(ref["AP50"], 1e-9)
+        met = ratio >= GOAL_RATIO and ours["AP50"] >= GOAL_AP50
+        print(f"AP50 ratio {ratio:.2f}x (goal >= {GOAL_RATIO}x and AP50 >= {GOAL_AP50}): "
+              f"{'met' if met else 'NOT met'}" + (" [overrides given: not the recipe's defaults]"
+                                                  if args.overrides else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
