@@ -14,6 +14,7 @@ collects all findings. Severity says what training would do:
 from __future__ import annotations
 
 import os
+import posixpath
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cocofile import AnnotationError, read_json, safe_join, segmentation_rle
+from .cocofile import AnnotationError, may_be_unsafe, read_json, safe_join, segmentation_rle
 from .images import IMAGE_EXTENSIONS, ImageError, exif_for_size, read_header, read_raw
 
 __all__ = ["CheckReport", "Finding", "check_dataset"]
@@ -159,11 +160,17 @@ def _check_images(report: CheckReport, images: list[Any], root: Path) -> dict[An
                _duplicates([n for n in names if isinstance(n, str)]))
     unsafe = []
     for img in images:
-        if isinstance(img.get("file_name"), str):
+        name = img.get("file_name")
+        if not isinstance(name, str):
+            continue
+        if may_be_unsafe(name):
             try:
-                img["_path"] = safe_join(root, img["file_name"])
+                safe_join(root, name)
             except ValueError as exc:
                 unsafe.append(f"image {img.get('id')}: {exc}")
+                continue
+        # the name relative to the root, as the folder walk below spells it (str: no Path per image)
+        img["_rel"] = posixpath.normpath(name.replace("\\", "/"))
     report.add("error", "unsafe_file_name", "file names outside the image folder (refused)", unsafe)
     no_size = [img.get("id") for img in images if not _has_size(img)]
     report.add("note", "missing_size", "images without width/height (read from the file instead)", no_size)
@@ -250,9 +257,10 @@ def _check_files(report: CheckReport, imgs: dict[Any, dict], root: Path, *, deco
     if not root.is_dir():
         report.add("error", "no_image_folder", "image folder does not exist", [str(root)])
         return
-    entries = [img for img in imgs.values() if "_path" in img]
+    entries = [img for img in imgs.values() if "_rel" in img]
+    folder = str(root)
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        results = pool.map(lambda img: _inspect(img, decode), entries)
+        results = pool.map(lambda img: _inspect(img, folder, decode), entries)
         results = list(progress(results) if progress else results)
     found: dict[str, list[str]] = defaultdict(list)
     for code, detail in results:
@@ -272,15 +280,29 @@ def _check_files(report: CheckReport, imgs: dict[Any, dict], root: Path, *, deco
     report.add("note", "no_annotations", "images without annotations (kept as negative samples)", negatives)
     report.add("note", "crowd_only", "images with only crowd annotations (negatives with ignore regions)",
                crowd_only)
-    listed = {img["_path"].resolve() for img in entries}
-    extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.resolve() not in listed)
+    listed = {img["_rel"] for img in entries}
+    extra = sorted(name for name in _image_files(folder) if name not in listed)
     report.add("note", "unlisted_image", "image files in the folder that the JSON does not list", extra)
 
 
-def _inspect(img: dict[str, Any], decode: bool) -> tuple[str | None, str]:
+def _image_files(root: str) -> list[str]:
+    """Relative posix names of the image files under ``root`` (os.scandir: no Path object per file)."""
+    found, stack = [], [""]
+    while stack:
+        prefix = stack.pop()
+        with os.scandir(os.path.join(root, prefix) if prefix else root) as it:
+            for entry in it:
+                name = f"{prefix}/{entry.name}" if prefix else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(name)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    found.append(name)
+    return found
+
+
+def _inspect(img: dict[str, Any], root: str, decode: bool) -> tuple[str | None, str]:
     """(finding code or None, detail) for one image entry."""
-    path, name = img["_path"], img["file_name"]
+    path, name = os.path.join(root, img["_rel"]), img["file_name"]
     try:
         header = read_header(path)
         if decode:

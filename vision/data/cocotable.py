@@ -24,7 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from .cocofile import AnnotationError, column, format_ids, read_checked, safe_join, segmentation_rle
+from .cocofile import (
+    AnnotationError,
+    column,
+    format_ids,
+    may_be_unsafe,
+    read_checked,
+    safe_join,
+    segmentation_rle,
+)
 
 __all__ = ["CocoTable", "PackedBytes", "read_coco_table"]
 
@@ -174,7 +182,7 @@ def read_coco_table(
 
 def _check_file_names(path: Path, root: str | os.PathLike, images: list[dict[str, Any]]) -> None:
     # safe_join builds two path objects per name: only names that could be unsafe go through it.
-    suspect = [img for img in images if _maybe_unsafe(img["file_name"])]
+    suspect = [img for img in images if may_be_unsafe(img["file_name"])]
     unsafe = []
     for img in suspect:
         try:
@@ -184,11 +192,6 @@ def _check_file_names(path: Path, root: str | os.PathLike, images: list[dict[str
     if unsafe:
         more = f" ... ({len(unsafe)} in all)" if len(unsafe) > 5 else ""
         raise AnnotationError(path, "; ".join(unsafe[:5]) + more)
-
-
-def _maybe_unsafe(name: str) -> bool:
-    """False only for names that ``safe_join`` surely accepts (no '..', ':', NUL, leading separator)."""
-    return not name.strip() or ".." in name or ":" in name or "\x00" in name or name[0] in "/\\"
 
 
 def _pack_segmentations(anns, rows, image_of, widths, heights) -> tuple[PackedBytes, np.ndarray]:
