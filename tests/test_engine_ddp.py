@@ -1,5 +1,7 @@
-"""Two CPU processes under torchrun (gloo): both ranks train on their half of the data, rank 0 alone
-writes, metrics are combined over the ranks, and the command line is the user's `visiondet train`."""
+"""Two CPU processes (gloo). Under torchrun: both ranks train on their half of the data, rank 0 alone
+writes, metrics are combined over the ranks, and the command line is the user's `visiondet train`.
+Under mp.spawn: the engine really trains data-parallel: after every step both ranks hold identical weights,
+equal to those of one process trained on the whole batches."""
 
 from __future__ import annotations
 
@@ -9,8 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
-from test_engine_support import toy_config
+from test_engine_support import ToyNet, ToyTask, register_toy_task, toy_config
+from torch import nn
 
 from vision.checkpoint import load_checkpoint
 
@@ -59,3 +65,71 @@ def test_two_gloo_processes_train_and_rank_zero_writes_one_checkpoint(tmp_path):
     assert last["train_state"]["step"] == 4 and len(last["train_state"]["rng"]) == 2
     assert rows[-1]["kind"] == "val" and rows[-1]["images"] == 7  # counted over both ranks' shards
     assert proc.stdout.count("completed after 2 epochs") == 1
+
+
+# ------------------------------------------------------------ data parallel = one process on the whole batch
+
+
+def _build_without_batchnorm(self, model_cfg, classes, *, load_pretrained=True):
+    # BatchNorm normalises by the statistics of the batch a process sees: halves differ from the whole
+    net = ToyNet(self.model_config_for(model_cfg, classes))
+    net.backbone[1] = nn.Identity()
+    return net
+
+
+def _train_recording_weights(rank: int, world: int, root: str, per_rank_batch: int) -> None:
+    """One process of a run (spawned): trains the toy task and saves the weights it held before every
+    forward (= after every optimizer step) and at the end, to ``weights_<world>_<rank>.pt``."""
+    from apps.config import build_experiment
+    from apps.train import train
+
+    torch.set_num_threads(1)
+    register_toy_task()
+    ToyTask.build_model = _build_without_batchnorm
+    seen: list[list[torch.Tensor]] = []
+    names: list[str] = []
+    forward = ToyNet.forward
+
+    def recording(self, images, targets=None):
+        if self.training:
+            names[:] = [name for name, _ in self.named_parameters()]
+            seen.append([p.detach().clone() for p in self.parameters()])
+        return forward(self, images, targets)
+
+    ToyNet.forward = recording
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
+    try:
+        cfg = toy_config(Path(root) / f"world{world}", epochs=2, batch_size=per_rank_batch)
+        cfg["data"].pop("val")
+        cfg["model"] = {"dropout": 0.0}  # dropout masks differ between processes
+        result = train(build_experiment(cfg))
+        if world > 1:
+            dist.barrier()
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    if rank == 0:
+        final = load_checkpoint(result.run_dir / "last.pt")["state_dict"]
+        seen.append([final[name] for name in names])
+    torch.save(seen, Path(root) / f"weights_{world}_{rank}.pt")
+
+
+def test_two_ranks_on_half_batches_step_like_one_process_on_the_whole(tmp_path):
+    # 16 items, epochs 2: ranks take 2 items per step (their halves of each 4-item batch), one process 4
+    mp.spawn(_train_recording_weights, args=(2, str(tmp_path), 2), nprocs=2, join=True)
+    mp.spawn(_train_recording_weights, args=(1, str(tmp_path), 4), nprocs=1, join=True)
+    rank0 = torch.load(tmp_path / "weights_2_0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "weights_2_1.pt", weights_only=True)
+    single = torch.load(tmp_path / "weights_1_0.pt", weights_only=True)
+    steps = 2 * 16 // 4
+    assert len(rank1) == steps and len(rank0) == len(single) == steps + 1  # + the saved final weights
+    for step in range(steps):
+        # identical on both ranks: gradients were averaged over the ranks before every update
+        assert all(torch.equal(a, b) for a, b in zip(rank0[step], rank1[step], strict=True)), step
+    for step in range(steps + 1):
+        for a, b in zip(rank0[step], single[step], strict=True):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (step, (a - b).abs().max())
+    moved = max((a - b).abs().max().item() for a, b in zip(single[0], single[-1], strict=True))
+    assert moved > 1e-3  # the weights changed: they agree because the training does, not by standing still
