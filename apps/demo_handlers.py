@@ -33,7 +33,7 @@ from apps.demo_models import (
     scale_detections,
 )
 from apps.predict import Predictor
-from apps.predict_results import DetectionResult
+from apps.predict_results import DetectionResult, threshold_hint
 
 __all__ = ["DemoHandlers", "upload_path"]
 
@@ -166,6 +166,8 @@ class DemoHandlers:
         info = (f"**{count} detection{'s' * (count != 1)}** at score ≥ {score:.2f} · inference "
                 f"{_ms(elapsed)} on {self.cache.device.type} · {label}.{self._size_note(original, small)}"
                 f"{self.cache.checkpoint(label).result_note()}")
+        if not count and result.best_below is not None:
+            info += "  \n" + threshold_hint(result.best_below, float(score), "the Score threshold slider")
         return demo_views.draw_detections(small, result, scale), detection_rows(result), str(json_path), info
 
     # ---- segmentation and classification -------------------------------------------------------------------

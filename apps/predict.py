@@ -214,7 +214,10 @@ class Predictor:
     def _detections(self, det: Any, size: tuple[int, int], *, nms_in_model: bool) -> DetectionResult:
         keep = det.scores >= self.score_threshold
         if self.allowed is not None:
-            keep &= self.allowed.to(det.labels.device)[det.labels]
+            allowed = self.allowed.to(det.labels.device)[det.labels]
+            below, keep = det.scores[allowed & ~keep], keep & allowed
+        else:
+            below = det.scores[~keep]
         boxes, scores, labels = det.boxes[keep], det.scores[keep], det.labels[keep]
         if self.nms_threshold is not None and not nms_in_model:
             order = batched_nms(boxes.float(), scores.float(), labels, self.nms_threshold)
@@ -224,6 +227,7 @@ class Predictor:
             boxes=boxes.float().cpu().numpy(), scores=scores.float().cpu().numpy(),
             labels=labels.cpu().numpy(), category_ids=[self.classes[k - 1]["id"] for k in labels_list],
             names=[self.classes[k - 1]["name"] for k in labels_list], image_size=size,
+            best_below=float(below.max()) if len(below) else None,
         )
 
     def _classification(self, logits: Tensor, size: tuple[int, int]) -> ClassificationResult:

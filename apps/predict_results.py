@@ -15,7 +15,17 @@ from apps import visualize
 from apps.predict_sources import ImageFile
 
 __all__ = ["ClassificationResult", "DetectionResult", "Prediction", "Result", "SegmentationResult",
-           "error_kind"]
+           "error_kind", "threshold_hint"]
+
+
+def threshold_hint(best_below: float, threshold: float, control: str, *, images: int | None = None,
+                   where: str | None = None) -> str:
+    """The line for detections that all scored under the threshold: the highest score seen (and, for a
+    folder, how many images and which one had it), and ``control``, the way to lower the threshold."""
+    subject = "no detection" if images is None else f"{images} image(s) had no detection"
+    highest = f"highest {best_below:.2f}" + (f", in {where}" if where else "")
+    return (f"{subject} scoring {threshold:.2f} or more, but some scoring less ({highest}): lower {control} "
+            "to see them")
 
 
 @dataclass
@@ -29,6 +39,9 @@ class DetectionResult:
     category_ids: list[int]
     names: list[str]
     image_size: tuple[int, int]  # (H, W)
+    # the highest score of a box under the score threshold (None: none there), so that an image without
+    # detections can say whether a lower threshold would show some
+    best_below: float | None = None
 
     def record(self) -> dict[str, Any]:
         """JSON-ready: COCO-style ``bbox`` [x, y, w, h] in pixels, score, category id and name."""

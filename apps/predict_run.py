@@ -41,7 +41,7 @@ from apps.predict_io import (
     write_csv,
     write_summary,
 )
-from apps.predict_results import Prediction, SegmentationResult, error_kind
+from apps.predict_results import Prediction, SegmentationResult, error_kind, threshold_hint
 from apps.predict_sources import ImageFile, find_images, shard
 from vision.data.images import DEFAULT_MAX_PIXELS
 
@@ -188,6 +188,7 @@ def run_predict(opts: PredictOptions) -> int:
             error_journal = output / SHARDS_DIR / f"errors.rank{dist.rank}.jsonl"
 
         done = failed = 0
+        quiet: list[tuple[float, str]] = []  # images with no detection above the threshold but some below
         loop_start = time.perf_counter()
         # Redrawn often on a terminal, a line every half minute in a log file.
         bar = tqdm(total=len(mine), unit="img", desc="predict", dynamic_ncols=True,
@@ -204,10 +205,15 @@ def run_predict(opts: PredictOptions) -> int:
                 else:
                     predictions.write(_write_item(item, output, ids, opts.save_images))
                     done += 1
+                    best_below = getattr(item.result, "best_below", None)
+                    if best_below is not None and not len(item.result.labels):
+                        quiet.append((best_below, item.file.name))
                 bar.update(1)
         bar.close()
         loop_time = time.perf_counter() - loop_start
-        per_rank = distributed.all_gather_object({"done": done, "failed": failed, "seconds": loop_time})
+        per_rank = distributed.all_gather_object({"done": done, "failed": failed, "seconds": loop_time,
+                                                  "quiet": len(quiet),
+                                                  "quiet_best": max(quiet, default=None)})
         distributed.barrier()
 
         code = 0
@@ -266,4 +272,8 @@ def _finish(
     if counts["done"] == 0:
         _warn(f"no image could be processed; see {output / ERRORS}")
         return 1
+    quiet = sum(r.get("quiet", 0) for r in per_rank)
+    if quiet:
+        best, name = max(r["quiet_best"] for r in per_rank if r.get("quiet_best"))
+        _warn(threshold_hint(best, opts.score_threshold, "--score-threshold", images=quiet, where=name))
     return 0
