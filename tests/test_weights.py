@@ -60,6 +60,20 @@ def test_table_has_imagenet_for_every_network_with_torchvision_file_names():
     assert W.WEIGHT_SOURCES["vgg16"]["imagenet"].file_name == "vgg16-397923af.pth"
 
 
+def test_digests_are_full_sha256_where_published():
+    entries = [(arch, name, e) for arch, sources in W.WEIGHT_SOURCES.items() for name, e in sources.items()]
+    for arch, name, entry in entries:
+        assert all(c in "0123456789abcdef" for c in entry.sha256), (arch, name)
+        assert len(entry.sha256) in (8, 64), (arch, name)
+    # the files with no full digest on public record (see vision/weights.py) are the only prefixes
+    prefixes = {(arch, name) for arch, name, entry in entries if not entry.full_hash}
+    assert prefixes <= {("vgg11", "imagenet"), ("vgg11_bn", "imagenet"), ("vgg13", "imagenet"),
+                        ("vgg13_bn", "imagenet"), ("resnet152", "imagenet-v2")}
+    for arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "vgg16_bn", "vgg19",
+                 "vgg19_bn"):
+        assert W.WEIGHT_SOURCES[arch]["imagenet"].full_hash, arch
+
+
 def test_download_file_url_verifies_hash_and_loads(tmp_path, monkeypatch, tv_resnet18):
     net, src = tv_resnet18
     entry = WeightSource("resnet18-mirror.pth", src.as_uri(), sha256(src))

@@ -61,26 +61,39 @@ def _tv(file_name: str, sha256: str, description: str) -> WeightSource:
 _V1 = "torchvision IMAGENET1K_V1 (ImageNet-1k, 1000 classes)"
 _V2 = "torchvision IMAGENET1K_V2 (ImageNet-1k, 1000 classes, newer training recipe)"
 
-# Only resnet18's full digest could be confirmed from independent public sources; the other entries
-# hold the 8-digit prefix from torchvision's file names and are verified as prefixes.
+# Full SHA-256 digests of torchvision's published files, each found in at least two independent public
+# records of the downloaded file (nothing was downloaded here). Five files have no full digest on public
+# record that could be found: vgg11, vgg11_bn, vgg13, vgg13_bn and resnet152's V2 keep the 8-digit prefix of
+# their file names, and are checked as prefixes (a download must start with it) rather than by a guess.
 WEIGHT_SOURCES: dict[str, dict[str, WeightSource]] = {
     "resnet18": {"imagenet": _tv("resnet18-f37072fd.pth",
                                  "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec", _V1)},
-    "resnet34": {"imagenet": _tv("resnet34-b627a593.pth", "b627a593", _V1)},
-    "resnet50": {"imagenet": _tv("resnet50-0676ba61.pth", "0676ba61", _V1),
-                 "imagenet-v2": _tv("resnet50-11ad3fa6.pth", "11ad3fa6", _V2)},
-    "resnet101": {"imagenet": _tv("resnet101-63fe2227.pth", "63fe2227", _V1),
-                  "imagenet-v2": _tv("resnet101-cd907fc2.pth", "cd907fc2", _V2)},
-    "resnet152": {"imagenet": _tv("resnet152-394f9c45.pth", "394f9c45", _V1),
+    "resnet34": {"imagenet": _tv("resnet34-b627a593.pth",
+                                 "b627a593bcbe140c234610266fe4f8ae95ea42fc881d091c9b6052e6b1d0590f", _V1)},
+    "resnet50": {"imagenet": _tv("resnet50-0676ba61.pth",
+                                 "0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a", _V1),
+                 "imagenet-v2": _tv("resnet50-11ad3fa6.pth",
+                                    "11ad3fa62ca79e40addfd354a8ec4b7c75143b3038b8d2a807fbc68deab379ca", _V2)},
+    "resnet101": {"imagenet": _tv("resnet101-63fe2227.pth",
+                                  "63fe2227b86e8f1f2063f43a75c84d195911b6a0eace650907dd3dc62dd49a0a", _V1),
+                  "imagenet-v2": _tv(
+                      "resnet101-cd907fc2.pth",
+                      "cd907fc2a0de2292b2ba2b27d2216bc672d84632d1cf20058d01c0c03b5e020e", _V2)},
+    "resnet152": {"imagenet": _tv("resnet152-394f9c45.pth",
+                                  "394f9c45966e3651a89bbb78a48410a6755854ce4a5ab64927cf1c7247f85e58", _V1),
                   "imagenet-v2": _tv("resnet152-f82ba261.pth", "f82ba261", _V2)},
     "vgg11": {"imagenet": _tv("vgg11-8a719046.pth", "8a719046", _V1)},
     "vgg11_bn": {"imagenet": _tv("vgg11_bn-6002323d.pth", "6002323d", _V1)},
     "vgg13": {"imagenet": _tv("vgg13-19584684.pth", "19584684", _V1)},
     "vgg13_bn": {"imagenet": _tv("vgg13_bn-abd245e5.pth", "abd245e5", _V1)},
-    "vgg16": {"imagenet": _tv("vgg16-397923af.pth", "397923af", _V1)},
-    "vgg16_bn": {"imagenet": _tv("vgg16_bn-6c64b313.pth", "6c64b313", _V1)},
-    "vgg19": {"imagenet": _tv("vgg19-dcbb9e9d.pth", "dcbb9e9d", _V1)},
-    "vgg19_bn": {"imagenet": _tv("vgg19_bn-c79401a0.pth", "c79401a0", _V1)},
+    "vgg16": {"imagenet": _tv("vgg16-397923af.pth",
+                              "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0", _V1)},
+    "vgg16_bn": {"imagenet": _tv("vgg16_bn-6c64b313.pth",
+                                 "6c64b3138f2f4fcb3bcc4cafde11619c4f440eb1631787e93a682fd88305888a", _V1)},
+    "vgg19": {"imagenet": _tv("vgg19-dcbb9e9d.pth",
+                              "dcbb9e9dad569fff7a846263a77324fc34978fea2bfb039c012d710e1776ae44", _V1)},
+    "vgg19_bn": {"imagenet": _tv("vgg19_bn-c79401a0.pth",
+                                 "c79401a0cf3cb42714e4182f5868c7a6f4f4534f5df9e956e2bb2098de41cbb6", _V1)},
 }
 
 _PATH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
