@@ -398,21 +398,39 @@ class _Trainer:
         now = clock()
         self.budget.add_step(now - self.tick_at)
         self.tick_at, self.ticked_step = now, self.step
-        total = self.budget.plan(self.step, now) if self.info.is_main else None
-        if self.info.world_size > 1:  # every rank must stop at the same step: rank 0's clock decides
-            total = dist_utils.broadcast_object(total)
+        total = self._relay(now)
         if total is None:
             return False
-        self.lr_plan.total_steps = total
+        b = self.budget
+        if total == self.step and b.seconds - b.elapsed(now) < b.eval_s + 2 * b.save_s:
+            self.log.warning(f"time budget {_duration(b.seconds)}: no room left after step {self.step} "
+                             f"(a step takes {b.step_s:.3g} s, an evaluation about {b.eval_s:.3g} s): the "
+                             "run ends now, with its final evaluation, and may pass the budget")
         if not self.budget_laid:
             self.budget_laid = True
-            b = self.budget
             self.log.info(f"time budget: {b.step_s:.3g} s per step, {b.eval_s:.3g} s per evaluation "
                           f"({'measured' if b.eval_count else 'estimated'}): {total} optimizer steps "
                           f"({total / self.steps_per_epoch:.1f} epochs), warm-up {self.lr_plan.warmup_steps}")
             if line := self.lr_plan.warmup_warning():
                 self.log.warning(line)
         return self.step >= total
+
+    def _relay(self, now: float, *, epoch_end_done: bool = False) -> int | None:
+        """Lay the schedule over the steps that fit the time left (None: the speed is not measured yet)."""
+        total = self.budget.plan(self.step, now, epoch_end_done=epoch_end_done) if self.info.is_main else None
+        if self.info.world_size > 1:  # every rank must stop at the same step: rank 0's clock decides
+            total = dist_utils.broadcast_object(total)
+        if total is not None:
+            self.lr_plan.total_steps = total
+        return total
+
+    def _planned_epochs(self, epoch: int) -> int:
+        """train.epochs, or the epochs the time budget's plan reaches (for the progress line)."""
+        if self.budget is None:
+            return self.cfg.epochs
+        if not self.budget_laid:  # not timed yet
+            return epoch + 1
+        return max(epoch + 1, math.ceil(self.lr_plan.total_steps / self.steps_per_epoch))
 
     def _budget_state(self) -> dict[str, float] | None:
         budget = getattr(self, "budget", None)
@@ -439,8 +457,8 @@ class _Trainer:
                                       workers=self.exp.data.workers, pin_memory=self.device.type == "cuda",
                                       seed=self.exp.seed + epoch, on_skip=self._skip,
                                       hint=self._unreadable_hint(self.exp.data.train)))
-        progress = self.log.progress(epoch=epoch, epochs=cfg.epochs, total=len(batches), start=start,
-                                     log_every=cfg.log_every, data_wait=loader)
+        progress = self.log.progress(epoch=epoch, epochs=self._planned_epochs(epoch), total=len(batches),
+                                     start=start, log_every=cfg.log_every, data_wait=loader)
         record_mark = loader.mark()  # start of the next metrics record's data-wait window
         self.ddp.train()
         window = 0  # batches whose gradients wait for the next optimizer step
@@ -604,7 +622,7 @@ class _Trainer:
         stop = self._validate(epoch)
         if self.budget is not None:  # the time budget reserves this much for every evaluation left
             self.budget.add_eval(clock() - started)
-            if not last:
+            if not last and self._relay(clock(), epoch_end_done=True) is not None:  # its time measured
                 left = self.budget.seconds - self.budget.elapsed(clock())
                 self.log.info(f"time budget: {_duration(left)} left, {self.lr_plan.total_steps} optimizer "
                               f"steps planned ({self.step} done)")

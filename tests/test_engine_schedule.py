@@ -78,7 +78,7 @@ def test_the_budget_times_steps_after_the_first_and_estimates_evaluations():
     budget.add_step(1.0)
     assert budget.plan(2, now=10.0) is None  # one measured step is not enough
     budget.add_step(2.0)
-    assert budget.step_s == 1.5 and budget.eval_s == 6.0  # 4 batches at most a training step each
+    assert budget.step_s == 1.5 and budget.eval_s == 3.0  # 4 batches at about half a training step each
     budget.add_eval(3.0)
     assert budget.eval_s == 3.0
     state = budget.state_dict(now=12.0)
@@ -153,7 +153,9 @@ def test_a_budget_run_ends_at_its_budget_with_a_decayed_lr_and_survives_resume(t
     assert lrs[32] == pytest.approx(0.1 * 0.1)  # fully decayed: lr * min_lr_ratio after the last step
     assert max(lrs.values()) > 0.09 and all(lrs[s + 1] <= lrs[s] + 1e-12 for s in range(8, 32))
     log = (folder / "train.log").read_text()
-    assert "warm-up shortened to 3 steps" in log and log.count("warm-up shortened") == 1
+    # laid at step 3, before any evaluation was timed (estimated 1 s): 46 steps, warm-up 4
+    assert "warm-up shortened to 4 steps" in log and log.count("warm-up shortened") == 1
+    assert "time budget: 53s left, 32 optimizer steps planned (4 done)" in log
     val_steps = [json.loads(r)["step"] for r in (folder / "metrics.jsonl").read_text().splitlines()
                  if json.loads(r)["kind"] == "val"]
     assert val_steps == [4, 8, 12, 16, 20, 24, 28, 32]
@@ -191,3 +193,14 @@ def test_a_fixed_run_warns_once_when_its_warm_up_is_too_long(tmp_path, clock):
     assert log.count("warm-up shortened to 2 steps") == 1  # 5 epochs x 4 steps = 20
     lrs = lr_by_step(tmp_path / "fixed")
     assert lrs[1] == pytest.approx(0.05) and lrs[2] == pytest.approx(0.1) and math.isclose(lrs[20], 0.1)
+
+
+def test_a_budget_too_short_for_its_final_evaluation_says_so(tmp_path, clock):
+    cfg = budget_config(tmp_path, "short")
+    # timed after 3 steps (3 s): 0.5 s left, less than an evaluation (estimated 1 s: 2 batches at half a step)
+    cfg["train"]["time_budget"] = "3.5s"
+    train(build_experiment(cfg))
+    state = load_checkpoint(tmp_path / "short" / "last.pt")["train_state"]
+    assert state["step"] == 3 and state["time_budget"]["elapsed"] == pytest.approx(6.0)  # 3 steps + 3 s
+    log = (tmp_path / "short" / "train.log").read_text()
+    assert log.count("no room left after step 3") == 1 and "may pass the budget" in log

@@ -111,10 +111,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig | LrPlan,
 
 
 def plan_total_steps(*, step: int, remaining_s: float, step_s: float, steps_per_epoch: int, eval_every: int,
-                     eval_s: float, save_s: float) -> int:
+                     eval_s: float, save_s: float, epoch_end_done: bool = False) -> int:
     """The most optimizer steps a run at ``step`` can reach inside ``remaining_s`` seconds.
 
-    ``step`` is the step just taken: when it closes an epoch, that epoch's end is still ahead. Cost of
+    ``step`` is the step just taken: when it closes an epoch, that epoch's end is still ahead (unless
+    ``epoch_end_done``: planning again right after its evaluation). Cost of
     ending at ``T``: ``(T - step) * step_s``, plus, at every epoch end ``k * steps_per_epoch`` in
     ``[step, T)``, a ``last.pt`` save and, every ``eval_every`` epochs, an evaluation; plus the final
     evaluation and two saves (best.pt, last.pt) at ``T``. Never less than ``step`` (no time left: stop now).
@@ -122,7 +123,8 @@ def plan_total_steps(*, step: int, remaining_s: float, step_s: float, steps_per_
     spe = max(1, steps_per_epoch)
 
     def cost(total: int) -> float:
-        first, last = max(1, -(-step // spe)), (total - 1) // spe  # epoch ends with step <= k * spe < total
+        first = step // spe + 1 if epoch_end_done else max(1, -(-step // spe))
+        last = (total - 1) // spe  # epoch ends k * spe with first <= k <= last (k * spe < total)
         ends = max(0, last - first + 1)
         evals = max(0, last // eval_every - (first - 1) // eval_every) if ends else 0
         return (total - step) * step_s + ends * save_s + evals * eval_s + eval_s + 2 * save_s
@@ -194,14 +196,14 @@ class TimeBudget:
             return 0.0
         if self.eval_count:
             return self.eval_time / self.eval_count
-        # not measured yet: an evaluation batch costs at most a training step (forward only, no backward)
-        return self.eval_batches * (self.step_s or 0.0)
+        # not measured yet: an evaluation batch is forward only, no backward: about half a training step
+        return 0.5 * self.eval_batches * (self.step_s or 0.0)
 
     @property
     def save_s(self) -> float:
         return self.save_time / self.save_count if self.save_count else 0.0
 
-    def plan(self, step: int, now: float) -> int | None:
+    def plan(self, step: int, now: float, *, epoch_end_done: bool = False) -> int | None:
         """Total optimizer steps that fit, or None while the speed is not measured yet."""
         step_s = self.step_s
         if step_s is None:
@@ -210,7 +212,7 @@ class TimeBudget:
         return plan_total_steps(step=step, remaining_s=remaining, step_s=step_s,
                                 steps_per_epoch=self.steps_per_epoch,
                                 eval_every=self.eval_every if self.eval_batches else 1 << 30,
-                                eval_s=self.eval_s, save_s=self.save_s)
+                                eval_s=self.eval_s, save_s=self.save_s, epoch_end_done=epoch_end_done)
 
     def state_dict(self, now: float) -> dict[str, float]:
         """Plain numbers for last.pt (loadable with weights_only=True)."""
