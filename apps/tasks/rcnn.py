@@ -200,6 +200,9 @@ class RCNNTask(DetectionTask):
     def model_config_for(self, model_cfg: RCNNConfig, classes: list[dict[str, Any]]) -> RCNNConfig:
         return dataclasses.replace(model_cfg, num_classes=len(classes))
 
+    def fit_to_data(self, exp: Any, data: Any) -> tuple[Any, list[str]]:
+        return exp, []  # no anchors to fit: R-CNN's regions come from its proposals
+
     def proposal_config(self, model_cfg: RCNNConfig) -> Any:
         return model_cfg.proposals  # R-CNN always classifies external proposals
 
