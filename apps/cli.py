@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "proposals": ("apps.proposals_cmd", "precompute selective search proposals for a folder (resumable)"),
     "convert": ("apps.convert_cmd", "import torchvision Faster R-CNN weights as a visiondet checkpoint"),
     "demo": ("apps.demo_cmd", "serve the Gradio demo page (detection, segmentation, classification)"),
+    "export": ("apps.export_cmd", "export a checkpoint to ONNX or TorchScript, checked against PyTorch"),
 }
 
 

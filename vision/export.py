@@ -1,0 +1,347 @@
+"""Export a model to ONNX or TorchScript, checked: the file is run on sample inputs of several sizes and
+compared with the PyTorch module it came from; beyond tolerance the export fails and leaves no file.
+
+A ``GraphSpec`` says what to trace (a module taking and returning tensors), the input and output names,
+which axes are dynamic, the samples to check on and the metadata to store: ONNX ``metadata_props`` (key
+``visiondet``, JSON) or a TorchScript extra file ``visiondet.json``. ``load_runner`` opens either kind of
+file and runs it on tensors. onnx and onnxruntime are optional (``pip install 'visiondet[export]'``).
+
+The ONNX export uses the TorchScript-based exporter (``dynamo=False``): torch 2.14's default dynamo
+exporter needs the onnxscript package, and the traced graphs here export at opset 17 (ONNX Runtime
+1.32 runs them; torchvision's RoIAlign symbolic needs >= 16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+FORMATS = ("onnx", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+OPSET = 17
+METADATA_KEY = "visiondet"
+EXTRA_FILE = "visiondet.json"
+INSTALL_HINT = "pip install 'visiondet[export]'  (onnx==1.23.2 onnxruntime==1.32.0)"
+
+# A comparison returns None when the outputs agree, else one line saying how they differ.
+Compare = Callable[[Sequence[Tensor], Sequence[Tensor]], str | None]
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be done or whose file does not compute what PyTorch does."""
+
+
+def require_onnxruntime() -> Any:
+    """The onnxruntime module, or an ExportError saying which pip command installs it."""
+    try:
+        import onnx  # noqa: F401  (the exporter needs it too)
+        import onnxruntime
+    except ImportError as exc:
+        raise ExportError(f"ONNX export and the onnxruntime backend need onnx and onnxruntime "
+                          f"({exc.name} is missing): {INSTALL_HINT}") from None
+    return onnxruntime
+
+
+def compare_dense(atol: float = 1e-4, rtol: float = 1e-4) -> Compare:
+    """Every output of the same shape and within ``atol + rtol * |expected|``; integer outputs equal
+    except where the float outputs they derive from are within tolerance of a tie (argmax masks: the
+    share of differing pixels may be at most 1e-3)."""
+
+    def compare(got: Sequence[Tensor], expected: Sequence[Tensor]) -> str | None:
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            if g.shape != e.shape:
+                return f"output {i}: shape {tuple(g.shape)} instead of {tuple(e.shape)}"
+            if e.is_floating_point():
+                err = (g.float() - e.float()).abs()
+                bad = err > atol + rtol * e.float().abs()
+                if bad.any():
+                    return (f"output {i}: max abs difference {float(err.max()):.3g} "
+                            f"(tolerance {atol} + {rtol}*|x|)")
+            else:
+                share = float((g != e).float().mean()) if e.numel() else 0.0
+                if share > 1e-3:
+                    return f"output {i}: {share:.2%} of the values differ"
+        return None
+
+    return compare
+
+
+def compare_detections(box_atol: float = 1e-2, score_atol: float = 1e-4) -> Compare:
+    """(boxes [D, 4], labels [D], scores [D]): the same detections in the same order, boxes within
+    ``box_atol`` pixels, scores within ``score_atol``, labels equal."""
+
+    def compare(got: Sequence[Tensor], expected: Sequence[Tensor]) -> str | None:
+        (boxes, labels, scores), (e_boxes, e_labels, e_scores) = got, expected
+        if len(boxes) != len(e_boxes):
+            return f"{len(boxes)} detections instead of {len(e_boxes)}"
+        if not torch.equal(labels.long(), e_labels.long()):
+            where = torch.where(labels.long() != e_labels.long())[0].tolist()[:5]
+            return f"labels differ at detections {where}"
+        if len(boxes):
+            box_err = float((boxes.float() - e_boxes.float()).abs().max())
+            score_err = float((scores.float() - e_scores.float()).abs().max())
+            if box_err > box_atol:
+                return f"boxes differ by up to {box_err:.3g} px (tolerance {box_atol})"
+            if score_err > score_atol:
+                return f"scores differ by up to {score_err:.3g} (tolerance {score_atol})"
+        return None
+
+    return compare
+
+
+@dataclass
+class GraphSpec:
+    """What to export: ``module(*sample) -> tuple of tensors`` for every sample (the first one is traced)."""
+
+    module: nn.Module
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    samples: list[tuple[Tensor, ...]]
+    compare: Compare
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    format: str
+    seconds: float
+    checks: list[str]  # one line per sample: its input shapes and what was compared
+
+
+def _shapes(sample: Sequence[Tensor]) -> str:
+    return ", ".join("x".join(str(d) for d in t.shape) for t in sample)
+
+
+def export_graph(spec: GraphSpec, out: str | os.PathLike, fmt: str) -> ExportReport:
+    """Trace ``spec.module`` into ``out`` as ``fmt`` (onnx or torchscript), then run the file on every
+    sample and compare with the module; raise ExportError (and remove the file) when they differ."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        require_onnxruntime()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    module = spec.module.eval()
+    start = time.perf_counter()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # the tracer warns about every Python bool/int it meets; the checks below are what count
+            warnings.simplefilter("ignore")
+            if fmt == "onnx":
+                _write_onnx(spec, tmp)
+            else:
+                traced = torch.jit.trace(module, spec.samples[0], check_trace=False)
+                torch.jit.save(traced, str(tmp), _extra_files={EXTRA_FILE: json.dumps(spec.metadata)})
+        seconds = time.perf_counter() - start
+        runner = load_runner(tmp, fmt=fmt)
+        checks = []
+        for i, sample in enumerate(spec.samples):
+            with torch.no_grad():
+                expected = spec.module(*sample)
+            expected = (expected,) if isinstance(expected, Tensor) else tuple(expected)
+            got = runner(*sample)
+            reason = spec.compare(got, expected)
+            if reason is not None:
+                raise ExportError(f"{out}: the exported {fmt} model differs from PyTorch on check input {i} "
+                                  f"({_shapes(sample)}): {reason}; no file written")
+            outputs = ", ".join(_shapes([t]) for t in expected)
+            checks.append(f"input {_shapes(sample)}: outputs {outputs} match")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportReport(out, fmt, seconds, checks)
+
+
+def _write_onnx(spec: GraphSpec, path: Path) -> None:
+    import onnx
+
+    torch.onnx.export(
+        spec.module, spec.samples[0], str(path), input_names=spec.input_names,
+        output_names=spec.output_names, dynamic_axes=spec.dynamic_axes, opset_version=OPSET, dynamo=False,
+    )
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(spec.metadata)
+    onnx.save(model, str(path))
+
+
+# ---- running exported files -------------------------------------------------------------------------------
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``visiondet`` metadata of an exported file (ONNX or TorchScript); {} when it has none."""
+    path = Path(path)
+    if _format_of(path) == "onnx":
+        require_onnxruntime()
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        for entry in model.metadata_props:
+            if entry.key == METADATA_KEY:
+                return json.loads(entry.value)
+        return {}
+    files = {EXTRA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+    return json.loads(files[EXTRA_FILE]) if files[EXTRA_FILE] else {}
+
+
+def _format_of(path: Path, fmt: str | None = None) -> str:
+    if fmt is not None:
+        return fmt
+    with path.open("rb") as f:
+        head = f.read(4)
+    return "torchscript" if head.startswith(b"PK") else "onnx"
+
+
+def session_options(threads: int | None = None) -> Any:
+    """ONNX Runtime session options: every graph optimisation, as many intra-op threads as torch uses
+    (ORT's default is one per core, which oversubscribes a machine that also runs torch)."""
+    ort = require_onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
+    return options
+
+
+class Runner:
+    """An exported file as a callable: ``runner(*tensors) -> list of CPU tensors`` (inputs in the order
+    the file declares them; ``metadata`` is what export stored)."""
+
+    def __init__(self, path: str | os.PathLike, *, fmt: str | None = None, threads: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ExportError(f"{self.path}: no such exported model file")
+        self.format = _format_of(self.path, fmt)
+        if self.format == "onnx":
+            ort = require_onnxruntime()
+            try:
+                self.session = ort.InferenceSession(str(self.path), session_options(threads),
+                                                    providers=["CPUExecutionProvider"])
+            except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+                reason = str(exc).splitlines()[0]
+                raise ExportError(f"{self.path}: ONNX Runtime cannot load it: {reason}") from None
+            self.input_names = [i.name for i in self.session.get_inputs()]
+            self.module = None
+        else:
+            with warnings.catch_warnings():  # torch 2.14 calls TorchScript deprecated; it still loads
+                warnings.simplefilter("ignore", FutureWarning)
+                self.module = torch.jit.load(str(self.path), map_location="cpu")
+            self.input_names = []
+        self.metadata = read_metadata(self.path) if self.format == "torchscript" else self._onnx_metadata()
+
+    def _onnx_metadata(self) -> dict[str, Any]:
+        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        return json.loads(raw) if raw else {}
+
+    def __call__(self, *inputs: Tensor) -> list[Tensor]:
+        if self.module is not None:
+            with torch.no_grad():
+                out = self.module(*inputs)
+            return list(out) if isinstance(out, tuple | list) else [out]
+        feed = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self.input_names, inputs,
+                                                                               strict=True)}
+        return [torch.from_numpy(a) for a in self.session.run(None, feed)]
+
+
+def load_runner(path: str | os.PathLike, *, fmt: str | None = None, threads: int | None = None) -> Runner:
+    return Runner(path, fmt=fmt, threads=threads)
+
+
+# ---- classification and segmentation graphs ---------------------------------------------------------------
+
+
+def sample_images(sizes: Sequence[tuple[int, int]], seed: int = 0) -> list[Tensor]:
+    """Deterministic check images [3, h, w] in [0, 1]: a colour gradient with a few flat rectangles and
+    discs, so that a trained model finds edges and shapes in them (noise gives most models nothing to say)."""
+    gen = torch.Generator().manual_seed(seed)
+    images = []
+    for h, w in sizes:
+        ys = torch.linspace(0, 1, h)[:, None].expand(h, w)
+        xs = torch.linspace(0, 1, w)[None, :].expand(h, w)
+        image = torch.stack((ys, xs, 1 - (xs + ys) / 2)) * 0.5 + 0.25
+        for k in range(4):
+            colour = torch.rand(3, 1, 1, generator=gen)
+            cy, cx = float(torch.rand((), generator=gen)) * h, float(torch.rand((), generator=gen)) * w
+            r = (0.1 + 0.15 * float(torch.rand((), generator=gen))) * min(h, w)
+            if k % 2:
+                inside = ((ys * (h - 1) - cy).abs() < r) & ((xs * (w - 1) - cx).abs() < r)
+            else:
+                inside = (ys * (h - 1) - cy) ** 2 + (xs * (w - 1) - cx) ** 2 < r * r
+            image = torch.where(inside, colour.expand(3, h, w), image)
+        images.append(image.contiguous())
+    return images
+
+
+class ClassifierGraph(nn.Module):
+    """images [N, 3, S, S] in [0, 1] (resized and centre-cropped as the metadata's preprocessing says)
+    -> logits [N, K]."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)[0]
+
+
+class SegmenterGraph(nn.Module):
+    """images [N, 3, H, W] in [0, 1] -> (logits [N, K + 1, H, W], mask [N, H, W] int64 argmax).
+
+    The model pads to its ``size_divisor`` with a Python branch on the size; here the padding (the mean
+    colour, i.e. zero after normalisation, as the model pads) comes from tensor shapes so any size works."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        div = int(getattr(self.model, "size_divisor", 1))
+        shape = torch._shape_as_tensor(images)
+        if div > 1:
+            extra = torch.remainder(-shape[2:], div)
+            mean = self.model.normalize.mean.to(images.dtype)
+            images = torch.cat((images, mean.expand(shape[0], 3, shape[2], extra[1])), dim=3)
+            images = torch.cat((images, mean.expand(shape[0], 3, extra[0], shape[3] + extra[1])), dim=2)
+        logits = self.model(images)[0][:, :, : shape[2], : shape[3]]
+        return logits, logits.argmax(1)
+
+
+def classifier_spec(model: nn.Module, size: int, metadata: dict[str, Any]) -> GraphSpec:
+    """Classification: dynamic batch at the fixed input side ``size``; logits compared."""
+    images = sample_images([(size, size)] * 3, seed=1)
+    return GraphSpec(
+        ClassifierGraph(model), ["images"], ["logits"],
+        {"images": {0: "batch"}, "logits": {0: "batch"}},
+        [(images[0][None],), (torch.stack(images),)], compare_dense(atol=1e-3, rtol=1e-3), metadata,
+    )
+
+
+def segmenter_spec(model: nn.Module, size: int | None, metadata: dict[str, Any]) -> GraphSpec:
+    """Segmentation: dynamic batch, height and width (checked at three sizes; ``size`` is the padded
+    square the predictor feeds, when the checkpoint has one)."""
+    side = size or 128
+    sizes = [(side, side), (side * 3 // 4 + 3, side + 17), (side + 9, side // 2 + 5)]
+    images = sample_images(sizes, seed=2)
+    samples = [(images[0][None],), (torch.stack([images[1]] * 2),), (images[2][None],)]
+    axes = {0: "batch", 2: "height", 3: "width"}
+    return GraphSpec(
+        SegmenterGraph(model), ["images"], ["logits", "mask"],
+        {"images": axes, "logits": axes, "mask": {0: "batch", 1: "height", 2: "width"}},
+        samples, compare_dense(atol=1e-3, rtol=1e-3), metadata,
+    )
