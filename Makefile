@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,export]'
 	$(BIN)/pip install --no-deps --force-reinstall opencv-contrib-python-headless==$(OPENCV)
 	@command -v chromium >/dev/null || command -v /usr/bin/chromium >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
