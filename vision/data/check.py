@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cocofile import AnnotationError, may_be_unsafe, read_json, safe_join, segmentation_rle
+from .cocofile import AnnotationError, may_be_unsafe, paused_gc, read_json, safe_join, segmentation_rle
 from .images import IMAGE_EXTENSIONS, ImageError, exif_for_size, read_header, read_raw
 
 __all__ = ["CheckReport", "Finding", "check_dataset"]
@@ -113,6 +113,14 @@ def check_dataset(
     """
     path = Path(annotations)
     root = Path(images)
+    with paused_gc():  # millions of new objects and no cycle: see cocofile.paused_gc
+        report, imgs = _check_json(path, root)
+    # image files last, with the collector on again (image decoders may leave cycles behind)
+    _check_files(report, imgs, root, decode=decode, workers=workers, progress=progress)
+    return report
+
+
+def _check_json(path: Path, root: Path) -> tuple[CheckReport, dict[Any, dict[str, Any]]]:
     data = read_json(path)
     for key in ("images", "categories"):
         if not isinstance(data.get(key), list):
@@ -124,8 +132,7 @@ def check_dataset(
     cat_ids = _check_categories(report, data["categories"])
     imgs = _check_images(report, data["images"], root)
     _check_annotations(report, anns, imgs, cat_ids)
-    _check_files(report, imgs, root, decode=decode, workers=workers, progress=progress)
-    return report
+    return report, imgs
 
 
 def _entries(report: CheckReport, items: list[Any], what: str) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from .cocofile import (
     column,
     format_ids,
     may_be_unsafe,
+    paused_gc,
     read_checked,
     safe_join,
     segmentation_rle,
@@ -119,6 +120,11 @@ def read_coco_table(
             image sizes that are not numbers.
     """
     path = Path(annotations)
+    with paused_gc():  # see paused_gc: millions of new objects, no cycles
+        return _build(path, images_root, keep_segmentations, shown)
+
+
+def _build(path: Path, images_root: str | os.PathLike, keep_segmentations: bool, shown: int) -> CocoTable:
     data, columns = read_checked(path, images_root)
     images, anns = data["images"], data["annotations"]
     _check_file_names(path, images_root, images)
