@@ -101,8 +101,11 @@ def evaluate_coco(
         for cid in [c for c in cat_ids if c in with_gt]:
             metrics[f"AP/{names[cid]}"] = metrics[f"AP50/{names[cid]}"] = 0.0
         return metrics
+    from vision.data.cocofile import paused_gc
+
     run = _run_faster if backend == "faster" else _run_pycocotools
-    stats, precision, eval_cat_ids = run(gt, [dict(r) for r in results])  # loadRes writes into the dicts
+    with paused_gc():  # both evaluators build a dict per detection and per match, and no cycle
+        stats, precision, eval_cat_ids = run(gt, [dict(r) for r in results])  # loadRes writes into them
     # -1 means "no ground truth to measure against": report 0 rather than a negative AP
     metrics.update({name: max(float(v), 0.0) for name, v in zip(METRIC_NAMES, stats, strict=True)})
     for k, cid in enumerate(eval_cat_ids):  # precision: [IoU thresholds, recall points, classes, areas, dets]
