@@ -76,23 +76,24 @@ def compare_dense(atol: float = 1e-4, rtol: float = 1e-4) -> Compare:
 
 
 def compare_detections(box_atol: float = 1e-2, score_atol: float = 1e-4) -> Compare:
-    """(boxes [D, 4], labels [D], scores [D]): the same detections in the same order, boxes within
-    ``box_atol`` pixels, scores within ``score_atol``, labels equal."""
+    """(boxes [D, 4], labels [D], scores [D]): the same detections, each with the same label, its box within
+    ``box_atol`` pixels and its score within ``score_atol``. Matched one to one rather than by position:
+    detections whose scores tie within float rounding may come out in either order."""
 
     def compare(got: Sequence[Tensor], expected: Sequence[Tensor]) -> str | None:
         (boxes, labels, scores), (e_boxes, e_labels, e_scores) = got, expected
         if len(boxes) != len(e_boxes):
             return f"{len(boxes)} detections instead of {len(e_boxes)}"
-        if not torch.equal(labels.long(), e_labels.long()):
-            where = torch.where(labels.long() != e_labels.long())[0].tolist()[:5]
-            return f"labels differ at detections {where}"
-        if len(boxes):
-            box_err = float((boxes.float() - e_boxes.float()).abs().max())
-            score_err = float((scores.float() - e_scores.float()).abs().max())
-            if box_err > box_atol:
-                return f"boxes differ by up to {box_err:.3g} px (tolerance {box_atol})"
-            if score_err > score_atol:
-                return f"scores differ by up to {score_err:.3g} (tolerance {score_atol})"
+        unmatched = list(range(len(e_boxes)))
+        for i in range(len(boxes)):
+            close = [j for j in unmatched if int(labels[i]) == int(e_labels[j])
+                     and abs(float(scores[i]) - float(e_scores[j])) <= score_atol
+                     and float((boxes[i].float() - e_boxes[j].float()).abs().max()) <= box_atol]
+            if not close:
+                return (f"detection {i} (label {int(labels[i])}, score {float(scores[i]):.4f}, box "
+                        f"{[round(v, 1) for v in boxes[i].tolist()]}) has no PyTorch counterpart within "
+                        f"{box_atol} px and {score_atol} in score")
+            unmatched.remove(close[0])
         return None
 
     return compare

@@ -1,0 +1,147 @@
+"""visiondet export: ONNX and TorchScript files of every task, compared with PyTorch at sizes other than
+the one traced, metadata, and the failures (no file left behind, one clear line)."""
+
+from __future__ import annotations
+
+import builtins
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from apps import WEIGHTS_DIR
+from apps.cli import main
+from detection.export import DetectorGraph, detector_spec
+from detection.models import DetectorConfig, RoIConfig, build_detector
+from vision.export import (
+    ExportError,
+    GraphSpec,
+    compare_dense,
+    compare_detections,
+    export_graph,
+    load_runner,
+    read_metadata,
+    require_onnxruntime,
+    sample_images,
+)
+
+pytest.importorskip("onnxruntime", reason="the export extra: pip install 'visiondet[export]'")
+
+
+def tiny_detector(arch: str = "faster_rcnn_r18_fpn") -> nn.Module:
+    torch.manual_seed(0)
+    cfg = DetectorConfig(arch=arch, num_classes=3, backbone_weights=None, min_size=96, max_size=128,
+                         fpn_channels=32, roi=RoIConfig(representation_size=64, score_thresh=0.2))
+    model = build_detector(cfg).eval()
+    # spread the class scores of the random head (all near 1/4 otherwise, a tie at every detection)
+    nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.3)
+    nn.init.normal_(model.roi_heads.box_predictor.bbox_pred.weight, std=0.02)
+    return model
+
+
+def eager(model: nn.Module, image: Tensor, proposals: Tensor | None = None):
+    with torch.no_grad():
+        det = model([image], proposals=[proposals] if proposals is not None else None)[0][0]
+    return det.boxes, det.labels, det.scores
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_faster_rcnn_export_any_image_size(tmp_path, fmt):
+    model = tiny_detector()
+    spec = detector_spec(model, {"classes": ["a", "b", "c"]})
+    report = export_graph(spec, tmp_path / f"det.{fmt}", fmt)
+    assert len(report.checks) == 3 and report.path.is_file()
+    runner = load_runner(report.path)
+    assert runner.metadata == {"classes": ["a", "b", "c"]}
+    # sizes never seen at export, portrait and landscape, one beyond max_size
+    for image in sample_images([(50, 77), (140, 61), (300, 90)], seed=5):
+        got, expected = runner(image), eager(model, image)
+        assert len(expected[0]) > 0
+        assert compare_detections()(got, expected) is None
+        boxes = got[0]
+        assert float(boxes[:, 2].max()) <= image.shape[2] and float(boxes[:, 3].max()) <= image.shape[1]
+
+
+def test_fast_rcnn_export_takes_proposals(tmp_path):
+    model = tiny_detector("fast_rcnn_r18_fpn")
+    report = export_graph(detector_spec(model, {}), tmp_path / "fast.onnx", "onnx")
+    runner = load_runner(report.path)
+    assert runner.input_names == ["image", "proposals"]
+    image = sample_images([(70, 110)], seed=3)[0]
+    proposals = torch.tensor([[5.0, 5.0, 60.0, 50.0], [20.0, 10.0, 100.0, 69.0], [0.0, 0.0, 30.0, 30.0]])
+    got, expected = runner(image, proposals), eager(model, image, proposals)
+    assert len(expected[0]) > 0 and compare_detections()(got, expected) is None
+    # the refined boxes start from the given proposals: moving them moves the detections
+    moved = runner(image, proposals + torch.tensor([3.0, 2.0, 3.0, 2.0]))
+    assert not torch.allclose(moved[0], got[0])
+
+
+def test_detector_graph_is_bit_exact_in_eager():
+    model = tiny_detector()
+    graph = DetectorGraph(model)
+    for image in sample_images([(64, 99), (129, 40)], seed=7):
+        with torch.no_grad():
+            for a, b in zip(eager(model, image), graph(image), strict=True):
+                assert torch.equal(a, b)
+
+
+class FrozenWidth(nn.Module):
+    """Reads the width as a Python int: a trace freezes it, so other widths come out wrong."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * int(x.shape[-1])
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_beyond_tolerance_fails_and_leaves_no_file(tmp_path, fmt):
+    samples = [(torch.ones(1, 4, 8),), (torch.ones(1, 4, 5),)]
+    spec = GraphSpec(FrozenWidth(), ["x"], ["y"], {"x": {2: "w"}, "y": {2: "w"}}, samples, compare_dense())
+    out = tmp_path / "bad.bin"
+    with pytest.raises(ExportError, match=r"differs from PyTorch on check input 1 \(1x4x5\).*no file"):
+        export_graph(spec, out, fmt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_onnxruntime_names_the_pip_command(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'", name="onnxruntime")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ExportError, match=r"onnxruntime is missing\): pip install 'visiondet\[export\]'"):
+        require_onnxruntime()
+
+
+def test_cli_exports_shipped_classifier_and_segmenter_with_metadata(tmp_path, capsys):
+    cls_out, seg_out = tmp_path / "cls.onnx", tmp_path / "seg.pt"
+    assert main(["export", "--weights", str(WEIGHTS_DIR / "classifier_shapes.pt"), "--format", "onnx",
+                 "--out", str(cls_out)]) == 0
+    assert main(["export", "--weights", str(WEIGHTS_DIR / "deeplabv3plus_shapes.pt"), "--format",
+                 "torchscript", "--out", str(seg_out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("checked against PyTorch") == 5
+    meta = read_metadata(cls_out)
+    assert meta["task"] == "classification" and [c["name"] for c in meta["classes"]] == [
+        "circle", "square", "triangle"]
+    assert "centre crop of 64 x 64" in meta["preprocess"]["input"]
+    seg = load_runner(seg_out)
+    assert seg.metadata["task"] == "segmentation"
+    logits, mask = seg(sample_images([(45, 61)])[0][None])
+    assert logits.shape == (1, 4, 45, 61) and mask.shape == (1, 45, 61)
+    assert torch.equal(mask, logits.argmax(1))
+
+
+def test_cli_shipped_faster_rcnn_and_rcnn_refusal(tmp_path, capsys):
+    out = tmp_path / "faster.onnx"
+    assert main(["export", "--weights", str(WEIGHTS_DIR / "faster_rcnn_shapes.pt"), "--format", "onnx",
+                 "--out", str(out)]) == 0
+    meta = read_metadata(out)
+    assert meta["task"] == "detection" and meta["label_offset"] == 1 and "proposals" not in meta
+    assert main(["export", "--weights", str(WEIGHTS_DIR / "rcnn_shapes.pt"), "--format", "onnx",
+                 "--out", str(tmp_path / "rcnn.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "R-CNN is not exported" in err
+    assert not (tmp_path / "rcnn.onnx").exists()
