@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from .cocofile import AnnotationError, format_ids, load_coco, safe_join, segmentation_rle
 from .cocotable import read_coco_table
 from .images import ImageHeader, apply_orientation, exif_for_size, read_raw
+from .memory import pin_mmap_threshold
 from .segfolder import MaskFolderSegmentation
 from .transforms import IGNORE_INDEX, augment, to_tensor
 
@@ -127,14 +128,17 @@ class _Record(NamedTuple):
 
 class _CocoBase(Dataset):
     """The annotations live in a ``CocoTable`` (flat numpy arrays, see ``cocotable``): building it costs
-    about what ``pycocotools.coco.COCO()`` costs, and forked DataLoader workers share its pages instead of
-    copying them. There is no pycocotools ``COCO`` here; evaluation reads ``annotations_path``."""
+    less than ``pycocotools.coco.COCO()`` does, and forked DataLoader workers share its pages instead of
+    copying them. There is no pycocotools ``COCO`` here; evaluation reads ``annotations_path``.
+    Constructing one also pins glibc's mmap threshold (``memory.pin_mmap_threshold``), so the workers
+    forked afterwards return their image buffers to the system instead of growing a fragmented heap."""
 
     def __init__(self, images: str | os.PathLike, annotations: str | os.PathLike, transforms: Any,
                  *, keep_segmentations: bool = False):
         self.root = Path(images)
         self.annotations_path = Path(annotations)
         self.transforms = transforms
+        pin_mmap_threshold()  # before the DataLoader forks its workers: see vision.data.memory
         self._table = read_coco_table(self.annotations_path, self.root, keep_segmentations=keep_segmentations)
         self.category_map = CategoryMap.from_categories(self._table.categories)
         self.classes = self.category_map.classes
