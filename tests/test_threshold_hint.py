@@ -46,3 +46,21 @@ def test_predict_names_the_highest_score_under_the_threshold(tmp_path, capsys):
     # a threshold under the highest score finds something, and there is nothing to say
     code = main([*args, "--output", str(tmp_path / "low"), "--score-threshold", f"{best - 0.01:.4f}"])
     assert code == 0 and "scoring less" not in capsys.readouterr().err
+
+
+def test_the_demo_says_it_under_the_picture(tmp_path):
+    from apps.demo_handlers import DemoHandlers
+    from apps.demo_models import ModelCache, find_checkpoints
+
+    weights = tiny_detector_checkpoint(tmp_path / "det.pt")
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    found, problems = find_checkpoints([], [weights])
+    assert not problems
+    handlers = DemoHandlers(ModelCache(found, "cpu"), max_pixels=10_000_000, max_side=640,
+                            files_dir=tmp_path / "files")
+    best = float(Predictor(weights, "cpu", score_threshold=0.0).predict([image])[0].scores.max())
+    _, rows, _, info = handlers.detect(str(tmp_path / "a.png"), found[0].label, 0.5, 0.5, None)
+    assert not rows and threshold_hint(best, 0.5, "the Score threshold slider") in info
+    _, rows, _, info = handlers.detect(str(tmp_path / "a.png"), found[0].label, 0.0, 0.5, None)
+    assert rows and "scoring less" not in info
