@@ -10,6 +10,7 @@ stores classes and preprocessing in it. ``cached_export`` does that once per che
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -121,8 +122,10 @@ class ExportedModel:
     segmentation). Runs on the CPU. Fast R-CNN files take proposals: ``proposal_source(image)`` makes them
     (the checkpoint's selective search) when the caller gives none."""
 
-    def __init__(self, path: str | os.PathLike, proposal_source: Any = None, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, proposal_source: Any = None, threads: int | None = None,
+                 pytorch_model: Any = None):
         self.runner = Runner(path, threads=threads)
+        self.pytorch_model = pytorch_model  # for what needs the model's inner stages (the demo's explain tab)
         self.metadata = self.runner.metadata
         self.task = self.metadata.get("task")
         self.external = "proposals" in self.metadata
@@ -150,3 +153,18 @@ class ExportedModel:
             return out, {}
         images = inputs if isinstance(inputs, Tensor) else torch.stack(list(inputs))
         return self.runner(images.float().cpu())[0], {}
+
+
+def exported_backend(loaded: LoadedModel, score_threshold: float | None = None) -> LoadedModel:
+    """``loaded`` with its model replaced by the ONNX Runtime run of its exported file (exported, checked
+    and cached on first use). The file's thresholds are fixed: a detection ``score_threshold`` below the
+    one exported is refused rather than silently not honoured."""
+    exported = cached_export(loaded.path, "onnx")
+    model = loaded.model
+    source = getattr(getattr(model, "proposal_generator", None), "source", None)
+    runner = ExportedModel(exported, proposal_source=source, pytorch_model=model)
+    cut = runner.metadata.get("score_thresh")
+    if score_threshold is not None and cut is not None and score_threshold < cut:
+        raise ValueError(f"the onnxruntime backend keeps detections scoring {cut} or more (the threshold it "
+                         f"was exported with); --score-threshold {score_threshold} needs --backend pytorch")
+    return dataclasses.replace(loaded, model=runner)

@@ -103,6 +103,8 @@ class Predictor:
             other boxes, classification ranks only these, segmentation chooses among them and background.
         top_k: classification: how many classes each result lists.
         max_pixels: refuse larger image files (decompression bombs).
+        backend: ``pytorch``, or ``onnxruntime``: the checkpoint's ONNX export (made, checked against
+            PyTorch and cached on first use, see apps.deploy) run by ONNX Runtime on the CPU.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class Predictor:
         classes: Sequence[str | int] | None = None,
         top_k: int = 5,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        backend: str = "pytorch",
     ):
         from apps.engine.distributed import resolve_device
         from apps.tasks import load_model
@@ -127,6 +130,13 @@ class Predictor:
         else:  # the caller's model, as it is (the demo prepares the ones it caches)
             self.loaded = weights
             self.loaded.model.to(self.device).eval()
+        if backend == "onnxruntime":  # the seam: an object with the model's call signature, on the CPU
+            from apps.deploy import exported_backend
+
+            self.device = torch.device("cpu")
+            self.loaded = exported_backend(self.loaded, score_threshold)
+        elif backend != "pytorch":
+            raise ValueError(f"unknown backend {backend!r}; choose pytorch or onnxruntime")
         self.task: str = self.loaded.task.output  # R-CNN predicts as a detector
         self.classes: list[dict[str, Any]] = self.loaded.classes
         self.model = self.loaded.model

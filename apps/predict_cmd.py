@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="refuse larger images (default: the reader's limit, 100 megapixels)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
+                        help="pytorch, or onnxruntime: the checkpoint exported to ONNX (checked against "
+                             "PyTorch, cached on first use) run on the CPU (pip install 'visiondet[export]')")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers, device=args.device, save_images=args.save_images, formats=args.formats or [],
         coco_ids=args.coco_ids, resume=args.resume, overwrite=args.overwrite,
         allow_inside_source=args.allow_inside_source, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-        progress=not args.no_progress,
+        progress=not args.no_progress, backend=args.backend,
     )
     try:
         return run_predict(opts)

@@ -70,6 +70,7 @@ class PredictOptions:
     allow_inside_source: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
+    backend: str = "pytorch"  # or "onnxruntime": the checkpoint's exported file (apps.deploy)
 
 
 def _warn(message: str) -> None:
@@ -154,7 +155,7 @@ def run_predict(opts: PredictOptions) -> int:
         check_output_location(output, scan.folders, allow_inside_source=opts.allow_inside_source)
         predictor = Predictor(opts.weights, dist.device, score_threshold=opts.score_threshold,
                               nms_threshold=opts.nms_threshold, classes=opts.classes, top_k=opts.top_k,
-                              max_pixels=opts.max_pixels)
+                              max_pixels=opts.max_pixels, backend=opts.backend)
         task = predictor.task
         formats = list(dict.fromkeys(opts.formats or (["coco"] if task == "detection" else ["jsonl"])))
         for fmt in formats:
