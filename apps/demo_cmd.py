@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run models on a copy of each upload at most this long (default 1600)")
     parser.add_argument("--max-megapixels", type=float, default=None, metavar="MP",
                         help="refuse uploads with more pixels than this (default 40)")
+    parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
+                        help="pytorch, or onnxruntime: each model's ONNX export (checked against PyTorch, "
+                             "cached on first use) on the CPU (pip install 'visiondet[export]')")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="model runs at the same time; other requests queue (default 1)")
 
@@ -63,6 +66,15 @@ def run(args: argparse.Namespace) -> int:
     max_pixels = int(args.max_megapixels * 1e6) if args.max_megapixels else DEFAULT_MAX_PIXELS
     demo = Demo.from_weights(folders, files, device=device, max_side=args.max_side or DEFAULT_MAX_SIDE,
                              max_pixels=max_pixels, concurrency=args.concurrency)
+    if args.backend == "onnxruntime":
+        from vision.export import ExportError, require_onnxruntime
+
+        try:
+            require_onnxruntime()
+        except ExportError as exc:
+            print(f"error: --backend onnxruntime: {exc}", file=sys.stderr)
+            return 2
+        demo.cache.backend = args.backend
     found = len(demo.cache.checkpoints)
     try:
         url = demo.start(args.host, args.port or None, share=args.share)

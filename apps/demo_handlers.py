@@ -213,7 +213,7 @@ class DemoHandlers:
 
         _, small, _ = self._image(image)
         predictor = self._predictor(label, DETECTION_TASKS)  # checks the task, loads the model once
-        model = predictor.model
+        model = getattr(predictor.model, "pytorch_model", predictor.model)  # stages need PyTorch's model
         height, width = small.shape[:2]
         position = (float(x_pct) / 100.0 * (width - 1), float(y_pct) / 100.0 * (height - 1))
         with self.cache.lock(label):

@@ -198,9 +198,11 @@ class ModelCache:
     length of a call. ``loads[label]`` counts how often a checkpoint was read from disk (once).
     """
 
-    def __init__(self, checkpoints: Sequence[Checkpoint], device: str | torch.device = "cpu"):
+    def __init__(self, checkpoints: Sequence[Checkpoint], device: str | torch.device = "cpu",
+                 backend: str = "pytorch"):
         self.checkpoints = {c.label: c for c in checkpoints}
         self.device = torch.device(device)
+        self.backend = backend  # "onnxruntime": models run from their exported files (apps.deploy)
         self.loads: dict[str, int] = {}
         self._models: dict[str, LoadedModel] = {}
         self._locks = {c.label: threading.Lock() for c in checkpoints}
@@ -231,8 +233,22 @@ class ModelCache:
                     reason = _without_paths(exc, entry.path)
                     raise DemoInputError(f"Model {label} could not be loaded: {reason}") from None
                 self._models[label] = dataclasses.replace(loaded, model=prepare_for_inference(loaded.model))
+                if self.backend == "onnxruntime":
+                    self._models[label] = self._exported(label, self._models[label])
                 self.loads[label] = self.loads.get(label, 0) + 1
         return self._models[label]
+
+    def _exported(self, label: str, loaded: LoadedModel) -> LoadedModel:
+        """``loaded`` run by ONNX Runtime from its exported file (exported, checked and cached on first
+        use); a model that cannot be exported (R-CNN) stays on PyTorch, and the console says so."""
+        from apps.deploy import exported_backend
+        from vision.export import ExportError
+
+        try:
+            return exported_backend(loaded)
+        except ExportError as exc:
+            print(f"visiondet demo: {label} runs on PyTorch: {exc}", file=sys.stderr)
+            return loaded
 
 
 def _without_paths(exc: Exception, path: Path) -> str:

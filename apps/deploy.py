@@ -159,12 +159,11 @@ def exported_backend(loaded: LoadedModel, score_threshold: float | None = None) 
     """``loaded`` with its model replaced by the ONNX Runtime run of its exported file (exported, checked
     and cached on first use). The file's thresholds are fixed: a detection ``score_threshold`` below the
     one exported is refused rather than silently not honoured."""
-    exported = cached_export(loaded.path, "onnx")
     model = loaded.model
-    source = getattr(getattr(model, "proposal_generator", None), "source", None)
-    runner = ExportedModel(exported, proposal_source=source, pytorch_model=model)
-    cut = runner.metadata.get("score_thresh")
+    cut = getattr(getattr(model, "roi_heads", None), "score_thresh", None)  # what the export keeps
     if score_threshold is not None and cut is not None and score_threshold < cut:
         raise ValueError(f"the onnxruntime backend keeps detections scoring {cut} or more (the threshold it "
-                         f"was exported with); --score-threshold {score_threshold} needs --backend pytorch")
+                         f"is exported with); --score-threshold {score_threshold} needs --backend pytorch")
+    source = getattr(getattr(model, "proposal_generator", None), "source", None)
+    runner = ExportedModel(cached_export(loaded.path, "onnx"), proposal_source=source, pytorch_model=model)
     return dataclasses.replace(loaded, model=runner)
