@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import batched_nms
 
+from apps.engine.loader import parent_bound_init
 from apps.predict_results import (
     ClassificationResult,
     DetectionResult,
@@ -199,8 +200,12 @@ class Predictor:
             return []
         to_float = lambda t: t.to(self.device, non_blocking=True).float().div_(255.0)  # noqa: E731
         if self.task == "detection":
+            # One image per forward: a detector pads the images of a batch to a common size, and both that
+            # padding and batched kernels' rounding would make an image's boxes depend on its batch
+            # companions (so on --batch-size, --workers, file order and --resume). Alone, it gets the same
+            # detections every time; on a CPU this costs little (see README, predict speed).
             with self._detector_settings() as applied:
-                outputs, _ = self.model([to_float(t) for t in inputs])
+                outputs = [self.model([to_float(t)])[0][0] for t in inputs]
             return [self._detections(d, size, nms_in_model=applied) for d, size in zip(outputs, sizes,
                                                                                        strict=True)]
         if stacked is not None:
@@ -291,6 +296,7 @@ class Predictor:
             collate_fn=partial(_collate, stack=self.task != "detection"),
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             prefetch_factor=2 if workers > 0 else None,
+            worker_init_fn=parent_bound_init() if workers > 0 else None,  # no orphans after a kill -9
         )
 
     def predict_source(
