@@ -1,14 +1,18 @@
 """The flat-array COCO table behind the datasets: the same samples as a per-annotation reading through
-pycocotools, and no Python object per image or per box (what keeps DataLoader workers' memory flat)."""
+pycocotools, no Python object per image or per box (what keeps DataLoader workers' memory flat), and one
+on-disk copy mapped by every process (what DDP ranks share)."""
 
 import gc
 import json
+import multiprocessing
 import pickle
+import warnings
 
 import numpy as np
 import pytest
 
 from vision.data.coco import CocoDetection, load_coco, xywh_to_xyxy
+from vision.data.cococache import cached_coco_table
 from vision.data.cocotable import PackedBytes, read_coco_table
 
 
@@ -124,3 +128,52 @@ def test_drop_empty_keeps_images_with_an_instance(tmp_path):
     assert len(ds.aspect_ratios()) == len(ds)
     for index, image_id in enumerate(ds.ids):
         np.testing.assert_array_equal(ds._record(index).boxes, expected[image_id]["boxes"])
+
+
+def _build_in_process(args):
+    path, root, cache = args
+    table = cached_coco_table(path, root, cache)
+    return table.boxes.sum(), type(table.boxes).__name__
+
+
+def test_cache_is_built_once_and_mapped_by_every_process(tmp_path, monkeypatch):
+    path = write_random_coco(tmp_path, 300, seed=4)
+    cache = tmp_path / "cache"
+    direct = read_coco_table(path, tmp_path)
+    # three processes at once, as DDP ranks start: one builds under the lock, all map the same files
+    # (forked: spawned ones would spend their time importing torch)
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        sums = pool.map(_build_in_process, [(path, tmp_path, cache)] * 3, chunksize=1)
+    assert {kind for _, kind in sums} == {"memmap"}
+    assert all(s == pytest.approx(float(direct.boxes.sum())) for s, _ in sums)
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    # a later process maps the entry without parsing the JSON at all
+    monkeypatch.setattr("vision.data.cocotable.read_checked", lambda *a: pytest.fail("parsed again"))
+    with pytest.warns(UserWarning, match="dropped"):
+        ds = CocoDetection(tmp_path, path, cache=cache)
+    assert isinstance(ds._table.boxes, np.memmap)
+    np.testing.assert_array_equal(ds._table.boxes, direct.boxes)
+    np.testing.assert_array_equal(ds._table.first, direct.first)
+    assert ds.file_name_of(ds.ids[3]) == direct.file_name(3) and ds.classes[0]["id"] == 0
+    monkeypatch.undo()
+    # the file changes: a new entry replaces the old one
+    data = json.loads(path.read_text())
+    data["annotations"] = data["annotations"][:10]
+    path.write_text(json.dumps(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        changed = CocoDetection(tmp_path, path, cache=cache)
+    assert changed._table.boxes.shape[0] <= 10
+    assert [p for p in cache.iterdir() if p.is_dir()] != [entry] and len(list(cache.glob("random*-*-*"))) == 1
+
+
+def test_auto_cache_only_for_large_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path = write_random_coco(tmp_path, 20, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        CocoDetection(tmp_path, path)  # a few kB: parsed directly, nothing written
+        assert not (tmp_path / "xdg").exists()
+        monkeypatch.setattr("vision.data.coco.AUTO_CACHE_BYTES", 1)
+        CocoDetection(tmp_path, path)
+    assert len(list((tmp_path / "xdg" / "visiondet" / "coco").glob("random20-*/meta.json"))) == 1

@@ -28,6 +28,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from .cococache import AUTO_CACHE_BYTES, cached_coco_table, default_cache_dir
 from .cocofile import AnnotationError, format_ids, load_coco, safe_join, segmentation_rle
 from .cocotable import read_coco_table
 from .images import ImageHeader, apply_orientation, exif_for_size, read_raw
@@ -134,12 +135,18 @@ class _CocoBase(Dataset):
     forked afterwards return their image buffers to the system instead of growing a fragmented heap."""
 
     def __init__(self, images: str | os.PathLike, annotations: str | os.PathLike, transforms: Any,
-                 *, keep_segmentations: bool = False):
+                 *, keep_segmentations: bool = False, cache: str | os.PathLike | None = "auto"):
         self.root = Path(images)
         self.annotations_path = Path(annotations)
         self.transforms = transforms
         pin_mmap_threshold()  # before the DataLoader forks its workers: see vision.data.memory
-        self._table = read_coco_table(self.annotations_path, self.root, keep_segmentations=keep_segmentations)
+        cache_dir = _cache_dir(cache, self.annotations_path)
+        if cache_dir is None:
+            self._table = read_coco_table(self.annotations_path, self.root,
+                                          keep_segmentations=keep_segmentations)
+        else:
+            self._table = cached_coco_table(self.annotations_path, self.root, cache_dir,
+                                            keep_segmentations=keep_segmentations)
         self.category_map = CategoryMap.from_categories(self._table.categories)
         self.classes = self.category_map.classes
         self._index = np.arange(len(self._table), dtype=np.int64)  # dataset index -> table row
@@ -225,6 +232,20 @@ class _CocoBase(Dataset):
             )
 
 
+def _cache_dir(cache: str | os.PathLike | None, annotations: Path) -> Path | None:
+    """Where the table is cached (see cococache): ``"auto"`` caches files of ``AUTO_CACHE_BYTES`` and more
+    in ``default_cache_dir()``; None never caches; a path caches there whatever the size."""
+    if cache is None:
+        return None
+    if str(cache) != "auto":
+        return Path(cache)
+    try:
+        big = annotations.stat().st_size >= AUTO_CACHE_BYTES
+    except OSError:
+        return None  # read_coco_table reports the missing file
+    return default_cache_dir() if big else None
+
+
 def _more(items: Sequence[Any], shown: int) -> str:
     return f" ... ({len(items)} in all)" if len(items) > shown else ""
 
@@ -245,6 +266,8 @@ class CocoDetection(_CocoBase):
         drop_empty: leave out images without any non-crowd box (kept as negatives by default).
         with_masks: also return per-instance masks (polygons or RLE are required).
         num_classes: K when the config overrides it (at least the number of categories).
+        cache: where the parsed annotations are kept for the other processes and later runs (see
+            ``cococache``): ``"auto"`` (files from 32 MB, in ``~/.cache/visiondet/coco``), a folder, or None.
     """
 
     def __init__(
@@ -256,8 +279,9 @@ class CocoDetection(_CocoBase):
         drop_empty: bool = False,
         with_masks: bool = False,
         num_classes: int | None = None,
+        cache: str | os.PathLike | None = "auto",
     ):
-        super().__init__(images, annotations, transforms, keep_segmentations=with_masks)
+        super().__init__(images, annotations, transforms, keep_segmentations=with_masks, cache=cache)
         self.with_masks = with_masks
         self.num_classes = self._check_num_classes(num_classes)
         if with_masks:
@@ -348,8 +372,9 @@ class CocoSegmentation(_CocoBase):
     ones), 255 ignore (crowd regions not covered by an instance, and padding added by transforms).
     """
 
-    def __init__(self, images: str | os.PathLike, annotations: str | os.PathLike, *, transforms: Any = None):
-        super().__init__(images, annotations, transforms, keep_segmentations=True)
+    def __init__(self, images: str | os.PathLike, annotations: str | os.PathLike, *, transforms: Any = None,
+                 cache: str | os.PathLike | None = "auto"):
+        super().__init__(images, annotations, transforms, keep_segmentations=True, cache=cache)
         if self.category_map.num_classes >= IGNORE_INDEX:
             raise AnnotationError(
                 self.annotations_path,

@@ -47,6 +47,13 @@ class PackedBytes:
         np.cumsum(lengths, out=self.offsets[1:])
         self.buffer = np.frombuffer(b"".join(items), dtype=np.uint8)
 
+    @classmethod
+    def from_arrays(cls, buffer: np.ndarray, offsets: np.ndarray) -> PackedBytes:
+        """Wrap existing arrays (e.g. memory-mapped ones) without copying them."""
+        packed = cls.__new__(cls)
+        packed.buffer, packed.offsets = buffer, offsets
+        return packed
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
