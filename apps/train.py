@@ -402,10 +402,6 @@ class _Trainer:
         if total is None:
             return False
         b = self.budget
-        if total == self.step and b.seconds - b.elapsed(now) < b.eval_s + 2 * b.save_s:
-            self.log.warning(f"time budget {_duration(b.seconds)}: no room left after step {self.step} "
-                             f"(a step takes {b.step_s:.3g} s, an evaluation about {b.eval_s:.3g} s): the "
-                             "run ends now, with its final evaluation, and may pass the budget")
         if not self.budget_laid:
             self.budget_laid = True
             self.log.info(f"time budget: {b.step_s:.3g} s per step, {b.eval_s:.3g} s per evaluation "
@@ -413,6 +409,10 @@ class _Trainer:
                           f"({total / self.steps_per_epoch:.1f} epochs), warm-up {self.lr_plan.warmup_steps}")
             if line := self.lr_plan.warmup_warning():
                 self.log.warning(line)
+        if total == self.step and b.seconds - b.elapsed(now) < b.eval_s + 2 * b.save_s:
+            self.log.warning(f"time budget {_duration(b.seconds)}: no room left after step {self.step} "
+                             f"(a step takes {b.step_s:.3g} s, an evaluation about {b.eval_s:.3g} s): the "
+                             "run ends now, with its final evaluation, and may pass the budget")
         return self.step >= total
 
     def _relay(self, now: float, *, epoch_end_done: bool = False) -> int | None:
