@@ -197,10 +197,15 @@ def test_proposals_command_writes_resumes_and_reports_recall(tmp_path, photo, ca
     out.unlink()
     assert main(args) == 0
     assert "0 computed, 2 from the cache" in capsys.readouterr().out
-    # without annotations: ids are file names, and an unreadable image is reported by name
+    # without annotations: ids are file names; an unreadable image stops the run with one line naming it
     assert main(["proposals", "--images", str(images), "--out", str(tmp_path / "p.json")]) == 1
-    captured = capsys.readouterr()
-    assert "broken.png" in captured.out + captured.err
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {images / 'broken.png'}: ") and "visiondet data check" in err
+    assert not (tmp_path / "p.json").exists()
+    # ... or, asked to, is skipped and counted
+    assert main(["proposals", "--images", str(images), "--out", str(tmp_path / "p.json"),
+                 "--skip-unreadable"]) == 0
+    assert "1 unreadable image(s) skipped" in capsys.readouterr().err
     assert ProposalFile(tmp_path / "p.json").propose(None, image_id="b.png").shape[1] == 4
 
 
