@@ -368,10 +368,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and few runs, on any device")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--section-seconds", type=float, default=100.0,
-                        help="time limit of each of sections a, b and c (100)")
-    parser.add_argument("--tests-seconds", type=float, default=150.0,
-                        help="time limit of pytest -m cuda (150)")
+    parser.add_argument("--section-seconds", type=float, default=90.0,
+                        help="time limit of each of sections a, b and c (90)")
+    parser.add_argument("--tests-seconds", type=float, default=200.0,
+                        help="time limit of pytest -m cuda (200)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (10; smoke 2)")
     parser.add_argument("--workers", type=int, default=None,
                         help="predict's decoding processes (CPU cores - 1, at most 8)")
