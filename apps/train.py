@@ -570,23 +570,26 @@ class _Trainer:
         if self.scaler.is_enabled():
             values["grad_scale"] = self.scaler.get_scale()
         self.log.record("train", step=self.step, epoch=epoch + 1, values=values)
-        if values["data_wait"] > 1 / 3 and not self._data_wait_warned:
+        # not on the run's first record: it also holds the workers' start and the first CUDA calls
+        if values["data_wait"] > 1 / 3 and self.step > self.cfg.log_every and not self._data_wait_warned:
             self._data_wait_warned = True
             self.log.warning(self._data_wait_advice(values["data_wait"]))
 
     def _data_wait_advice(self, share: float) -> str:
         data = self.exp.data
-        # name each setting with its state now; the data.* keys only where this config has them
-        pin = getattr(data, "pin_memory", None)
-        pin = self.device.type == "cuda" if pin is None else pin
-        persistent = getattr(data, "persistent_workers", None)
-        return (f"steps {max(self.step - self.cfg.log_every, 0) + 1}-{self.step} waited for data {share:.0%} "
-                f"of the time: the model is starved. Raise data.workers (now {data.workers}; up to the CPU "
-                f"cores per process); pin_memory is {'on' if pin else 'off'}"
-                f"{'' if pin else ' (turn it on for CUDA)'}; persistent workers are "
-                f"{'on' if persistent else 'off (workers start again every epoch)'}"
-                f"{'' if persistent is None or persistent else ': set data.persistent_workers=true'}; "
-                "or make the transforms cheaper")
+        cuda = self.device.type == "cuda"
+        # each setting with its state now; a data.* key is suggested only where this config has it
+        pin, persistent = getattr(data, "pin_memory", None), getattr(data, "persistent_workers", None)
+        pin = cuda if pin is None else pin
+        pin_text = f"pin_memory is {'on' if pin else 'off'}" + (
+            ": set data.pin_memory=true" if cuda and not pin and hasattr(data, "pin_memory") else "")
+        persistent_text = "persistent workers are " + (
+            "on" if persistent else "off (workers start again every epoch)"
+            + (": set data.persistent_workers=true" if persistent is not None else ""))
+        first = max(self.step - self.cfg.log_every, 0) + 1
+        return (f"steps {first}-{self.step} waited for data {share:.0%} of the time: the model is starved. "
+                f"Raise data.workers (now {data.workers}; up to the CPU cores per process); {pin_text}; "
+                f"{persistent_text}; or make the transforms cheaper")
 
     # ---- evaluation and the end of an epoch ---------------------------------------------------------------
 
