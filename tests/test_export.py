@@ -145,3 +145,18 @@ def test_cli_shipped_faster_rcnn_and_rcnn_refusal(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "R-CNN is not exported" in err
     assert not (tmp_path / "rcnn.onnx").exists()
+
+
+def test_detection_comparison_tolerates_only_edge_flips():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [30, 30, 40, 40]])
+    labels, scores = torch.tensor([1, 2, 1]), torch.tensor([0.9, 0.4, 0.0502])
+    compare, reference = compare_detections(), (boxes, labels, scores)
+    # the same detections in another order, within float noise
+    order = [1, 0, 2]
+    assert compare((boxes[order] + 1e-3, labels[order], scores[order]), reference) is None
+    # the lowest one (at the threshold) on one side only: rounding's call
+    assert compare((boxes[:2], labels[:2], scores[:2]), (boxes, labels, scores)) is None
+    # a confident detection missing, a label changed, a box moved: real differences
+    assert "missing" in compare((boxes[[0, 2]], labels[[0, 2]], scores[[0, 2]]), (boxes, labels, scores))
+    assert "no PyTorch counterpart" in compare((boxes, torch.tensor([1, 3, 1]), scores), reference)
+    assert "no PyTorch counterpart" in compare((boxes + 0.5, labels, scores), (boxes, labels, scores))
