@@ -206,8 +206,8 @@ def fit_anchors(boxes: np.ndarray, padded_hw: np.ndarray, *, strides: Sequence[i
     level's stride (a smaller anchor leaves gaps between its grid positions). The ascent starts from
     k-means on log sqrt(area) (one cluster per size, finest level first), from sizes spread geometrically
     over the 2-98 % quantiles, and from ``initial`` (e.g. the configured sizes), and keeps the best, so
-    the fit is never worse than ``initial`` on that measure. Beyond ``max_boxes`` boxes a seeded sample
-    is used.
+    the fitted sizes are never worse on that measure than ``initial`` with the same ratios. Beyond
+    ``max_boxes`` boxes a seeded sample is used.
     """
     if not len(boxes):
         raise ValueError("no boxes to fit anchors to")
