@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -342,8 +343,10 @@ def tests_section(seconds: float, rows: list[Row]) -> None:
     except subprocess.TimeoutExpired:
         rows.append(Row("tests", "pytest -m cuda", note=f"stopped at the {seconds:.0f} s limit"))
         return
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    summary = lines[-1].strip("= ") if lines else "no output"
+    # pytest's last line of counts ("9 passed, 1 skipped, 390 deselected in 61.2s"); -rs lines come before
+    counts = [line.strip("= ") for line in proc.stdout.splitlines()
+              if re.search(r"\d+ (passed|failed|skipped|deselected|errors?)\b", line) and " in " in line]
+    summary = counts[-1] if counts else "no summary line"
     if proc.returncode not in (0, 5):  # 5: nothing collected
         print(proc.stdout[-6000:], proc.stderr[-2000:], sep="\n", flush=True)
     rows.append(Row("tests", "pytest -m cuda", ours=summary, met=proc.returncode == 0,
