@@ -220,7 +220,7 @@ def test_a_gpu_trained_run_resumes_and_predicts_on_the_cpu(gpu_run, shapes, tmp_
     before = load_checkpoint(gpu_run / "last.pt")
     assert before["train_state"]["epoch"] == 1 and before["train_state"]["scaler"] is not None
     cfg = experiment(shapes, gpu_run, TINY_R18, epochs=2, amp=True, amp_dtype="float16")
-    cfg.update(device="cpu", resume=str(gpu_run / "last.pt"))
+    cfg.update(device="cpu", resume=str(gpu_run / "last.pt"), resume_force=True)  # (a longer schedule)
     result = train(build_experiment(cfg))
     assert result.status == "completed" and result.epochs_done == 2
     after = load_checkpoint(gpu_run / "last.pt")
@@ -256,7 +256,7 @@ def _batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     return images, targets
 
 
-def test_ddp_over_nccl_gives_the_single_process_gradients(tmp_path):
+def test_ddp_over_nccl_gives_the_single_process_gradients(tmp_path, strict_fp32):
     backend = "nccl" if DEVICE == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
     try:
@@ -269,15 +269,15 @@ def test_ddp_over_nccl_gives_the_single_process_gradients(tmp_path):
         losses = []
         for net in (ddp, alone):
             torch.manual_seed(1)  # the same sampled anchors and regions in both
-            with torch.autocast(DEVICE, dtype=torch.bfloat16):
-                _, loss = net(images, targets)
+            _, loss = net(images, targets)  # float32: only summation order may differ (atomics)
             total = sum(loss.values())
             total.backward()
             losses.append(total.detach().float())
-        assert torch.isfinite(losses[0]) and torch.allclose(losses[0], losses[1], rtol=1e-3)
+        assert torch.isfinite(losses[0]) and torch.allclose(losses[0], losses[1], rtol=1e-4)
         for (name, p), q in zip(model.named_parameters(), alone.parameters(), strict=True):
+            assert (p.grad is None) == (q.grad is None), name
             if p.grad is not None:
-                assert torch.allclose(p.grad, q.grad, rtol=1e-2, atol=1e-4), name
+                assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-5), name
         one = torch.ones(1, device=DEVICE)
         dist.all_reduce(one)
         assert one.item() == 1.0
