@@ -75,10 +75,12 @@ def compare_dense(atol: float = 1e-4, rtol: float = 1e-4) -> Compare:
     return compare
 
 
-def compare_detections(box_atol: float = 1e-2, score_atol: float = 1e-4, edge_atol: float = 1e-3) -> Compare:
+def compare_detections(box_atol: float = 0.05, score_atol: float = 1e-3, edge_atol: float = 2e-3) -> Compare:
     """(boxes [D, 4], labels [D], scores [D]): the same detections, each with the same label, its box within
     ``box_atol`` pixels and its score within ``score_atol``. Matched one to one rather than by position:
-    detections whose scores tie within float rounding may come out in either order. A detection scoring
+    detections whose scores tie within float rounding may come out in either order. The defaults allow
+    what different kernels (ONNX Runtime's MLAS against oneDNN) give a random-weight ResNet-50 FPN at 800 px,
+    whose activations magnify rounding: up to 0.017 px and 3.3e-4 in score. A detection scoring
     within ``edge_atol`` of the lowest score either side kept may be on one side only: at the score
     threshold or the per-image cap, float rounding decides whether it is in."""
 
