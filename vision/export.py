@@ -144,7 +144,7 @@ def export_graph(spec: GraphSpec, out: str | os.PathLike, fmt: str) -> ExportRep
         require_onnxruntime()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # per process: torchrun ranks may export at once
     module = spec.module.eval()
     start = time.perf_counter()
     try:
