@@ -98,10 +98,10 @@ class _Trainer:
         self.device = info.device
         resume_path = (ckpt_io.find_resume_checkpoint(exp.resume, exp.output_dir, exp.task, runs_root)
                        if exp.resume else None)
-        # a resumed run continues its config.yaml: other data, model or schedule only with resume_force
-        forced = ckpt_io.resume_changes(resume_path.parent, exp) if resume_path is not None else []
         data = self.task.build_datasets(exp)  # bad data is an error before the run folder exists
         exp, fitted = self.task.fit_to_data(exp, data)  # e.g. anchors fitted to the training boxes
+        # a resumed run continues its config.yaml (as fitted): other data, model or schedule need resume_force
+        forced = ckpt_io.resume_changes(resume_path.parent, exp) if resume_path is not None else []
         self.run_dir = self._make_run_dir(resume_path, runs_root)
         # what the run folder keeps (config.yaml, checkpoints): this run, as a fresh run would describe it
         self.exp = exp = replace(exp, output_dir=str(self.run_dir), resume=False, resume_force=False)
