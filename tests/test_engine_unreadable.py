@@ -13,10 +13,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
+import torch
 import yaml
+from torch.utils.data import Dataset, default_collate
 
 from apps.cli import main
+from apps.engine.loader import SeededItems, UnreadableImageError, eval_loader, make_loader
 from vision.checkpoint import load_checkpoint
+from vision.data.images import ImageError
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"blue": (40, 60, 220), "red": (220, 50, 40)}
@@ -107,3 +112,44 @@ def test_an_unreadable_validation_image_keeps_the_epoch_and_the_run_resumes_skip
     assert f"skipped unreadable image {bad}" in capsys.readouterr().err
     metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
     assert metrics["skipped_images"] == 1 and metrics["images"] == 3
+
+
+class _Flaky(Dataset):
+    """Items are their index; the files of ``bad`` indices cannot be decoded."""
+
+    def __init__(self, n: int, bad: set[int]) -> None:
+        self.n, self.bad = n, bad
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i in self.bad:
+            raise ImageError(f"img{i}.jpg", "truncated file")
+        return torch.tensor(float(i))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_substitutes_skipped_items_and_raises_one_line_otherwise(workers):
+    batches = [[0, 1], [2, 3], [4, 5]]
+    skipped = []
+    items = SeededItems(_Flaky(6, {2, 3}), seed=0, skip_unreadable=True)
+    loader = make_loader(items, batches, default_collate, workers=workers, pin_memory=False, seed=0,
+                         on_skip=skipped.extend)
+    got = [(indices, batch.tolist()) for indices, batch in loader]
+    # the two unreadable items take the next readable one (4) in their place: the batch keeps its size
+    assert got == [([0, 1], [0.0, 1.0]), ([2, 3], [4.0, 4.0]), ([4, 5], [4.0, 5.0])]
+    assert [u.path for u in skipped] == ["img2.jpg", "img3.jpg", "img3.jpg"]
+
+    strict = make_loader(SeededItems(_Flaky(6, {3}), seed=0), batches, default_collate, workers=workers,
+                         pin_memory=False, seed=0, hint="run `visiondet data check`")
+    with pytest.raises(UnreadableImageError) as caught:
+        list(strict)
+    assert str(caught.value) == "img3.jpg: truncated file; run `visiondet data check`"
+
+    # evaluation drops what it cannot read and keeps the order of the rest
+    dropped = []
+    evaluation = eval_loader(_Flaky(6, {0, 1, 4}), default_collate, batch_size=2, workers=workers,
+                             skip_unreadable=True, on_skip=dropped.extend)
+    assert [b.tolist() for b in evaluation] == [[2.0, 3.0], [5.0]]
+    assert [u.path for u in dropped] == ["img0.jpg", "img1.jpg", "img4.jpg"]

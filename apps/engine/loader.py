@@ -168,7 +168,7 @@ class SeededItems(Dataset):
         failed: list[Unreadable] = []
         tries = min(_MAX_SUBSTITUTES, len(self)) if self.skip_unreadable else 1
         for k in range(tries):
-            item, bad = self._seeded(index + k if k == 0 else (index + k) % len(self))
+            item, bad = self._seeded((index + k) % len(self))
             if bad is None:
                 return Sample(index, item, tuple(failed))
             failed.append(bad)
