@@ -10,6 +10,7 @@ from typing import Any
 from apps.config import ConfigError, build_experiment, load_yaml_with_bases
 from detection.anchor_fit import AnchorReport, anchor_report, coco_boxes
 from detection.models import DetectorConfig
+from vision.data.cocofile import paused_gc
 
 __all__ = ["detector_config", "anchor_check", "format_anchor_report", "anchor_report_dict"]
 
@@ -29,7 +30,7 @@ def detector_config(config: str | None) -> tuple[DetectorConfig, str]:
 def anchor_check(annotations: str | Path, config: str | None) -> AnchorReport | None:
     """The anchor report of a COCO file's boxes for ``config``'s detector; None without boxes."""
     cfg, _ = detector_config(config)
-    with open(annotations, encoding="utf-8") as f:
+    with open(annotations, encoding="utf-8") as f, paused_gc():  # 2.5x faster at COCO scale: see paused_gc
         boxes, image_hw = coco_boxes(json.load(f))
     if not len(boxes):
         return None
