@@ -335,7 +335,7 @@ def predict_section(clock: Clock, sizes: Sizes, rows: list[Row], work: Path, wor
 
 
 def tests_section(seconds: float, rows: list[Row]) -> None:
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-rs", "-p", "no:cacheprovider"]  # -q: pyproject
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=seconds,
