@@ -52,8 +52,10 @@ def tie_to_parent(parent: int, worker_id: int = 0) -> None:
 
     A DataLoader worker notices a dead parent only between items, and one blocked on a full result pipe
     may never notice: after ``kill -9`` of the main process, workers holding decoded images stayed alive
-    for minutes. Linux: the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG). Anywhere
-    (and as a fallback): a daemon thread polls the parent once a second.
+    for minutes. Linux: the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG; strictly, on
+    the end of the parent thread that started the worker, which is fine for loaders iterated in the thread
+    that made them, as all of visiondet's are). Anywhere (and as a fallback): a daemon thread polls the parent
+    once a second.
     """
     direct = os.getppid() == parent
     if direct and sys.platform.startswith("linux"):
