@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -194,6 +195,7 @@ def main() -> None:
         for name, metrics in table:
             print(f"  {name:20s} AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  "
                   f"(AP change vs ONNX fp32 {metrics['AP'] - reference['AP']:+.4f})")
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def tolerant(det: Detections, reference: Detections) -> str:
