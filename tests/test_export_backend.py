@@ -81,3 +81,19 @@ def test_demo_cache_runs_exported_models_and_keeps_rcnn_on_pytorch(capsys):
     rcnn = cache.get(labels["rcnn_shapes.pt"])
     assert not isinstance(rcnn.model, ExportedModel)
     assert "runs on PyTorch" in capsys.readouterr().err
+
+
+def test_demo_command_hands_the_backend_to_its_model_cache(monkeypatch):
+    from apps.demo import Demo
+
+    seen = {}
+
+    def start(self, *args, **kwargs):
+        seen["backend"] = self.cache.backend
+        raise OSError("not serving in a test")
+
+    monkeypatch.setattr(Demo, "start", start)
+    monkeypatch.setattr(Demo, "close", lambda self: None)
+    assert main(["demo", "--no-default-weights", "--weights", str(WEIGHTS_DIR / "faster_rcnn_shapes.pt"),
+                 "--backend", "onnxruntime", "--device", "cpu"]) == 1
+    assert seen == {"backend": "onnxruntime"}
