@@ -5,7 +5,7 @@ visiondet on ONNX Runtime (fp32, and with the box head's fully connected layers 
     python benchmarks/export.py --repeats 5 --skip-ap
 
 Same weights everywhere: torchvision's fasterrcnn_resnet50_fpn with random weights (its frozen batch norms
-given the statistics of the image, as in benchmarks/detection.py), converted into visiondet's
+given the statistics of the image, as in benchmarks/detector_speed.py), converted into visiondet's
 TwoStageDetector by detection/convert.py. The ONNX file is written by ``vision.export.export_graph`` (so
 it is checked against PyTorch on two image sizes first) and run with every graph optimisation and as many
 intra-op threads as torch uses; ``--ort-levels`` adds runs at other optimisation levels. The int8 variant is
@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: the repository root, not bench
 import torch
 import torchvision
 
-from benchmarks.detection import (
+from benchmarks.detector_speed import (
     COMPARE_MAX,
     _sample_image,
     compare,
@@ -219,7 +219,7 @@ def tolerant(det: Detections, reference: Detections) -> str:
 
 def _as_tv(det: Detections) -> dict[str, torch.Tensor]:
     """visiondet detections in torchvision's output form (COCO ids as labels), for ``compare``."""
-    from benchmarks.detection import COCO_IDS
+    from benchmarks.detector_speed import COCO_IDS
 
     return {"boxes": det.boxes, "scores": det.scores, "labels": COCO_IDS[det.labels]}
 

@@ -37,8 +37,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and its neighbour detection.py would hide
-# the `detection` package: put the repository root there instead.
+# Run as a script, this file's folder comes first on sys.path: the repository root goes there instead, so
+# that `benchmarks.*` imports as it does from the root.
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 

@@ -164,5 +164,5 @@ def fold_conv_bn(module: nn.Module) -> nn.Module:
 def prepare_for_inference(model: nn.Module) -> nn.Module:
     """An inference copy of any model with the same outputs (within float rounding): batch norms folded into
     the preceding convs, 4-D weights channels-last (the layout oneDNN's CPU convolutions run fastest in),
-    eval mode, no gradients. ``benchmarks/detection.py`` and ``backbones.py`` measure the gain."""
+    eval mode, no gradients. ``benchmarks/detector_speed.py`` and ``backbones.py`` measure the gain."""
     return fold_conv_bn(model).to(memory_format=torch.channels_last)

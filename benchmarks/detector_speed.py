@@ -1,7 +1,7 @@
 """Faster R-CNN R50-FPN speed: ours against torchvision's fasterrcnn_resnet50_fpn, same weights and input.
 
-    python benchmarks/detection.py                      # 800 and 512 px inference, one training step
-    python benchmarks/detection.py --sizes 512 --repeats 3
+    python benchmarks/detector_speed.py                      # 800 and 512 px inference, one training step
+    python benchmarks/detector_speed.py --sizes 512 --repeats 3
 
 Both models are built as torchvision builds its COCO model (frozen batch norm, conv1 and res2 frozen),
 with random weights (nothing is downloaded); torchvision's weights are converted into ours. Inference is
