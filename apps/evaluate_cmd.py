@@ -14,7 +14,12 @@ import argparse
 import json
 import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm import tqdm
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +41,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="leave out image files that cannot be decoded (listed on stderr and counted in "
                              "the JSON; their ground truth still counts) instead of stopping at the first")
+
+
+class WithProgress:
+    """``loader`` as the tasks' evaluators use it (iteration, ``dataset``, ``len``), showing how far it is:
+    a tqdm bar on a terminal, else a plain line about every tenth of the way (logs, CI, ``nohup``)."""
+
+    def __init__(self, loader: Any, *, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.loader, self.enabled = loader, enabled
+        self.stream = stream or sys.stderr
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        total = len(self.loader)
+        if not self.enabled:
+            yield from self.loader
+        elif self.stream.isatty():
+            yield from tqdm(self.loader, total=total, desc="evaluate", unit="batch", file=self.stream)
+        else:
+            start, step = time.perf_counter(), max(1, total // 10)
+            for done, batch in enumerate(self.loader, start=1):
+                yield batch
+                if done % step == 0 or done == total:
+                    rate = done / max(time.perf_counter() - start, 1e-9)
+                    print(f"evaluate: {done}/{total} batches, {rate:.2f} batches/s", file=self.stream,
+                          flush=True)
 
 
 def evaluate(args: argparse.Namespace) -> tuple[str, dict[str, float], Path]:
@@ -74,7 +109,8 @@ def evaluate(args: argparse.Namespace) -> tuple[str, dict[str, float], Path]:
                              hint=f"find every such file with `{check}`, or pass --skip-unreadable",
                              on_skip=skipped.extend)
         with torch.inference_mode():
-            metrics = loaded.task.evaluate(loaded.model, loader, info.device, loaded.classes)
+            metrics = loaded.task.evaluate(loaded.model, WithProgress(loader, enabled=info.is_main),
+                                           info.device, loaded.classes)
         for file in skipped:
             print(f"warning: skipped unreadable image {file.path}: {file.reason}", file=sys.stderr)
         if args.skip_unreadable:  # every process's count (all_reduce_sum keeps the ranks in step)

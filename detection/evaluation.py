@@ -202,17 +202,16 @@ def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def format_table(metrics: dict[str, float], classes: Sequence[dict[str, Any]] | None = None) -> str:
-    """The 12 COCO numbers, then one line per class: name, AP, AP50 (percent)."""
-    lines = ["  ".join(f"{name} {100 * metrics.get(name, 0.0):5.1f}" for name in METRIC_NAMES[:6])]
-    lines.append("  ".join(f"{name} {100 * metrics.get(name, 0.0):5.1f}" for name in METRIC_NAMES[6:]))
+    """The 12 COCO numbers, then one line per class: name, AP, AP50. Fractions in [0, 1], as the training
+    log, metrics.jsonl and pycocotools write them (one unit everywhere, never percent)."""
+    lines = ["  ".join(f"{name} {metrics.get(name, 0.0):.3f}" for name in METRIC_NAMES[:6])]
+    lines.append("  ".join(f"{name} {metrics.get(name, 0.0):.3f}" for name in METRIC_NAMES[6:]))
     names = [c["name"] for c in classes] if classes else [k[3:] for k in metrics if k.startswith("AP/")]
     width = max([len(n) for n in names] + [5])
     lines.append(f"{'class':<{width}}     AP   AP50")
     for name in names:
         if f"AP/{name}" in metrics:
-            lines.append(
-                f"{name:<{width}}  {100 * metrics[f'AP/{name}']:5.1f}  {100 * metrics[f'AP50/{name}']:5.1f}"
-            )
+            lines.append(f"{name:<{width}}  {metrics[f'AP/{name}']:.3f}  {metrics[f'AP50/{name}']:.3f}")
         else:
             lines.append(f"{name:<{width}}      -      -  (no ground truth)")
     return "\n".join(lines)

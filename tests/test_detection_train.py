@@ -91,8 +91,12 @@ def test_train_then_evaluate(shapes, tmp_path, capsys):
     code = main(["evaluate", "--weights", str(tmp_path / "run" / "best.pt"), *val_split, "--device", "cpu",
                  "--workers", "0", "--batch-size", "2", "--out", str(out)])  # fmt: skip
     assert code == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "AP50" in printed and "circle" in printed
+    # progress while it runs (stderr is no terminal here: plain lines), ending at the last batch
+    batches = -(-len(list((shapes["val"] / "images").iterdir())) // 2)
+    assert f"evaluate: {batches}/{batches} batches" in captured.err
     # the same weights on the same split give the training run's validation figures
     assert json.loads(out.read_text())["metrics"]["AP50"] == pytest.approx(val["AP50"])
 
