@@ -208,3 +208,21 @@ def test_a_run_starved_of_data_says_so_in_every_record_and_warns_once(tmp_path, 
     assert "persistent workers are off" in warnings[0]
     lines = [line for line in log.splitlines() if " it " in line and "/4 " in line]  # progress lines
     assert len(lines) == 8 and all("data_wait 0." in line or "data_wait 1" in line for line in lines)
+
+
+def test_curves_keep_scores_on_their_own_axis_and_counts_apart(tmp_path):
+    from apps.engine.logging import curve_panels, plot_curves
+
+    rows = [{"kind": "train", "step": s, "epoch": 1, "loss_cls": 1.0 / s, "loss_box": 0.5 / s, "lr": 0.01,
+             "data_wait": 0.1} for s in range(1, 6)]
+    for epoch, ap in ((1, 0.2), (2, 0.5)):
+        rows.append({"kind": "val", "step": 5 * epoch, "epoch": epoch, "AP": ap, "AP50": ap + 0.2,
+                     "AR100": ap + 0.1, "detections": 3500.0 * epoch, "AP/circle": ap, "images": 40.0})
+    panels = {title: keys for title, keys, _, _ in curve_panels(rows)}
+    # a detection count of thousands beside scores under 1 flattened every AP curve
+    assert panels["validation scores"] == ["AP", "AP50", "AR100"]
+    assert panels["validation, other figures"] == ["detections"]
+    assert panels["training loss"] == ["loss_box", "loss_cls"] and panels["learning rate"] == ["lr"]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot_curves(path, tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

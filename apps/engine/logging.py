@@ -175,38 +175,59 @@ class RunLogger:
             self.log.removeHandler(handler)
 
 
+Panel = tuple[str, list[str], list[dict[str, Any]], str]  # title, keys, records, x key
+
+
+def curve_panels(rows: list[dict[str, Any]]) -> list[Panel]:
+    """What :func:`plot_curves` draws from metrics.jsonl records: (title, keys, records, x key) per panel."""
+    train = [r for r in rows if r["kind"] == "train"]
+    val = [r for r in rows if r["kind"] == "val"]
+    skip = {"kind", "step", "epoch", "time", "data_wait", "grad_scale"}
+    loss_keys = sorted({k for r in train for k in r if k.startswith("loss")})
+    # per-class values ("acc/cat") and image counts would crowd the panels
+    val_keys = sorted({k for r in val for k in r
+                       if k not in skip and "/" not in k and not k.endswith("images")})
+    scores = [k for k in val_keys if all(0.0 <= r[k] <= 1.0 for r in val if k in r)]
+    panels = [("training loss", loss_keys, train, "step"),
+              ("learning rate", ["lr"] if any("lr" in r for r in train) else [], train, "step"),
+              ("validation scores", scores, val, "epoch"),
+              ("validation, other figures", [k for k in val_keys if k not in scores], val, "epoch")]
+    return [p for p in panels if p[1]]
+
+
 def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
-    """PNG of the training losses and lr by step and of the validation metrics by epoch (matplotlib Agg)."""
+    """PNG of the training losses and lr by step and of the validation metrics by epoch (matplotlib Agg).
+
+    Validation scores (fractions: AP, AR, mIoU, accuracy) get their own panel on a fixed 0-1 axis; anything
+    else logged at validation (a detection count, say) goes to a panel of its own, since on one axis with the
+    scores it squashes every score curve flat. Recall is dashed beside precision, and each line has its own
+    colour from a 20-colour map (the default cycle repeats after ten).
+    """
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r["kind"] == "train"]
-    val = [r for r in rows if r["kind"] == "val"]
-    if not train and not val:
+    panels = curve_panels(rows)
+    if not panels:
         return None
-    skip = {"kind", "step", "epoch", "time"}
-    loss_keys = sorted({k for r in train for k in r if k.startswith("loss")})
-    # per-class values ("acc/cat") and counts ("images") would crowd or rescale the panel
-    val_keys = sorted({k for r in val for k in r
-                       if k not in skip and "/" not in k and not k.endswith("images")})
-    panels = [("training loss", loss_keys, train, "step"),
-              ("learning rate", ["lr"] if any("lr" in r for r in train) else [], train, "step"),
-              ("validation", val_keys, val, "epoch")]
-    panels = [p for p in panels if p[1]]
     fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
     FigureCanvasAgg(fig)
+    palette = colormaps["tab20"]
     for i, (title, keys, data, x_key) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        for key in keys:
+        for j, key in enumerate(keys):
             points = [(r[x_key], r[key]) for r in data if key in r]
             marker = "o" if x_key == "epoch" or len(points) < 30 else None
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker=marker)
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker=marker,
+                    color=palette(j % 20), linestyle="--" if key.startswith("AR") else "-")
         ax.set_title(title)
         ax.set_xlabel(x_key)
         if title == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-        ax.legend(fontsize="small")
+        if title == "validation scores":
+            ax.set_ylim(0.0, 1.0)
+        ax.legend(fontsize="small", ncols=2 if len(keys) > 6 else 1)
         ax.grid(alpha=0.3)
     fig.savefig(out_path, dpi=100)
     return out_path
