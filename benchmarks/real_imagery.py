@@ -3,6 +3,7 @@
     python benchmarks/real_imagery.py                       # 20 minutes each (about 45 minutes in all)
     python benchmarks/real_imagery.py --minutes 8           # a shorter budget for both, said in the table
     python benchmarks/real_imagery.py --parallel --threads 1   # both at once: a busy machine slows both alike
+    python benchmarks/real_imagery.py --step-cost --threads 1  # CPU seconds per training step of each recipe
 
 On the real-imagery development set (benchmarks/realset.py; built into --data when missing), in one run:
 
@@ -214,6 +215,65 @@ def finish_visiondet(process: subprocess.Popen, data: Path, out: Path, start: fl
     return {**metrics, "steps": steps, "images": steps * batch, "minutes": trained}
 
 
+# ------------------------------------------------------------------------------ step cost (CPU seconds)
+
+
+def step_costs(data: Path, steps: int = 3) -> None:
+    """CPU seconds (process time) per training step on the same real batches of 4: the reference, the
+    recipe, and the recipe with one choice undone. Process time moves far less than wall time when
+    the machine is shared."""
+    from dataclasses import replace
+
+    import torch
+    from torch import nn
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    from apps.config import load_config
+    from detection.models import build_detector
+
+    coco = json.loads((data / "train" / "annotations.json").read_text())
+    categories = sorted(c["id"] for c in coco["categories"])
+    dataset = _ReferenceData(data / "train" / "images", data / "train" / "annotations.json", categories, True)
+    batches = [[dataset[i] for i in range(j * 4, j * 4 + 4)] for j in range(steps + 1)]
+
+    def cost(model: nn.Module) -> float:
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        model.train()
+        spent = []
+        for batch in batches:  # the first step pays for lazy initialisation: not counted
+            images, targets = [b[0] for b in batch], [b[1] for b in batch]
+            start = time.process_time()
+            out = model(images, targets)
+            loss = sum((out[1] if isinstance(out, tuple) else out).values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            spent.append(time.process_time() - start)
+        return sum(spent[1:]) / steps
+
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d,
+                                   trainable_layers=5)
+    recipe = load_config(CONFIG, [f"data.train.images={data / 'train' / 'images'}",
+                                  f"data.train.annotations={data / 'train' / 'annotations.json'}",
+                                  "data.val=null"]).model
+    recipe = replace(recipe, num_classes=len(categories))
+    wide = replace(recipe, min_size=320, max_size=480, fpn_channels=256,
+                   rpn=replace(recipe.rpn, pre_nms_top_n_train=2000, post_nms_top_n_train=2000),
+                   roi=replace(recipe.roi, representation_size=1024, batch_size_per_image=512))
+    rows = [
+        ("torchvision reference (320/480 px, FPN 256, head 1024, 512 RoIs)",
+         FasterRCNN(backbone, num_classes=len(categories) + 1, min_size=320, max_size=480)),
+        ("visiondet recipe", build_detector(recipe)),
+        ("visiondet recipe at 320/480 px", build_detector(replace(recipe, min_size=320, max_size=480))),
+        ("visiondet recipe with torchvision's widths and sampling, 320/480", build_detector(wide)),
+    ]
+    print(f"CPU seconds per training step (batch 4, {torch.get_num_threads()} thread(s), mean of {steps})")
+    for name, model in rows:
+        print(f"  {name:66s} {cost(model):6.2f}", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -228,6 +288,8 @@ def main() -> int:
     parser.add_argument("--only", choices=["reference", "visiondet"], help="run one side (exploration)")
     parser.add_argument("--parallel", action="store_true",
                         help="train both at the same time (a shared, busy machine: give --threads 1)")
+    parser.add_argument("--step-cost", action="store_true",
+                        help="only print CPU seconds per training step of each recipe (a minute or two)")
     parser.add_argument("overrides", nargs="*", help="visiondet overrides (exploration; not the benchmark)")
     args = parser.parse_args()
 
@@ -240,6 +302,9 @@ def main() -> int:
         build_realset(args.data, seed=0)
     print(f"torch {torch.__version__}, {args.threads} threads, {args.minutes:g} min each; data {args.data}",
           flush=True)
+    if args.step_cost:
+        step_costs(args.data)
+        return 0
     rows = {}
     ours = args.only in (None, "visiondet")
     process = None
