@@ -110,6 +110,17 @@ def compare(theirs: dict, ours) -> str:
     return f"{len(ours)} detections, same classes, max |box| {box_err:.1e} px, max |score| {score_err:.1e}"
 
 
+def photo_and_same_weights() -> tuple[torch.Tensor, FasterRCNN, torch.nn.Module]:
+    """(a real 427x640 photo as [3, H, W] in [0, 1], torchvision's R50-FPN with batch-norm statistics as a
+    trained model would have on it, ours with the same weights); seeded, so every run compares the same."""
+    torch.manual_seed(0)
+    image = torch.from_numpy(_sample_image()).permute(2, 0, 1).float() / 255
+    tv = like_trained(torchvision_model().eval(), image)
+    ours = build_detector(torchvision_config(), load_pretrained=False).eval()
+    ours.load_state_dict(convert_torchvision_state_dict(tv.state_dict()))
+    return image, tv, ours
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[800, 512])
@@ -122,11 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    image = torch.from_numpy(_sample_image()).permute(2, 0, 1).float() / 255  # a real photo, 427 x 640
-    tv = like_trained(torchvision_model().eval(), image)
-    ours = build_detector(torchvision_config(), load_pretrained=False).eval()
-    ours.load_state_dict(convert_torchvision_state_dict(tv.state_dict()))
+    image, tv, ours = photo_and_same_weights()
     models = {"torchvision": tv, "ours": ours, "ours prepared": prepare_for_inference(ours)}
     if args.compile:
         from torch._inductor import config as inductor_config

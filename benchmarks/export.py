@@ -35,16 +35,13 @@ import torchvision
 
 from benchmarks.detector_speed import (
     COMPARE_MAX,
-    _sample_image,
     compare,
-    like_trained,
+    photo_and_same_weights,
     set_postprocess,
     timed,
-    torchvision_model,
 )
-from detection.convert import convert_torchvision_state_dict, torchvision_config
 from detection.export import detector_spec
-from detection.models import build_detector, prepare_for_inference
+from detection.models import prepare_for_inference
 from detection.structures import Detections
 from vision.export import Runner, compare_detections, export_graph, require_onnxruntime, session_options
 
@@ -136,11 +133,7 @@ def main() -> None:
     require_onnxruntime()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    image = torch.from_numpy(_sample_image()).permute(2, 0, 1).float() / 255  # a real photo, 427 x 640
-    tv = like_trained(torchvision_model().eval(), image)
-    ours = build_detector(torchvision_config(), load_pretrained=False).eval()
-    ours.load_state_dict(convert_torchvision_state_dict(tv.state_dict()))
+    image, tv, ours = photo_and_same_weights()
     prepared = prepare_for_inference(ours)
     for model in (tv, prepared):
         model.transform.min_size, model.transform.max_size = (args.size,), round(args.size * 1333 / 800)

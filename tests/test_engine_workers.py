@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import children, survivors_after
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,26 +40,6 @@ for batch in loader:
 """
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("kind", ["train", "eval"])
 def test_training_loader_workers_die_with_a_killed_parent(tmp_path, kind):
@@ -70,16 +51,10 @@ def test_training_loader_workers_die_with_a_killed_parent(tmp_path, kind):
     try:
         assert proc.stdout.readline().strip() == "batch"
         time.sleep(1.0)  # the workers fill their pipe
-        workers = _children(proc.pid)
+        workers = children(proc.pid)
         assert len(workers) == 2
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         proc.stdout.close()
-    gone_by = time.monotonic() + 5.0
-    while any(map(_alive, workers)) and time.monotonic() < gone_by:
-        time.sleep(0.05)
-    alive = [pid for pid in workers if _alive(pid)]
-    for pid in alive:  # (only when the test fails: leave nothing behind)
-        os.kill(pid, signal.SIGKILL)
-    assert not alive, "DataLoader workers outlived their killed parent"
+    assert survivors_after(workers, 5.0) == [], "DataLoader workers outlived their killed parent"

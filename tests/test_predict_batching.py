@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from processes import children, survivors_after
 from test_predict_tasks import tiny_detector_checkpoint
 
 from apps.cli import main
@@ -68,26 +69,6 @@ def test_batch_size_and_workers_do_not_change_detections(setup, tmp_path):
     assert detections(tmp_path / "eight") == reference  # every box and score, to the digit written
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")  # a zombie is dead (its new parent may never reap it)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_kill_9_takes_the_workers_along_and_the_resumed_run_matches(setup, tmp_path):
     weights, src, reference = setup
@@ -105,20 +86,14 @@ def test_kill_9_takes_the_workers_along_and_the_resumed_run_matches(setup, tmp_p
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
         if journal.is_file() and journal.read_bytes().count(b"\n") >= 2:
-            workers = _children(proc.pid)  # the DataLoader workers, busy decoding the next batches
+            workers = children(proc.pid)  # the DataLoader workers, busy decoding the next batches
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"the run was not interrupted: {log.read_text()}"
     assert len(workers) == 2, workers
-    gone_by = time.monotonic() + 5.0
-    while any(map(_alive, workers)) and time.monotonic() < gone_by:
-        time.sleep(0.05)
-    alive = [pid for pid in workers if _alive(pid)]
-    for pid in alive:  # (only when the test fails: leave nothing behind)
-        os.kill(pid, signal.SIGKILL)
-    assert not alive, "DataLoader workers outlived predict's kill -9"
+    assert survivors_after(workers, 5.0) == [], "DataLoader workers outlived predict's kill -9"
 
     done = len(detections(out))
     assert 2 <= done < len(reference)

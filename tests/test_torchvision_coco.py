@@ -1,6 +1,7 @@
-"""torchvision's COCO Faster R-CNN files, when a user already has them, are offered by the demo and accepted by
-`visiondet predict --weights`, converted once into a cached visiondet checkpoint. The file here is a random-init
-torchvision model saved under the real file name in a temporary TORCH_HOME: nothing is downloaded."""
+"""torchvision's COCO Faster R-CNN files, when a user already has them, are offered by the demo and taken by
+`visiondet predict --weights`, converted once into a cached visiondet checkpoint. The file here is a
+random-init torchvision model saved under the real file name in a temporary TORCH_HOME: nothing is
+downloaded."""
 
 import json
 
@@ -22,7 +23,8 @@ NAME = "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
 @pytest.fixture(scope="module")
 def torchvision_state():
     torch.manual_seed(0)
-    return torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    model = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    return model.state_dict()
 
 
 @pytest.fixture
@@ -53,7 +55,8 @@ def test_a_bare_file_name_loads_converted_once_with_coco_ids_and_names(torch_hom
     assert torch.equal(ours["backbone.body.conv1.weight"], torchvision_state["backbone.body.conv1.weight"])
     assert "COCO" in loaded.checkpoint["trained_on"]
     stamp = cached.stat().st_mtime_ns
-    assert resolve_torchvision_coco(NAME) == cached and cached.stat().st_mtime_ns == stamp  # not converted again
+    assert resolve_torchvision_coco(NAME) == cached
+    assert cached.stat().st_mtime_ns == stamp  # not converted again
 
 
 def test_predict_takes_the_torchvision_file(torch_home, tmp_path):
@@ -61,8 +64,9 @@ def test_predict_takes_the_torchvision_file(torch_home, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3), np.uint8)).save(
         tmp_path / "photos" / "a.jpg")
     out = tmp_path / "out"
-    code = main(["predict", "--weights", str(hub_checkpoint_dir() / NAME), "--source", str(tmp_path / "photos"),
-                 "--output", str(out), "--score-threshold", "0.0", "--device", "cpu"])
+    code = main(["predict", "--weights", str(hub_checkpoint_dir() / NAME), "--source",
+                 str(tmp_path / "photos"), "--output", str(out), "--score-threshold", "0.0",
+                 "--device", "cpu"])
     assert code == 0
     record = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
     names = {d["name"] for d in record["detections"]}
