@@ -56,11 +56,14 @@ def test_check_finds_every_kind_of_problem(shapes, tmp_path, capsys):
     data["images"].append({"id": 50, "file_name": "../../etc/passwd", "width": 4, "height": 4})
     data["images"].append(dict(data["images"][3]))  # duplicate id
     ann = data["annotations"][0]
+    img = next(i for i in data["images"] if i["id"] == ann["image_id"])
     data["annotations"] += [
         {**ann, "id": 900, "category_id": 42},
         {**ann, "id": 901, "image_id": 777},
         {**ann, "id": 902, "bbox": [5, 5, 0.4, 10]},
         {**ann, "id": 903, "bbox": [-20, 0, 30, 10]},
+        {**ann, "id": 904, "bbox": [img["width"] + 5, 5, 20, 20]},  # 20x20, past the border
+        {**ann, "id": 905, "bbox": [5, 5, -3, 10]},
         {**ann, "id": ann["id"]},
     ]
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(images / "stray.png")
@@ -72,7 +75,11 @@ def test_check_finds_every_kind_of_problem(shapes, tmp_path, capsys):
     errors = {c for c, f in by_code.items() if f["severity"] == "error"}
     assert errors == {"unreadable_image", "missing_image", "size_mismatch", "unsafe_file_name",
                       "duplicate_image_id", "unknown_category", "unknown_image", "degenerate_box",
-                      "duplicate_annotation_id"}
+                      "duplicate_annotation_id", "box_outside_image", "negative_box_size"}
+    assert by_code["degenerate_box"]["examples"][0].startswith("902 ")  # 0.4 px wide: the only one
+    assert by_code["box_outside_image"]["examples"][0].startswith("904 ")
+    assert by_code["box_outside_image"]["examples"][0].endswith(f"in {img['width']}x{img['height']}")
+    assert by_code["negative_box_size"]["examples"][0].endswith(": -3 x 10")
     assert by_code["unknown_category"]["examples"] == ["900 (category 42)"]
     assert by_code["unknown_image"]["examples"] == ["901"]
     assert by_code["box_out_of_bounds"]["severity"] == "warning"

@@ -236,18 +236,26 @@ def _check_box(found: dict[str, list[Any]], name: Any, box: list[float], img: di
     x, y, w, h = box
     width, height = img["width"], img["height"]
     x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
-    if x2 - x1 < 1 or y2 - y1 < 1:
-        found["degenerate_box"].append(f"{name} ({img.get('file_name')})")
+    where = f"{name} ({img.get('file_name')})"
+    # three different mistakes, each named as it is: a 20x20 box past the border is not "under 1 px"
+    if w <= 0 or h <= 0:
+        found["negative_box_size"].append(f"{where}: {w:g} x {h:g}")
+    elif x2 <= x1 or y2 <= y1:
+        found["box_outside_image"].append(f"{where}: [{x:g}, {y:g}, {w:g}, {h:g}] in {width}x{height}")
+    elif x2 - x1 < 1 or y2 - y1 < 1:
+        found["degenerate_box"].append(where)
     elif (x < -_OUT_OF_BOUNDS_TOLERANCE or y < -_OUT_OF_BOUNDS_TOLERANCE
           or x + w > width + _OUT_OF_BOUNDS_TOLERANCE or y + h > height + _OUT_OF_BOUNDS_TOLERANCE):
-        found["box_out_of_bounds"].append(f"{name} ({img.get('file_name')})")
+        found["box_out_of_bounds"].append(where)
 
 
 _ANNOTATION_FINDINGS = {
     "unknown_image": ("error", "annotations of an image id not in 'images' (ids)"),
     "unknown_category": ("error", "annotations with a category id not in 'categories' (ids)"),
     "bad_bbox": ("error", "annotations without a valid [x, y, w, h] bbox (ids)"),
-    "degenerate_box": ("error", "boxes under 1 px wide or high after clipping: dropped by training (ids)"),
+    "negative_box_size": ("error", "boxes of zero or negative width or height: dropped by training (ids)"),
+    "box_outside_image": ("error", "boxes lying wholly outside their image: dropped by training (ids)"),
+    "degenerate_box": ("error", "boxes under 1 px wide or high inside the image: dropped by training (ids)"),
     "box_out_of_bounds": ("warning", "boxes reaching outside the image: clipped by training (ids)"),
     "bad_segmentation": ("warning", "unusable segmentations: mask training would refuse them (ids)"),
     "no_bbox": ("note", "annotations without a bbox (taken from the mask; ids)"),
