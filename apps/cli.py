@@ -1,7 +1,7 @@
 """`visiondet TASK ARGS`: one flat command line, each subcommand a module with two functions.
 
-A command module defines ``add_arguments(parser)`` and ``run(args) -> int``. Heavy imports
-(torch, gradio, ...) happen inside ``run`` so that ``visiondet --help`` stays instant.
+A command module (apps/commands/<name>.py) defines ``add_arguments(parser)`` and ``run(args) -> int``.
+Heavy imports (torch, gradio, ...) happen inside ``run`` so that ``visiondet --help`` stays instant.
 """
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ import importlib
 import os
 import sys
 
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("apps.train_cmd", "train a model from an experiment file (any task; CPU, GPU, torchrun)"),
-    "evaluate": ("apps.evaluate_cmd", "a trained model's metrics on a labelled set (printed, saved as JSON)"),
-    "predict": ("apps.predict_cmd", "run a checkpoint over image folders, globs, files or path lists"),
-    "data": ("apps.data_cmd", "check a COCO dataset, convert VOC/YOLO to COCO, preview augmented samples"),
-    "synth": ("apps.synth_cmd", "write a synthetic shapes dataset (detection, segmentation, classification)"),
-    "proposals": ("apps.proposals_cmd", "precompute selective search proposals for a folder (resumable)"),
-    "convert": ("apps.convert_cmd", "import torchvision Faster R-CNN weights as a visiondet checkpoint"),
-    "demo": ("apps.demo_cmd", "serve the Gradio demo page (detection, segmentation, classification)"),
-    "export": ("apps.export_cmd", "export a checkpoint to ONNX or TorchScript, checked against PyTorch"),
+# name -> one-line help; the command is the module apps.commands.<name>
+COMMANDS: dict[str, str] = {
+    "train": "train a model from an experiment file (any task; CPU, GPU, torchrun)",
+    "evaluate": "a trained model's metrics on a labelled set (printed, saved as JSON)",
+    "predict": "run a checkpoint over image folders, globs, files or path lists",
+    "data": "check a COCO dataset, convert VOC/YOLO to COCO, preview augmented samples",
+    "synth": "write a synthetic shapes dataset (detection, segmentation, classification)",
+    "proposals": "precompute selective search proposals for a folder (resumable)",
+    "convert": "import torchvision Faster R-CNN weights as a visiondet checkpoint",
+    "demo": "serve the Gradio demo page (detection, segmentation, classification)",
+    "export": "export a checkpoint to ONNX or TorchScript, checked against PyTorch",
 }
 
 
@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="CNN backbones, classification, segmentation and the R-CNN family of detectors.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f"apps.commands.{name}")
         command = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)

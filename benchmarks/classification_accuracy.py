@@ -45,8 +45,8 @@ def main() -> int:
 
     from apps.config import SplitConfig, load_config
     from apps.engine.loader import eval_loader
+    from apps.engine.trainer import train
     from apps.tasks import load_model
-    from apps.train import train
     from vision.data.synthetic import make_shapes
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="visiondet_cls_bench_"))

@@ -40,7 +40,7 @@ def main() -> int:
     import torch
 
     from apps.config import load_config
-    from apps.train import train
+    from apps.engine.trainer import train
     from vision.data.synthetic import make_shapes
 
     if not (args.data / "val" / "annotations.json").is_file():

@@ -49,8 +49,8 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from apps.cli import main as visiondet
-from apps.predict import Predictor
-from apps.predict_sources import find_images
+from apps.predict.predictor import Predictor
+from apps.predict.sources import find_images
 from benchmarks.predict import synthetic_images
 from detection.convert import (
     COCO_CATEGORIES,

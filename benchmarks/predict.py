@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from apps.cli import main as visiondet
-from apps.predict import Predictor
-from apps.predict_sources import find_images
+from apps.predict.predictor import Predictor
+from apps.predict.sources import find_images
 from vision.checkpoint import save_checkpoint
 from vision.classification import Classifier, ClassifierConfig
 from vision.data.images import read_image

@@ -188,8 +188,8 @@ def accuracy_part(work: Path, num_images: int, time_images: int, overrides: list
 
     from apps.config import SplitConfig, load_config
     from apps.engine.loader import eval_loader
+    from apps.engine.trainer import train
     from apps.tasks import get_task, load_model
-    from apps.train import train
     from detection.proposals import ProposalConfig, build_proposal_source
     from vision.data.synthetic import make_shapes
 

@@ -46,8 +46,8 @@ def main() -> int:
 
     from apps.config import load_config
     from apps.engine.loader import eval_loader
+    from apps.engine.trainer import train
     from apps.tasks import load_model
-    from apps.train import train
     from vision.data.synthetic import make_shapes
 
     torch.set_num_threads(args.threads)

@@ -26,7 +26,7 @@ def main() -> int:
 
     from playwright.sync_api import sync_playwright
 
-    from apps.demo import EXAMPLES_DIR, Demo
+    from apps.demo.page import EXAMPLES_DIR, Demo
 
     demo = Demo.from_weights()
     url = demo.start("127.0.0.1", None)

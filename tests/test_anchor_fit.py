@@ -166,8 +166,8 @@ def test_auto_anchors_cannot_build_a_model_outside_training():
 
 def test_auto_anchors_are_fitted_when_training_starts_and_kept_in_the_checkpoint(tmp_path):
     from apps.config import build_experiment
+    from apps.engine.trainer import train
     from apps.tasks import load_model
-    from apps.train import train
     from vision.data.synthetic import make_shapes
 
     shapes = make_shapes("detection", tmp_path / "data", num_images=4, seed=0, image_size=(64, 96),

@@ -25,11 +25,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.ops import box_iou
 
-import apps.train
+import apps.engine.trainer
 from apps.cli import main
 from apps.config import build_experiment
+from apps.engine.trainer import train
 from apps.tasks import get_task, load_model
-from apps.train import train
 from detection.convert import load_torchvision_detector
 from detection.models import DetectorConfig, RoIConfig, RPNConfig, build_detector
 from detection.structures import Detections
@@ -167,14 +167,14 @@ class _Stop(Exception):
 def gpu_run(shapes, tmp_path_factory) -> Path:
     """A 2-epoch float16 run on the GPU stopped after its first epoch (last.pt and best.pt written)."""
     run = tmp_path_factory.mktemp("gpu_run") / "run"
-    save_last = apps.train._Trainer._save_last
+    save_last = apps.engine.trainer._Trainer._save_last
 
     def save_then_stop(self):
         save_last(self)
         raise _Stop
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(apps.train._Trainer, "_save_last", save_then_stop)
+        patch.setattr(apps.engine.trainer._Trainer, "_save_last", save_then_stop)
         with pytest.raises(_Stop):
             train(build_experiment(experiment(shapes, run, TINY_R18, epochs=2, amp=True,
                                               amp_dtype="float16")))
@@ -191,7 +191,7 @@ def test_predict_runs_on_cuda(gpu_run, shapes, tmp_path):
     assert len(records) == len(list((shapes["val"] / "images").iterdir())) == 2
     assert all(r["detections"] for r in records)  # a threshold of 0 keeps the head's boxes
 
-    from apps.predict import Predictor
+    from apps.predict.predictor import Predictor
 
     image = np.array(Image.open(next((shapes["val"] / "images").iterdir())).convert("RGB"))
     on_gpu = Predictor(str(gpu_run / "best.pt"), DEVICE, score_threshold=0.0).predict([image])[0]
@@ -201,8 +201,8 @@ def test_predict_runs_on_cuda(gpu_run, shapes, tmp_path):
 
 
 def test_the_demo_handlers_run_on_cuda(gpu_run, shapes, tmp_path):
-    from apps.demo_handlers import DemoHandlers
-    from apps.demo_models import ModelCache, find_checkpoints
+    from apps.demo.handlers import DemoHandlers
+    from apps.demo.models import ModelCache, find_checkpoints
 
     found, problems = find_checkpoints([], [gpu_run / "best.pt"])
     assert not problems and len(found) == 1
@@ -227,7 +227,7 @@ def test_a_gpu_trained_run_resumes_and_predicts_on_the_cpu(gpu_run, shapes, tmp_
     assert after["train_state"]["step"] > before["train_state"]["step"]
     assert all(v.device.type == "cpu" for v in after["state_dict"].values())
 
-    from apps.predict import Predictor
+    from apps.predict.predictor import Predictor
 
     loaded = load_model(gpu_run / "best.pt", "cpu")
     assert all(p.device.type == "cpu" for p in loaded.model.parameters())

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apps.demo import EXAMPLES_DIR, WEIGHTS_DIR, Demo
-from apps.demo_models import DETECTION_TASKS
+from apps.demo.models import DETECTION_TASKS
+from apps.demo.page import EXAMPLES_DIR, WEIGHTS_DIR, Demo
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

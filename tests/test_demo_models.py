@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from apps import visualize
-from apps.demo_handlers import upload_path
-from apps.demo_models import (
+from apps.demo.handlers import upload_path
+from apps.demo.models import (
     DemoInputError,
     detection_rows,
     find_checkpoints,
@@ -18,8 +18,8 @@ from apps.demo_models import (
     read_upload,
     scale_detections,
 )
-from apps.demo_views import display_copy, draw_detections
-from apps.predict_results import DetectionResult
+from apps.demo.views import display_copy, draw_detections
+from apps.predict.results import DetectionResult
 from vision.checkpoint import save_checkpoint
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from apps.demo import WEIGHTS_DIR
+from apps.demo.page import WEIGHTS_DIR
 
 
 def _start_demo(temp_root: Path) -> tuple[subprocess.Popen, str]:

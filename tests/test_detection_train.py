@@ -10,8 +10,8 @@ import torch
 
 from apps.cli import main
 from apps.config import ConfigError, build_experiment, load_yaml_with_bases
+from apps.engine.trainer import train
 from apps.tasks import load_model
-from apps.train import train
 from detection.models import (
     DETECTOR_ARCHS,
     DetectorConfig,

@@ -20,9 +20,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from apps.config import build_experiment
+from apps.engine.trainer import train
 from apps.tasks import TASKS, get_task
 from apps.tasks.base import Datasets
-from apps.train import train
 from vision.checkpoint import load_checkpoint
 from vision.data.synthetic import make_shapes
 

@@ -81,7 +81,7 @@ def _train_recording_weights(rank: int, world: int, root: str, per_rank_batch: i
     """One process of a run (spawned): trains the toy task and saves the weights it held before every
     forward (= after every optimizer step) and at the end, to ``weights_<world>_<rank>.pt``."""
     from apps.config import build_experiment
-    from apps.train import train
+    from apps.engine.trainer import train
 
     torch.set_num_threads(1)
     register_toy_task()

@@ -29,7 +29,7 @@ import torch
 from test_engine_support import ToyTask, register_toy_task
 register_toy_task()
 from apps.config import build_experiment
-from apps.train import train
+from apps.engine.trainer import train
 
 cfg, kill_batch, kill_save = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 batches, saves = [0], [0]

@@ -12,11 +12,11 @@ import math
 import pytest
 from test_engine_support import ToyTask, register_toy_task, toy_config
 
-import apps.train
+import apps.engine.trainer
 from apps.config import ConfigError, TrainConfig, build_experiment, parse_duration
 from apps.engine.schedule import LrPlan, TimeBudget, fitted_warmup, lr_factor, plan_total_steps
+from apps.engine.trainer import train
 from apps.tasks import TASKS
-from apps.train import train
 from vision.checkpoint import load_checkpoint
 
 
@@ -105,7 +105,7 @@ def clock(monkeypatch):
     monkeypatch.setitem(TASKS, "toy", "test_engine_support:ToyTask")
     register_toy_task()
     fake = FakeClock()
-    monkeypatch.setattr(apps.train, "clock", fake)
+    monkeypatch.setattr(apps.engine.trainer, "clock", fake)
     move_batch, evaluate = ToyTask.move_batch, ToyTask.evaluate
     fake.batches, fake.interrupt_at = 0, None
 

@@ -16,8 +16,8 @@ from apps.config import ConfigError, build_experiment, load_config
 from apps.engine.checkpointing import load_finetune_weights
 from apps.engine.loader import IndexedCollate, SeededItems, epoch_batches, make_loader
 from apps.engine.logging import DataWait
+from apps.engine.trainer import TrainingError, train
 from apps.tasks import TASKS, get_task, load_model
-from apps.train import TrainingError, train
 from vision.checkpoint import load_checkpoint, save_checkpoint
 
 

@@ -10,9 +10,9 @@ import pytest
 
 from apps import WEIGHTS_DIR
 from apps.cli import main
-from apps.demo_models import ModelCache, find_checkpoints
+from apps.demo.models import ModelCache, find_checkpoints
 from apps.deploy import ExportedModel
-from apps.predict import Predictor
+from apps.predict.predictor import Predictor
 from vision.data.images import read_image
 
 pytest.importorskip("onnxruntime", reason="the export extra: pip install 'visiondet[export]'")
@@ -84,7 +84,7 @@ def test_demo_cache_runs_exported_models_and_keeps_rcnn_on_pytorch(capsys):
 
 
 def test_demo_command_hands_the_backend_to_its_model_cache(monkeypatch):
-    from apps.demo import Demo
+    from apps.demo.page import Demo
 
     seen = {}
 

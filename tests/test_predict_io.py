@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from apps.predict_io import (
+from apps.predict.run import image_ids
+from apps.predict.sources import find_images
+from apps.predict.writers import (
     JsonlWriter,
     OutputError,
     check_output_location,
@@ -17,8 +19,6 @@ from apps.predict_io import (
     write_coco_results,
     write_csv,
 )
-from apps.predict_run import image_ids
-from apps.predict_sources import find_images
 
 RUN = {"weights": "/w.pt", "task": "detection", "sources": ["/data"], "score_threshold": 0.5,
        "nms_threshold": None, "classes": None, "top_k": 5, "max_pixels": 100}

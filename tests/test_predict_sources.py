@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from apps.predict_sources import SourceError, find_images, mask_names, shard
+from apps.predict.sources import SourceError, find_images, mask_names, shard
 
 
 def touch(path, data=b"x"):

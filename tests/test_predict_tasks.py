@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from apps.cli import main
-from apps.predict import Predictor
+from apps.predict.predictor import Predictor
 from vision.checkpoint import save_checkpoint
 from vision.data.images import read_image
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from apps.config import build_experiment
-from apps.train import train
+from apps.engine.trainer import train
 from detection.models import ExternalProposals
 from detection.proposal_data import EXTRA_BOXES, ProposalDataset
 from detection.proposals import (

@@ -192,8 +192,8 @@ def test_detect_uses_svms_and_box_regressors():
 
 def test_rcnn_stages_train_resume_and_load(tmp_path):
     from apps.config import load_config
+    from apps.engine.trainer import train
     from apps.tasks import get_task, load_model
-    from apps.train import train
     from vision.data.synthetic import make_shapes
 
     make_shapes("detection", tmp_path / "data", num_images=8, seed=0, image_size=(64, 80), val_fraction=0.25)

@@ -11,8 +11,8 @@ from PIL import Image
 
 from apps.cli import main
 from apps.config import ConfigError, build_experiment, load_config
+from apps.engine.trainer import train
 from apps.tasks import get_task, load_model
-from apps.train import train
 from vision.data.synthetic import make_shapes
 
 

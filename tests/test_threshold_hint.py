@@ -9,8 +9,8 @@ from PIL import Image
 from test_predict_tasks import tiny_detector_checkpoint
 
 from apps.cli import main
-from apps.predict import Predictor
-from apps.predict_results import threshold_hint
+from apps.predict.predictor import Predictor
+from apps.predict.results import threshold_hint
 
 
 def test_the_hint_line():
@@ -49,8 +49,8 @@ def test_predict_names_the_highest_score_under_the_threshold(tmp_path, capsys):
 
 
 def test_the_demo_says_it_under_the_picture(tmp_path):
-    from apps.demo_handlers import DemoHandlers
-    from apps.demo_models import ModelCache, find_checkpoints
+    from apps.demo.handlers import DemoHandlers
+    from apps.demo.models import ModelCache, find_checkpoints
 
     weights = tiny_detector_checkpoint(tmp_path / "det.pt")
     image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)

@@ -12,7 +12,7 @@ import torchvision
 from PIL import Image
 
 from apps.cli import main
-from apps.demo_models import find_checkpoints
+from apps.demo.models import find_checkpoints
 from apps.tasks import load_model
 from detection.convert import COCO_CATEGORIES, hub_checkpoint_dir, resolve_torchvision_coco
 from vision.checkpoint import CheckpointError

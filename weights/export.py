@@ -52,7 +52,7 @@ def compare(src: Path, dst: Path, images: list[Path]) -> tuple[bool, str]:
     """Run both checkpoints on ``images``; (same within float16 rounding?, a line of figures)."""
     import numpy as np
 
-    from apps.predict import Predictor
+    from apps.predict.predictor import Predictor
     from vision.data.images import read_image
 
     a = Predictor(src, "cpu", score_threshold=0.5)

@@ -1,2 +1,2 @@
-"""Parts of the training engine used by apps/train.py: optimiser, schedule, EMA, distributed helpers,
+"""Parts of the training engine used by apps/engine/trainer.py: optimiser, schedule, EMA, distributed helpers,
 checkpoints and logging. Each part is a small module that knows nothing of any task."""

@@ -1,4 +1,4 @@
-"""The Task interface: what the one training loop (apps/train.py) and `visiondet evaluate` need from a task.
+"""The Task interface: what the training loop (apps/engine/trainer.py) and `visiondet evaluate` need.
 
 A task (classification, segmentation, detection) provides its model, its data and its evaluator; the
 engine provides everything else (optimiser, schedule, AMP, DDP, EMA, checkpoints, logging). One module

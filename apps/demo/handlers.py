@@ -22,7 +22,7 @@ import gradio as gr
 import numpy as np
 
 from apps import demo_views
-from apps.demo_models import (
+from apps.demo.models import (
     DETECTION_TASKS,
     DemoInputError,
     ModelCache,
@@ -32,8 +32,8 @@ from apps.demo_models import (
     read_upload,
     scale_detections,
 )
-from apps.predict import Predictor
-from apps.predict_results import DetectionResult, threshold_hint
+from apps.predict.predictor import Predictor
+from apps.predict.results import DetectionResult, threshold_hint
 
 __all__ = ["DemoHandlers", "upload_path"]
 

@@ -48,9 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apps.predict_io import OutputError
-    from apps.predict_run import PredictOptions, run_predict
-    from apps.predict_sources import SourceError
+    from apps.predict.run import PredictOptions, run_predict
+    from apps.predict.sources import SourceError
+    from apps.predict.writers import OutputError
     from vision.checkpoint import CheckpointError
     from vision.data.images import DEFAULT_MAX_PIXELS
 

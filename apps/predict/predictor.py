@@ -28,15 +28,15 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import batched_nms
 
 from apps.engine.loader import parent_bound_init
-from apps.predict_results import (
+from apps.predict.results import (
     ClassificationResult,
     DetectionResult,
     Prediction,
     Result,
     SegmentationResult,
 )
-from apps.predict_sources import ImageFile, find_images
-from apps.predict_transform import InputTransform
+from apps.predict.sources import ImageFile, find_images
+from apps.predict.transform import InputTransform
 from vision.data.images import DEFAULT_MAX_PIXELS, ImageError, read_image
 from vision.layers import prepare_for_inference
 
@@ -311,7 +311,7 @@ class Predictor:
         """Stream :class:`Prediction` items over image files, in sorted name order.
 
         ``source``: a folder, glob, image or list file, several of them, or ImageFile items already found
-        (``apps.predict_sources.find_images``). Files are decoded by ``workers`` processes while the model
+        (``apps.predict.sources.find_images``). Files are decoded by ``workers`` processes while the model
         runs; nothing is kept once yielded, so memory does not depend on the number of files.
         """
         if isinstance(source, str | os.PathLike):

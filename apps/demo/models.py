@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import torch
 
-from apps.predict_results import DetectionResult
+from apps.predict.results import DetectionResult
 from apps.tasks import LoadedModel, load_model
 from detection.convert import (
     COCO_CLASSES,

@@ -4,8 +4,8 @@
     url = demo.start(port=0)          # background server on 127.0.0.1, as the tests use it
     demo.close()                      # stops it and deletes every temporary file it made
 
-The page is a thin layer: apps.demo_handlers runs the models (through apps.predict.Predictor and
-detection.explain), apps.demo_views draws. Every model runs through one queue with a concurrency limit (two
+The page is a thin layer: apps.demo.handlers runs the models (through apps.predict.predictor.Predictor and
+detection.explain), apps.demo.views draws. Every model runs through one queue with a concurrency limit (two
 CPU-bound requests at once would only share the same cores); models are loaded once, on first use.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from apps import WEIGHTS_DIR
-from apps.demo_models import (
+from apps.demo.models import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_SIDE,
     DETECTION_TASKS,
@@ -87,12 +87,12 @@ class Demo:
     """The demo server around a :class:`ModelCache`.
 
     Args:
-        checkpoints: what the model pickers offer (see ``apps.demo_models.find_checkpoints``).
+        checkpoints: what the model pickers offer (see ``apps.demo.models.find_checkpoints``).
         problems: lines about files that are not usable checkpoints, shown at the top of the page.
         examples: bundled example scenes (one-click runs of the detection, segmentation and explain tabs).
         shape_examples: bundled single-shape images for the classification tab.
         device: where models run (``cpu``, ``cuda``).
-        max_pixels, max_side: see ``apps.demo_handlers.DemoHandlers``.
+        max_pixels, max_side: see ``apps.demo.handlers.DemoHandlers``.
         concurrency: model runs at the same time (the rest wait in the queue).
     """
 
@@ -140,7 +140,7 @@ class Demo:
             return self.blocks
         import gradio as gr
 
-        from apps.demo_handlers import DemoHandlers
+        from apps.demo.handlers import DemoHandlers
 
         h = DemoHandlers(self.cache, max_pixels=self.max_pixels, max_side=self.max_side,
                          files_dir=self.temp_dir / "downloads")

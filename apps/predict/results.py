@@ -1,4 +1,4 @@
-"""The typed results of :class:`apps.predict.Predictor`: one per image, whatever the task.
+"""The typed results of :class:`apps.predict.predictor.Predictor`: one per image, whatever the task.
 
 Each result draws itself on the image it came from (``draw``, via apps.visualize) and turns into the
 JSON-ready part of its predictions.jsonl line (``record``).
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from apps import visualize
-from apps.predict_sources import ImageFile
+from apps.predict.sources import ImageFile
 
 __all__ = ["ClassificationResult", "DetectionResult", "Prediction", "Result", "SegmentationResult",
            "error_kind", "threshold_hint"]

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from apps.config import ConfigError
     from apps.engine.loader import UnreadableImageError
-    from apps.train import TrainingError, train
+    from apps.engine.trainer import TrainingError, train
     from vision.checkpoint import CheckpointError
 
     config = next((a for a in args.args if "=" not in a), None)

@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apps.demo import WEIGHTS_DIR, Demo
-    from apps.demo_models import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+    from apps.demo.models import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+    from apps.demo.page import WEIGHTS_DIR, Demo
     from apps.engine.distributed import resolve_device
 
     folders = [] if args.no_default_weights else [WEIGHTS_DIR]

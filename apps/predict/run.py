@@ -21,8 +21,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from apps.predict import Predictor
-from apps.predict_io import (
+from apps.predict.predictor import Predictor
+from apps.predict.results import Prediction, SegmentationResult, error_kind, threshold_hint
+from apps.predict.sources import ImageFile, find_images, shard
+from apps.predict.writers import (
     COCO_RESULTS,
     CSV_FILE,
     ERRORS,
@@ -41,8 +43,6 @@ from apps.predict_io import (
     write_csv,
     write_summary,
 )
-from apps.predict_results import Prediction, SegmentationResult, error_kind, threshold_hint
-from apps.predict_sources import ImageFile, find_images, shard
 from vision.data.images import DEFAULT_MAX_PIXELS
 
 FORMATS = ("coco", "jsonl", "csv")

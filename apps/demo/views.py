@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from apps import visualize
-from apps.predict_results import DetectionResult, SegmentationResult
+from apps.predict.results import DetectionResult, SegmentationResult
 from detection.explain import Explanation, Stage
 
 __all__ = ["DISPLAY_MIN_SIDE", "display_copy", "draw_detections", "draw_segmentation", "explanation_panels",

@@ -1,0 +1,1 @@
+"""`visiondet demo`: the Gradio page (page), what runs the models (handlers, models), what draws (views)."""

@@ -1,0 +1,1 @@
+"""`visiondet predict`: sources -> decoding -> the task's input transform -> model -> results -> writers."""
