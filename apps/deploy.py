@@ -1,9 +1,10 @@
 """Checkpoints to exported files, and exported files as models the Predictor can call.
 
-``export_checkpoint`` builds the export graph of any task from a checkpoint (vision.export for
-classification and segmentation, detection.export for Fast/Faster R-CNN), writes and checks the file, and
-stores classes and preprocessing in it. ``cached_export`` does that once per checkpoint into a cache folder
-(``$VISIONDET_CACHE`` or ``~/.cache/visiondet``), for ``predict``/``demo --backend onnxruntime``.
+``export_checkpoint`` builds the export graph of any task from a checkpoint (the task's inference says how:
+vision.export for classification and segmentation, detection.export for Fast/Faster R-CNN), writes and
+checks the file, and stores classes and preprocessing in it. ``cached_export`` does that once per
+checkpoint into a cache folder (``$VISIONDET_CACHE`` or ``~/.cache/visiondet``), for
+``predict``/``demo --backend onnxruntime``.
 ``ExportedModel`` wraps the exported file behind the model interface the Predictor already uses
 (``model(inputs) -> (outputs, {})``), which is the whole backend seam.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,80 +23,47 @@ from torch import Tensor
 
 from apps.tasks import LoadedModel, load_model
 from detection.structures import Detections
-from vision.export import (
-    SUFFIXES,
-    ExportError,
-    ExportReport,
-    GraphSpec,
-    Runner,
-    classifier_spec,
-    export_graph,
-    segmenter_spec,
-)
+from vision.export import SUFFIXES, ExportError, ExportReport, GraphSpec, Runner, export_graph
 from vision.layers import prepare_for_inference
 
 BACKENDS = ("pytorch", "onnxruntime")
 METADATA_VERSION = 1
 
 
-def _preprocess_text(loaded: LoadedModel) -> dict[str, Any]:
-    """What the caller must do before the exported graph, and what the graph does itself."""
-    task = loaded.task.output
-    size = loaded.preprocess.get("size")
-    if task == "detection":
-        t = loaded.model.transform
-        mean, std = t.mean.flatten().tolist(), t.std.flatten().tolist()
-        return {"input": "one RGB image [3, H, W] float32 in [0, 1], any size",
-                "inside": f"normalise (mean {mean}, std {std}), resize (short side {t.min_size[-1]}, long "
-                          f"side at most {t.max_size}, bilinear), pad to a multiple of {t.size_divisible}; "
-                          "boxes come back in the input's pixels", "size": size}
-    mean, std = loaded.model.normalize.mean.flatten().tolist(), loaded.model.normalize.std.flatten().tolist()
-    inside = f"normalise (mean {mean}, std {std})"
-    if task == "classification":
-        return {"input": f"RGB images [N, 3, {size}, {size}] float32 in [0, 1]: short side resized to "
-                         f"round({size} / 0.875) (OpenCV bilinear), then a centre crop of {size} x {size}",
-                "inside": inside, "size": size}
-    before = (f"longest side resized to {size} (OpenCV), padded at the bottom/right to {size} x {size}"
-              if size else "any size")
-    return {"input": f"RGB images [N, 3, H, W] float32 in [0, 1]: {before}",
-            "inside": f"{inside}, padding to the model's stride, scores upsampled to H x W; mask = argmax",
-            "size": size}
-
-
 def build_spec(loaded: LoadedModel) -> GraphSpec:
-    """The export spec of a loaded checkpoint (model prepared for inference: batch norms folded)."""
-    task = loaded.task.output
-    if getattr(loaded.task, "name", None) == "rcnn" or type(loaded.model).__name__ == "RCNN":
-        raise ExportError(
-            f"{loaded.path}: R-CNN is not exported: it warps every selective-search region and runs the CNN "
-            "once per region, with SVM scoring; use a Fast R-CNN (proposals as an input) or Faster R-CNN")
+    """The export spec of a loaded checkpoint (model prepared for inference: batch norms folded); what the
+    graph is and what its caller must do first are the task's (``Inference.export_spec``)."""
+    inference = loaded.task.inference
     model = prepare_for_inference(loaded.model).to(memory_format=torch.contiguous_format)
     metadata: dict[str, Any] = {
-        "version": METADATA_VERSION, "task": task, "checkpoint": loaded.path.name,
-        "classes": loaded.classes, "preprocess": _preprocess_text(loaded),
+        "version": METADATA_VERSION, "task": inference.kind, "checkpoint": loaded.path.name,
+        "classes": loaded.classes,
     }
-    if task == "detection":
-        from detection.export import detector_spec
-
-        heads = model.roi_heads
-        metadata.update(score_thresh=heads.score_thresh, nms_thresh=heads.nms_thresh,
-                        detections_per_img=heads.detections_per_img, label_offset=1)
-        spec = detector_spec(model, metadata)
-        if spec.module.external:
-            metadata["proposals"] = ("input 'proposals' [P, 4] xyxy in the image's pixels (selective search "
-                                     "is OpenCV code outside the graph)")
-        return spec
-    if task == "classification":
-        return classifier_spec(model, int(loaded.preprocess.get("size", 224)), metadata)
-    if task == "segmentation":
-        size = loaded.preprocess.get("size")
-        return segmenter_spec(model, int(size) if size else None, metadata)
-    raise ExportError(f"{loaded.path}: no export for task {task!r}")
+    return inference.export_spec(loaded, model, metadata)
 
 
 def export_checkpoint(weights: str | os.PathLike, fmt: str, out: str | os.PathLike) -> ExportReport:
     """Export the checkpoint ``weights`` to ``out`` as ``fmt`` (onnx or torchscript), checked."""
     return export_graph(build_spec(load_model(weights, "cpu")), out, fmt)
+
+
+@dataclass
+class ExportOptions:
+    """Everything one `visiondet export` needs (the command line, as a value)."""
+
+    weights: str
+    fmt: str  # "onnx" or "torchscript"
+    out: Path
+
+
+def run_export(opts: ExportOptions) -> int:
+    """Export, check and report; returns the exit code. Raises CheckpointError or ExportError."""
+    report = export_checkpoint(opts.weights, opts.fmt, opts.out)
+    print(f"wrote {report.path} ({report.format}, {report.path.stat().st_size / 1e6:.1f} MB, "
+          f"traced in {report.seconds:.1f} s)")
+    for line in report.checks:
+        print(f"  checked against PyTorch: {line}")
+    return 0
 
 
 def cache_dir() -> Path:
@@ -123,11 +92,13 @@ class ExportedModel:
     (the checkpoint's selective search) when the caller gives none."""
 
     def __init__(self, path: str | os.PathLike, proposal_source: Any = None, threads: int | None = None,
-                 pytorch_model: Any = None):
+                 pytorch_model: Any = None, per_image: bool | None = None):
         self.runner = Runner(path, threads=threads)
         self.pytorch_model = pytorch_model  # for what needs the model's inner stages (the demo's explain tab)
         self.metadata = self.runner.metadata
         self.task = self.metadata.get("task")
+        # detector graphs take one image and answer with its boxes; None: as the file's metadata says
+        self.per_image = "detections_per_img" in self.metadata if per_image is None else per_image
         self.external = "proposals" in self.metadata
         self.proposal_source = proposal_source
         if self.external and proposal_source is None:
@@ -140,7 +111,7 @@ class ExportedModel:
         return self
 
     def __call__(self, inputs: list[Tensor] | Tensor) -> tuple[Any, dict[str, Tensor]]:
-        if self.task == "detection":
+        if self.per_image:
             out = []
             for image in inputs:
                 image = image.float().cpu()
@@ -165,5 +136,6 @@ def exported_backend(loaded: LoadedModel, score_threshold: float | None = None) 
         raise ValueError(f"the onnxruntime backend keeps detections scoring {cut} or more (the threshold it "
                          f"is exported with); --score-threshold {score_threshold} needs --backend pytorch")
     source = getattr(getattr(model, "proposal_generator", None), "source", None)
-    runner = ExportedModel(cached_export(loaded.path, "onnx"), proposal_source=source, pytorch_model=model)
+    runner = ExportedModel(cached_export(loaded.path, "onnx"), proposal_source=source, pytorch_model=model,
+                           per_image=loaded.task.inference.one_image_per_forward)
     return dataclasses.replace(loaded, model=runner)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apps.demo.models import DETECTION_TASKS
 from apps.demo.page import EXAMPLES_DIR, WEIGHTS_DIR, Demo
+from apps.tasks.inference.detection import DetectionInference
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -124,7 +124,7 @@ def test_every_shipped_detector_finds_the_example_objects(server, tmp_path):
     from gradio_client import Client, handle_file
 
     demo, url = server
-    detectors = demo.cache.labels(DETECTION_TASKS)
+    detectors = demo.cache.labels(DetectionInference)
     assert detectors == [DETECTOR, "fast_rcnn_shapes.pt", "rcnn_shapes.pt"]  # newest generation first
     client = Client(url, verbose=False, download_files=str(tmp_path))
     for scene in (SCENE, EXAMPLES_DIR / "scene_3.png"):

@@ -8,18 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from apps import visualize
 from apps.demo.handlers import upload_path
-from apps.demo.models import (
-    DemoInputError,
-    detection_rows,
-    find_checkpoints,
-    fit_size,
-    read_upload,
-    scale_detections,
-)
+from apps.demo.models import DemoInputError, find_checkpoints, fit_size, read_upload
 from apps.demo.views import display_copy, draw_detections
-from apps.predict.results import DetectionResult
+from apps.tasks.inference.detection import DetectionInference, DetectionResult
+from vision import visualize
 from vision.checkpoint import save_checkpoint
 
 
@@ -77,7 +70,7 @@ def test_fit_size_and_boxes_mapped_back():
     found = DetectionResult(np.array([[10.0, 20.0, 60.0, 80.0], [1500.0, 400.0, 1600.0, 500.0]], np.float32),
                             np.array([0.9, 0.6], np.float32), np.array([1, 2]), [1, 2], ["circle", "square"],
                             (500, 1600))
-    back = scale_detections(found, 0.5, (1000, 3200))
+    back = found.scaled(0.5, (1000, 3200))
     assert back.boxes.tolist() == [[20.0, 40.0, 120.0, 160.0], [3000.0, 800.0, 3200.0, 1000.0]]
     assert back.image_size == (1000, 3200)
 
@@ -86,7 +79,7 @@ def test_detection_rows_are_xywh_best_first():
     result = DetectionResult(np.array([[0.0, 0.0, 10.0, 10.0], [5.0, 6.0, 25.5, 16.0]], np.float32),
                              np.array([0.4, 0.95], np.float32), np.array([1, 3]), [7, 9],
                              ["circle", "triangle"], (50, 50))
-    assert detection_rows(result) == [["triangle", 0.95, 5.0, 6.0, 20.5, 10.0],
+    assert result.table_rows() == [["triangle", 0.95, 5.0, 6.0, 20.5, 10.0],
                                       ["circle", 0.4, 0.0, 0.0, 10.0, 10.0]]
 
 
@@ -105,8 +98,11 @@ def test_find_checkpoints_keeps_usable_ones_and_names_the_others(tmp_path):
     found, problems = find_checkpoints([tmp_path], [other / "a_good.pt", tmp_path / "a_good.pt"])
     # names stay unique; detectors newest generation first, discovery order otherwise
     assert [c.label for c in found] == ["a_good.pt", str(other / "a_good.pt"), "1_fast.pt", "0_rcnn.pt"]
+    # the detection tabs offer every detector, R-CNN's task included, through the task's inference
+    assert [c.is_a(DetectionInference) for c in found] == [True, False, True, True]
     first = found[0]
     assert (first.task, first.arch, first.nms_thresh) == ("detection", "faster_rcnn_r18_fpn", 0.4)
+    assert first.has_anchors and not found[2].has_anchors and found[3].nms_thresh == 0.3
     assert first.summary() == "faster_rcnn_r18_fpn (2 classes: circle, square); val AP50 0.912, val AP 0.700"
     assert found[1].nms_thresh is None
     assert len(problems) == 2

@@ -19,6 +19,9 @@ from apps.predict.writers import (
     write_coco_results,
     write_csv,
 )
+from apps.tasks.inference.classification import ClassificationResult
+from apps.tasks.inference.detection import DetectionResult
+from apps.tasks.inference.segmentation import SegmentationResult
 
 RUN = {"weights": "/w.pt", "task": "detection", "sources": ["/data"], "score_threshold": 0.5,
        "nms_threshold": None, "classes": None, "top_k": 5, "max_pixels": 100}
@@ -116,13 +119,13 @@ def test_coco_results_load_in_pycocotools_and_csv(tmp_path):
     dt = gt.loadRes(str(out / "predictions.json"))
     assert len(dt.getAnnIds(imgIds=[397133])) == 2
     assert dt.loadAnns(dt.getAnnIds())[0]["area"] == pytest.approx(200.0)
-    write_csv(out, "detection")
+    write_csv(out, DetectionResult)
     rows = list(csv.reader(open(out / "predictions.csv", encoding="utf-8")))
     assert rows[0][:5] == ["file", "image_id", "width", "height", "category_id"]
     assert rows[1] == ["a.jpg", "397133", "50", "40", "7", "cat", "0.9", "1.5", "2.0", "10.0", "20.0"]
     assert rows[3][:4] == ["b.jpg", "42", "50", "40"] and rows[3][4:] == [""] * 7
     assert len(rows) == 5
-    counts = count_outputs(out, "detection")
+    counts = count_outputs(out, DetectionResult)
     assert counts == {"done": 3, "failed": 0, "detections_per_class": {"cat": 3}}
 
 
@@ -150,6 +153,6 @@ def test_counts_for_classification_and_segmentation(tmp_path):
         w.write({"file": "b", "topk": [{"name": "cat"}]})
     with JsonlWriter(out / "errors.jsonl") as w:
         w.write({"file": "c", "reason": "empty"})
-    assert count_outputs(out, "classification") == {"done": 2, "failed": 1, "top1_per_class": {"cat": 2}}
+    assert count_outputs(out, ClassificationResult) == {"done": 2, "failed": 1, "top1_per_class": {"cat": 2}}
     (out / "predictions.jsonl").write_text(json.dumps({"file": "a", "classes": [{"name": "road"}]}) + "\n")
-    assert count_outputs(out, "segmentation")["images_per_class"] == {"road": 1}
+    assert count_outputs(out, SegmentationResult)["images_per_class"] == {"road": 1}

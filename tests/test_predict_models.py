@@ -186,13 +186,13 @@ def test_predict_source_streams_files_and_reports_bad_ones(tmp_path):
 
 
 def test_segmentation_of_huge_images_enlarges_the_index_map(monkeypatch):
-    import apps.predict.predictor
+    import apps.tasks.inference.segmentation
 
     image = np.full((30, 60, 3), 128, dtype=np.uint8)
     image[:, :30] = (255, 0, 0)
     predictor = Predictor(loaded("segmentation", ColorSegmenter(), {"size": 20}), "cpu")
     [smooth] = predictor.predict([image])
-    monkeypatch.setattr(apps.predict.predictor, "_MAX_UPSAMPLED_LOGITS", 0)  # as if 100 megapixels
+    monkeypatch.setattr(apps.tasks.inference.segmentation, "MAX_UPSAMPLED_LOGITS", 0)  # as if 100 megapixels
     [blocky] = predictor.predict([image])
     assert blocky.mask.shape == (30, 60)
     # nearest enlargement of the 10 x 20 map: columns come in blocks of 3, the red half stays red

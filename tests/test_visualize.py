@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from apps.visualize import (
+from vision.visualize import (
     class_colors,
     color_of,
     colorize_mask,

@@ -1,8 +1,9 @@
 """Drawing predictions on images: boxes with labels and scores, segmentation overlays with outlines and a
 legend strip below the picture, classification top-k text.
 
-Everything takes and returns ``np.ndarray`` (H, W, 3) uint8 RGB and never modifies its input, so the
-batch predictor (``visiondet predict --save-images``) and the Gradio demo draw the same pictures.
+Everything takes and returns ``np.ndarray`` (H, W, 3) uint8 RGB and never modifies its input. It is the one
+drawing module: ``visiondet data preview`` (vision.data.preview), the batch predictor (``visiondet predict
+--save-images``, through the tasks' results) and the Gradio demo all draw with it.
 A class keeps one colour everywhere: colour ``k`` of :func:`class_colors` belongs to label ``k``
 (detection and segmentation labels ``1..K``, ``0`` background; classification labels ``0..K-1``).
 """

@@ -159,36 +159,17 @@ def _convert(args: argparse.Namespace) -> int:
 def _preview(args: argparse.Namespace) -> int:
     import yaml
 
-    from vision.data.preview import make_preview
+    from vision.data.preview import make_preview, preview_dataset
     from vision.data.transforms import build_transforms
 
-    task = args.task or ("classification" if args.root else "detection")
+    kind = args.task or ("classification" if args.root else "detection")  # the data pipeline's kind
     spec = None
     if args.transforms:
         spec = yaml.safe_load(Path(args.transforms).read_text(encoding="utf-8"))
     settings = {"size": args.size} if args.size else {}
-    pipeline = build_transforms(spec, task, train=not args.eval, **settings)
-    dataset = _preview_dataset(args, task, pipeline)
+    pipeline = build_transforms(spec, kind, train=not args.eval, **settings)
+    dataset = preview_dataset(kind, pipeline, images=args.images, annotations=args.annotations,
+                              root=args.root)
     path = make_preview(dataset, args.out, num_samples=args.num, seed=args.seed)
     print(f"wrote {path} ({min(args.num, len(dataset))} samples of {len(dataset)})")
     return 0
-
-
-def _preview_dataset(args: argparse.Namespace, task: str, pipeline):
-    from vision.data.coco import AnnotationError, CocoDetection, CocoSegmentation
-    from vision.data.folder import ImageFolderDataset
-
-    if task == "classification":
-        if not args.root:
-            raise ValueError("classification preview needs --root (an ImageFolder tree)")
-        return ImageFolderDataset(args.root, transforms=pipeline)
-    if not (args.annotations and args.images):
-        raise ValueError(f"{task} preview needs --annotations and --images")
-    if task == "segmentation":
-        return CocoSegmentation(args.images, args.annotations, transforms=pipeline)
-    try:  # draw instance masks when every annotation has one
-        return CocoDetection(args.images, args.annotations, transforms=pipeline, with_masks=True)
-    except AnnotationError as exc:
-        if "segmentation" not in exc.reason:
-            raise
-        return CocoDetection(args.images, args.annotations, transforms=pipeline)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,52 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from apps.demo.models import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
-    from apps.demo.page import WEIGHTS_DIR, Demo
-    from apps.engine.distributed import resolve_device
+    from apps.demo.run import DemoOptions, run_demo
 
-    folders = [] if args.no_default_weights else [WEIGHTS_DIR]
-    files = []
-    for item in args.weights:
-        path = Path(item)
-        if path.is_dir():
-            folders.append(path)
-        elif path.is_file():
-            files.append(path)
-        else:
-            print(f"error: --weights {item}: no such file or folder", file=sys.stderr)
-            return 2
-    if args.port < 0 or args.port > 65535:
-        print(f"error: --port {args.port}: not a port number", file=sys.stderr)
-        return 2
-    if args.concurrency < 1:
-        print("error: --concurrency must be at least 1", file=sys.stderr)
-        return 2
+    opts = DemoOptions(
+        weights=list(args.weights), default_weights=not args.no_default_weights, host=args.host,
+        port=args.port, share=args.share, device=args.device, max_side=args.max_side or DEFAULT_MAX_SIDE,
+        max_pixels=int(args.max_megapixels * 1e6) if args.max_megapixels else DEFAULT_MAX_PIXELS,
+        backend=args.backend, concurrency=args.concurrency,
+    )
     try:
-        device = str(resolve_device(args.device))
-    except (RuntimeError, ValueError) as exc:
-        print(f"error: --device: {exc}", file=sys.stderr)
+        return run_demo(opts)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    max_pixels = int(args.max_megapixels * 1e6) if args.max_megapixels else DEFAULT_MAX_PIXELS
-    demo = Demo.from_weights(folders, files, device=device, max_side=args.max_side or DEFAULT_MAX_SIDE,
-                             max_pixels=max_pixels, concurrency=args.concurrency)
-    if args.backend == "onnxruntime":
-        from vision.export import ExportError, require_onnxruntime
-
-        try:
-            require_onnxruntime()
-        except ExportError as exc:
-            print(f"error: --backend onnxruntime: {exc}", file=sys.stderr)
-            return 2
-        demo.cache.backend = args.backend
-    found = len(demo.cache.checkpoints)
-    try:
-        url = demo.start(args.host, args.port or None, share=args.share)
-    except OSError as exc:  # port in use, address not available
-        print(f"error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        demo.close()
-        return 1
-    # the URL Gradio reports carries the port it really got (``--port 0`` picks a free one)
-    print(f"visiondet demo: {found} checkpoint{'s' * (found != 1)} on {device}; {url} (Ctrl+C stops it)",
-          flush=True)
-    demo.serve_forever()
-    return 0

@@ -24,17 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apps.deploy import export_checkpoint
+    from apps.deploy import ExportOptions, run_export
     from vision.checkpoint import CheckpointError
     from vision.export import ExportError
 
     try:
-        report = export_checkpoint(args.weights, args.fmt, args.out)
+        return run_export(ExportOptions(weights=args.weights, fmt=args.fmt, out=args.out))
     except (CheckpointError, ExportError) as exc:
         print(f"visiondet export: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {report.path} ({report.format}, {report.path.stat().st_size / 1e6:.1f} MB, "
-          f"traced in {report.seconds:.1f} s)")
-    for line in report.checks:
-        print(f"  checked against PyTorch: {line}")
-    return 0

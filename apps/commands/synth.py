@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    layout = "images/ + annotations.json" if args.task != "classification" else "<class>/*.png"
     for split, folder in splits.items():
-        print(f"{split}: {folder} ({layout})")
+        # as written: COCO (images/ + annotations.json) for boxes and masks, class folders otherwise
+        coco = (Path(folder) / "annotations.json").is_file()
+        print(f"{split}: {folder} ({'images/ + annotations.json' if coco else '<class>/*.png'})")
     return 0

@@ -14,26 +14,23 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import numpy as np
 
-from apps import demo_views
-from apps.demo.models import (
-    DETECTION_TASKS,
-    DemoInputError,
-    ModelCache,
-    detection_record,
-    detection_rows,
-    fit_size,
-    read_upload,
-    scale_detections,
-)
+from apps.demo import views
+from apps.demo.models import DemoInputError, ModelCache, fit_size, read_upload
 from apps.predict.predictor import Predictor
-from apps.predict.results import DetectionResult, threshold_hint
+from apps.predict.results import threshold_hint
+from apps.tasks.inference.base import Inference
+from apps.tasks.inference.classification import ClassificationInference
+from apps.tasks.inference.detection import DetectionInference
+from apps.tasks.inference.segmentation import SegmentationInference
+from detection.explain import explain
+from vision.data.transforms import to_tensor
 
 __all__ = ["DemoHandlers", "upload_path"]
 
@@ -107,11 +104,12 @@ class DemoHandlers:
         small, scale = fit_size(image, self.max_side)
         return image, small, scale
 
-    def _predictor(self, label: str, tasks: Sequence[str], **settings: Any) -> Predictor:
+    def _predictor(self, label: str, kind: type[Inference], **settings: Any) -> Predictor:
+        """A predictor of ``label``'s model, which must give results of ``kind`` (the tab's)."""
         entry = self.cache.checkpoint(label)
-        if entry.task not in tasks:
+        if not entry.is_a(kind):
             raise DemoInputError(f"{label} is a {entry.task} model; pick one of: "
-                                 f"{', '.join(self.cache.labels(tasks)) or 'none available'}.")
+                                 f"{', '.join(self.cache.labels(kind)) or 'none available'}.")
         loaded = self.cache.get(label)
         try:
             return Predictor(loaded, self.cache.device, **settings)
@@ -147,17 +145,17 @@ class DemoHandlers:
                ) -> tuple[np.ndarray, list[list[Any]], str, str]:
         """-> (annotated picture, table rows, JSON file path, text with the timing)."""
         original, small, scale = self._image(image)
-        predictor = self._predictor(label, DETECTION_TASKS, score_threshold=float(score),
+        predictor = self._predictor(label, DetectionInference, score_threshold=float(score),
                                     nms_threshold=float(nms), classes=list(classes or []) or None)
         with self.cache.lock(label):
             start = time.perf_counter()
             result = predictor.predict([small])[0]
             elapsed = time.perf_counter() - start
-        result = scale_detections(result, scale, original.shape[:2])
+        result = result.scaled(scale, original.shape[:2])
         name = Path(upload_path(image)).name
         record = {"image": name, "model": label, "width": original.shape[1],
                   "height": original.shape[0], "score_threshold": float(score), "nms_threshold": float(nms),
-                  "inference_ms": round(elapsed * 1000, 1), **detection_record(result)}
+                  "inference_ms": round(elapsed * 1000, 1), "detections": result.best_first()}
         folder = self.files_dir / uuid.uuid4().hex
         folder.mkdir(parents=True)
         json_path = folder / f"{Path(name).stem}_detections.json"
@@ -168,7 +166,7 @@ class DemoHandlers:
                 f"{self.cache.checkpoint(label).result_note()}")
         if not count and result.best_below is not None:
             info += "  \n" + threshold_hint(result.best_below, float(score), "the Score threshold slider")
-        return demo_views.draw_detections(small, result, scale), detection_rows(result), str(json_path), info
+        return views.draw_detections(small, result, scale), result.table_rows(), str(json_path), info
 
     # ---- segmentation and classification -------------------------------------------------------------------
 
@@ -176,29 +174,27 @@ class DemoHandlers:
     def segment(self, image: Any, label: str) -> tuple[np.ndarray, list[list[Any]], str]:
         """-> (overlay with legend, table class / pixels / share, text with the timing)."""
         original, small, _ = self._image(image)
-        predictor = self._predictor(label, ("segmentation",))
+        predictor = self._predictor(label, SegmentationInference)
         with self.cache.lock(label):
             start = time.perf_counter()
             result = predictor.predict([small])[0]
             elapsed = time.perf_counter() - start
-        total = result.mask.size
-        rows = [[c["name"], c["pixels"], round(100.0 * c["pixels"] / total, 1)]
-                for c in sorted(result.pixels_per_class(), key=lambda c: -c["pixels"])]
+        rows = result.table_rows()
         info = (f"**{len(rows)} class{'es' * (len(rows) != 1)} found** · inference {_ms(elapsed)} on "
                 f"{self.cache.device.type} · {label}.{self._size_note(original, small)}"
                 f"{self.cache.checkpoint(label).result_note()}")
-        return demo_views.draw_segmentation(small, result), rows, info
+        return views.draw_result(small, result), rows, info
 
     @_page_errors
     def classify(self, image: Any, label: str) -> tuple[dict[str, float], str]:
         """-> ({class name: probability} of the top 5, text with the timing)."""
         _, small, _ = self._image(image)
-        predictor = self._predictor(label, ("classification",), top_k=5)
+        predictor = self._predictor(label, ClassificationInference, top_k=5)
         with self.cache.lock(label):
             start = time.perf_counter()
             result = predictor.predict([small])[0]
             elapsed = time.perf_counter() - start
-        top = {name: float(p) for name, p in zip(result.names, result.scores.tolist(), strict=True)}
+        top = result.top()
         note = self.cache.checkpoint(label).result_note()
         return top, f"Inference {_ms(elapsed)} on {self.cache.device.type} · {label}.{note}"
 
@@ -208,28 +204,19 @@ class DemoHandlers:
     def explain(self, image: Any, label: str, x_pct: float, y_pct: float, top_n: float, score: float
                 ) -> tuple[Any, ...]:
         """-> four pictures (each with its title) and a paragraph on this image's stages."""
-        from detection.explain import explain
-        from vision.data.transforms import to_tensor
-
         _, small, _ = self._image(image)
-        predictor = self._predictor(label, DETECTION_TASKS)  # checks the task, loads the model once
+        # checks the model gives detections, loads it once; its inference keeps what scores ``score``
+        predictor = self._predictor(label, DetectionInference, score_threshold=float(score))
         model = getattr(predictor.model, "pytorch_model", predictor.model)  # stages need PyTorch's model
         height, width = small.shape[:2]
         position = (float(x_pct) / 100.0 * (width - 1), float(y_pct) / 100.0 * (height - 1))
         with self.cache.lock(label):
             tensor = to_tensor(small).to(self.cache.device)
             e = explain(model, tensor, position=position, top_n=int(top_n))
-        keep = e.detections.scores >= float(score)
-        classes = predictor.classes
-        labels = e.detections.labels[keep].cpu()
-        result = DetectionResult(
-            boxes=e.detections.boxes[keep].cpu().numpy(), scores=e.detections.scores[keep].cpu().numpy(),
-            labels=labels.numpy(), category_ids=[classes[k - 1]["id"] for k in labels.tolist()],
-            names=[classes[k - 1]["name"] for k in labels.tolist()], image_size=(height, width),
-        )
-        names = [c["name"] for c in classes]
-        text = demo_views.explanation_text(e, len(result.labels), float(score))
-        panels = demo_views.explanation_panels(small, e, result, 1.0, names, text["titles"])
+        result = predictor.inference.result(e.detections, (height, width), (height, width))
+        names = [c["name"] for c in predictor.classes]
+        text = views.explanation_text(e, len(result.labels), float(score))
+        panels = views.explanation_panels(small, e, result, 1.0, names, text["titles"])
         pictures = [gr.update(value=p, label=t) for p, t in zip(panels, text["titles"], strict=True)]
         return (*pictures, text["body"])
 

@@ -19,8 +19,9 @@ import cv2
 import numpy as np
 import torch
 
-from apps.predict.results import DetectionResult
-from apps.tasks import LoadedModel, load_model
+from apps.deploy import exported_backend
+from apps.tasks import LoadedModel, get_task, load_model
+from apps.tasks.inference.base import Inference, ModelDescription
 from detection.convert import (
     COCO_CLASSES,
     COCO_TRAINED_ON,
@@ -30,19 +31,17 @@ from detection.convert import (
 )
 from vision.checkpoint import CheckpointError, is_visiondet_checkpoint, load_checkpoint
 from vision.data.images import ImageError, read_image
+from vision.export import ExportError
 from vision.layers import prepare_for_inference
 
-__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_SIDE", "DETECTION_TASKS", "Checkpoint", "DemoInputError",
-           "ModelCache", "detection_record", "detection_rows", "find_checkpoints", "fit_size", "read_upload",
-           "scale_detections"]
+__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_SIDE", "Checkpoint", "DemoInputError", "ModelCache",
+           "find_checkpoints", "fit_size", "read_upload"]
 
 # An upload above this is refused before it is decoded (the decoded RGB would be 120 MB at this size).
 DEFAULT_MAX_PIXELS = 40_000_000
 # Inference runs on a copy whose longer side is at most this (boxes are mapped back to the original pixels):
 # every model here resizes its input to far less anyway, and a 12-megapixel photo as float32 is 150 MB.
 DEFAULT_MAX_SIDE = 1600
-# Tasks whose checkpoints go to the detection tabs (R-CNN checkpoints have a task of their own for training).
-DETECTION_TASKS = ("detection", "rcnn")
 TABLE_HEADERS = ["class", "score", "x", "y", "w", "h"]
 
 
@@ -55,22 +54,36 @@ class DemoInputError(ValueError):
 
 @dataclass
 class Checkpoint:
-    """A checkpoint the page offers: ``label`` in the model pickers, ``task`` decides which tabs."""
+    """A checkpoint the page offers: ``label`` in the model pickers; its task's ``inference`` decides which
+    tabs (a tab offers the checkpoints whose inference is its kind: R-CNN's is detection's)."""
 
     label: str
     path: Path
     task: str
-    arch: str
+    inference: type[Inference]
+    description: ModelDescription  # architecture, and a detector's NMS IoU, generation and anchors
     classes: list[dict[str, Any]]
     metrics: dict[str, float] = field(default_factory=dict)
-    nms_thresh: float | None = None  # detectors: the per-class NMS IoU the model was trained with
     trained_on: str = "data its checkpoint does not name"
     synthetic: bool = False  # visiondet's generated shapes: meaningless on a real photograph
 
     @property
+    def arch(self) -> str:
+        return self.description.arch
+
+    @property
+    def nms_thresh(self) -> float | None:
+        """Detectors: the per-class NMS IoU the model was trained with."""
+        return self.description.nms_thresh
+
+    @property
     def has_anchors(self) -> bool:
         """Faster R-CNN's proposals come from anchors; R-CNN's and Fast R-CNN's from selective search."""
-        return self.task in DETECTION_TASKS and _generation(self) == 0
+        return self.description.has_anchors
+
+    def is_a(self, kind: type[Inference]) -> bool:
+        """Whether this checkpoint's results are of ``kind`` (a tab's inference class)."""
+        return issubclass(self.inference, kind)
 
     def expectations(self) -> str:
         """One line for every tab: what the model was trained on and the classes it can answer with."""
@@ -93,12 +106,6 @@ class Checkpoint:
         shown = [k for k in ("AP50", "AP", "top1", "mIoU") if k in self.metrics]
         metric = "; " + ", ".join(f"val {k} {self.metrics[k]:.3f}" for k in shown) if shown else ""
         return f"{self.arch} ({len(self.classes)} classes: {names}){metric}"
-
-
-def _arch(task: str, model_cfg: dict[str, Any]) -> str:
-    if task == "rcnn":
-        return f"rcnn_{model_cfg.get('backbone', '?')}"
-    return str(model_cfg.get("arch") or model_cfg.get("backbone") or task)
 
 
 SHAPE_NAMES = {"circle", "square", "triangle"}  # what `visiondet synth` draws
@@ -125,15 +132,6 @@ def _trained_on(ckpt: dict[str, Any]) -> tuple[str, bool]:
     folder = Path(str(source))
     folder = folder.parent if folder.suffix else folder
     return f"the dataset in {'/'.join(folder.parts[-2:])}", False
-
-
-def _nms_thresh(task: str, model_cfg: dict[str, Any]) -> float | None:
-    # Where each detector's config keeps its test-time NMS threshold (defaults as in their dataclasses).
-    if task == "rcnn":
-        return float(model_cfg.get("nms_thresh", 0.3))
-    if task == "detection":
-        return float((model_cfg.get("roi") or {}).get("nms_thresh", 0.5))
-    return None
 
 
 def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] = ()
@@ -163,8 +161,11 @@ def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] 
         seen.add(key)
         title = torchvision_coco_title(path)
         if title is not None:  # converted on first use (apps.tasks.load_model): listing it reads nothing
-            found.append(Checkpoint(title, path, "detection", TORCHVISION_COCO_FILES[path.name][0],
-                                    list(COCO_CLASSES), nms_thresh=0.5, trained_on=COCO_TRAINED_ON))
+            task = get_task("detection")
+            arch = TORCHVISION_COCO_FILES[path.name][0]
+            found.append(Checkpoint(title, path, task.name, task.inference,
+                                    task.inference.describe({"arch": arch}), list(COCO_CLASSES),
+                                    trained_on=COCO_TRAINED_ON))
             continue
         try:
             ckpt = load_checkpoint(path, map_location="cpu")
@@ -174,21 +175,19 @@ def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] 
         if not is_visiondet_checkpoint(ckpt) or "task" not in ckpt or "classes" not in ckpt:
             problems.append(f"{path}: not a visiondet checkpoint (no task, classes and model config)")
             continue
+        try:
+            task = get_task(str(ckpt["task"]))
+        except KeyError as exc:
+            problems.append(f"{path}: {exc.args[0]}")
+            continue
         label = path.name if all(c.label != path.name for c in found) else str(path)
-        task, model_cfg = str(ckpt["task"]), ckpt.get("model") or {}
         trained_on, synthetic = _trained_on(ckpt)
-        found.append(Checkpoint(label, path, task, _arch(task, model_cfg), list(ckpt["classes"]),
-                                dict(ckpt.get("metrics") or {}), _nms_thresh(task, model_cfg),
-                                trained_on, synthetic))
-    found.sort(key=_generation)  # stable: discovery order otherwise
+        found.append(Checkpoint(label, path, task.name, task.inference,
+                                task.inference.describe(ckpt.get("model") or {}), list(ckpt["classes"]),
+                                dict(ckpt.get("metrics") or {}), trained_on, synthetic))
+    # detectors newest generation first (0 for every non-detector); stable: discovery order otherwise
+    found.sort(key=lambda c: c.description.generation)
     return found, problems
-
-
-def _generation(checkpoint: Checkpoint) -> int:
-    """0 for Faster R-CNN and every non-detector, 1 for Fast R-CNN, 2 for R-CNN."""
-    if checkpoint.task == "rcnn":
-        return 2
-    return 1 if checkpoint.arch.startswith("fast_rcnn") else 0
 
 
 class ModelCache:
@@ -208,9 +207,9 @@ class ModelCache:
         self._locks = {c.label: threading.Lock() for c in checkpoints}
         self._loading = threading.Lock()
 
-    def labels(self, tasks: Sequence[str]) -> list[str]:
-        """Labels of the checkpoints of these tasks, in discovery order."""
-        return [label for label, c in self.checkpoints.items() if c.task in tasks]
+    def labels(self, kind: type[Inference]) -> list[str]:
+        """Labels of the checkpoints whose results are of ``kind``, in discovery order."""
+        return [label for label, c in self.checkpoints.items() if c.is_a(kind)]
 
     def checkpoint(self, label: str | None) -> Checkpoint:
         if not label or label not in self.checkpoints:
@@ -241,9 +240,6 @@ class ModelCache:
     def _exported(self, label: str, loaded: LoadedModel) -> LoadedModel:
         """``loaded`` run by ONNX Runtime from its exported file (exported, checked and cached on first
         use); a model that cannot be exported (R-CNN) stays on PyTorch, and the console says so."""
-        from apps.deploy import exported_backend
-        from vision.export import ExportError
-
         try:
             return exported_backend(loaded)
         except ExportError as exc:
@@ -300,32 +296,3 @@ def fit_size(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
     scale = max_side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA), scale
-
-
-# ---- results -----------------------------------------------------------------------------------------------
-
-
-def scale_detections(result: DetectionResult, scale: float, size: tuple[int, int]) -> DetectionResult:
-    """Detections found on a copy resized by ``scale``, in the pixels of the original image of ``size``."""
-    if scale == 1.0:
-        return result
-    boxes = result.boxes / np.float32(scale)
-    boxes[:, 0::2] = boxes[:, 0::2].clip(0, size[1])
-    boxes[:, 1::2] = boxes[:, 1::2].clip(0, size[0])
-    return dataclasses.replace(result, boxes=boxes.astype(np.float32), image_size=size)
-
-
-def detection_rows(result: DetectionResult) -> list[list[Any]]:
-    """Table rows ``class, score, x, y, w, h`` (pixels of the original image), best score first."""
-    rows = []
-    for det in detection_record(result)["detections"]:
-        x, y, w, h = det["bbox"]
-        rows.append([det["name"], round(det["score"], 3), round(x, 1), round(y, 1), round(w, 1), round(h, 1)])
-    return rows
-
-
-def detection_record(result: DetectionResult) -> dict[str, Any]:
-    """The predictions.jsonl record of ``visiondet predict`` (COCO ``bbox`` x, y, w, h), best first."""
-    record = result.record()
-    record["detections"].sort(key=lambda d: -d["score"])
-    return record

@@ -24,15 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from apps import WEIGHTS_DIR
+from apps.demo.handlers import DemoHandlers
 from apps.demo.models import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_SIDE,
-    DETECTION_TASKS,
     TABLE_HEADERS,
     Checkpoint,
     ModelCache,
     find_checkpoints,
 )
+from apps.tasks.inference.base import Inference
+from apps.tasks.inference.classification import ClassificationInference
+from apps.tasks.inference.detection import DetectionInference
+from apps.tasks.inference.segmentation import SegmentationInference
 
 __all__ = ["Demo", "WEIGHTS_DIR", "EXAMPLES_DIR"]
 
@@ -140,8 +144,6 @@ class Demo:
             return self.blocks
         import gradio as gr
 
-        from apps.demo.handlers import DemoHandlers
-
         h = DemoHandlers(self.cache, max_pixels=self.max_pixels, max_side=self.max_side,
                          files_dir=self.temp_dir / "downloads")
         run = {"concurrency_id": "models", "concurrency_limit": self.concurrency, "preprocess": False}
@@ -167,8 +169,9 @@ class Demo:
         self.blocks = blocks
         return blocks
 
-    def _picker(self, gr: Any, tasks: Sequence[str], label: str) -> Any:
-        choices = self.cache.labels(tasks)
+    def _picker(self, gr: Any, kind: type[Inference], label: str) -> Any:
+        """A dropdown of the checkpoints whose results are of ``kind`` (the tab's)."""
+        choices = self.cache.labels(kind)
         return gr.Dropdown(choices=choices, value=choices[0] if choices else None, label=label,
                            interactive=True)
 
@@ -205,7 +208,7 @@ class Demo:
         # examples are in view without scrolling.
         with gr.Row():
             with gr.Column(scale=1):
-                model = self._picker(gr, DETECTION_TASKS, "Detector")
+                model = self._picker(gr, DetectionInference, "Detector")
                 first = self.cache.checkpoints.get(model.value) if model.value else None
                 model_info = gr.Markdown(h.about(model.value), elem_id="det-model")
                 image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=260,
@@ -235,7 +238,7 @@ class Demo:
     def _segmentation_tab(self, gr: Any, h: Any, run: dict[str, Any]) -> None:
         with gr.Row():
             with gr.Column(scale=1):
-                model = self._picker(gr, ("segmentation",), "Segmentation model")
+                model = self._picker(gr, SegmentationInference, "Segmentation model")
                 self._model_info(gr, h, model, "seg-model")
                 image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=260,
                                      elem_id="seg-input", alt_text="The image to segment")
@@ -254,7 +257,7 @@ class Demo:
     def _classification_tab(self, gr: Any, h: Any, run: dict[str, Any]) -> None:
         with gr.Row():
             with gr.Column(scale=1):
-                model = self._picker(gr, ("classification",), "Classifier")
+                model = self._picker(gr, ClassificationInference, "Classifier")
                 self._model_info(gr, h, model, "cls-model")
                 image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=260,
                                      elem_id="cls-input", alt_text="The image to classify")
@@ -269,7 +272,7 @@ class Demo:
         gr.Markdown("What a two-stage detector does with one image, stage by stage.")
         with gr.Row():
             with gr.Column(scale=1):
-                model = self._picker(gr, DETECTION_TASKS, "Detector")
+                model = self._picker(gr, DetectionInference, "Detector")
                 self._model_info(gr, h, model, "exp-model")
                 image = _image_input(label="Image", sources=["upload", "clipboard"], height=260,
                                      elem_id="exp-input", alt_text="The image to explain the detector on")

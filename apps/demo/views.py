@@ -13,11 +13,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from apps import visualize
-from apps.predict.results import DetectionResult, SegmentationResult
+from apps.tasks.inference.base import Result
+from apps.tasks.inference.detection import DetectionResult
 from detection.explain import Explanation, Stage
+from vision import visualize
 
-__all__ = ["DISPLAY_MIN_SIDE", "display_copy", "draw_detections", "draw_segmentation", "explanation_panels",
+__all__ = ["DISPLAY_MIN_SIDE", "display_copy", "draw_detections", "draw_result", "explanation_panels",
            "explanation_text"]
 
 DISPLAY_MIN_SIDE = 640
@@ -36,21 +37,13 @@ def display_copy(image: np.ndarray) -> tuple[np.ndarray, float]:
 def draw_detections(image: np.ndarray, result: DetectionResult, scale: float = 1.0) -> np.ndarray:
     """``result`` (boxes in ``image``'s pixels / ``scale``) drawn on a display copy of ``image``."""
     canvas, view = display_copy(image)
-    if not len(result.labels):
-        return canvas
-    names = {int(k): n for k, n in zip(result.labels.tolist(), result.names, strict=True)}
-    table = [names.get(k, str(k)) for k in range(int(result.labels.max()) + 1)]
-    boxes = result.boxes * (scale * view)
-    return visualize.draw_detections(canvas, boxes, result.labels, result.scores, table)
+    return result.draw(canvas, scale=scale * view)
 
 
-def draw_segmentation(image: np.ndarray, result: SegmentationResult) -> np.ndarray:
-    """The mask (at ``image``'s size) blended over a display copy, with a legend of the classes present."""
-    canvas, _ = display_copy(image)
-    mask = result.mask
-    if mask.shape != canvas.shape[:2]:
-        mask = cv2.resize(mask, (canvas.shape[1], canvas.shape[0]), interpolation=cv2.INTER_NEAREST)
-    return SegmentationResult(mask, result.classes, canvas.shape[:2]).draw(canvas)
+def draw_result(image: np.ndarray, result: Result) -> np.ndarray:
+    """Any task's ``result`` of ``image`` drawn on a display copy of it."""
+    canvas, view = display_copy(image)
+    return result.draw(canvas, scale=view)
 
 
 # ---- "how it works" ----------------------------------------------------------------------------------------

@@ -5,15 +5,15 @@
     for item in predictor.predict_source(["photos/"], batch_size=8, workers=2):
         item.file.name, item.result or item.error         # files decoded by DataLoader worker processes
 
-A result is a :class:`DetectionResult` (boxes xyxy in original pixels, scores, labels, category ids and
-names), a :class:`ClassificationResult` (top-k) or a :class:`SegmentationResult` (an index mask at the
-original size), whatever the task of the checkpoint; each one can ``draw(image)`` itself and turn into a
-predictions.jsonl ``record()``. The checkpoint alone defines model, preprocessing and classes.
+A result is the checkpoint's task's result type (apps/tasks/inference/): a :class:`DetectionResult` (boxes
+xyxy in original pixels, scores, labels, category ids and names), a :class:`ClassificationResult` (top-k) or
+a :class:`SegmentationResult` (an index mask at the original size); each one can ``draw(image)`` itself and
+turn into a predictions.jsonl ``record()``. The checkpoint alone defines model, preprocessing and classes;
+the task's ``inference`` does everything that differs by task, so nothing here asks which task it is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
@@ -22,38 +22,30 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision.ops import batched_nms
 
+from apps.deploy import exported_backend
+from apps.engine.distributed import resolve_device
 from apps.engine.loader import parent_bound_init
-from apps.predict.results import (
-    ClassificationResult,
-    DetectionResult,
-    Prediction,
-    Result,
-    SegmentationResult,
-)
+from apps.predict.results import Prediction
 from apps.predict.sources import ImageFile, find_images
-from apps.predict.transform import InputTransform
+from apps.tasks import load_model
+from apps.tasks.inference.base import Inference, Result, Transform
+from apps.tasks.inference.classification import ClassificationResult
+from apps.tasks.inference.detection import DetectionResult
+from apps.tasks.inference.segmentation import SegmentationResult
 from vision.data.images import DEFAULT_MAX_PIXELS, ImageError, read_image
 from vision.layers import prepare_for_inference
 
 __all__ = ["ClassificationResult", "DetectionResult", "Prediction", "Predictor", "Result",
            "SegmentationResult"]
 
-# Above this many logits per image ((K + 1) x H x W) segmentation takes the argmax at the model's
-# resolution and enlarges the index map instead of the logits: a 12-megapixel photo with 21 classes
-# would otherwise need a 1 GB float tensor.
-_MAX_UPSAMPLED_LOGITS = 64_000_000
-
 
 class _ImageFiles(Dataset):
     """Decodes and preprocesses one file per item, inside DataLoader workers; failures come back as values
     so that one bad file never stops the stream."""
 
-    def __init__(self, files: Sequence[ImageFile], transform: InputTransform, *, max_pixels: int,
+    def __init__(self, files: Sequence[ImageFile], transform: Transform, *, max_pixels: int,
                  keep_images: bool):
         # A numpy string array, not a list of str: forked workers touching Python objects would copy
         # their pages (refcounts), and memory would grow with the number of files.
@@ -102,7 +94,7 @@ class Predictor:
         nms_threshold: detection: IoU threshold of the per-class NMS; None keeps the model's own.
         classes: keep only these classes (names or dataset category ids); None keeps all. Detection drops
             other boxes, classification ranks only these, segmentation chooses among them and background.
-        top_k: classification: how many classes each result lists.
+        top_k: classification: how many classes each result lists (at most the number of classes).
         max_pixels: refuse larger image files (decompression bombs).
         backend: ``pytorch``, or ``onnxruntime``: the checkpoint's ONNX export (made, checked against
             PyTorch and cached on first use, see apps.deploy) run by ONNX Runtime on the CPU.
@@ -120,9 +112,6 @@ class Predictor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         backend: str = "pytorch",
     ):
-        from apps.engine.distributed import resolve_device
-        from apps.tasks import load_model
-
         self.device = resolve_device(str(device))
         if isinstance(weights, str | os.PathLike):
             loaded = load_model(weights, self.device)
@@ -131,147 +120,29 @@ class Predictor:
         else:  # the caller's model, as it is (the demo prepares the ones it caches)
             self.loaded = weights
             self.loaded.model.to(self.device).eval()
+        # the task's inference checks the thresholds and the class filter before any export below
+        self.inference: Inference = self.loaded.task.inference(
+            self.loaded.classes, self.loaded.preprocess, score_threshold=score_threshold,
+            nms_threshold=nms_threshold, only=classes, top_k=top_k)
         if backend == "onnxruntime":  # the seam: an object with the model's call signature, on the CPU
-            from apps.deploy import exported_backend
-
             self.device = torch.device("cpu")
             self.loaded = exported_backend(self.loaded, score_threshold)
         elif backend != "pytorch":
             raise ValueError(f"unknown backend {backend!r}; choose pytorch or onnxruntime")
-        self.task: str = self.loaded.task.output  # R-CNN predicts as a detector
+        self.task: str = self.inference.kind  # what run.json and summary.json call it
         self.classes: list[dict[str, Any]] = self.loaded.classes
         self.model = self.loaded.model
-        if not 0.0 <= score_threshold <= 1.0:
-            raise ValueError(f"score threshold {score_threshold} outside [0, 1]")
-        if nms_threshold is not None and not 0.0 < nms_threshold <= 1.0:
-            raise ValueError(f"NMS threshold {nms_threshold} outside (0, 1]")
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold
-        self.top_k = max(1, min(top_k, len(self.classes)))
         self.max_pixels = max_pixels
-        self.transform = InputTransform.from_checkpoint(self.task, self.loaded.preprocess)
-        # Boolean mask over labels of the model's outputs (detection/segmentation: 0 is background).
-        offset = 0 if self.task == "classification" else 1
-        self.allowed = self._class_mask(classes, offset)
-
-    def _class_mask(self, wanted: Sequence[str | int] | None, offset: int) -> Tensor | None:
-        if not wanted:
-            return None
-        by_name = {c["name"]: i for i, c in enumerate(self.classes)}
-        by_id = {str(c["id"]): i for i, c in enumerate(self.classes)}
-        allowed = torch.zeros(len(self.classes) + offset, dtype=torch.bool)
-        allowed[:offset] = True
-        for w in wanted:
-            index = by_name.get(str(w), by_id.get(str(w)))
-            if index is None:
-                known = ", ".join(f"{c['id']}:{c['name']}" for c in self.classes)
-                raise ValueError(f"class {w!r} is not one of the checkpoint's classes ({known})")
-            allowed[index + offset] = True
-        return allowed
-
-    # ---- running the model -------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _detector_settings(self):
-        """Lower the detector's own score cut to ours and apply our NMS threshold for one call.
-
-        The box head drops boxes below its training-time threshold (0.05) before NMS, so a lower
-        ``score_threshold`` here needs the model's cut lowered too; restored afterwards.
-        """
-        heads = getattr(self.model, "roi_heads", None)
-        if heads is None or not hasattr(heads, "score_thresh") or not hasattr(heads, "nms_thresh"):
-            yield False
-            return
-        saved = heads.score_thresh, heads.nms_thresh
-        heads.score_thresh = min(heads.score_thresh, self.score_threshold)
-        if self.nms_threshold is not None:
-            heads.nms_thresh = self.nms_threshold
-        try:
-            yield True
-        finally:
-            heads.score_thresh, heads.nms_thresh = saved
+        self.transform = self.inference.transform
 
     @torch.inference_mode()
-    def _run(self, inputs: list[Tensor], valid: list[tuple[int, int]], sizes: list[tuple[int, int]],
-             stacked: Tensor | None = None) -> list[Result]:
+    def _run(self, inputs: list[torch.Tensor], valid: list[tuple[int, int]], sizes: list[tuple[int, int]],
+             stacked: torch.Tensor | None = None) -> list[Result]:
         """inputs: preprocessed uint8 [3, h, w] per image; valid: the (h', w') of each input that is image
         (the rest is padding); sizes: original (H, W) of each; stacked: the inputs as one [N, 3, h, w]."""
-        if not inputs:
-            return []
-        to_float = lambda t: t.to(self.device, non_blocking=True).float().div_(255.0)  # noqa: E731
-        if self.task == "detection":
-            # One image per forward: a detector pads the images of a batch to a common size, and both that
-            # padding and batched kernels' rounding would make an image's boxes depend on its batch
-            # companions (so on --batch-size, --workers, file order and --resume). Alone, it gets the same
-            # detections every time; on a CPU this costs little (see README, predict speed).
-            with self._detector_settings() as applied:
-                outputs = [self.model([to_float(t)])[0][0] for t in inputs]
-            return [self._detections(d, size, nms_in_model=applied) for d, size in zip(outputs, sizes,
-                                                                                       strict=True)]
-        if stacked is not None:
-            logits, _ = self.model(to_float(stacked))
-        else:
-            # Sizes differ (segmentation at each image's own size): one forward per group of equal
-            # size rather than padding, which would change the logits near the borders.
-            groups: dict[tuple[int, ...], list[int]] = {}
-            for i, t in enumerate(inputs):
-                groups.setdefault(tuple(t.shape), []).append(i)
-            logits = [None] * len(inputs)
-            for members in groups.values():
-                out, _ = self.model(to_float(torch.stack([inputs[i] for i in members])))
-                for i, lg in zip(members, out, strict=True):
-                    logits[i] = lg
-        if self.task == "classification":
-            return [self._classification(lg, size) for lg, size in zip(logits, sizes, strict=True)]
-        return [self._segmentation(lg[:, :vh, :vw], size) for lg, (vh, vw), size in zip(logits, valid, sizes,
-                                                                                         strict=True)]
-
-    def _detections(self, det: Any, size: tuple[int, int], *, nms_in_model: bool) -> DetectionResult:
-        keep = det.scores >= self.score_threshold
-        if self.allowed is not None:
-            allowed = self.allowed.to(det.labels.device)[det.labels]
-            below, keep = det.scores[allowed & ~keep], keep & allowed
-        else:
-            below = det.scores[~keep]
-        boxes, scores, labels = det.boxes[keep], det.scores[keep], det.labels[keep]
-        if self.nms_threshold is not None and not nms_in_model:
-            order = batched_nms(boxes.float(), scores.float(), labels, self.nms_threshold)
-            boxes, scores, labels = boxes[order], scores[order], labels[order]
-        labels_list = labels.tolist()
-        return DetectionResult(
-            boxes=boxes.float().cpu().numpy(), scores=scores.float().cpu().numpy(),
-            labels=labels.cpu().numpy(), category_ids=[self.classes[k - 1]["id"] for k in labels_list],
-            names=[self.classes[k - 1]["name"] for k in labels_list], image_size=size,
-            best_below=float(below.max()) if len(below) else None,
-        )
-
-    def _classification(self, logits: Tensor, size: tuple[int, int]) -> ClassificationResult:
-        """logits: [K]."""
-        probs = logits.float().softmax(-1)
-        ranked, k = probs, self.top_k
-        if self.allowed is not None:  # other classes rank below every allowed one
-            ranked = probs.masked_fill(~self.allowed.to(probs.device), -1.0)
-            k = min(k, int(self.allowed.sum()))
-        scores, labels = ranked.topk(k)
-        labels_list = labels.tolist()
-        return ClassificationResult(
-            labels=labels.cpu().numpy(), scores=scores.cpu().numpy(),
-            category_ids=[self.classes[k]["id"] for k in labels_list],
-            names=[self.classes[k]["name"] for k in labels_list], image_size=size,
-        )
-
-    def _segmentation(self, logits: Tensor, size: tuple[int, int]) -> SegmentationResult:
-        """logits: [K + 1, h, w] at the model's input size -> index mask at the original (H, W)."""
-        upsample = logits.shape[0] * size[0] * size[1] <= _MAX_UPSAMPLED_LOGITS
-        if upsample:
-            logits = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-        if self.allowed is not None:  # after interpolating: -inf would turn into NaN there
-            logits = logits.masked_fill(~self.allowed.to(logits.device)[:, None, None], float("-inf"))
-        labels = logits.argmax(0)
-        if not upsample:
-            labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
-        dtype = np.uint8 if len(self.classes) < 255 else np.uint16
-        return SegmentationResult(labels.cpu().numpy().astype(dtype), self.classes, size)
+        return self.inference.run(self.model, inputs, valid, sizes, stacked, self.device)
 
     # ---- public entry points -------------------------------------------------------------------------------
 
@@ -293,7 +164,7 @@ class Predictor:
         dataset = _ImageFiles(files, self.transform, max_pixels=self.max_pixels, keep_images=keep_images)
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-            collate_fn=partial(_collate, stack=self.task != "detection"),
+            collate_fn=partial(_collate, stack=not self.inference.one_image_per_forward),
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             prefetch_factor=2 if workers > 0 else None,
             worker_init_fn=parent_bound_init() if workers > 0 else None,  # no orphans after a kill -9

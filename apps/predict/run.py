@@ -21,15 +21,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from apps.engine import distributed
 from apps.predict.predictor import Predictor
-from apps.predict.results import Prediction, SegmentationResult, error_kind, threshold_hint
+from apps.predict.results import Prediction, error_kind, threshold_hint
 from apps.predict.sources import ImageFile, find_images, shard
 from apps.predict.writers import (
     COCO_RESULTS,
     CSV_FILE,
     ERRORS,
     IMAGES_DIR,
-    MASKS_DIR,
     PREDICTIONS,
     SHARDS_DIR,
     JsonlWriter,
@@ -114,12 +114,6 @@ def _save_picture(picture: np.ndarray, path: Path) -> None:
         Image.fromarray(picture).save(path)
 
 
-def _save_mask(mask: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # uint8 masks are 8-bit greyscale PNGs; more than 254 classes need 16 bits.
-    Image.fromarray(mask, mode="L" if mask.dtype == np.uint8 else "I;16").save(path)
-
-
 def _write_item(item: Prediction, output: Path, ids: dict[str, int | None] | None,
                 save_images: bool) -> dict[str, Any]:
     """Write an image's files and return its predictions.jsonl record."""
@@ -129,10 +123,7 @@ def _write_item(item: Prediction, output: Path, ids: dict[str, int | None] | Non
     if ids is not None:
         record["image_id"] = ids[item.file.name]
     record.update(width=int(width), height=int(height))
-    if isinstance(result, SegmentationResult):
-        mask_file = f"{MASKS_DIR}/{item.file.mask_name}"
-        _save_mask(result.mask, output / mask_file)
-        record["mask"] = mask_file
+    record.update(result.save(output, item.file.mask_name))  # e.g. segmentation's mask PNG
     record.update(result.record())
     if save_images:
         _save_picture(result.draw(item.image), output / IMAGES_DIR / item.file.name)
@@ -144,8 +135,6 @@ def run_predict(opts: PredictOptions) -> int:
 
     Raises SourceError, OutputError, CheckpointError or ValueError for unusable arguments.
     """
-    from apps.engine import distributed
-
     started = time.perf_counter()
     output = Path(opts.output)
     # A long timeout: ranks that finish their shard early wait at the barrier for the slowest one.
@@ -156,16 +145,16 @@ def run_predict(opts: PredictOptions) -> int:
         predictor = Predictor(opts.weights, dist.device, score_threshold=opts.score_threshold,
                               nms_threshold=opts.nms_threshold, classes=opts.classes, top_k=opts.top_k,
                               max_pixels=opts.max_pixels, backend=opts.backend)
-        task = predictor.task
-        formats = list(dict.fromkeys(opts.formats or (["coco"] if task == "detection" else ["jsonl"])))
+        task, coco = predictor.task, predictor.inference.coco_results
+        formats = list(dict.fromkeys(opts.formats or (["coco"] if coco else ["jsonl"])))
         for fmt in formats:
             if fmt not in FORMATS:
                 raise OutputError(f"--format {fmt}: choose from {', '.join(FORMATS)}")
-        if opts.coco_ids and task != "detection":
+        if opts.coco_ids and not coco:
             raise OutputError(f"--coco-ids: image ids are for detection results; this checkpoint is {task}")
-        if "coco" in formats and task != "detection":
+        if "coco" in formats and not coco:
             raise OutputError(f"--format coco: COCO results need a detection checkpoint; this one is {task}")
-        ids = image_ids(scan.files, opts.coco_ids) if task == "detection" else None
+        ids = image_ids(scan.files, opts.coco_ids) if coco else None
         run_info = {
             "weights": str(Path(opts.weights).resolve()), "task": task,
             "score_threshold": opts.score_threshold, "nms_threshold": opts.nms_threshold,
@@ -206,8 +195,8 @@ def run_predict(opts: PredictOptions) -> int:
                 else:
                     predictions.write(_write_item(item, output, ids, opts.save_images))
                     done += 1
-                    best_below = getattr(item.result, "best_below", None)
-                    if best_below is not None and not len(item.result.labels):
+                    best_below = item.result.quiet_best()
+                    if best_below is not None:
                         quiet.append((best_below, item.file.name))
                 bar.update(1)
         bar.close()
@@ -240,14 +229,15 @@ def _finish(
         extra["coco_results"] = {"detections": n_dets, "images_without_id": no_id}
         if no_id:
             _warn(f"{no_id} images have no id in {opts.coco_ids}: left out of {COCO_RESULTS}")
+    result_type = predictor.inference.result_type
     if "csv" in formats:
-        write_csv(output, task)
+        write_csv(output, result_type)
         written["csv"] = CSV_FILE
-    if task == "segmentation":
-        written["masks"] = MASKS_DIR + "/"
+    for folder in result_type.folders:  # segmentation's masks/
+        written[folder] = folder + "/"
     if opts.save_images:
         written["images"] = IMAGES_DIR + "/"
-    counts = count_outputs(output, task)
+    counts = count_outputs(output, result_type)
     processed = sum(r["done"] + r["failed"] for r in per_rank)
     slowest = max(r["seconds"] for r in per_rank)
     summary = {
@@ -263,7 +253,7 @@ def _finish(
         "images_per_second": round(processed / slowest, 3) if slowest > 0 else None,
         "wall_time_s": round(wall, 3),
         "processes": per_rank if dist.world_size > 1 else None,
-        "score_threshold": opts.score_threshold if task == "detection" else None,
+        "score_threshold": opts.score_threshold if predictor.inference.takes_thresholds else None,
         "outputs": written,
         **extra,
     }

@@ -26,7 +26,10 @@ import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:  # annotations only: the tasks' results import this module's folder names
+    from apps.tasks.inference.base import Result
 
 RUN_JSON = "run.json"
 PREDICTIONS = "predictions.jsonl"
@@ -230,58 +233,29 @@ def write_coco_results(output: Path) -> tuple[int, int]:
     return written, missing
 
 
-_CSV_COLUMNS = {
-    "detection": ["file", "image_id", "width", "height", "category_id", "name", "score", "x", "y", "w", "h"],
-    "classification": ["file", "width", "height", "rank", "category_id", "name", "score"],
-    "segmentation": ["file", "width", "height", "mask", "category_id", "name", "pixels"],
-}
-
-
-def _csv_rows(task: str, record: dict[str, Any]) -> Iterator[list[Any]]:
-    head = [record["file"]] + ([record.get("image_id")] if task == "detection" else [])
-    head += [record["width"], record["height"]]
-    if task == "detection":
-        items = [[d["category_id"], d["name"], d["score"], *d["bbox"]] for d in record["detections"]]
-    elif task == "classification":
-        items = [[rank, c["category_id"], c["name"], c["score"]] for rank, c in enumerate(record["topk"], 1)]
-    else:
-        items = [[record["mask"], c["category_id"], c["name"], c["pixels"]] for c in record["classes"]]
-        items = items or [[record["mask"], "", "", ""]]
-    # An image with nothing found still gets its row: every input appears in the outputs.
-    empty = [""] * (len(_CSV_COLUMNS[task]) - len(head))
-    for item in items or [empty]:
-        yield head + item
-
-
-def write_csv(output: Path, task: str) -> None:
-    """predictions.jsonl -> predictions.csv, long format: one row per detection / top-k entry / class."""
+def write_csv(output: Path, result_type: type[Result]) -> None:
+    """predictions.jsonl -> predictions.csv, long format: one row per detection / top-k entry / class, as the
+    task's ``result_type`` reads its records (every image gets at least one row)."""
     tmp = output / f".{CSV_FILE}.tmp"
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(_CSV_COLUMNS[task])
+        writer.writerow(result_type.csv_columns)
         for record in read_jsonl(output / PREDICTIONS):
-            writer.writerows(_csv_rows(task, record))
+            writer.writerows(result_type.csv_rows(record))
     os.replace(tmp, output / CSV_FILE)
 
 
-def count_outputs(output: Path, task: str) -> dict[str, Any]:
-    """Images done and failed, and per-class totals, from the journals: detections per class
-    (detection), images whose top-1 is the class (classification), images showing the class
-    (segmentation)."""
+def count_outputs(output: Path, result_type: type[Result]) -> dict[str, Any]:
+    """Images done and failed, and per-class totals from the journals, as ``result_type`` counts them:
+    detections per class (detection), images whose top-1 is the class (classification), images showing
+    the class (segmentation)."""
     per_class: Counter[str] = Counter()
     done = 0
     for record in read_jsonl(output / PREDICTIONS):
         done += 1
-        if task == "detection":
-            per_class.update(d["name"] for d in record["detections"])
-        elif task == "classification":
-            per_class.update(record["topk"][:1] and [record["topk"][0]["name"]])
-        else:
-            per_class.update(c["name"] for c in record["classes"])
+        per_class.update(result_type.counted(record))
     failed = sum(1 for _ in read_jsonl(output / ERRORS))
-    key = {"detection": "detections_per_class", "classification": "top1_per_class",
-           "segmentation": "images_per_class"}[task]
-    return {"done": done, "failed": failed, key: dict(sorted(per_class.items()))}
+    return {"done": done, "failed": failed, result_type.counts_key: dict(sorted(per_class.items()))}
 
 
 def write_summary(output: Path, summary: dict[str, Any]) -> None:

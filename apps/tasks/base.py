@@ -23,7 +23,8 @@ How the engine uses a task, in order:
    processes (see apps.engine.distributed: ``all_reduce_sum``, ``all_gather_object``). Per-class values
    use ``group/name`` keys, e.g. ``acc/circle``, ``AP/person``. ``primary_metric`` (higher is better)
    picks best.pt and drives early stopping.
-6. ``preprocess(exp)`` is stored in the checkpoint: what prediction needs beyond the model.
+6. ``preprocess(exp)`` is stored in the checkpoint: what prediction needs beyond the model, read by the
+   task's ``inference`` (apps/tasks/inference/), which predict, the demo and export use.
 7. ``finish_training(exp, run_dir, device, log)`` after the loop, for tasks with later stages (R-CNN).
 
 `visiondet evaluate` calls ``build_eval_dataset(split, loaded)`` then ``evaluate``; a task that can score
@@ -43,6 +44,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, Dataset, Sampler, default_collate
 
 from apps.config import ConfigError, Experiment, SplitConfig
+from apps.tasks.inference.base import Inference
 
 if TYPE_CHECKING:
     from apps.tasks import LoadedModel
@@ -97,9 +99,12 @@ class Task(ABC):
     """Model, data and evaluation of one task; subclasses set the class attributes and abstract methods."""
 
     name: ClassVar[str]
-    # What the model returns at inference, for predict and the demo: "detection", "classification" or
-    # "segmentation". Tasks that differ only in training (R-CNN's stages) share their output kind.
+    # What the model returns at inference, by name: "detection", "classification" or "segmentation".
+    # Tasks that differ only in training (R-CNN's stages) share their output kind.
     output: ClassVar[str]
+    # Everything predict, the demo, export and explain's caller need at inference (apps/tasks/inference/):
+    # input transform, model output -> result, drawing, records. They dispatch on this, never on ``name``.
+    inference: ClassVar[type[Inference]]
     model_config_type: ClassVar[type]  # dataclass rebuilt from checkpoint["model"], e.g. ClassifierConfig
     options_type: ClassVar[type] = NoOptions  # dataclass for the config's data.options
     primary_metric: ClassVar[str]  # key of evaluate()'s result, higher is better: "top1", "mIoU", "AP50"

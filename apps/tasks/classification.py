@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from apps.config import ConfigError, Experiment, SplitConfig
 from apps.engine.distributed import all_reduce_sum
 from apps.tasks.base import Datasets, Relabelled, Task, class_positions
+from apps.tasks.inference.classification import ClassificationInference
 from vision.classification import Classifier, ClassifierConfig
 from vision.data.folder import ImageFolderDataset
 from vision.data.transforms import build_transforms
@@ -55,6 +56,7 @@ def classification_metrics(correct_top1: torch.Tensor, correct_topk: torch.Tenso
 class ClassificationTask(Task):
     name = "classification"
     output = "classification"
+    inference = ClassificationInference
     model_config_type = ClassifierConfig
     options_type = ClassificationOptions
     primary_metric = "top1"

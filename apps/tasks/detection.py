@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from apps.config import ConfigError, Experiment, SplitConfig, from_dict
 from apps.engine.distributed import all_gather_object
 from apps.tasks.base import Datasets, Task
+from apps.tasks.inference.detection import DetectionInference
 from detection.evaluation import (
     EvaluationError,
     detections_to_coco,
@@ -60,6 +61,7 @@ def _unwrap(dataset: Any) -> Any:
 class DetectionTask(Task):
     name = "detection"
     output = "detection"
+    inference = DetectionInference
     model_config_type = DetectorConfig
     options_type = DetectionOptions
     primary_metric = "AP"

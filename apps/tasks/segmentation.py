@@ -24,6 +24,9 @@ from torch.utils.data import Dataset
 from apps.config import ConfigError, Experiment, SplitConfig
 from apps.engine.distributed import all_reduce_sum
 from apps.tasks.base import Datasets, Relabelled, Task, class_positions
+from apps.tasks.inference.segmentation import SegmentationInference
+from vision.data.coco import CocoSegmentation, MaskFolderSegmentation
+from vision.data.transforms import build_transforms
 from vision.segmentation import IGNORE_INDEX, SegmentationConfig, SegmentationMetric, build_segmentation_model
 
 __all__ = ["SegmentationOptions", "SegmentationTask", "segmentation_collate"]
@@ -74,6 +77,7 @@ def _metric_summary(metrics: dict[str, Any], classes: list[dict[str, Any]], imag
 class SegmentationTask(Task):
     name = "segmentation"
     output = "segmentation"
+    inference = SegmentationInference
     model_config_type = SegmentationConfig
     options_type = SegmentationOptions
     primary_metric = "mIoU"
@@ -116,8 +120,6 @@ class SegmentationTask(Task):
     # ---- data --------------------------------------------------------------------------------------------
 
     def _dataset(self, split: SplitConfig, where: str, transforms: Any, classes: list[Any] | None) -> Any:
-        from vision.data.coco import CocoSegmentation, MaskFolderSegmentation
-
         try:
             if split.annotations is not None:
                 return CocoSegmentation(split.images, split.annotations, transforms=transforms)
@@ -127,15 +129,11 @@ class SegmentationTask(Task):
 
     @staticmethod
     def _eval_transforms(spec: list[dict[str, Any]] | None, size: int | None) -> Any:
-        from vision.data.transforms import build_transforms
-
         if spec is None and size is None:
             return None  # each image at its own size
         return build_transforms(spec, "segmentation", False, **({"size": size} if size else {}))
 
     def build_datasets(self, exp: Experiment) -> Datasets:
-        from vision.data.transforms import build_transforms
-
         opts: SegmentationOptions = exp.data.options
         try:
             train_tf = build_transforms(exp.data.train.transforms, "segmentation", True, size=opts.crop_size,

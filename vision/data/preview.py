@@ -2,12 +2,12 @@
 
 ``visiondet data preview`` writes it so a user can see what a pipeline does before training on it:
 boxes, instance masks and crowd regions for detection, the label map for segmentation (ignore pixels
-hatched), the class name for classification.
+hatched), the class name for classification. Colours and box labels come from vision.visualize, the one
+drawing module: a class has the same colour here as in `visiondet predict --save-images` and the demo.
 """
 
 from __future__ import annotations
 
-import colorsys
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,15 +17,34 @@ import cv2
 import numpy as np
 import torch
 
-__all__ = ["label_colour", "make_preview", "render_sample"]
+from vision import visualize
+from vision.data.coco import AnnotationError, CocoDetection, CocoSegmentation
+from vision.data.folder import ImageFolderDataset
+
+__all__ = ["make_preview", "preview_dataset", "render_sample"]
 
 _BACKGROUND = (40, 40, 40)
 
 
-def label_colour(label: int) -> tuple[int, int, int]:
-    """A distinct, stable RGB colour per label (hues spaced by the golden ratio)."""
-    r, g, b = colorsys.hsv_to_rgb((label * 0.618034) % 1.0, 0.75, 1.0)
-    return int(r * 255), int(g * 255), int(b * 255)
+def preview_dataset(kind: str, pipeline: Any, *, images: str | None = None, annotations: str | None = None,
+                    root: str | None = None) -> Any:
+    """The dataset ``data preview`` draws for a pipeline of ``kind`` (as ``build_transforms`` takes it):
+    an ImageFolder tree (``root``) for classification, else a COCO file with its images (detection draws
+    instance masks too when every annotation has one)."""
+    if kind == "classification":
+        if not root:
+            raise ValueError("classification preview needs --root (an ImageFolder tree)")
+        return ImageFolderDataset(root, transforms=pipeline)
+    if not (annotations and images):
+        raise ValueError(f"{kind} preview needs --annotations and --images")
+    if kind == "segmentation":
+        return CocoSegmentation(images, annotations, transforms=pipeline)
+    try:
+        return CocoDetection(images, annotations, transforms=pipeline, with_masks=True)
+    except AnnotationError as exc:
+        if "segmentation" not in exc.reason:
+            raise
+        return CocoDetection(images, annotations, transforms=pipeline)
 
 
 def make_preview(
@@ -81,15 +100,14 @@ def _draw_detection(canvas: np.ndarray, target: dict[str, Any], classes: Sequenc
     if masks is not None and len(masks):
         overlay = canvas.copy()
         for label, mask in zip(labels, masks.numpy().astype(bool), strict=True):
-            overlay[mask] = label_colour(label)
+            overlay[mask] = visualize.color_of(label)
         canvas = cv2.addWeighted(overlay, 0.45, canvas, 0.55, 0)
     for x1, y1, x2, y2 in target.get("crowd_boxes", torch.zeros(0, 4)).round().int().tolist():
         cv2.rectangle(canvas, (x1, y1), (x2, y2), (160, 160, 160), 1, lineType=cv2.LINE_4)
-    for label, (x1, y1, x2, y2) in zip(labels, target["boxes"].round().int().tolist(), strict=True):
-        colour = label_colour(label)
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, 2)
-        _caption(canvas, _name(classes, label, offset=1), (x1, y1), colour)
-    return canvas
+    if not labels:
+        return canvas
+    names = [_name(classes, k, offset=1) for k in range(max(labels) + 1)]
+    return visualize.draw_detections(canvas, target["boxes"].numpy(), np.array(labels), None, names)
 
 
 def _draw_label_map(canvas: np.ndarray, label_map: np.ndarray) -> np.ndarray:
@@ -103,7 +121,7 @@ def _draw_label_map(canvas: np.ndarray, label_map: np.ndarray) -> np.ndarray:
             stripes = ((yy + xx) % 6) < 2
             overlay[yy[stripes], xx[stripes]] = (255, 255, 255)
         else:
-            overlay[region] = label_colour(int(label))
+            overlay[region] = visualize.color_of(int(label))
     return cv2.addWeighted(overlay, 0.5, canvas, 0.5, 0)
 
 

@@ -22,15 +22,14 @@ from __future__ import annotations
 import difflib
 import inspect
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
-
-TASKS = ("detection", "segmentation", "classification")
 
 # Box fields every detection pipeline carries: class labels and each box's index in the input list,
 # so per-instance masks and crowd flags can follow the boxes that survive a crop.
@@ -45,17 +44,6 @@ _REFUSED = {
     "ToTensorV2": "tensor conversion happens once, after the pipeline (to_tensor); remove it",
 }
 
-# Keyword defaults build_transforms accepts, per task: name -> default value.
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    # size: longest image side (None keeps the size; the detector resizes anyway).
-    # min_visibility: a box keeps its label only if this fraction of its area survives a crop.
-    "detection": {"size": None, "min_visibility": 0.1},
-    # size: training crop side and evaluation longest side (padded to a square of this size).
-    # scale: range of the random rescale applied before cropping.
-    "segmentation": {"size": 512, "scale": (0.5, 2.0)},
-    # size: network input side; evaluation resizes the short side to size / 0.875, then centre-crops.
-    "classification": {"size": 224},
-}
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -86,7 +74,7 @@ def build_transforms(
         extra_boxes: detection only: names of further box lists that follow the image's geometry like the
             boxes but take no part in box-safe crops (e.g. ``crowd_boxes``, ``proposals``). Such a pipeline
             is called through ``augment_detection``, not with label fields.
-        **defaults: per-task settings, see ``_DEFAULTS`` (detection: ``size``, ``min_visibility``;
+        **defaults: per-kind settings, see ``KINDS`` (detection: ``size``, ``min_visibility``;
             segmentation: ``size``, ``scale``; classification: ``size``). Unknown names are an error.
 
     Returns:
@@ -96,24 +84,25 @@ def build_transforms(
         (albumentations joins label fields to one box list only) and each extra list is a box target of its
         own, clipped and filtered the same way.
     """
-    if task not in TASKS:
+    if task not in KINDS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    unknown = sorted(set(defaults) - set(_DEFAULTS[task]))
+    kind = KINDS[task]
+    unknown = sorted(set(defaults) - set(kind.defaults))
     if unknown:
-        hints = _suggest(unknown[0], _DEFAULTS[task])
+        hints = _suggest(unknown[0], kind.defaults)
         raise ValueError(
             f"unknown transform setting {unknown[0]!r} for {task}{hints}; "
-            f"accepted: {', '.join(_DEFAULTS[task])}"
+            f"accepted: {', '.join(kind.defaults)}"
         )
-    settings = {**_DEFAULTS[task], **defaults}
+    settings = {**kind.defaults, **defaults}
     if spec is None:
-        transforms = _default_pipeline(task, train, settings)
+        transforms = kind.default_pipeline(train, settings)
     else:
         transforms = _from_spec(spec, "transforms")
-    if extra_boxes and task != "detection":
+    if extra_boxes and not kind.boxes:
         raise ValueError(f"extra_boxes is for detection pipelines, not {task}")
     bbox_params = None
-    if task == "detection":
+    if kind.boxes:
         bbox_params = A.BboxParams(
             format="pascal_voc",
             label_fields=[] if extra_boxes else list(BOX_LABEL_FIELDS),
@@ -169,36 +158,40 @@ def augment(transforms: Any, **data: Any) -> dict[str, Any]:
     return transforms(**data)
 
 
-def _default_pipeline(task: str, train: bool, s: dict[str, Any]) -> list[A.BasicTransform]:
-    if task == "detection":
-        resize = [A.LongestMaxSize(max_size=int(s["size"]))] if s["size"] else []
-        if not train:
-            return resize
-        return resize + [
-            # Crops that keep every box whole; after the detector's resize this is a random zoom-in.
-            A.BBoxSafeRandomCrop(erosion_rate=0.0, p=0.5),
-            A.HorizontalFlip(p=0.5),
-            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.8),
-        ]
-    if task == "segmentation":
-        size = int(s["size"])
-        pad = A.PadIfNeeded(
-            min_height=size,
-            min_width=size,
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=PAD_VALUE,
-            fill_mask=IGNORE_INDEX,
-        )
-        if not train:
-            # Fixed-size outputs so validation batches stack; the padding is ignored by the metrics.
-            return [A.LongestMaxSize(max_size=size), pad]
-        low, high = s["scale"]
-        return [
-            A.RandomScale(scale_limit=(low - 1.0, high - 1.0), p=1.0),
-            pad,
-            A.RandomCrop(height=size, width=size),
-            A.HorizontalFlip(p=0.5),
-        ]
+def _detection_pipeline(train: bool, s: dict[str, Any]) -> list[A.BasicTransform]:
+    resize = [A.LongestMaxSize(max_size=int(s["size"]))] if s["size"] else []
+    if not train:
+        return resize
+    return resize + [
+        # Crops that keep every box whole; after the detector's resize this is a random zoom-in.
+        A.BBoxSafeRandomCrop(erosion_rate=0.0, p=0.5),
+        A.HorizontalFlip(p=0.5),
+        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.8),
+    ]
+
+
+def _segmentation_pipeline(train: bool, s: dict[str, Any]) -> list[A.BasicTransform]:
+    size = int(s["size"])
+    pad = A.PadIfNeeded(
+        min_height=size,
+        min_width=size,
+        border_mode=cv2.BORDER_CONSTANT,
+        fill=PAD_VALUE,
+        fill_mask=IGNORE_INDEX,
+    )
+    if not train:
+        # Fixed-size outputs so validation batches stack; the padding is ignored by the metrics.
+        return [A.LongestMaxSize(max_size=size), pad]
+    low, high = s["scale"]
+    return [
+        A.RandomScale(scale_limit=(low - 1.0, high - 1.0), p=1.0),
+        pad,
+        A.RandomCrop(height=size, width=size),
+        A.HorizontalFlip(p=0.5),
+    ]
+
+
+def _classification_pipeline(train: bool, s: dict[str, Any]) -> list[A.BasicTransform]:
     size = int(s["size"])
     if not train:
         return [A.SmallestMaxSize(max_size=round(size / 0.875)), A.CenterCrop(height=size, width=size)]
@@ -207,6 +200,30 @@ def _default_pipeline(task: str, train: bool, s: dict[str, Any]) -> list[A.Basic
         A.HorizontalFlip(p=0.5),
         A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8),
     ]
+
+
+@dataclass(frozen=True)
+class PipelineKind:
+    """What a kind of pipeline does: its keyword settings (name -> default), its default transforms for
+    training or evaluation, and whether boxes travel with the image. The kind is the data's (what the
+    targets are), chosen by the caller; nothing here knows the task that trains on it."""
+
+    defaults: dict[str, Any]
+    default_pipeline: Callable[[bool, dict[str, Any]], list[A.BasicTransform]]
+    boxes: bool = False
+
+
+KINDS: dict[str, PipelineKind] = {
+    # size: longest image side (None keeps the size; the detector resizes anyway).
+    # min_visibility: a box keeps its label only if this fraction of its area survives a crop.
+    "detection": PipelineKind({"size": None, "min_visibility": 0.1}, _detection_pipeline, boxes=True),
+    # size: training crop side and evaluation longest side (padded to a square of this size).
+    # scale: range of the random rescale applied before cropping.
+    "segmentation": PipelineKind({"size": 512, "scale": (0.5, 2.0)}, _segmentation_pipeline),
+    # size: network input side; evaluation resizes the short side to size / 0.875, then centre-crops.
+    "classification": PipelineKind({"size": 224}, _classification_pipeline),
+}
+TASKS = tuple(KINDS)  # the kinds' names (the name ``build_transforms``'s ``task`` argument has always had)
 
 
 def _from_spec(spec: Sequence[Mapping[str, Any]], where: str) -> list[A.BasicTransform | A.BaseCompose]:

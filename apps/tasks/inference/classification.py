@@ -1,0 +1,91 @@
+"""Classification at inference: the evaluation pipeline of training, softmax top-k, a text panel."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from apps.tasks.inference.base import Inference, Result, Size, Transform, csv_head, hwc_to_chw, rows_or_blank
+from vision import visualize
+from vision.data.transforms import build_transforms
+from vision.export import classifier_spec
+
+__all__ = ["ClassificationInference", "ClassificationResult"]
+
+
+@dataclass
+class ClassificationResult(Result):
+    """Top-k classes of one image, most likely first. labels: [k] int64 in 0..K-1; scores: [k]
+    softmax probabilities; category_ids, names: the dataset's id and name of each."""
+
+    labels: np.ndarray
+    scores: np.ndarray
+    category_ids: list[int]
+    names: list[str]
+    image_size: Size
+
+    csv_columns = ["file", "width", "height", "rank", "category_id", "name", "score"]
+    counts_key = "top1_per_class"
+
+    def record(self) -> dict[str, Any]:
+        rows = zip(self.labels.tolist(), self.scores.tolist(), self.category_ids, self.names, strict=True)
+        return {"topk": [{"label": label, "category_id": cid, "name": name, "score": round(score, 5)}
+                         for label, score, cid, name in rows]}
+
+    def draw(self, image: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        return visualize.draw_topk(image, list(zip(self.names, self.scores.tolist(), strict=True)))
+
+    def top(self) -> dict[str, float]:
+        """{name: probability}, most likely first (the demo's label widget)."""
+        return {name: float(p) for name, p in zip(self.names, self.scores.tolist(), strict=True)}
+
+    @classmethod
+    def csv_rows(cls, record: dict[str, Any]) -> Iterator[list[Any]]:
+        items = [[rank, c["category_id"], c["name"], c["score"]] for rank, c in enumerate(record["topk"], 1)]
+        return rows_or_blank(csv_head(record), items, len(cls.csv_columns))
+
+    @classmethod
+    def counted(cls, record: dict[str, Any]) -> list[str]:
+        return [c["name"] for c in record["topk"][:1]]  # images whose top-1 is the class
+
+
+class ClassificationInference(Inference):
+    kind = "classification"
+    result_type = ClassificationResult
+    label_offset = 0  # classification labels are 0..K-1: there is no background
+
+    def input_transform(self, preprocess: dict[str, Any]) -> Transform:
+        # 224 for checkpoints without the entry, as the classification task reads them
+        pipeline = build_transforms(None, "classification", False, size=int(preprocess.get("size") or 224))
+
+        def transform(image: np.ndarray) -> tuple[Tensor, Size]:
+            image = pipeline(image=image)["image"]
+            return hwc_to_chw(image), image.shape[:2]
+
+        return transform
+
+    def result(self, logits: Tensor, valid: Size, size: Size) -> ClassificationResult:
+        """logits: [K]."""
+        probs = logits.float().softmax(-1)
+        ranked, k = probs, self.top_k
+        if self.allowed is not None:  # other classes rank below every allowed one
+            ranked = probs.masked_fill(~self.allowed.to(probs.device), -1.0)
+            k = min(k, int(self.allowed.sum()))
+        scores, labels = ranked.topk(k)
+        names, ids = self.names_and_ids(labels.tolist())
+        return ClassificationResult(labels=labels.cpu().numpy(), scores=scores.cpu().numpy(),
+                                    category_ids=ids, names=names, image_size=size)
+
+    @classmethod
+    def export_spec(cls, loaded: Any, model: Any, metadata: dict[str, Any]) -> Any:
+        size = int(loaded.preprocess.get("size", 224))
+        mean, std = model.normalize.mean.flatten().tolist(), model.normalize.std.flatten().tolist()
+        metadata["preprocess"] = {
+            "input": f"RGB images [N, 3, {size}, {size}] float32 in [0, 1]: short side resized to "
+                     f"round({size} / 0.875) (OpenCV bilinear), then a centre crop of {size} x {size}",
+            "inside": f"normalise (mean {mean}, std {std})", "size": loaded.preprocess.get("size")}
+        return classifier_spec(model, size, metadata)
