@@ -19,9 +19,8 @@ could not be read at all.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
+from functools import partial
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,108 +67,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from apps import datasets
     from vision.data.cocofile import AnnotationError
     from vision.data.convert import ConversionError
     from vision.data.images import ImageError
 
-    action = {"check": _check, "convert": _convert, "preview": _preview}[args.data_command]
+    if args.data_command == "check":
+        job = partial(datasets.run_check, datasets.CheckOptions(
+            args.annotations, args.images, json=args.json, headers_only=args.headers_only,
+            workers=args.workers, config=args.config, anchors=not args.no_anchors))
+    elif args.data_command == "convert":
+        job = partial(datasets.run_convert, datasets.ConvertOptions(
+            args.source, args.out, target=args.target, annotations=args.annotations, images=args.images,
+            labels=args.labels, names=args.names, split=args.split))
+    else:
+        kind = args.task or ("classification" if args.root else "detection")  # the data pipeline's kind
+        job = partial(datasets.run_preview, datasets.PreviewOptions(
+            args.out, kind, annotations=args.annotations, images=args.images, root=args.root,
+            transforms=args.transforms, size=args.size, train=not args.eval, num=args.num, seed=args.seed))
     try:
-        return action(args)
+        return job()
     except (AnnotationError, ConversionError, ImageError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-def _check(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from vision.data.check import check_dataset
-
-    def progress(items):
-        return tqdm(items, desc="images", unit="img", disable=args.json or not sys.stderr.isatty())
-
-    if not args.no_anchors:  # a bad --config fails before the images are read
-        from apps.data_anchors import detector_config
-
-        detector_config(args.config)
-    report = check_dataset(args.annotations, args.images, decode=not args.headers_only, workers=args.workers,
-                           progress=progress)
-    anchors = None if args.no_anchors else _anchors(args)
-    if args.json:
-        print(json.dumps({**report.to_dict(), **({"anchors": anchors[1]} if anchors else {})}, indent=2))
-    else:
-        print(report.to_text() + (f"\n{anchors[0]}" if anchors else ""))
-    return 0 if report.ok else 1
-
-
-def _anchors(args: argparse.Namespace) -> tuple[str, dict] | None:
-    """The anchor section (text, dict), or None when the file gives no boxes (the check says why)."""
-    from apps.data_anchors import anchor_check, anchor_report_dict, detector_config, format_anchor_report
-
-    try:
-        report = anchor_check(args.annotations, args.config)
-    except (OSError, ValueError, KeyError, TypeError):  # an unreadable file: the check above reports it
-        return None
-    if report is None:
-        return None
-    source = detector_config(args.config)[1]
-    return format_anchor_report(report, source), anchor_report_dict(report, source)
-
-
-def _convert(args: argparse.Namespace) -> int:
-    from vision.data import convert
-
-    def need(*names: str) -> None:
-        missing = [f"--{n}" for n in names if getattr(args, n) is None]
-        if missing:
-            raise ValueError(f"--from {args.source} --to {args.target} needs {', '.join(missing)}")
-
-    if (args.source == "coco") == (args.target == "coco"):
-        raise ValueError("convert goes from voc or yolo to coco, or from coco to voc or yolo")
-    if args.source == "voc":
-        need("annotations")
-        classes = convert.read_names(args.names) if args.names else None
-        data = convert.voc_to_coco(args.annotations, images_dir=args.images, classes=classes,
-                                   split_file=args.split)
-    elif args.source == "yolo":
-        need("images", "labels", "names")
-        data = convert.yolo_to_coco(args.images, args.labels, convert.read_names(args.names))
-        orphans = convert.unmatched_yolo_labels(args.images, args.labels)
-    elif args.target == "voc":
-        need("annotations")
-        files = convert.coco_to_voc(args.annotations, args.out)
-        print(f"wrote {len(files)} VOC XML files to {args.out}")
-        return 0
-    else:
-        need("annotations")
-        names = convert.coco_to_yolo(args.annotations, args.out)
-        print(f"wrote YOLO labels for {len(names)} classes to {args.out} and classes.txt")
-        return 0
-    path = convert.write_json(data, args.out)
-    print(f"wrote {path}: {len(data['images'])} images, {len(data['annotations'])} annotations, "
-          f"{len(data['categories'])} categories")
-    if args.source == "yolo" and orphans:
-        shown = ", ".join(str(p) for p in orphans[:10]) + (" ..." if len(orphans) > 10 else "")
-        print(f"warning: {len(orphans)} label file(s) under {args.labels} match no image under "
-              f"{args.images} and were not converted: {shown}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _preview(args: argparse.Namespace) -> int:
-    import yaml
-
-    from vision.data.preview import make_preview, preview_dataset
-    from vision.data.transforms import build_transforms
-
-    kind = args.task or ("classification" if args.root else "detection")  # the data pipeline's kind
-    spec = None
-    if args.transforms:
-        spec = yaml.safe_load(Path(args.transforms).read_text(encoding="utf-8"))
-    settings = {"size": args.size} if args.size else {}
-    pipeline = build_transforms(spec, kind, train=not args.eval, **settings)
-    dataset = preview_dataset(kind, pipeline, images=args.images, annotations=args.annotations,
-                              root=args.root)
-    path = make_preview(dataset, args.out, num_samples=args.num, seed=args.seed)
-    print(f"wrote {path} ({min(args.num, len(dataset))} samples of {len(dataset)})")
-    return 0

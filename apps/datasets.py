@@ -1,0 +1,144 @@
+"""The jobs behind `visiondet data check|convert|preview`: one options dataclass and one function each.
+
+Each ``run_*`` returns the exit code (0 fine, 1 the data has problems) and raises AnnotationError,
+ConversionError, ImageError, FileNotFoundError or ValueError for input it cannot read at all (the command
+turns those into exit code 2).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from apps.data_anchors import anchor_check, anchor_report_dict, detector_config, format_anchor_report
+from vision.data import convert
+from vision.data.check import check_dataset
+from vision.data.preview import make_preview, preview_dataset
+from vision.data.transforms import build_transforms
+
+__all__ = ["CheckOptions", "ConvertOptions", "PreviewOptions", "run_check", "run_convert", "run_preview"]
+
+
+@dataclass
+class CheckOptions:
+    annotations: str
+    images: str
+    json: bool = False  # print the report as JSON
+    headers_only: bool = False  # image headers only (fast; does not find truncated files)
+    workers: int | None = None  # threads reading images (None: the CPUs)
+    config: str | None = None  # detection config whose anchors to measure (None: the default Faster R-CNN)
+    anchors: bool = True  # the anchor section
+
+
+def run_check(opts: CheckOptions) -> int:
+    """Validate a COCO dataset against its images and print the report; 1 when it found errors."""
+    if opts.anchors:  # a bad --config fails before the images are read
+        detector_config(opts.config)
+    progress = lambda items: tqdm(items, desc="images", unit="img",  # noqa: E731
+                                  disable=opts.json or not sys.stderr.isatty())
+    report = check_dataset(opts.annotations, opts.images, decode=not opts.headers_only, workers=opts.workers,
+                           progress=progress)
+    anchors = _anchors(opts) if opts.anchors else None
+    if opts.json:
+        print(json.dumps({**report.to_dict(), **({"anchors": anchors[1]} if anchors else {})}, indent=2))
+    else:
+        print(report.to_text() + (f"\n{anchors[0]}" if anchors else ""))
+    return 0 if report.ok else 1
+
+
+def _anchors(opts: CheckOptions) -> tuple[str, dict[str, Any]] | None:
+    """The anchor section (text, dict), or None when the file gives no boxes (the check says why)."""
+    try:
+        report = anchor_check(opts.annotations, opts.config)
+    except (OSError, ValueError, KeyError, TypeError):  # an unreadable file: the check above reports it
+        return None
+    if report is None:
+        return None
+    source = detector_config(opts.config)[1]
+    return format_anchor_report(report, source), anchor_report_dict(report, source)
+
+
+@dataclass
+class ConvertOptions:
+    source: str  # voc, yolo or coco
+    out: str
+    target: str = "coco"  # coco, voc or yolo
+    annotations: str | None = None  # VOC: folder of XML files; COCO: the JSON file
+    images: str | None = None
+    labels: str | None = None  # YOLO: folder of <image stem>.txt label files
+    names: str | None = None  # YOLO: data.yaml or classes.txt; VOC: fixes the class order
+    split: str | None = None  # VOC: image set file listing the stems to convert
+
+
+def run_convert(opts: ConvertOptions) -> int:
+    """VOC or YOLO to COCO JSON, or COCO to VOC or YOLO; 1 when YOLO label files matched no image."""
+    def need(*names: str) -> None:
+        missing = [f"--{n}" for n in names if getattr(opts, n) is None]
+        if missing:
+            raise ValueError(f"--from {opts.source} --to {opts.target} needs {', '.join(missing)}")
+
+    if (opts.source == "coco") == (opts.target == "coco"):
+        raise ValueError("convert goes from voc or yolo to coco, or from coco to voc or yolo")
+    orphans: list[Path] = []
+    if opts.source == "voc":
+        need("annotations")
+        classes = convert.read_names(opts.names) if opts.names else None
+        data = convert.voc_to_coco(opts.annotations, images_dir=opts.images, classes=classes,
+                                   split_file=opts.split)
+    elif opts.source == "yolo":
+        need("images", "labels", "names")
+        data = convert.yolo_to_coco(opts.images, opts.labels, convert.read_names(opts.names))
+        orphans = convert.unmatched_yolo_labels(opts.images, opts.labels)
+    elif opts.target == "voc":
+        need("annotations")
+        files = convert.coco_to_voc(opts.annotations, opts.out)
+        print(f"wrote {len(files)} VOC XML files to {opts.out}")
+        return 0
+    else:
+        need("annotations")
+        names = convert.coco_to_yolo(opts.annotations, opts.out)
+        print(f"wrote YOLO labels for {len(names)} classes to {opts.out} and classes.txt")
+        return 0
+    path = convert.write_json(data, opts.out)
+    print(f"wrote {path}: {len(data['images'])} images, {len(data['annotations'])} annotations, "
+          f"{len(data['categories'])} categories")
+    if orphans:
+        shown = ", ".join(str(p) for p in orphans[:10]) + (" ..." if len(orphans) > 10 else "")
+        print(f"warning: {len(orphans)} label file(s) under {opts.labels} match no image under "
+              f"{opts.images} and were not converted: {shown}", file=sys.stderr)
+        return 1
+    return 0
+
+
+@dataclass
+class PreviewOptions:
+    out: str
+    kind: str  # the data pipeline's kind: detection, segmentation or classification
+    annotations: str | None = None
+    images: str | None = None
+    root: str | None = None  # an ImageFolder tree (classification)
+    transforms: str | None = None  # YAML file with a transform list (None: the kind's default pipeline)
+    size: int | None = None  # the pipeline's size setting
+    train: bool = True  # the training pipeline (else the evaluation one)
+    num: int = 16
+    seed: int = 0
+
+
+def run_preview(opts: PreviewOptions) -> int:
+    """A grid PNG of augmented samples with their labels drawn."""
+    spec = None
+    if opts.transforms:
+        spec = yaml.safe_load(Path(opts.transforms).read_text(encoding="utf-8"))
+    settings = {"size": opts.size} if opts.size else {}
+    pipeline = build_transforms(spec, opts.kind, train=opts.train, **settings)
+    dataset = preview_dataset(opts.kind, pipeline, images=opts.images, annotations=opts.annotations,
+                              root=opts.root)
+    path = make_preview(dataset, opts.out, num_samples=opts.num, seed=opts.seed)
+    print(f"wrote {path} ({min(opts.num, len(dataset))} samples of {len(dataset)})")
+    return 0
