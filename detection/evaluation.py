@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_convert
 
 from detection.structures import Detections
 
@@ -41,8 +42,7 @@ def detections_to_coco(
 ) -> list[dict]:
     """One image's Detections -> COCO result dicts (label ``i`` -> ``classes[i - 1]["id"]``, xyxy -> xywh)."""
     boxes = detections.boxes.detach().float().cpu()
-    xywh = boxes.clone()
-    xywh[:, 2:] = boxes[:, 2:] - boxes[:, :2]
+    xywh = box_convert(boxes, "xyxy", "xywh")
     ids = [int(c["id"]) for c in classes]
     labels = detections.labels.detach().cpu().tolist()
     if any(not 1 <= label <= len(ids) for label in labels):

@@ -11,10 +11,11 @@ produced, in the image's pixels:
   selective search (or the given ones) instead of anchors; the best-scored regions (each with its most
   likely class and that class's refined box) before the per-class NMS; the same after NMS; the detections.
 
-Nothing here changes the model: every number comes from its public parts (transform, backbone,
-``proposal_generator.head`` / ``anchor_generator`` / ``box_coder`` / ``select_proposals``, ``roi_heads``;
-R-CNN's ``propose`` / ``features`` / ``class_scores`` / ``refine_boxes``), and the final detections equal
-``model([image])``'s.
+Nothing here re-runs or changes the model: every number comes from ``model.inspect(image)``, the
+detector's own intermediate results (the RPN's raw predictions, its candidates before NMS and the
+proposals with their objectness; every region's class scores and boxes before NMS; the final detections,
+which equal ``model([image])``'s). Only the panels' own views are computed here: the anchors at one
+position, and the per-class NMS without a score cut that separates the "before" and "after" panels.
 
 Legend: A anchors at the chosen position, T boxes shown for a stage (at most ``top_n``), K object classes.
 """
@@ -24,15 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import clip_boxes_to_image, remove_small_boxes
 
 from detection.models import ExternalProposals, TwoStageDetector
 from detection.rcnn import RCNN
 from detection.roi_heads import detections_from_scores
-from detection.rpn import RegionProposalNetwork, flatten_predictions
-from detection.structures import Detections
+from detection.rpn import RegionProposalNetwork, RPNPredictions
+from detection.structures import Detections, Thresholds
 from detection.transform import ImageBatch, scale_boxes
 
 __all__ = ["Stage", "Explanation", "explain", "detector_kind"]
@@ -98,13 +97,15 @@ def explain(
     position: tuple[float, float] | None = None,
     top_n: int = 50,
     proposals: Tensor | None = None,
+    thresholds: Thresholds | None = None,
 ) -> Explanation:
     """Run ``model`` (in eval mode) on one image and keep every stage.
 
     image: [3, H, W] float in [0, 1] on the model's device. position: (x, y) in image pixels for the anchors
     (default: the image centre). top_n: boxes kept for the before/after-NMS stages and shown from the
     proposal source. proposals: [P, 4] xyxy boxes in image pixels for detectors with external proposals
-    (default: the model's own source, e.g. selective search).
+    (default: the model's own source, e.g. selective search). thresholds: the post-processing cuts of the
+    final detections and the NMS of the panels (None: the model's own).
     """
     if model.training:
         raise ValueError("explain needs the model in eval mode (call model.eval())")
@@ -117,87 +118,41 @@ def explain(
     if position is None:
         position = (width / 2.0, height / 2.0)
     if kind == "rcnn":
-        return _explain_rcnn(model, image, top_n, proposals)
-    batch, _, given = model.transform([image], None, [proposals] if proposals is not None else None)
-    features = model.backbone(batch.tensors)
-    heads = model.roi_heads
+        return _explain_rcnn(model, image, top_n, proposals, thresholds)
+    seen = model.inspect(image, proposals, thresholds=thresholds)
+    batch, stages, nms = seen.batch, seen.stages, seen.thresholds.nms_thresh
+    anchors = proposals_source = None
     if kind == "faster_rcnn":
-        if proposals is not None:
-            raise ValueError("a Faster R-CNN makes its own proposals; do not pass proposals")
-        out = _explain_rpn(model.proposal_generator, batch, features, position, top_n)
-        anchors, before, after, kept, position = out
-        class_logits, box_deltas = heads.predict(features, kept, batch.image_sizes)
-        proposals_source, nms = None, model.proposal_generator.nms_thresh
+        # The RPN's own stages: its candidates (before its NMS), then the proposals the heads received.
+        anchors, position = _anchors_at(model.proposal_generator, stages.predictions, position, batch)
+        (candidates,), (kept,) = stages.candidates, stages.proposals
+        before = _top(candidates.boxes, candidates.scores, None, top_n, batch)
+        after = _top(kept.boxes, kept.scores, None, top_n, batch)
+        nms = model.proposal_generator.nms_thresh
     else:
-        kept, _ = model.proposal_generator(batch, features, None, given)
-        class_logits, box_deltas = heads.predict(features, kept, batch.image_sizes)
-        # Every region scored by the box head: its class-specific boxes and softmax scores, background and
-        # void classes left out as the heads' postprocess does.
-        boxes = heads.box_coder.decode(box_deltas, kept[0]).reshape(box_deltas.shape[0], -1, 4)
-        scores = F.softmax(class_logits, dim=-1)[:, : boxes.shape[1]]
-        before, after = _before_after(boxes[:, 1:], scores[:, 1:], heads.nms_thresh, top_n, batch)
-        proposals_source, anchors, nms = _top(kept[0], None, None, top_n, batch), None, heads.nms_thresh
-    detections = heads.postprocess(class_logits, box_deltas, kept, batch.image_sizes)
-    detections = model.transform.postprocess(detections, batch)[0]
+        # The heads' stages: every region's best class before the per-class NMS, then after it.
+        proposals_source = _top(stages.proposals[0].boxes, None, None, top_n, batch)
+        before, after = _before_after(seen.class_boxes, seen.class_scores, nms, top_n, batch)
     return Explanation(kind, (height, width), batch.image_sizes[0], anchors, proposals_source, before, after,
-                       detections, position, nms)
+                       seen.detections, position, nms)
 
 
 # ---- Faster R-CNN ------------------------------------------------------------------------------------------
 
 
-def _explain_rpn(rpn: RegionProposalNetwork, batch: ImageBatch, features: dict[str, Tensor],
-                 position: tuple[float, float], top_n: int
-                 ) -> tuple[Stage, Stage, Stage, list[Tensor], tuple[float, float]]:
-    maps = [features[name] for name in rpn.in_features]
-    objectness_maps, delta_maps = rpn.head(maps)
+def _anchors_at(rpn: RegionProposalNetwork, predictions: RPNPredictions, position: tuple[float, float],
+                batch: ImageBatch) -> tuple[Stage, tuple[float, float]]:
+    """Every level's anchors on the feature cell nearest to ``position`` (image pixels), with the
+    objectness the RPN head gave them."""
+    anchors, objectness = predictions.anchors, predictions.objectness[0]
     padded = tuple(batch.tensors.shape[-2:])
-    anchors = rpn.anchor_generator(padded, [tuple(m.shape[-2:]) for m in maps], device=maps[0].device)
-    flat = [flatten_predictions(o, d) for o, d in zip(objectness_maps, delta_maps, strict=True)]
-    objectness = torch.cat([o for o, _ in flat], dim=1)  # [1, R]
-    deltas = torch.cat([d for _, d in flat], dim=1)  # [1, R, 4]
-    num_per_level = [a.shape[0] for a in anchors]
-    all_anchors = torch.cat(anchors)
-
-    anchor_stage, snapped = _anchors_at(rpn, anchors, maps, objectness[0], position, batch, padded)
-
-    # Before NMS: what the RPN considers (the best pre_nms_top_n of each level), decoded and clipped as
-    # select_proposals does; shown best first over all levels.
-    candidates = []
-    start = 0
-    for count in num_per_level:
-        k = min(rpn.pre_nms_top_n[False], count)
-        candidates.append(objectness[0, start : start + count].topk(k).indices + start)
-        start += count
-    candidates = torch.cat(candidates)
-    scores = torch.sigmoid(objectness[0, candidates])
-    boxes = rpn.box_coder.decode(deltas[0, candidates], all_anchors[candidates])
-    boxes = clip_boxes_to_image(boxes, batch.image_sizes[0])
-    keep = remove_small_boxes(boxes, rpn.min_box_size)
-    before = _top(boxes[keep], scores[keep], None, top_n, batch)
-
-    # After NMS: the RPN's own selection, i.e. the proposals the RoI heads will see (sorted by score).
-    kept = rpn.select_proposals(objectness, deltas, all_anchors, num_per_level, batch)
-    shown = kept[0][:top_n]
-    # select_proposals keeps boxes, not scores; each kept box is one of the candidates decoded above with
-    # the same arithmetic, so its objectness is that of the identical candidate.
-    same = (shown[:, None, :] == boxes[keep][None]).all(dim=2)
-    after = _top(shown, scores[keep][same.float().argmax(dim=1)], None, top_n, batch)
-    after.total = int(kept[0].shape[0])
-    return anchor_stage, before, after, kept, snapped
-
-
-def _anchors_at(rpn: RegionProposalNetwork, anchors: list[Tensor], maps: list[Tensor], objectness: Tensor,
-                position: tuple[float, float], batch, padded: tuple[int, int]
-                ) -> tuple[Stage, tuple[float, float]]:
-    """Every level's anchors on the feature cell nearest to ``position`` (image pixels)."""
     (in_h, in_w), (orig_h, orig_w) = batch.image_sizes[0], batch.original_sizes[0]
     x = float(position[0]) * in_w / orig_w
     y = float(position[1]) * in_h / orig_h
     boxes, scores, labels, names = [], [], [], []
     start, snapped = 0, None
-    for level, (level_anchors, feature) in enumerate(zip(anchors, maps, strict=True)):
-        grid_h, grid_w = int(feature.shape[-2]), int(feature.shape[-1])
+    for level, (level_anchors, (grid_h, grid_w)) in enumerate(zip(anchors, predictions.grid_sizes,
+                                                                  strict=True)):
         # The generator's own stride convention: padded size // grid size.
         stride_h, stride_w = padded[0] // grid_h, padded[1] // grid_w
         i = min(max(round(y / stride_h), 0), grid_h - 1)
@@ -227,9 +182,11 @@ def _ratio(r: float) -> str:
 # ---- detectors with external proposals --------------------------------------------------------------------
 
 
-def _explain_rcnn(model: RCNN, image: Tensor, top_n: int, proposals: Tensor | None) -> Explanation:
+def _explain_rcnn(model: RCNN, image: Tensor, top_n: int, proposals: Tensor | None,
+                  thresholds: Thresholds | None) -> Explanation:
     """R-CNN: warped regions through the CNN one by one, SVM (or softmax) scores, ridge-refined boxes."""
     height, width = int(image.shape[1]), int(image.shape[2])
+    thresholds = thresholds or model.thresholds
     # As RCNN.detect: the source's boxes as they are (selective search already clips and filters them).
     boxes = model.propose(image) if proposals is None else proposals.to(image)
     batch = _Identity((height, width))
@@ -237,16 +194,14 @@ def _explain_rcnn(model: RCNN, image: Tensor, top_n: int, proposals: Tensor | No
     if len(boxes) == 0:
         empty = _top(boxes, None, None, top_n, batch)
         return Explanation("rcnn", (height, width), (height, width), None, source, empty, empty,
-                           Detections.empty(image.device), None, model.cfg.nms_thresh)
+                           Detections.empty(image.device), None, thresholds.nms_thresh)
     pool, fc7 = model.features(image, boxes)
     scores = model.class_scores(fc7)
     refined = model.refine_boxes(pool if model.cfg.bbox.features == "pool" else fc7, boxes)
-    before, after = _before_after(refined, scores, model.cfg.nms_thresh, top_n, batch)
-    detections = detections_from_scores(refined, scores, (height, width), score_thresh=model.cfg.score_thresh,
-                                        nms_thresh=model.cfg.nms_thresh,
-                                        detections_per_img=model.cfg.detections_per_img)
+    before, after = _before_after(refined, scores, thresholds.nms_thresh, top_n, batch)
+    detections = detections_from_scores(refined, scores, (height, width), thresholds)
     return Explanation("rcnn", (height, width), (height, width), None, source, before, after, detections,
-                       None, model.cfg.nms_thresh)
+                       None, thresholds.nms_thresh)
 
 
 def _before_after(boxes: Tensor, scores: Tensor, nms_thresh: float, top_n: int, batch) -> tuple[Stage, Stage]:
@@ -258,11 +213,10 @@ def _before_after(boxes: Tensor, scores: Tensor, nms_thresh: float, top_n: int, 
     best, best_class = scores.max(dim=1)
     best_boxes = boxes[torch.arange(len(boxes), device=boxes.device), best_class]
     before = _top(best_boxes, best, best_class + 1, top_n, batch)
-    nms = detections_from_scores(boxes, scores, batch.image_sizes[0], score_thresh=0.0, nms_thresh=nms_thresh,
-                                 detections_per_img=top_n)
+    every_region = Thresholds(0.0, nms_thresh, max(boxes.shape[0] * boxes.shape[1], 1))
     # The count after NMS over every region (not only the shown ones) for the text beside the panel.
-    every = detections_from_scores(boxes, scores, batch.image_sizes[0], score_thresh=0.0,
-                                   nms_thresh=nms_thresh, detections_per_img=boxes.shape[0] * boxes.shape[1])
+    every = detections_from_scores(boxes, scores, batch.image_sizes[0], every_region)
+    nms = every.filter(slice(0, top_n))
     after = _top(nms.boxes, nms.scores, nms.labels, top_n, batch)
     after.total = len(every)
     return before, after

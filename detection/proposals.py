@@ -30,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision.ops import box_convert
 
 __all__ = [
     "ProposalError",
@@ -154,7 +155,7 @@ class SelectiveSearch(ProposalSource):
         else:
             search.switchToSelectiveSearchQuality()
         rects = search.process().astype(np.float32).reshape(-1, 4)  # x, y, w, h
-        boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1) / scale
+        boxes = box_convert(torch.from_numpy(rects), "xywh", "xyxy").numpy() / scale
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
         return torch.from_numpy(_clean_boxes(boxes, self.min_size, self.max_boxes))
@@ -189,7 +190,7 @@ def write_proposal_file(path: str | os.PathLike, records: Iterable[ProposalRecor
             for rec in records:
                 images.append({"id": rec.image_id, "file_name": rec.file_name, "sha1": rec.sha1})
                 boxes = np.asarray(rec.boxes, dtype=np.float64).reshape(-1, 4)
-                xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2)
+                xywh = box_convert(torch.from_numpy(boxes), "xyxy", "xywh").numpy().round(2)
                 for i, box in enumerate(xywh.tolist()):
                     entry: dict[str, Any] = {"image_id": rec.image_id, "bbox": box}
                     if rec.scores is not None:
@@ -289,7 +290,7 @@ class ProposalFile(ProposalSource):
         records = []
         for img_id, xywh in boxes.items():
             arr = np.asarray(xywh, dtype=np.float32).reshape(-1, 4)
-            xyxy = np.concatenate([arr[:, :2], arr[:, :2] + arr[:, 2:]], axis=1)
+            xyxy = box_convert(torch.from_numpy(arr), "xywh", "xyxy").numpy()
             has_scores = len(arr) and len(scores.get(img_id, ())) == len(arr)
             sc = np.asarray(scores[img_id], np.float32) if has_scores else None
             if sc is not None:  # a results-style file is ranked by score, not by order
@@ -481,7 +482,7 @@ class RPNProposals(ProposalSource):
         try:
             batch, _, _ = self.detector.transform([image.to(device)])
             features = self.detector.backbone(batch.tensors)
-            (boxes,), _ = self.detector.proposal_generator(batch, features)
+            (proposals,), _ = self.detector.proposal_generator(batch, features)
         finally:
             self.detector.train(was_training)
-        return scale_boxes(boxes, batch.image_sizes[0], batch.original_sizes[0]).float().cpu()
+        return scale_boxes(proposals.boxes, batch.image_sizes[0], batch.original_sizes[0]).float().cpu()

@@ -33,7 +33,7 @@ from torchvision.ops import box_iou
 from detection.boxes import FOREGROUND, BalancedPositiveNegativeSampler, BoxCoder, Matcher, ignore_crowd
 from detection.proposals import ProposalConfig, ProposalSource, build_proposal_source
 from detection.roi_heads import ResNetC4Head, RoIPooler, TwoMLPHead, VGGBoxHead, detections_from_scores
-from detection.structures import Detections
+from detection.structures import Detections, Thresholds
 from detection.transform import check_inputs
 from detection.warp import warp_regions
 from vision.backbones import ResNetFeatures, VGGFeatures, build_network
@@ -171,9 +171,11 @@ class RCNN(nn.Module):
     # ---- forward ------------------------------------------------------------------------------------------
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None,
-                proposals: list[Tensor] | None = None) -> tuple[list[Detections] | None, dict[str, Tensor]]:
+                proposals: list[Tensor] | None = None, *, thresholds: Thresholds | None = None
+                ) -> tuple[list[Detections] | None, dict[str, Tensor]]:
         """images: N tensors [3, H_i, W_i] in [0, 1]; targets: dicts with boxes [M, 4], labels [M] (and
-        optionally crowd_boxes [C, 4], proposals [P, 4]); proposals: [P_i, 4] per image, its pixels."""
+        optionally crowd_boxes [C, 4], proposals [P, 4]); proposals: [P_i, 4] per image, its pixels;
+        thresholds: the post-processing cuts of this call (None: ``self.thresholds``)."""
         if proposals is None and targets and all("proposals" in t for t in targets):
             proposals = [t["proposals"] for t in targets]
         check_inputs(images, targets, proposals)
@@ -188,7 +190,12 @@ class RCNN(nn.Module):
         losses = self.finetune_loss(images, targets, proposals) if targets is not None else {}
         if self.training:
             return None, losses
-        return [self.detect(image, p) for image, p in zip(images, proposals, strict=True)], losses
+        return [self.detect(image, p, thresholds) for image, p in zip(images, proposals, strict=True)], losses
+
+    @property
+    def thresholds(self) -> Thresholds:
+        """The configured post-processing thresholds (what a call without ``thresholds`` uses)."""
+        return Thresholds(self.cfg.score_thresh, self.cfg.nms_thresh, self.cfg.detections_per_img)
 
     def finetune_loss(self, images: list[Tensor], targets: list[dict[str, Tensor]], proposals: list[Tensor]
                       ) -> dict[str, Tensor]:
@@ -221,7 +228,8 @@ class RCNN(nn.Module):
         return {"loss_classifier": F.cross_entropy(self.cls_score(fc7), all_labels[torch.cat(per_image)])}
 
     @torch.no_grad()
-    def detect(self, image: Tensor, proposals: Tensor | None = None) -> Detections:
+    def detect(self, image: Tensor, proposals: Tensor | None = None, thresholds: Thresholds | None = None
+               ) -> Detections:
         """One image [3, H, W] in [0, 1] (and its proposals [P, 4], else the source's) -> Detections in its
         pixels."""
         if proposals is None:
@@ -231,9 +239,8 @@ class RCNN(nn.Module):
         pool, fc7 = self.features(image, proposals)
         scores = self.class_scores(fc7)
         boxes = self.refine_boxes(pool if self.cfg.bbox.features == "pool" else fc7, proposals)
-        return detections_from_scores(boxes, scores, (int(image.shape[1]), int(image.shape[2])),
-                                      score_thresh=self.cfg.score_thresh, nms_thresh=self.cfg.nms_thresh,
-                                      detections_per_img=self.cfg.detections_per_img)
+        size = (int(image.shape[1]), int(image.shape[2]))
+        return detections_from_scores(boxes, scores, size, thresholds or self.thresholds)
 
     def class_scores(self, fc7: Tensor) -> Tensor:
         """fc7 [P, D] -> scores [P, K]: sigmoid of the SVM margins (same ranking), else fine-tuned softmax."""

@@ -13,19 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import (
-    MultiScaleRoIAlign,
     batched_nms,
+    box_area,
     box_iou,
     clip_boxes_to_image,
     remove_small_boxes,
     roi_align,
     roi_pool,
 )
-from torchvision.ops.poolers import initLevelMapper
 
 from detection.boxes import BalancedPositiveNegativeSampler, BoxCoder, Matcher, ignore_crowd
 from detection.rpn import box_regression_loss
-from detection.structures import Detections
+from detection.structures import Detections, Thresholds
 
 POOLER_KINDS = ("pool", "align", "multiscale")
 
@@ -34,8 +33,8 @@ class RoIPooler(nn.Module):
     """Pool every region to a fixed S x S grid of features.
 
     kind "pool": RoIPool (max over bins, Fast R-CNN's layer) on one map; "align": RoIAlign (bilinear,
-    ``sampling_ratio`` points per bin) on one map; "multiscale": FPN's level assignment
-    (``k = floor(4 + log2(sqrt(area) / 224))`` clamped to the given levels) with RoIAlign on each level.
+    ``sampling_ratio`` points per bin) on one map; "multiscale": FPN's level assignment (``fpn_levels``,
+    clamped to the given levels) with RoIAlign on each level.
     """
 
     def __init__(
@@ -59,29 +58,55 @@ class RoIPooler(nn.Module):
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
-        self.multiscale = None
-        if kind == "multiscale":
-            self.multiscale = MultiScaleRoIAlign(self.in_features, output_size, sampling_ratio)
-            # torchvision infers each level's scale from the first batch it sees and keeps it; with small
-            # or padded images that guess can be off by a power of two, so give it the declared strides.
-            levels = [int(math.log2(s)) for s in self.strides]
-            self.multiscale.scales = [1.0 / s for s in self.strides]
-            self.multiscale.map_levels = initLevelMapper(
-                levels[0], levels[-1], canonical_scale=224, canonical_level=4
-            )
+        # FPN levels of the maps, from their declared strides (4 -> P2 ...), never guessed from a batch
+        self.levels = [int(round(math.log2(s))) for s in self.strides]
+        consecutive = list(range(self.levels[0], self.levels[0] + len(self.levels)))
+        if kind == "multiscale" and self.levels != consecutive:
+            raise ValueError(f"multiscale pooling needs consecutive pyramid levels, got {self.strides}")
 
     def forward(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> Tensor:
-        """boxes: N tensors [P_i, 4] in image pixels -> [R, C, S, S], in the order of the boxes."""
-        if self.multiscale is not None:
-            return self.multiscale(features, boxes, image_sizes)
+        """boxes: N tensors [P_i, 4] in image pixels -> [R, C, S, S], in the order of the boxes.
+        ``image_sizes`` is not read: every scale comes from the declared strides."""
         x = features[self.in_features[0]]
         boxes = [b.to(x.dtype) for b in boxes]
+        if self.kind == "multiscale":
+            return self._multiscale(features, boxes)
         scale = 1.0 / self.strides[0]
         if self.kind == "pool":
             return roi_pool(x, boxes, self.output_size, scale)
         return roi_align(x, boxes, self.output_size, scale, self.sampling_ratio, self.aligned)
+
+    def _multiscale(self, features: dict[str, Tensor], boxes: list[Tensor]) -> Tensor:
+        """RoIAlign of each region on the level ``fpn_levels`` assigns it, in the order of the boxes.
+
+        Written without Python branches on data or sizes read as numbers, so that a traced export
+        (detection.export) keeps the region count dynamic."""
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+        levels = fpn_levels(rois[:, 1:], self.levels[0], self.levels[-1]) - self.levels[0]
+        out = None
+        for index, (name, stride) in enumerate(zip(self.in_features, self.strides, strict=True)):
+            picked = torch.where(levels == index)[0]
+            pooled = roi_align(features[name], rois[picked], self.output_size, 1.0 / stride,
+                               self.sampling_ratio, self.aligned)
+            if out is None:
+                out = pooled.new_zeros((rois.size(0), *pooled.shape[1:]))
+            out = out.scatter(0, picked.view(-1, 1, 1, 1).expand_as(pooled), pooled)
+        return out
+
+
+def fpn_levels(boxes: Tensor, min_level: int, max_level: int, *, canonical_size: float = 224.0,
+               canonical_level: int = 4) -> Tensor:
+    """The pyramid level of each box [R, 4] (FPN paper, eq. 1): k = floor(k0 + log2(sqrt(wh) / 224)),
+    clamped to [min_level, max_level]. A 224 px box (ImageNet's size) goes to P4, half that to P3.
+
+    A tiny epsilon keeps sizes that are exact powers of two of 224 on the level the equation gives,
+    despite float rounding in log2.
+    """
+    sizes = box_area(boxes).sqrt()
+    levels = torch.floor(canonical_level + torch.log2(sizes / canonical_size) + 1e-6)
+    return levels.clamp(min_level, max_level).to(torch.int64)
 
 
 class TwoMLPHead(nn.Module):
@@ -217,25 +242,25 @@ def detections_from_scores(
     boxes: Tensor,
     scores: Tensor,
     image_size: tuple[int, int],
+    thresholds: Thresholds | None = None,
     *,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
-    detections_per_img: int = 100,
     min_box_size: float = 1e-2,
 ) -> Detections:
     """Turn per-class boxes [P, K, 4] and scores [P, K] (foreground classes only; column k is label k + 1)
-    into Detections: clip to ``image_size`` (h, w), keep scores > ``score_thresh``, drop boxes under
-    ``min_box_size`` px, NMS per class, keep the ``detections_per_img`` best. Used with softmax scores by
-    Fast/Faster R-CNN and with SVM scores by R-CNN."""
+    into Detections: clip to ``image_size`` (h, w), keep scores > ``thresholds.score_thresh``, drop boxes
+    under ``min_box_size`` px, NMS per class at ``thresholds.nms_thresh``, keep the
+    ``thresholds.detections_per_img`` best (None: ``Thresholds()``'s defaults). A pure function of its
+    inputs: used with softmax scores by Fast/Faster R-CNN and with SVM scores by R-CNN."""
+    thresholds = thresholds or Thresholds()
     num_classes = scores.shape[1]
     boxes = clip_boxes_to_image(boxes, image_size).reshape(-1, 4)
     labels = torch.arange(1, num_classes + 1, device=scores.device).expand(scores.shape[0], -1).reshape(-1)
     scores = scores.reshape(-1)
-    keep = torch.where(scores > score_thresh)[0]
+    keep = torch.where(scores > thresholds.score_thresh)[0]
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     keep = remove_small_boxes(boxes, min_box_size)
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+    keep = batched_nms(boxes, scores, labels, thresholds.nms_thresh)[: thresholds.detections_per_img]
     return Detections(boxes[keep], scores[keep], labels[keep])
 
 
@@ -246,7 +271,9 @@ class RoIHeads(nn.Module):
     >= ``fg_iou_thresh``, background in ``bg_iou_range`` [lo, hi) unless it lies at least
     ``ignore_iof_thresh`` inside one of the target's ``crowd_boxes`` (then it is ignored);
     ``batch_size_per_image`` sampled with up to ``positive_fraction`` foreground. Testing: every proposal
-    is scored, decoded per class, and post-processed by ``detections_from_scores``.
+    is scored, decoded per class, and post-processed by ``detections_from_scores`` with the thresholds of
+    the call (``score_thresh``, ``nms_thresh`` and ``detections_per_img`` given here are the defaults:
+    ``thresholds``).
     """
 
     def __init__(
@@ -287,8 +314,10 @@ class RoIHeads(nn.Module):
         proposals: list[Tensor],
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]] | None = None,
+        thresholds: Thresholds | None = None,
     ) -> tuple[list[Detections] | None, dict[str, Tensor]]:
-        """proposals: N tensors [P_i, 4] -> (Detections per image unless training, losses if targets)."""
+        """proposals: N tensors [P_i, 4] -> (Detections per image unless training, losses if targets);
+        ``thresholds`` None: the defaults (``self.thresholds``)."""
         losses: dict[str, Tensor] = {}
         if targets is not None:
             regions, labels, box_targets = self.sample_regions(proposals, targets)
@@ -297,7 +326,12 @@ class RoIHeads(nn.Module):
         if self.training:
             return None, losses
         class_logits, box_deltas = self.predict(features, proposals, image_sizes)
-        return self.postprocess(class_logits, box_deltas, proposals, image_sizes), losses
+        return self.postprocess(class_logits, box_deltas, proposals, image_sizes, thresholds), losses
+
+    @property
+    def thresholds(self) -> Thresholds:
+        """The configured test-time thresholds, used when a call gives none."""
+        return Thresholds(self.score_thresh, self.nms_thresh, self.detections_per_img)
 
     def predict(
         self, features: dict[str, Tensor], regions: list[Tensor], image_sizes: list[tuple[int, int]]
@@ -329,25 +363,28 @@ class RoIHeads(nn.Module):
             box_targets.append(region_targets)
         return regions, torch.cat(labels), torch.cat(box_targets)
 
+    def class_boxes_and_scores(
+        self, class_logits: Tensor, box_deltas: Tensor, proposals: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Per image, every region's class-specific decoded boxes [P_i, K, 4] and softmax scores [P_i, K]
+        (background and void classes left out): what NMS chooses from."""
+        counts = [p.shape[0] for p in proposals]
+        boxes = self.box_coder.decode(box_deltas, torch.cat(proposals)).reshape(box_deltas.shape[0], -1, 4)
+        scores = F.softmax(class_logits, dim=-1)[:, : boxes.shape[1]]  # void classes are never predicted
+        return list(boxes[:, 1:].split(counts)), list(scores[:, 1:].split(counts))
+
     def postprocess(
         self,
         class_logits: Tensor,
         box_deltas: Tensor,
         proposals: list[Tensor],
         image_sizes: list[tuple[int, int]],
+        thresholds: Thresholds | None = None,
     ) -> list[Detections]:
         """Softmax scores and class-specific decoded boxes -> Detections per image (resized coordinates)."""
-        counts = [p.shape[0] for p in proposals]
-        boxes = self.box_coder.decode(box_deltas, torch.cat(proposals)).reshape(box_deltas.shape[0], -1, 4)
-        scores = F.softmax(class_logits, dim=-1)[:, : boxes.shape[1]]  # void classes are never predicted
+        thresholds = thresholds or self.thresholds
+        boxes, scores = self.class_boxes_and_scores(class_logits, box_deltas, proposals)
         return [
-            detections_from_scores(
-                b[:, 1:],
-                s[:, 1:],
-                size,
-                score_thresh=self.score_thresh,
-                nms_thresh=self.nms_thresh,
-                detections_per_img=self.detections_per_img,
-            )
-            for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes, strict=True)
+            detections_from_scores(b, s, size, thresholds)
+            for b, s, size in zip(boxes, scores, image_sizes, strict=True)
         ]

@@ -7,6 +7,7 @@ an image (sum of H_l * W_l * A), P proposals kept for an image.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_sm
 
 from detection.anchors import AnchorGenerator
 from detection.boxes import FOREGROUND, BalancedPositiveNegativeSampler, BoxCoder, Matcher, ignore_crowd
+from detection.structures import Proposals, ProposalStages
 from detection.transform import ImageBatch
 
 
@@ -53,11 +55,30 @@ def flatten_predictions(objectness: Tensor, deltas: Tensor) -> tuple[Tensor, Ten
     return objectness, deltas
 
 
+@dataclass
+class RPNPredictions:
+    """The RPN head's outputs for a batch: objectness logits [N, R] and deltas [N, R, 4] over all levels, the
+    anchors [R_l, 4] of each level (in AnchorGenerator's order) and each level's grid (H_l, W_l)."""
+
+    objectness: Tensor
+    deltas: Tensor
+    anchors: list[Tensor]
+    grid_sizes: list[tuple[int, int]]
+
+    @property
+    def num_per_level(self) -> list[int]:
+        return [a.shape[0] for a in self.anchors]
+
+    def detach(self) -> RPNPredictions:
+        return RPNPredictions(self.objectness.detach(), self.deltas.detach(), self.anchors, self.grid_sizes)
+
+
 class RegionProposalNetwork(nn.Module):
     """Anchors + RPNHead -> proposals per image, and the RPN losses when targets are given.
 
     A proposal source for TwoStageDetector: ``forward(batch, features, targets, proposals)`` returns
-    (P x 4 boxes per image in the batch's resized coordinates, {loss_objectness, loss_rpn_box_reg}).
+    (Proposals per image: P boxes in the batch's resized coordinates with their objectness,
+    {loss_objectness, loss_rpn_box_reg}).
 
     Proposals: the ``pre_nms_top_n`` best-scored anchors of each level are decoded, clipped to the image,
     boxes under ``min_box_size`` px and scores under ``score_thresh`` dropped, NMS at ``nms_thresh`` run
@@ -110,40 +131,51 @@ class RegionProposalNetwork(nn.Module):
         features: dict[str, Tensor],
         targets: list[dict[str, Tensor]] | None = None,
         proposals: list[Tensor] | None = None,
-    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+    ) -> tuple[list[Proposals], dict[str, Tensor]]:
         if proposals is not None:
             raise ValueError("this detector makes its own proposals with an RPN; do not pass proposals to it")
-        maps = [features[name] for name in self.in_features]
-        objectness_maps, delta_maps = self.head(maps)
-        anchors = self.anchor_generator(
-            tuple(batch.tensors.shape[-2:]), [tuple(m.shape[-2:]) for m in maps], device=maps[0].device
-        )
-        flat = [flatten_predictions(o, d) for o, d in zip(objectness_maps, delta_maps, strict=True)]
-        objectness = torch.cat([o for o, _ in flat], dim=1)  # [N, R]
-        deltas = torch.cat([d for _, d in flat], dim=1)  # [N, R, 4]
-        num_per_level = [a.shape[0] for a in anchors]
-        all_anchors = torch.cat(anchors)  # [R, 4]
-
-        boxes = self.select_proposals(objectness.detach(), deltas.detach(), all_anchors, num_per_level, batch)
+        predictions = self.predict(batch, features)
+        selected = self.select_proposals(predictions.detach(), batch)
         losses: dict[str, Tensor] = {}
         if targets is not None:
-            losses = self.losses(objectness, deltas, all_anchors, targets)
-        return boxes, losses
+            p = predictions
+            losses = self.losses(p.objectness, p.deltas, torch.cat(p.anchors), targets)
+        return selected, losses
 
-    def select_proposals(
-        self,
-        objectness: Tensor,
-        deltas: Tensor,
-        anchors: Tensor,
-        num_per_level: list[int],
-        batch: ImageBatch,
-    ) -> list[Tensor]:
-        """objectness [N, R] logits, deltas [N, R, 4], anchors [R, 4] -> N tensors [P, 4] of proposals."""
+    def inspect(
+        self, batch: ImageBatch, features: dict[str, Tensor], proposals: list[Tensor] | None = None
+    ) -> ProposalStages:
+        """What ``forward`` computes at test time, with its intermediate results (for detection.explain)."""
+        if proposals is not None:
+            raise ValueError("a Faster R-CNN makes its own proposals; do not pass proposals")
+        predictions = self.predict(batch, features)
+        candidates = self.candidates(predictions, batch)
+        return ProposalStages(self.suppress(candidates), candidates, predictions)
+
+    def predict(self, batch: ImageBatch, features: dict[str, Tensor]) -> RPNPredictions:
+        """The head on every level, and the anchors its outputs refer to."""
+        maps = [features[name] for name in self.in_features]
+        objectness_maps, delta_maps = self.head(maps)
+        grid_sizes = [(int(m.shape[-2]), int(m.shape[-1])) for m in maps]
+        anchors = self.anchor_generator(tuple(batch.tensors.shape[-2:]), grid_sizes, device=maps[0].device)
+        flat = [flatten_predictions(o, d) for o, d in zip(objectness_maps, delta_maps, strict=True)]
+        objectness = torch.cat([o for o, _ in flat], dim=1)
+        deltas = torch.cat([d for _, d in flat], dim=1)
+        return RPNPredictions(objectness, deltas, anchors, grid_sizes)
+
+    def select_proposals(self, predictions: RPNPredictions, batch: ImageBatch) -> list[Proposals]:
+        """The proposals of each image, best first, with their objectness."""
+        return self.suppress(self.candidates(predictions, batch))
+
+    def candidates(self, predictions: RPNPredictions, batch: ImageBatch) -> list[Proposals]:
+        """Per image, the ``pre_nms_top_n`` best anchors of each level moved by their deltas, clipped, with
+        boxes under ``min_box_size`` px and scores under ``score_thresh`` dropped (NMS not yet run)."""
+        objectness, deltas = predictions.objectness, predictions.deltas
+        anchors = torch.cat(predictions.anchors)  # [R, 4]
         pre_n = self.pre_nms_top_n[self.training]
-        post_n = self.post_nms_top_n[self.training]
         # top-k per level first, so only the kept anchors are decoded (the others could never be proposals)
         top_idx, level_ids, start = [], [], 0
-        for level, count in enumerate(num_per_level):
+        for level, count in enumerate(predictions.num_per_level):
             k = min(pre_n, count)
             idx = objectness[:, start : start + count].topk(k, dim=1).indices + start
             top_idx.append(idx)
@@ -154,17 +186,21 @@ class RegionProposalNetwork(nn.Module):
         rows = torch.arange(objectness.shape[0], device=objectness.device)[:, None]
         scores = torch.sigmoid(objectness[rows, top_idx])
         chosen_deltas = deltas[rows, top_idx]  # [N, K, 4]
-
-        proposals = []
+        out = []
         for i, image_size in enumerate(batch.image_sizes):
             boxes = self.box_coder.decode(chosen_deltas[i], anchors[top_idx[i]])
             boxes = clip_boxes_to_image(boxes, image_size)
             keep = remove_small_boxes(boxes, self.min_box_size)
             keep = keep[scores[i, keep] >= self.score_thresh]
-            boxes, image_scores, image_levels = boxes[keep], scores[i, keep], levels[keep]
-            keep = batched_nms(boxes, image_scores, image_levels, self.nms_thresh)[:post_n]
-            proposals.append(boxes[keep])
-        return proposals
+            out.append(Proposals(boxes[keep], scores[i, keep], levels[keep]))
+        return out
+
+    def suppress(self, candidates: list[Proposals]) -> list[Proposals]:
+        """NMS at ``nms_thresh`` per level, then the ``post_nms_top_n`` best of each image."""
+        post_n = self.post_nms_top_n[self.training]
+        return [
+            c.filter(batched_nms(c.boxes, c.scores, c.levels, self.nms_thresh)[:post_n]) for c in candidates
+        ]
 
     @torch.no_grad()
     def label_anchors(self, anchors: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import roi_align
+from torchvision.ops import box_convert, roi_align
 
 __all__ = ["context_boxes", "warp_regions"]
 
@@ -23,9 +23,8 @@ def context_boxes(boxes: Tensor, out_size: int, padding: int) -> Tensor:
     if not 0 <= 2 * padding < out_size:
         raise ValueError(f"context padding {padding} leaves nothing of a {out_size}-pixel warp")
     scale = out_size / (out_size - 2 * padding)
-    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-    half = (boxes[:, 2:] - boxes[:, :2]) / 2 * scale
-    return torch.cat([centres - half, centres + half], dim=1)
+    centred = box_convert(boxes, "xyxy", "cxcywh")
+    return box_convert(torch.cat([centred[:, :2], centred[:, 2:] * scale], dim=1), "cxcywh", "xyxy")
 
 
 def warp_regions(image: Tensor, boxes: Tensor, out_size: int, padding: int = 16) -> Tensor:

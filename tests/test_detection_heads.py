@@ -14,8 +14,10 @@ from detection.roi_heads import (
     TwoMLPHead,
     detections_from_scores,
     fast_rcnn_loss,
+    fpn_levels,
 )
 from detection.rpn import RegionProposalNetwork, RPNHead
+from detection.structures import Thresholds
 from detection.transform import ImageBatch
 
 
@@ -48,24 +50,47 @@ def test_rpn_proposals_are_clipped_anchors_when_deltas_are_zero():
     features = {"c4": torch.rand(1, 4, 2, 2)}  # 32 x 32 image, stride 16: centres (0|16, 0|16)
     proposals, losses = rpn(_batch(), features)
     expected = {(0.0, 0.0, 8.0, 8.0), (8.0, 0.0, 24.0, 8.0), (0.0, 8.0, 8.0, 24.0), (8.0, 8.0, 24.0, 24.0)}
-    assert {tuple(b) for b in proposals[0].tolist()} == expected
+    assert {tuple(b) for b in proposals[0].boxes.tolist()} == expected
     assert losses == {}
+    # the objectness of the kept proposals travels with them: zero logits everywhere are sigmoid(0)
+    assert proposals[0].scores.tolist() == [0.5] * 4
     # dx = 0.5 moves every anchor half its width (8 px) right before clipping
     nn.init.constant_(rpn.head.bbox_pred.bias, 0.0)
     rpn.head.bbox_pred.bias.data[0] = 0.5
     proposals, _ = rpn(_batch(), features)
-    assert (16.0, 8.0, 32.0, 24.0) in {tuple(b) for b in proposals[0].tolist()}
+    assert (16.0, 8.0, 32.0, 24.0) in {tuple(b) for b in proposals[0].boxes.tolist()}
 
 
 def test_rpn_top_n_and_nms():
     rpn = _tiny_rpn(pre_nms_top_n_test=3, post_nms_top_n_test=2).eval()
     proposals, _ = rpn(_batch(2), {"c4": torch.rand(2, 4, 2, 2)})
-    assert [p.shape[0] for p in proposals] == [2, 2]
+    assert [len(p) for p in proposals] == [2, 2]
     # a huge NMS overlap threshold keeps everything, a zero one keeps only non-overlapping boxes
     wide = _tiny_rpn(nms_thresh=0.0).eval()
     wide.anchor_generator = AnchorGenerator(sizes=((64,),), aspect_ratios=((1.0,),))
     proposals, _ = wide(_batch(), {"c4": torch.rand(1, 4, 2, 2)})
-    assert proposals[0].shape[0] == 1  # all four clipped anchors overlap
+    assert len(proposals[0]) == 1  # all four clipped anchors overlap
+
+
+def test_rpn_proposal_scores_are_the_heads_objectness_of_the_kept_boxes():
+    torch.manual_seed(0)
+    rpn = _tiny_rpn().eval()
+    for p in [*rpn.head.conv.parameters(), *rpn.head.cls_logits.parameters()]:
+        nn.init.normal_(p)  # a different objectness at each position; deltas stay zero
+    batch, features = _batch(), {"c4": torch.rand(1, 4, 2, 2)}
+    (proposals,), _ = rpn(batch, features)
+    with torch.no_grad():
+        logits = rpn.head([features["c4"]])[0][0][0, 0]  # [2, 2]: one anchor per position
+    # zero deltas: each proposal is its (clipped) anchor, whose centre gives the position it was scored at
+    anchors = rpn.anchor_generator((32, 32), [(2, 2)], device="cpu")[0]
+    for box, score in zip(proposals.boxes, proposals.scores, strict=True):
+        index = int((anchors.clamp(0, 32) == box).all(dim=1).nonzero()[0])
+        assert float(score) == pytest.approx(float(logits.flatten()[index].sigmoid()), abs=1e-6)
+    assert bool((proposals.scores[:-1] >= proposals.scores[1:]).all())  # best first
+    # inspect: the same proposals, and the candidates NMS chose them from
+    stages = rpn.inspect(batch, features)
+    assert torch.equal(stages.proposals[0].boxes, proposals.boxes)
+    assert len(stages.candidates[0]) == 4 and stages.predictions.objectness.shape == (1, 4)
 
 
 def test_rpn_losses_by_hand():
@@ -126,11 +151,31 @@ def test_multiscale_pooler_picks_levels_by_size():
     boxes = [torch.tensor([[0.0, 0.0, 112.0, 112.0], [0.0, 0.0, 16.0, 16.0]])]
     out = pooler(feats, boxes, [(256, 256)])
     assert out[:, 0, 0, 0].tolist() == [3.0, 2.0]
-    # the level scales come from the declared strides, not from guessing with the first batch's sizes
-    # (torchvision's guess for a 100-px image padded to 256 would make p2 1/2 and p3 1/4)
-    fresh = RoIPooler("multiscale", ["p2", "p3"], [4, 8], output_size=2)
-    assert fresh(feats, boxes, [(100, 100)])[:, 0, 0, 0].tolist() == [3.0, 2.0]
-    assert fresh.multiscale.scales == [0.25, 0.125]
+    # the level scales come from the declared strides, never from the image sizes of a batch
+    assert pooler(feats, boxes, [(100, 100)])[:, 0, 0, 0].tolist() == [3.0, 2.0]
+    # regions of several images keep their order and read their own image's maps
+    two = {"p2": torch.stack([torch.full((1, 64, 64), 2.0), torch.full((1, 64, 64), 20.0)]),
+           "p3": torch.stack([torch.full((1, 32, 32), 3.0), torch.full((1, 32, 32), 30.0)])}
+    out = pooler(two, [boxes[0][:1], boxes[0]], [(256, 256)] * 2)
+    assert out[:, 0, 0, 0].tolist() == [3.0, 30.0, 20.0]
+    # RoIAlign at the level's own scale: a map that is its x coordinate, read at a region's bin centres
+    ramp = torch.arange(32.0).expand(1, 1, 32, 32)
+    out = pooler({"p2": ramp.repeat(1, 1, 2, 2), "p3": ramp}, [torch.tensor([[64.0, 0.0, 192.0, 128.0]])],
+                 [(256, 256)])
+    # sqrt(area) 128 -> P3 (stride 8): x from 8 to 24 cells; two samples per bin side (no half-pixel
+    # shift) at 10, 14 and 18, 22, averaged -> 12 and 20
+    assert out[0, 0, 0].tolist() == [12.0, 20.0]
+    with pytest.raises(ValueError, match="consecutive"):
+        RoIPooler("multiscale", ["p2", "p4"], [4, 16])
+
+
+def test_fpn_levels_equation_one():
+    # k = floor(4 + log2(sqrt(wh) / 224)): 224 px -> 4, 112 -> 3, 111 -> 2, 448 -> 5, clamped to [2, 5]
+    sides = torch.tensor([224.0, 112.0, 111.0, 448.0, 10.0, 5000.0])
+    boxes = torch.stack([torch.zeros(6), torch.zeros(6), sides, sides], dim=1)
+    assert fpn_levels(boxes, 2, 5).tolist() == [4, 3, 2, 5, 2, 5]
+    # not square: sqrt(wh) of 56 x 896 is 224
+    assert fpn_levels(torch.tensor([[0.0, 0.0, 56.0, 896.0]]), 2, 5).tolist() == [4]
 
 
 # ---------------------------------------------------------------- loss and post-processing
@@ -162,13 +207,25 @@ def test_detections_from_scores_by_hand():
         ]
     )  # [P=3, K=2, 4]
     scores = torch.tensor([[0.9, 0.03], [0.8, 0.1], [0.2, 0.7]])
-    det = detections_from_scores(boxes, scores, (40, 50), score_thresh=0.05, nms_thresh=0.5)
+    det = detections_from_scores(boxes, scores, (40, 50), Thresholds(score_thresh=0.05, nms_thresh=0.5))
     # class 1: box 1 suppressed by box 0 (IoU 0.68); class 2: score 0.03 dropped; box 2 clipped to 50 x 40
     assert det.labels.tolist() == [1, 2, 1, 2]
     assert det.scores.tolist() == pytest.approx([0.9, 0.7, 0.2, 0.1])
     assert det.boxes[1].tolist() == [20.0, 20.0, 50.0, 40.0]
-    capped = detections_from_scores(boxes, scores, (40, 50), detections_per_img=2)
+    capped = detections_from_scores(boxes, scores, (40, 50), Thresholds(detections_per_img=2))
     assert capped.scores.tolist() == pytest.approx([0.9, 0.7])
+    # a looser NMS keeps box 1 of class 1; a higher score cut drops the 0.1 and 0.2
+    loose = detections_from_scores(boxes, scores, (40, 50), Thresholds(nms_thresh=0.7))
+    assert loose.scores.tolist() == pytest.approx([0.9, 0.8, 0.7, 0.2, 0.1])
+    high = detections_from_scores(boxes, scores, (40, 50), Thresholds(score_thresh=0.5))
+    assert high.scores.tolist() == pytest.approx([0.9, 0.7])
+
+
+def test_thresholds_are_checked():
+    with pytest.raises(ValueError, match="score_thresh"):
+        Thresholds(score_thresh=1.5)
+    with pytest.raises(ValueError, match="detections_per_img"):
+        Thresholds(detections_per_img=0)
 
 
 def _tiny_roi_heads(**kwargs):
@@ -209,3 +266,23 @@ def test_roi_heads_train_eval_and_zero_targets():
     # only images without objects and without proposals: losses are zero, not NaN
     _, losses = heads.train()(features, [torch.zeros(0, 4)] * 2, [(64, 64)] * 2, [targets[1]] * 2)
     assert losses["loss_box_reg"].item() == 0.0 and torch.isfinite(losses["loss_classifier"])
+
+
+def test_roi_heads_thresholds_per_call_leave_the_defaults_alone():
+    torch.manual_seed(0)
+    heads = _tiny_roi_heads(score_thresh=0.0, detections_per_img=100).eval().requires_grad_(False)
+    features = {"c4": torch.rand(1, 8, 16, 16)}
+    xy = torch.rand(30, 2) * 30
+    proposals = [torch.cat([xy, xy + 10 + torch.rand(30, 2) * 20], dim=1)]
+    everything, _ = heads(features, proposals, [(64, 64)])
+    capped, _ = heads(features, proposals, [(64, 64)], thresholds=Thresholds(0.0, 0.5, 3))
+    assert len(capped[0]) == 3 and torch.equal(capped[0].boxes, everything[0].boxes[:3])
+    tight, _ = heads(features, proposals, [(64, 64)], thresholds=Thresholds(0.0, 0.1, 100))
+    assert len(tight[0]) < len(everything[0])
+    cut = float(everything[0].scores.median())
+    high, _ = heads(features, proposals, [(64, 64)], thresholds=Thresholds(cut, 0.5, 100))
+    assert bool((high[0].scores > cut).all()) and len(high[0]) < len(everything[0])
+    # the configured defaults are untouched by the calls
+    assert heads.thresholds == Thresholds(0.0, 0.5, 100)
+    again, _ = heads(features, proposals, [(64, 64)])
+    assert torch.equal(again[0].boxes, everything[0].boxes)
