@@ -4,22 +4,23 @@ One config system for every task. A file may name one or more ``base:`` files (p
 they are deep-merged first (mappings merge key by key, everything else is replaced), then the file, then
 the command-line overrides. The merged mapping becomes an :class:`Experiment` whose ``model`` and
 ``data.options`` sections take the dataclasses of the chosen task, so every key is typed and checked:
-an unknown key is an error that suggests the closest valid one, a wrong type names the key and the
-expected type, and missing data files are reported before any work starts.
+an unknown key is an error that suggests the closest valid one, a renamed key gives its new spelling, a
+wrong type names the key and the expected type, and missing data files are reported before any work starts.
+The typed conversion itself (``from_dict``, ``to_dict``, ``ConfigError``) lives in ``apps.schema``, below
+the task registry this module reads, and is re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import yaml
+
+from apps.schema import ConfigError, check_renamed, convert_value, from_dict, suggest_key, to_dict
+from apps.tasks import TASKS, get_task
 
 __all__ = [
     "ConfigError",
@@ -36,10 +37,6 @@ __all__ = [
     "resolve_output_dir",
     "parse_duration",
 ]
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file or override, the key and the reason."""
 
 
 @dataclass
@@ -220,139 +217,26 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Typed conversion
-
-
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type) and not get_args(tp):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _suggest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(choices))}"
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got null")
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        choices = list(get_args(tp))
-        if value in choices:
-            return value
-        hint = _suggest(str(value), [str(c) for c in choices]).replace("valid keys", "valid values")
-        raise ConfigError(f"{key}: {value!r} is not one of {choices}{hint}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if value is None:
-            return tp()
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
-        return from_dict(tp, value, key)
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item,) = get_args(tp) or (Any,)
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        args = get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}: {value!r}")
-        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        _, vtype = get_args(tp) or (str, Any)
-        return {str(k): _convert(v, vtype, f"{key}.{k}") for k, v in value.items()}
-    # YAML gives bool for true/false and int for 3; an int is accepted where a float is expected.
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, checking every key and value type (errors name the key)."""
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in fields:
-            valid = [f"{prefix}.{name}" if prefix else name for name in fields]
-            raise ConfigError(f"unknown key {dotted!r}{_suggest(dotted, valid)}")
-        kwargs[key] = _convert(value, hints[key], dotted)
-    for name, f in fields.items():
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if name not in kwargs and required:
-            raise ConfigError(f"missing key {f'{prefix}.{name}' if prefix else name!r}")
-    return cls(**kwargs)
-
-
-def to_dict(obj: Any) -> Any:
-    """Dataclasses -> plain dicts, tuples -> lists (YAML- and checkpoint-safe)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_dict(v) for v in obj]
-    return obj
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Experiment
 
 
 def build_experiment(data: dict[str, Any]) -> Experiment:
-    """Typed :class:`Experiment` from a merged mapping; the task decides the model and options types."""
-    from apps.tasks import TASKS, get_task
-
+    """Typed :class:`Experiment` from a merged mapping; the task decides the model and options types.
+    A renamed model key is an error that gives the new spelling (checkpoints migrate them silently)."""
     data = dict(data)
     name = data.get("task")
     if not isinstance(name, str):
         raise ConfigError(f"missing key 'task' (one of {sorted(TASKS)})")
     if name not in TASKS:
-        raise ConfigError(f"task: unknown task {name!r}{_suggest(name, sorted(TASKS))}")
+        raise ConfigError(f"task: unknown task {name!r}{suggest_key(name, sorted(TASKS))}")
     task = get_task(name)
-    model = _convert(data.pop("model", None) or {}, task.model_config_type, "model")
+    model_section = data.pop("model", None) or {}
+    if isinstance(model_section, dict):
+        check_renamed(task.model_config_type, model_section, "model")
+    model = convert_value(model_section, task.model_config_type, "model")
     data_section = dict(data.pop("data", None) or {})
-    options = _convert(data_section.pop("options", None) or {}, task.options_type, "data.options")
-    data_cfg = _convert(data_section, DataConfig, "data")
+    options = convert_value(data_section.pop("options", None) or {}, task.options_type, "data.options")
+    data_cfg = convert_value(data_section, DataConfig, "data")
     data_cfg.options = options
     exp = from_dict(Experiment, {**data, "model": model, "data": data_cfg})
     _check_values(exp)
@@ -437,13 +321,11 @@ def _mentions_override(message: str, override_map: dict[str, Any]) -> bool:
                 walk(v, f"{prefix}{k}.")
 
     walk(override_map, "")
-    return any(f"'{k}'" in message or message.startswith(f"{k}:") for k in keys)
+    return any(f"'{k}'" in message or message.startswith((f"{k}:", f"{k} ")) for k in keys)
 
 
 def check_paths(exp: Experiment) -> None:
     """Fail early on missing files: the task's data paths, fine-tuning weights."""
-    from apps.tasks import get_task
-
     get_task(exp.task).check_config(exp)
     if exp.weights is not None and not Path(exp.weights).is_file():
         raise ConfigError(f"weights: {exp.weights}: no such checkpoint file")

@@ -62,7 +62,7 @@ def test_bad_inputs_are_clear_errors():
 
 
 def test_frozen_backbone_trains_only_the_head_then_unfreezes():
-    model = make(freeze_backbone=True, dropout=0.5)
+    model = make(freeze_at=5, dropout=0.5)
     bn = model.backbone.bn1
     stats = bn.running_mean.clone()
     optimizer = torch.optim.SGD(model.param_groups(lr=0.1, backbone_lr_mult=0.1), lr=0.1)
@@ -99,7 +99,7 @@ def test_torchvision_imagenet_state_dict_loads_into_the_trunk(tmp_path):
     tv = torchvision.models.resnet18(weights=None).eval()
     path = tmp_path / "resnet18-imagenet-like.pth"
     torch.save(tv.state_dict(), path)
-    model = make(pretrained=str(path)).eval()
+    model = make(backbone_weights=str(path)).eval()
     assert model.head.out_features == 5
     x = torch.rand(1, 3, 32, 32)
     with torch.inference_mode():

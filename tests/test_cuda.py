@@ -44,7 +44,7 @@ PRECISIONS = {"fp32": ({"amp": False}, torch.float32),
               "fp16": ({"amp": True, "amp_dtype": "float16"}, torch.float16),
               "bf16": ({"amp": True, "amp_dtype": "bfloat16"}, torch.bfloat16)}
 # small images and a light head keep every test here within seconds on a GPU
-TINY_R18 = {"arch": "faster_rcnn_r18_fpn", "frozen_bn": False, "trainable_backbone_layers": 5,
+TINY_R18 = {"arch": "faster_rcnn_r18_fpn", "frozen_bn": False, "freeze_at": 0,
             "min_size": 96, "max_size": 128, "fpn_channels": 32,
             "rpn": {"anchor_sizes": [[16], [32], [64], [128], [256]], "post_nms_top_n_train": 64,
                     "post_nms_top_n_test": 32},
@@ -241,7 +241,7 @@ def test_a_gpu_trained_run_resumes_and_predicts_on_the_cpu(gpu_run, shapes, tmp_
 
 def _tiny_detector() -> nn.Module:
     cfg = DetectorConfig(arch="faster_rcnn_r18_fpn", num_classes=3, frozen_bn=False,
-                         trainable_backbone_layers=5, min_size=96, max_size=128, fpn_channels=32,
+                         freeze_at=0, min_size=96, max_size=128, fpn_channels=32,
                          rpn=RPNConfig(anchor_sizes=[[16], [32], [64], [128], [256]],
                                        post_nms_top_n_train=64),
                          roi=RoIConfig(representation_size=32, batch_size_per_image=32))

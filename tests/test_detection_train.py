@@ -29,7 +29,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
 TINY_MODEL = {
     "arch": "faster_rcnn_r18_fpn",
     "frozen_bn": False,
-    "trainable_backbone_layers": 5,
+    "freeze_at": 0,
     "min_size": 64,
     "max_size": 96,
     "fpn_channels": 32,

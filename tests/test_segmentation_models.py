@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torchvision.models import segmentation as tv_segmentation
 
 import vision.backbones
+from vision.layers import IMAGENET_MEAN, IMAGENET_STD
 from vision.segmentation import (
     SegmentationConfig,
     build_segmentation_model,
@@ -18,7 +19,6 @@ from vision.segmentation import (
     save_torchvision_segmentation,
     segmentation_loss,
 )
-from vision.segmentation.model import IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.mark.parametrize(

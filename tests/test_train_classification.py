@@ -110,7 +110,7 @@ def test_transfer_learning_trains_the_head_first_then_everything(data, trained, 
     start = load_checkpoint(first / "last.pt")["state_dict"]
 
     run = tmp_path / "transfer"
-    settings = [f"weights={first / 'last.pt'}", "model.freeze_backbone=true", "train.unfreeze_at_epoch=1",
+    settings = [f"weights={first / 'last.pt'}", "model.freeze_at=5", "train.unfreeze_at_epoch=1",
                 "train.backbone_lr_mult=0.1", f"output_dir={run}", "train.epochs=1"]
     assert main(["train", str(data / "exp.yaml"), *settings]) == 0
     phase1 = load_checkpoint(run / "last.pt")["state_dict"]

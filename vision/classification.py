@@ -1,8 +1,9 @@
 """Image classification: normalise, backbone, global average pooling, dropout, linear head.
 
-Transfer learning in two phases: train a new head on a frozen pretrained trunk
-(``freeze_backbone=True``), then ``unfreeze_backbone()`` and fine-tune everything with the trunk at a
-lower learning rate (``param_groups(lr, backbone_lr_mult)``).
+Transfer learning in two phases: train a new head on a frozen pretrained trunk (``freeze_at=5``: all five
+stages), then ``unfreeze_backbone()`` and fine-tune everything with the trunk at a lower learning rate
+(``param_groups(lr, backbone_lr_mult)``). ``freeze_at`` counts stages from the input as everywhere in
+visiondet (vision/backbones.py): ResNet [stem, res2..res5], VGG blocks 1..5.
 
 Shapes: N images, K classes, C channels of the trunk's last map.
 """
@@ -17,13 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vision.backbones import build_backbone
-from vision.layers import Normalize
+from vision.layers import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from vision.weights import LoadReport, load_weights
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Classifier", "ClassifierConfig"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["Classifier", "ClassifierConfig"]
 
 
 @dataclass
@@ -32,9 +30,9 @@ class ClassifierConfig:
 
     backbone: str = "resnet18"  # any of vision.backbones.BACKBONE_NAMES
     num_classes: int = 1000
-    pretrained: str | None = None  # trunk weights: a named source ("imagenet") or a path; None = random
+    backbone_weights: str | None = None  # trunk weights: a named source ("imagenet") or a path; None = random
     dropout: float = 0.0  # before the linear head
-    freeze_backbone: bool = False  # train only the head (phase one of transfer learning)
+    freeze_at: int = 0  # trunk stages frozen from the input; 5 trains only the head (transfer learning)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation, RGB, for images in [0, 1]
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -44,7 +42,7 @@ class Classifier(nn.Module):
 
     Args:
         cfg: the model config.
-        load_pretrained: load ``cfg.pretrained`` into the trunk. Pass False when the weights will come
+        load_pretrained: load ``cfg.backbone_weights`` into the trunk. Pass False when the weights will come
             from a checkpoint anyway (rebuilding a trained model must not download anything).
         weights_dir: where named weight sources are looked up and downloaded.
     """
@@ -60,15 +58,15 @@ class Classifier(nn.Module):
         last = "pool5" if cfg.backbone.startswith("vgg") else "c5"
         self.normalize = Normalize(cfg.mean, cfg.std)
         self.backbone = build_backbone(cfg.backbone, out_features=[last])
-        if cfg.pretrained is not None and load_pretrained:
-            self.load_backbone_weights(cfg.pretrained, weights_dir=weights_dir)
+        if cfg.backbone_weights is not None and load_pretrained:
+            self.load_backbone_weights(cfg.backbone_weights, weights_dir=weights_dir)
         self.feature_name = last
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(self.backbone.feature_info[last].channels, cfg.num_classes)
-        self.backbone_frozen = False
-        if cfg.freeze_backbone:
-            self.freeze_backbone()
+        self.frozen: list[nn.Module] = []  # trunk modules kept frozen (and in eval mode) until unfrozen
+        if cfg.freeze_at:
+            self.freeze_backbone(cfg.freeze_at)
 
     def load_backbone_weights(self, source_or_path: str | os.PathLike, *,
                               weights_dir: str | os.PathLike = "weights") -> LoadReport:
@@ -76,23 +74,33 @@ class Classifier(nn.Module):
         is untouched."""
         return load_weights(self.backbone, source_or_path, arch=self.cfg.backbone, weights_dir=weights_dir)
 
-    def freeze_backbone(self) -> None:
-        """Stop training the trunk: no gradients, and its batch norms stay in eval mode."""
-        self.backbone_frozen = True
-        self.backbone.requires_grad_(False)
-        self.backbone.train(False)
+    def freeze_backbone(self, freeze_at: int | None = None) -> None:
+        """Stop training the first ``freeze_at`` trunk stages (None: all of them): no gradients, and their
+        batch norms stay in eval mode. Reversible (unlike ``Backbone.freeze``, which folds batch norms)."""
+        stages = self.backbone.stages()
+        freeze_at = len(stages) if freeze_at is None else freeze_at
+        if not 0 <= freeze_at <= len(stages):
+            raise ValueError(f"ClassifierConfig.freeze_at must be in 0..{len(stages)} (the stages of the "
+                             f"{self.cfg.backbone} trunk), got {freeze_at}")
+        self.frozen = [getattr(parent, name) for stage in stages[:freeze_at] for parent, name in stage]
+        if freeze_at == len(stages):
+            self.frozen = [self.backbone]
+        for module in self.frozen:
+            module.requires_grad_(False)
+        self.train(self.training)
 
     def unfreeze_backbone(self) -> None:
         """Train the trunk again (phase two); pair with ``param_groups`` for a lower trunk learning rate."""
-        self.backbone_frozen = False
-        self.backbone.requires_grad_(True)
+        for module in self.frozen:
+            module.requires_grad_(True)
+        self.frozen = []
         self.backbone.train(self.training)
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
-        if self.backbone_frozen:
+        for module in self.frozen:
             # BN running statistics would drift towards the new data even with frozen weights.
-            self.backbone.train(False)
+            module.train(False)
         return self
 
     def param_groups(self, lr: float, backbone_lr_mult: float = 0.1) -> list[dict]:

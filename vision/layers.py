@@ -1,4 +1,5 @@
-"""Small layers shared by the backbones: frozen batch norm, input normalisation, conv+BN folding.
+"""Small layers shared by the backbones: frozen batch norm, input normalisation (and the ImageNet statistics
+every model defaults to), conv+BN folding.
 
 Shapes: N images, C channels, H x W spatial size.
 """
@@ -12,8 +13,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["FrozenBatchNorm2d", "Normalize", "convert_frozen_batchnorm", "fold_conv_bn",
-           "prepare_for_inference"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "FrozenBatchNorm2d", "Normalize", "convert_frozen_batchnorm",
+           "fold_conv_bn", "prepare_for_inference"]
+
+# Per-channel RGB statistics of ImageNet-1k for images in [0, 1]: the normalisation torchvision's published
+# weights were trained with, so every model config defaults to them (the one place they are written).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 class FrozenBatchNorm2d(nn.Module):

@@ -17,9 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
-from apps.config import ConfigError, Experiment, to_dict
+from apps.config import ConfigError, Experiment, build_experiment, to_dict
+from apps.schema import migrate_renamed
+from apps.tasks import TASKS, get_task
 from vision.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint, save_checkpoint
 
 __all__ = [
@@ -149,9 +152,8 @@ RESUME_FREE_KEYS = frozenset({
 
 
 def saved_config(run_dir: Path) -> dict[str, Any]:
-    """The mapping of a run folder's ``config.yaml`` (what the run was started with)."""
-    import yaml
-
+    """The mapping of a run folder's ``config.yaml`` (what the run was started with), its model keys under
+    their current names (a run started before a key was renamed still resumes)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"resume: {path}: no such file (is {run_dir} a run folder?)")
@@ -161,6 +163,8 @@ def saved_config(run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"resume: {path}: invalid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"resume: {path}: not a mapping of settings")
+    if data.get("task") in TASKS and isinstance(data.get("model"), dict):
+        data["model"] = migrate_renamed(get_task(data["task"]).model_config_type, data["model"])
     return data
 
 
@@ -176,8 +180,6 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
 def resume_changes(run_dir: Path, exp: Experiment) -> list[str]:
     """``"key: saved -> now"`` for every setting of ``exp`` that differs from the run's config.yaml and
     is not free to change; a ConfigError naming them unless ``exp.resume_force``. Returns the changes."""
-    from apps.config import build_experiment
-
     try:
         saved = to_dict(build_experiment(saved_config(run_dir)))
     except ConfigError as exc:

@@ -17,13 +17,8 @@ from pathlib import Path
 from torch import Tensor
 
 from vision.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
-from vision.segmentation.model import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    SegmentationConfig,
-    SegmentationModel,
-    build_segmentation_model,
-)
+from vision.layers import IMAGENET_MEAN, IMAGENET_STD
+from vision.segmentation.model import SegmentationConfig, SegmentationModel, build_segmentation_model
 
 TORCHVISION_ARCHS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101")
 

@@ -19,13 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vision.backbones import VGGFeatures, build_backbone, build_network
-from vision.layers import Normalize
+from vision.layers import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from vision.segmentation.fcn_vgg import FCNVGGHead
 from vision.segmentation.heads import DeepLabV3Head, DeepLabV3PlusHead, FCNHead, PSPHead
 from vision.segmentation.metrics import IGNORE_INDEX
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Arch = Literal[
     "fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16",

@@ -1,0 +1,216 @@
+"""Typed dataclasses from plain mappings (YAML sections, checkpoint dicts) and back, and the renamed keys.
+
+``from_dict`` checks every key and value type, so an error names the key and suggests the closest valid
+one. Keys renamed since a release (``RENAMED_KEYS``) are migrated silently here, so old checkpoints, whose
+model config is a plain dict, keep loading; a config file or override that still spells one gets a
+one-line ConfigError from ``check_renamed`` instead, so people learn the new spelling.
+
+Below ``apps.config`` (which needs the task registry) and ``apps.tasks`` (which load checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+__all__ = ["ConfigError", "RENAMED_KEYS", "Rename", "check_renamed", "convert_value", "from_dict",
+           "migrate_renamed", "suggest_key", "to_dict"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file or override, the key and the reason."""
+
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and not get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def suggest_key(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(choices))}"
+
+
+def convert_value(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got null")
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert_value(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = list(get_args(tp))
+        if value in choices:
+            return value
+        hint = suggest_key(str(value), [str(c) for c in choices]).replace("valid keys", "valid values")
+        raise ConfigError(f"{key}: {value!r} is not one of {choices}{hint}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if value is None:
+            return tp()
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = get_args(tp) or (Any,)
+        return [convert_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(convert_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}: {value!r}")
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(convert_value(v, a, f"{key}[{i}]") for i, (v, a) in pairs)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, vtype = get_args(tp) or (str, Any)
+        return {str(k): convert_value(v, vtype, f"{key}.{k}") for k, v in value.items()}
+    # YAML gives bool for true/false and int for 3; an int is accepted where a float is expected.
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and value type (errors name the key).
+    Renamed keys are migrated silently (see the module docstring)."""
+    data = migrate_renamed(cls, data)
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            valid = [f"{prefix}.{name}" if prefix else name for name in fields]
+            raise ConfigError(f"unknown key {dotted!r}{suggest_key(dotted, valid)}")
+        kwargs[key] = convert_value(value, hints[key], dotted)
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in kwargs and required:
+            raise ConfigError(f"missing key {f'{prefix}.{name}' if prefix else name!r}")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclasses -> plain dicts, tuples -> lists (YAML- and checkpoint-safe)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Renamed keys
+
+
+@dataclass(frozen=True)
+class Rename:
+    """An old key's replacement: the new key, how an old value becomes a new one, and what to tell people."""
+
+    new: str
+    convert: Callable[[Any], Any]
+    note: str
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _freeze_at_from_trainable(value: Any) -> Any:
+    # of the 5 stages, trainable_backbone_layers counted from the top; freeze_at counts from the input
+    return 5 - value if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _freeze_at_from_flag(value: Any) -> Any:
+    # freeze_backbone froze the whole trunk: all 5 stages (ResNet stem + res2..res5, VGG blocks 1..5)
+    return (5 if value else 0) if isinstance(value, bool) else value
+
+
+_WEIGHTS_NOTE = "the one key for backbone weights: a named source such as imagenet, a path, or null"
+_FREEZE_NOTE = "stages frozen from the input, 0 = train everything"
+
+# config dataclass name -> old key -> Rename. An entry acts only while the class has the new key and not
+# the old one, so it can be written before the field itself is renamed.
+RENAMED_KEYS: dict[str, dict[str, Rename]] = {
+    "ClassifierConfig": {
+        "pretrained": Rename("backbone_weights", _same, _WEIGHTS_NOTE),
+        "freeze_backbone": Rename("freeze_at", _freeze_at_from_flag,
+                                  f"{_FREEZE_NOTE}; freeze_backbone: true = freeze_at: 5"),
+    },
+    "DetectorConfig": {
+        "trainable_backbone_layers": Rename("freeze_at", _freeze_at_from_trainable,
+                                            f"{_FREEZE_NOTE}; freeze_at = 5 - trainable_backbone_layers"),
+    },
+    "RCNNConfig": {
+        "weights": Rename("backbone_weights", _same, _WEIGHTS_NOTE),
+    },
+}
+
+
+def _renames(cls: type) -> dict[str, Rename]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {old: rename for old, rename in RENAMED_KEYS.get(cls.__name__, {}).items()
+            if old not in names and rename.new in names}
+
+
+def check_renamed(cls: type, data: dict[str, Any], prefix: str = "") -> None:
+    """A ConfigError for the first key of ``data`` that ``cls`` has renamed (config files, overrides)."""
+    for old, rename in _renames(cls).items():
+        if old in data:
+            dotted = f"{prefix}." if prefix else ""
+            raise ConfigError(f"{dotted}{old} was renamed: use {dotted}{rename.new} ({rename.note})")
+
+
+def migrate_renamed(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the keys ``cls`` has renamed under their new names and values (checkpoints, saved run
+    configs); where both spellings are present the new one is kept."""
+    renames = _renames(cls)
+    if not any(old in data for old in renames):
+        return data
+    out = {k: v for k, v in data.items() if k not in renames}
+    for old, rename in renames.items():
+        if old in data and rename.new not in data:
+            out[rename.new] = rename.convert(data[old])
+    return out
