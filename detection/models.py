@@ -30,7 +30,7 @@ from detection.roi_heads import (
     VGGBoxHead,
 )
 from detection.rpn import RegionProposalNetwork, RPNHead
-from detection.structures import Detections
+from detection.structures import Detections, Proposals, ProposalStages, Thresholds
 from detection.transform import DetectionTransform, ImageBatch, scale_boxes
 from vision.backbones import ResNetFeatures, VGGFeatures, build_network
 from vision.layers import IMAGENET_MEAN, IMAGENET_STD, convert_frozen_batchnorm
@@ -40,16 +40,19 @@ from vision.layers import prepare_for_inference as prepare_for_inference  # wher
 class TwoStageDetector(nn.Module):
     """The R-CNN family's shared skeleton (Faster R-CNN, figure 2).
 
-    ``forward(images, targets=None, proposals=None) -> (detections | None, losses)``:
+    ``forward(images, targets=None, proposals=None, *, thresholds=None) -> (detections | None, losses)``:
     images: N tensors [3, H_i, W_i] in [0, 1]; targets: dicts with boxes [M, 4] xyxy and labels [M] in
     1..K (losses are computed whenever they are given); proposals: [P_i, 4] boxes per image in input
-    pixels for detectors with external proposals (they may also come as ``targets[i]["proposals"]``).
-    detections: one Detections per image in its own pixels, unless training.
+    pixels for detectors with external proposals (they may also come as ``targets[i]["proposals"]``);
+    thresholds: the post-processing cuts of this call (``Thresholds``; None: ``self.thresholds``, the
+    configured ones). detections: one Detections per image in its own pixels, unless training.
+    ``inspect(image)`` runs the same parts on one image and keeps every intermediate result.
 
     Parts: ``transform`` (DetectionTransform), ``backbone`` (``forward(x) -> {name: map}`` with
     ``feature_info``), ``proposal_generator`` (any module ``forward(batch, features, targets, proposals)
-    -> (N tensors [P_i, 4] in the batch's resized pixels, {loss_*})``: RegionProposalNetwork or
-    ExternalProposals), ``roi_heads`` (RoIHeads: pooler, box head, predictor, sampling, post-processing).
+    -> (N Proposals: boxes [P_i, 4] in the batch's resized pixels and their scores, {loss_*})`` with an
+    ``inspect(batch, features, proposals) -> ProposalStages``: RegionProposalNetwork or ExternalProposals),
+    ``roi_heads`` (RoIHeads: pooler, box head, predictor, sampling, post-processing).
     """
 
     def __init__(
@@ -71,6 +74,8 @@ class TwoStageDetector(nn.Module):
         images: Sequence[Tensor],
         targets: Sequence[dict[str, Tensor]] | None = None,
         proposals: Sequence[Tensor] | None = None,
+        *,
+        thresholds: Thresholds | None = None,
     ) -> tuple[list[Detections] | None, dict[str, Tensor]]:
         if self.training and targets is None:
             raise ValueError("a detector in training mode needs targets (call model.eval() to predict)")
@@ -79,10 +84,54 @@ class TwoStageDetector(nn.Module):
         batch, targets, proposals = self.transform(images, targets, proposals)
         features = self.backbone(batch.tensors)
         proposals, proposal_losses = self.proposal_generator(batch, features, targets, proposals)
-        detections, detector_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        boxes = [p.boxes for p in proposals]
+        detections, detector_losses = self.roi_heads(features, boxes, batch.image_sizes, targets, thresholds)
         if detections is not None:
             detections = self.transform.postprocess(detections, batch)
         return detections, {**proposal_losses, **detector_losses}
+
+    @property
+    def thresholds(self) -> Thresholds:
+        """The configured post-processing thresholds (what a call without ``thresholds`` uses)."""
+        return self.roi_heads.thresholds
+
+    @torch.no_grad()
+    def inspect(
+        self, image: Tensor, proposals: Tensor | None = None, *, thresholds: Thresholds | None = None
+    ) -> Inspection:
+        """One image [3, H, W] in [0, 1] through the parts ``forward`` runs at test time, keeping what each
+        produced (for detection.explain); ``inspection.detections`` equals ``self([image])``'s."""
+        if self.training:
+            raise ValueError("inspect needs the model in eval mode (call model.eval())")
+        thresholds = thresholds or self.thresholds
+        batch, _, given = self.transform([image], None, [proposals] if proposals is not None else None)
+        features = self.backbone(batch.tensors)
+        stages = self.proposal_generator.inspect(batch, features, given)
+        boxes, heads = [p.boxes for p in stages.proposals], self.roi_heads
+        outputs = heads.predict(features, boxes, batch.image_sizes)  # e.g. class logits and box deltas
+        (class_boxes,), (class_scores,) = heads.class_boxes_and_scores(*outputs, boxes)
+        detections = heads.postprocess(*outputs, boxes, batch.image_sizes, thresholds)
+        (detections,) = self.transform.postprocess(detections, batch)
+        return Inspection(batch, stages, class_boxes, class_scores, detections, thresholds)
+
+
+@dataclass
+class Inspection:
+    """What ``TwoStageDetector.inspect`` keeps for one image.
+
+    batch: the resized image (sizes for mapping boxes back); stages: the proposal source's results
+    (proposals with scores; the RPN's candidates before NMS and raw predictions); class_boxes [P, K, 4] and
+    class_scores [P, K]: every proposal's class-specific boxes (resized pixels) and scores before
+    post-processing (column k is label k + 1); detections: the final answer in the image's pixels;
+    thresholds: the ones the detections were cut with.
+    """
+
+    batch: ImageBatch
+    stages: ProposalStages
+    class_boxes: Tensor
+    class_scores: Tensor
+    detections: Detections
+    thresholds: Thresholds
 
 
 class ExternalProposals(nn.Module):
@@ -114,7 +163,7 @@ class ExternalProposals(nn.Module):
         features: dict[str, Tensor],
         targets: list[dict[str, Tensor]] | None = None,
         proposals: list[Tensor] | None = None,
-    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+    ) -> tuple[list[Proposals], dict[str, Tensor]]:
         if proposals is None:
             if self.training:
                 # The images of a training batch are augmented: proposals computed or looked up from their
@@ -139,8 +188,14 @@ class ExternalProposals(nn.Module):
         out = []
         for boxes, size in zip(proposals, batch.image_sizes, strict=True):
             boxes = clip_boxes_to_image(boxes.to(batch.tensors), size)
-            out.append(boxes[remove_small_boxes(boxes, self.min_box_size)][: self.max_proposals])
+            out.append(Proposals(boxes[remove_small_boxes(boxes, self.min_box_size)][: self.max_proposals]))
         return out, {}
+
+    def inspect(
+        self, batch: ImageBatch, features: dict[str, Tensor], proposals: list[Tensor] | None = None
+    ) -> ProposalStages:
+        """The proposals ``forward`` gives at test time (nothing happens before them here)."""
+        return ProposalStages(self(batch, features, None, proposals)[0])
 
 
 # ---------------------------------------------------------------------------------------------- config
