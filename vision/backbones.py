@@ -59,6 +59,8 @@ class Backbone(nn.Module):
 
     feature_info: dict[str, FeatureInfo]
     arch: str | None = None
+    # a trunk keeps part of a network: load_weights takes just its keys from a whole network's file
+    part_of_network: bool = True
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """x: [N, 3, H, W] normalised images -> {name: [N, C_name, ~H/stride, ~W/stride]}."""

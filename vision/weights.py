@@ -250,14 +250,13 @@ def load_weights(model: nn.Module, source_or_path: str | os.PathLike | Mapping[s
     """Load weights into ``model``: a named source of ``arch`` (default ``model.arch``), a torchvision
     ``.pth`` state dict, a visiondet checkpoint, or an in-memory state dict.
 
-    Keys are mapped where needed: a wrapper prefix in the file is dropped, and a ``Backbone`` (which
-    keeps only part of a network) takes just its own keys from a full network's file. ``ignore`` lists
-    key prefixes to leave out on both sides (e.g. ``"fc."`` to keep a new classification head). With
+    Keys are mapped where needed: a wrapper prefix in the file is dropped, and a model that says it keeps
+    only part of a network (``part_of_network = True``, as ``vision.backbones.Backbone`` does) takes just
+    its own keys from a full network's file. ``ignore`` lists key prefixes to leave out on both sides
+    (e.g. ``"fc."`` to keep a new classification head). With
     ``strict`` every other key must match in name and shape, checked before anything is copied; without
     it the matching keys load and the rest are reported.
     """
-    from vision.backbones import Backbone  # here: vision.backbones imports this module
-
     if isinstance(source_or_path, Mapping):
         where, state = "state dict", dict(source_or_path)
     else:
@@ -274,7 +273,7 @@ def load_weights(model: nn.Module, source_or_path: str | os.PathLike | Mapping[s
     model_keys = [k for k in model_state if not k.startswith(tuple(ignore))]
     state = _strip_prefix(state, model_keys)
     state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore))}
-    if isinstance(model, Backbone):
+    if getattr(model, "part_of_network", False):
         state = {k: v for k, v in state.items() if k in model_state or _is_counter(k)}
 
     report = LoadReport(
