@@ -23,6 +23,9 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import torch
+from torchvision.ops import box_convert
+
 from .cocofile import AnnotationError, may_be_unsafe, paused_gc, read_json, safe_join, segmentation_rle
 from .images import IMAGE_EXTENSIONS, ImageError, exif_for_size, read_header, read_raw
 
@@ -196,6 +199,7 @@ def _check_annotations(report: CheckReport, anns: list[Any], imgs: dict[Any, dic
                [i for i, a in enumerate(anns) if "id" not in a])
     found: dict[str, list[Any]] = defaultdict(list)
     instances, images_of = Counter(), defaultdict(set)
+    sized: list[tuple[Any, list[float], dict[str, Any]]] = []  # boxes of images with a size, checked at once
     for position, ann in enumerate(anns):
         name = ann.get("id", f"#{position}")
         img = imgs.get(_key(ann.get("image_id")))
@@ -222,7 +226,8 @@ def _check_annotations(report: CheckReport, anns: list[Any], imgs: dict[Any, dic
             found["no_bbox" if segm else "bad_bbox"].append(name)
             continue
         if has_size:
-            _check_box(found, name, box, img)
+            sized.append((name, box, img))
+    _check_boxes(found, sized)
     _report_annotation_findings(report, found)
     report.categories = [
         {"id": cid, "name": cname, "instances": instances[cid], "images": len(images_of[cid])}
@@ -232,21 +237,35 @@ def _check_annotations(report: CheckReport, anns: list[Any], imgs: dict[Any, dic
                [f"{c['id']} ({c['name']})" for c in report.categories if not c["instances"]])
 
 
-def _check_box(found: dict[str, list[Any]], name: Any, box: list[float], img: dict[str, Any]) -> None:
-    x, y, w, h = box
-    width, height = img["width"], img["height"]
-    x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
-    where = f"{name} ({img.get('file_name')})"
+def _check_boxes(found: dict[str, list[Any]], sized: list[tuple[Any, list[float], dict[str, Any]]]) -> None:
+    """Sort (name, COCO [x, y, w, h] box, image) triples into the box findings, in one pass over arrays."""
+    if not sized:
+        return
+    xywh = torch.tensor([box for _, box, _ in sized], dtype=torch.float64)
+    size = torch.tensor([(img["width"], img["height"]) for _, _, img in sized], dtype=torch.float64)
+    xyxy = box_convert(xywh, "xywh", "xyxy")
+    clipped = torch.cat([xyxy[:, :2].clamp(min=0), torch.minimum(xyxy[:, 2:], size)], dim=1)
+    extent = clipped[:, 2:] - clipped[:, :2]
+    tol = _OUT_OF_BOUNDS_TOLERANCE
     # three different mistakes, each named as it is: a 20x20 box past the border is not "under 1 px"
-    if w <= 0 or h <= 0:
-        found["negative_box_size"].append(f"{where}: {w:g} x {h:g}")
-    elif x2 <= x1 or y2 <= y1:
-        found["box_outside_image"].append(f"{where}: [{x:g}, {y:g}, {w:g}, {h:g}] in {width}x{height}")
-    elif x2 - x1 < 1 or y2 - y1 < 1:
-        found["degenerate_box"].append(where)
-    elif (x < -_OUT_OF_BOUNDS_TOLERANCE or y < -_OUT_OF_BOUNDS_TOLERANCE
-          or x + w > width + _OUT_OF_BOUNDS_TOLERANCE or y + h > height + _OUT_OF_BOUNDS_TOLERANCE):
-        found["box_out_of_bounds"].append(where)
+    negative = (xywh[:, 2:] <= 0).any(dim=1)
+    outside = ~negative & (extent <= 0).any(dim=1)
+    degenerate = ~negative & ~outside & (extent < 1).any(dim=1)
+    past_border = (xyxy[:, :2] < -tol).any(dim=1) | (xyxy[:, 2:] > size + tol).any(dim=1)
+    out_of_bounds = ~negative & ~outside & ~degenerate & past_border
+    for i in negative.nonzero().flatten().tolist():
+        _, (_, _, w, h), _ = sized[i]
+        found["negative_box_size"].append(f"{_where(*sized[i])}: {w:g} x {h:g}")
+    for i in outside.nonzero().flatten().tolist():
+        _, (x, y, w, h), img = sized[i]
+        found["box_outside_image"].append(f"{_where(*sized[i])}: [{x:g}, {y:g}, {w:g}, {h:g}] in "
+                                          f"{img['width']}x{img['height']}")
+    found["degenerate_box"].extend(_where(*sized[i]) for i in degenerate.nonzero().flatten().tolist())
+    found["box_out_of_bounds"].extend(_where(*sized[i]) for i in out_of_bounds.nonzero().flatten().tolist())
+
+
+def _where(name: Any, box: list[float], img: dict[str, Any]) -> str:
+    return f"{name} ({img.get('file_name')})"
 
 
 _ANNOTATION_FINDINGS = {

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
+from torchvision.ops import box_convert
 
 from .cococache import AUTO_CACHE_BYTES, cached_coco_table, default_cache_dir
 from .cocofile import AnnotationError, format_ids, load_coco, safe_join, segmentation_rle
@@ -52,8 +53,8 @@ logger = logging.getLogger(__name__)
 
 def xywh_to_xyxy(bbox: Sequence[float], width: float, height: float) -> tuple[float, float, float, float]:
     """COCO ``[x, y, w, h]`` -> ``(x1, y1, x2, y2)`` in absolute pixels, clipped to the image."""
-    x, y, w, h = (float(v) for v in bbox)
-    return max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
+    x1, y1, x2, y2 = box_convert(torch.tensor([bbox], dtype=torch.float64), "xywh", "xyxy")[0].tolist()
+    return max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
 
 
 @dataclass(frozen=True)

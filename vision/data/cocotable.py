@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torchvision.ops import box_convert
 
 from .cocofile import (
     AnnotationError,
@@ -159,8 +161,10 @@ def _build(path: Path, images_root: str | os.PathLike, keep_segmentations: bool,
     image_of = image_of[rows]
     xywh = columns.xywh[rows]
     w, h = widths[image_of], heights[image_of]
-    boxes = np.stack([np.maximum(xywh[:, 0], 0.0), np.maximum(xywh[:, 1], 0.0),
-                      np.minimum(xywh[:, 0] + xywh[:, 2], w), np.minimum(xywh[:, 1] + xywh[:, 3], h)], axis=1)
+    boxes = box_convert(torch.from_numpy(xywh), "xywh", "xyxy").numpy()
+    np.maximum(boxes[:, :2], 0.0, out=boxes[:, :2])  # clipped to the image, as xywh_to_xyxy does
+    np.minimum(boxes[:, 2], w, out=boxes[:, 2])
+    np.minimum(boxes[:, 3], h, out=boxes[:, 3])
     keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
     ann_ids = columns.ids[rows]
     bad_images, bad_ids = image_of[~keep][:shown].tolist(), ann_ids[~keep][:shown].tolist()

@@ -19,7 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from torchvision.ops import box_convert
 
 from .cocofile import load_coco, safe_join
 from .images import IMAGE_EXTENSIONS, image_size
@@ -215,13 +217,14 @@ def _yolo_line(line: str, where: str, num_classes: int, width: int, height: int)
     if any(v < -0.01 or v > 1.01 for v in values):
         raise ConversionError(where, "coordinates must be normalised to 0..1")
     if len(values) == 4:
-        cx, cy, w, h = values
-        bbox = [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height]
+        xywh = box_convert(torch.tensor(values, dtype=torch.float64), "cxcywh", "xywh")
+        bbox = (xywh * torch.tensor([width, height] * 2, dtype=torch.float64)).tolist()
         return {"category_id": cls, "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0}
     xs = [v * width for v in values[0::2]]
     ys = [v * height for v in values[1::2]]
     polygon = [c for xy in zip(xs, ys, strict=True) for c in xy]
-    bbox = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+    xyxy = torch.tensor([min(xs), min(ys), max(xs), max(ys)], dtype=torch.float64)
+    bbox = box_convert(xyxy, "xyxy", "xywh").tolist()
     area = 0.5 * abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs))))  # shoelace
     return {"category_id": cls, "bbox": bbox, "area": area, "segmentation": [polygon], "iscrowd": 0}
 
@@ -238,13 +241,12 @@ def coco_to_yolo(annotations: str | os.PathLike, out_dir: str | os.PathLike) -> 
     for image_id in sorted(coco.imgs):
         img = coco.imgs[image_id]
         width, height = img["width"], img["height"]
-        lines = []
-        for ann in coco.imgToAnns[image_id]:
-            if ann["iscrowd"]:
-                continue
-            x, y, w, h = ann["bbox"]
-            values = ((x + w / 2) / width, (y + h / 2) / height, w / width, h / height)
-            lines.append(f"{index[ann['category_id']]} " + " ".join(f"{v:.6f}" for v in values))
+        anns = [ann for ann in coco.imgToAnns[image_id] if not ann["iscrowd"]]
+        # YOLO rows: class, then the box centre and size as fractions of the image
+        xywh = torch.tensor([ann["bbox"] for ann in anns], dtype=torch.float64).reshape(-1, 4)
+        boxes = box_convert(xywh, "xywh", "cxcywh") / torch.tensor([width, height] * 2, dtype=torch.float64)
+        lines = [f"{index[ann['category_id']]} " + " ".join(f"{v:.6f}" for v in values)
+                 for ann, values in zip(anns, boxes.tolist(), strict=True)]
         path = safe_join(out_dir, img["file_name"]).with_suffix(".txt")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")

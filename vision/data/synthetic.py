@@ -23,7 +23,9 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 from pycocotools import mask as mask_utils
+from torchvision.ops import box_convert
 
 __all__ = ["SHAPES", "make_shapes"]
 
@@ -112,14 +114,13 @@ def _write_coco(folder: Path, indices: range, rng: np.random.Generator, low: int
         for shape_index, polygon in _place_shapes(rng, count, width, height):
             _draw(canvas, polygon, _object_colour(rng))
             flat = [round(float(v), 2) for v in polygon.reshape(-1)]
-            x0, y0 = polygon.min(axis=0)
-            x1, y1 = polygon.max(axis=0)
+            xyxy = torch.from_numpy(np.concatenate([polygon.min(axis=0), polygon.max(axis=0)]))  # float64
             rle = mask_utils.merge(mask_utils.frPyObjects([flat], height, width))
             annotations.append({
                 "id": len(annotations) + 1,
                 "image_id": image_id,
                 "category_id": shape_index + 1,
-                "bbox": [round(float(v), 2) for v in (x0, y0, x1 - x0, y1 - y0)],
+                "bbox": [round(v, 2) for v in box_convert(xyxy, "xyxy", "xywh").tolist()],
                 "area": float(mask_utils.area(rle)),
                 "segmentation": [flat],
                 "iscrowd": 0,
