@@ -13,7 +13,7 @@ from torch import nn
 
 from apps.predict.predictor import ClassificationResult, DetectionResult, Predictor, SegmentationResult
 from apps.tasks import LoadedModel, get_task
-from detection.structures import Detections
+from detection.structures import Detections, Thresholds
 
 COLORS = [{"id": 11, "name": "red"}, {"id": 12, "name": "green"}, {"id": 13, "name": "blue"}]
 
@@ -33,22 +33,19 @@ class ColorSegmenter(nn.Module):
         return torch.cat([background, images], dim=1), {}
 
 
-class Heads(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.score_thresh = 0.05
-        self.nms_thresh = 0.5
-
-
 class RedBoxDetector(nn.Module):
     """One box around the red pixels (score 0.9, label 1), a fixed green box (0.3, label 2) and a faint
-    one (0.04, label 3) that only survives when the head's score_thresh is lowered below it."""
+    one (0.04, label 3) that only survives when the call's score_thresh is below the configured 0.05."""
+
+    thresholds = Thresholds(score_thresh=0.05, nms_thresh=0.5)  # the configured ones, as detectors have
 
     def __init__(self):
         super().__init__()
-        self.roi_heads = Heads()
+        self.calls = []
 
-    def forward(self, images, targets=None):
+    def forward(self, images, targets=None, thresholds=None):
+        thresholds = thresholds or self.thresholds
+        self.calls.append(thresholds)
         out = []
         for image in images:
             red = (image[0] > 0.8) & (image[1] < 0.2) & (image[2] < 0.2)
@@ -60,7 +57,7 @@ class RedBoxDetector(nn.Module):
                 scores.insert(0, 0.9)
                 labels.insert(0, 1)
             det = Detections(torch.tensor(boxes), torch.tensor(scores), torch.tensor(labels))
-            out.append(det.filter(det.scores > self.roi_heads.score_thresh))
+            out.append(det.filter(det.scores > thresholds.score_thresh))
         return out, {}
 
 
@@ -85,13 +82,16 @@ def test_detection_boxes_in_original_pixels_with_ids_and_names():
     record = result.record()
     assert record == {"detections": [{"bbox": [10.0, 5.0, 20.0, 20.0], "score": 0.9, "category_id": 11,
                                       "name": "red"}]}
-    assert predictor.model.roi_heads.score_thresh == 0.05  # restored after the call
+    # thresholds go to the model with the call; its configured ones are never changed
+    assert predictor.model.calls[-1] == Thresholds(score_thresh=0.05, nms_thresh=0.5)
+    assert RedBoxDetector.thresholds == Thresholds(score_thresh=0.05, nms_thresh=0.5)
 
 
 def test_detection_threshold_below_model_cut_and_class_filter():
-    low = Predictor(loaded("detection", RedBoxDetector()), "cpu", score_threshold=0.01)
+    low = Predictor(loaded("detection", RedBoxDetector()), "cpu", score_threshold=0.01, nms_threshold=0.3)
     [result] = low.predict([red_square()])
     assert result.names == ["red", "green", "blue"]  # 0.04 box found: the model's 0.05 cut was lowered
+    assert low.model.calls[-1] == Thresholds(score_thresh=0.01, nms_thresh=0.3)
     only = Predictor(loaded("detection", RedBoxDetector()), "cpu", score_threshold=0.01,
                      classes=["green", 13])
     [result] = only.predict([red_square()])
@@ -101,14 +101,13 @@ def test_detection_threshold_below_model_cut_and_class_filter():
 
 
 def test_detection_nms_override_without_model_support():
-    class NoHeads(RedBoxDetector):
+    class NoThresholds(nn.Module):  # like an exported file: its cuts are fixed, NMS is applied after it
         def forward(self, images, targets=None):
             boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [0.0, 0.0, 10.0, 10.0]])
             det = Detections(boxes, torch.tensor([0.9, 0.8, 0.7]), torch.tensor([1, 1, 2]))
             return [det for _ in images], {}
 
-    model = NoHeads()
-    del model.roi_heads
+    model = NoThresholds()
     # IoU of the first two boxes: 90 / 110 = 0.818
     [loose] = Predictor(loaded("detection", model), "cpu", nms_threshold=0.9).predict([red_square()])
     [tight] = Predictor(loaded("detection", model), "cpu", nms_threshold=0.8).predict([red_square()])

@@ -16,9 +16,9 @@ import traceback
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import gradio as gr
 import numpy as np
 
 from apps.demo import views
@@ -32,7 +32,19 @@ from apps.tasks.inference.segmentation import SegmentationInference
 from detection.explain import explain
 from vision.data.transforms import to_tensor
 
+if TYPE_CHECKING:
+    import gradio as gr
+
 __all__ = ["DemoHandlers", "upload_path"]
+
+
+def _gradio() -> ModuleType:
+    """gradio, imported on first use rather than with this module: gradio fixes its temporary folder from
+    GRADIO_TEMP_DIR when it is imported, and the Demo points that variable at a folder of its own first (or
+    gradio's own files would be left behind in the user's folder)."""
+    import gradio
+
+    return gradio
 
 
 def _page_errors(fn: Callable) -> Callable:
@@ -40,6 +52,7 @@ def _page_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        gr = _gradio()
         try:
             return fn(*args, **kwargs)
         except DemoInputError as exc:
@@ -89,6 +102,7 @@ class DemoHandlers:
 
     def check_image(self, image: Any, *others: Any) -> list[Any]:
         """Gradio validator, one verdict per input; the decoded upload is cached for the request."""
+        gr = _gradio()
         verdict = gr.validate(True, "")
         try:
             read_upload(upload_path(image), max_pixels=self.max_pixels)
@@ -126,6 +140,7 @@ class DemoHandlers:
 
     def model_changed(self, label: str | None) -> tuple[Any, Any, str]:
         """Detection model picked: its classes for the filter, its NMS threshold, a line about it."""
+        gr = _gradio()
         if not label or label not in self.cache.checkpoints:
             return gr.update(choices=[], value=[]), gr.update(), ""
         entry = self.cache.checkpoint(label)
@@ -147,10 +162,9 @@ class DemoHandlers:
         original, small, scale = self._image(image)
         predictor = self._predictor(label, DetectionInference, score_threshold=float(score),
                                     nms_threshold=float(nms), classes=list(classes or []) or None)
-        with self.cache.lock(label):
-            start = time.perf_counter()
-            result = predictor.predict([small])[0]
-            elapsed = time.perf_counter() - start
+        start = time.perf_counter()
+        result = predictor.predict([small])[0]
+        elapsed = time.perf_counter() - start
         result = result.scaled(scale, original.shape[:2])
         name = Path(upload_path(image)).name
         record = {"image": name, "model": label, "width": original.shape[1],
@@ -175,10 +189,9 @@ class DemoHandlers:
         """-> (overlay with legend, table class / pixels / share, text with the timing)."""
         original, small, _ = self._image(image)
         predictor = self._predictor(label, SegmentationInference)
-        with self.cache.lock(label):
-            start = time.perf_counter()
-            result = predictor.predict([small])[0]
-            elapsed = time.perf_counter() - start
+        start = time.perf_counter()
+        result = predictor.predict([small])[0]
+        elapsed = time.perf_counter() - start
         rows = result.table_rows()
         info = (f"**{len(rows)} class{'es' * (len(rows) != 1)} found** · inference {_ms(elapsed)} on "
                 f"{self.cache.device.type} · {label}.{self._size_note(original, small)}"
@@ -190,10 +203,9 @@ class DemoHandlers:
         """-> ({class name: probability} of the top 5, text with the timing)."""
         _, small, _ = self._image(image)
         predictor = self._predictor(label, ClassificationInference, top_k=5)
-        with self.cache.lock(label):
-            start = time.perf_counter()
-            result = predictor.predict([small])[0]
-            elapsed = time.perf_counter() - start
+        start = time.perf_counter()
+        result = predictor.predict([small])[0]
+        elapsed = time.perf_counter() - start
         top = result.top()
         note = self.cache.checkpoint(label).result_note()
         return top, f"Inference {_ms(elapsed)} on {self.cache.device.type} · {label}.{note}"
@@ -204,15 +216,16 @@ class DemoHandlers:
     def explain(self, image: Any, label: str, x_pct: float, y_pct: float, top_n: float, score: float
                 ) -> tuple[Any, ...]:
         """-> four pictures (each with its title) and a paragraph on this image's stages."""
+        gr = _gradio()
         _, small, _ = self._image(image)
         # checks the model gives detections, loads it once; its inference keeps what scores ``score``
         predictor = self._predictor(label, DetectionInference, score_threshold=float(score))
         model = getattr(predictor.model, "pytorch_model", predictor.model)  # stages need PyTorch's model
         height, width = small.shape[:2]
         position = (float(x_pct) / 100.0 * (width - 1), float(y_pct) / 100.0 * (height - 1))
-        with self.cache.lock(label):
-            tensor = to_tensor(small).to(self.cache.device)
-            e = explain(model, tensor, position=position, top_n=int(top_n))
+        tensor = to_tensor(small).to(self.cache.device)
+        e = explain(model, tensor, position=position, top_n=int(top_n),
+                    thresholds=predictor.inference.thresholds_for(model))
         result = predictor.inference.result(e.detections, (height, width), (height, width))
         names = [c["name"] for c in predictor.classes]
         text = views.explanation_text(e, len(result.labels), float(score))
@@ -227,6 +240,7 @@ class DemoHandlers:
         The panel is the picture with its caption strip below it: the picture's own height follows from the
         upload's aspect ratio, and a click on the caption, or on a detector without anchors, moves nothing.
         """
+        gr = _gradio()
         if panel is None or evt.index is None or not self.has_anchors(label):
             return gr.update(), gr.update()
         try:

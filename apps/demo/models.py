@@ -193,8 +193,9 @@ def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] 
 class ModelCache:
     """Loads each checkpoint on first use and keeps it (one copy per checkpoint, whatever the requests).
 
-    ``lock(label)`` serialises the use of one model: the predictor changes a detector's thresholds for the
-    length of a call. ``loads[label]`` counts how often a checkpoint was read from disk (once).
+    Requests share a model freely: thresholds are arguments of each call (detection.structures.Thresholds),
+    never written into the model, so no per-model lock is needed. ``loads[label]`` counts how often a
+    checkpoint was read from disk (once).
     """
 
     def __init__(self, checkpoints: Sequence[Checkpoint], device: str | torch.device = "cpu",
@@ -204,7 +205,6 @@ class ModelCache:
         self.backend = backend  # "onnxruntime": models run from their exported files (apps.deploy)
         self.loads: dict[str, int] = {}
         self._models: dict[str, LoadedModel] = {}
-        self._locks = {c.label: threading.Lock() for c in checkpoints}
         self._loading = threading.Lock()
 
     def labels(self, kind: type[Inference]) -> list[str]:
@@ -216,9 +216,6 @@ class ModelCache:
             known = ", ".join(self.checkpoints) or "none"
             raise DemoInputError(f"Unknown model {label!r}; choose one of: {known}.")
         return self.checkpoints[label]
-
-    def lock(self, label: str) -> threading.Lock:
-        return self._locks[self.checkpoint(label).label]
 
     def get(self, label: str) -> LoadedModel:
         """The model of ``label``, loaded on first use (errors are DemoInputError naming the file)."""

@@ -3,7 +3,6 @@ inside and answers in the input's pixels), one image per forward, thresholds and
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from apps.tasks.inference.base import (
     rows_or_blank,
 )
 from detection.export import detector_spec
+from detection.structures import Thresholds
 from vision import visualize
 from vision.export import ExportError
 
@@ -116,41 +116,34 @@ class DetectionInference(Inference):
     def input_transform(self, preprocess: dict[str, Any]) -> Transform:
         return as_is
 
-    @contextlib.contextmanager
-    def _detector_settings(self, model: Any) -> Iterator[bool]:
-        """Lower the detector's own score cut to ours and apply our NMS threshold for one call.
-
-        The box head drops boxes below its training-time threshold (0.05) before NMS, so a lower
-        ``score_threshold`` here needs the model's cut lowered too; restored afterwards.
-        """
-        heads = getattr(model, "roi_heads", None)
-        if heads is None or not hasattr(heads, "score_thresh") or not hasattr(heads, "nms_thresh"):
-            yield False
-            return
-        saved = heads.score_thresh, heads.nms_thresh
-        heads.score_thresh = min(heads.score_thresh, self.score_threshold)
-        if self.nms_threshold is not None:
-            heads.nms_thresh = self.nms_threshold
-        try:
-            yield True
-        finally:
-            heads.score_thresh, heads.nms_thresh = saved
+    def thresholds_for(self, model: Any) -> Thresholds | None:
+        """This call's cuts for ``model``: its own score cut lowered to ours (the box head drops boxes under
+        it before NMS, so a lower ``score_threshold`` needs it lowered too) and our NMS IoU. None for a model
+        that takes none (an exported file: its cuts were fixed at export)."""
+        defaults = getattr(model, "thresholds", None)
+        if not isinstance(defaults, Thresholds):
+            return None
+        nms = defaults.nms_thresh if self.nms_threshold is None else self.nms_threshold
+        return dataclasses.replace(defaults, score_thresh=min(defaults.score_thresh, self.score_threshold),
+                                   nms_thresh=nms)
 
     def run(self, model: Any, inputs: list[Tensor], valid: list[Size], sizes: list[Size],
             stacked: Tensor | None, device: torch.device) -> list[Result]:
         to_model = lambda t: t.to(device, non_blocking=True).float().div_(255.0)  # noqa: E731
+        thresholds = self.thresholds_for(model)
+        per_call = {} if thresholds is None else {"thresholds": thresholds}
         # One image per forward: a detector pads the images of a batch to a common size, and both that
         # padding and batched kernels' rounding would make an image's boxes depend on its batch companions
         # (so on --batch-size, --workers, file order and --resume). Alone, it gets the same detections every
         # time; on a CPU this costs little (see README, predict speed).
-        with self._detector_settings(model) as applied:
-            outputs = [model([to_model(t)])[0][0] for t in inputs]
-        return [self.result(d, v, s, nms_in_model=applied)
+        outputs = [model([to_model(t)], **per_call)[0][0] for t in inputs]
+        return [self.result(d, v, s, nms_in_model=thresholds is not None)
                 for d, v, s in zip(outputs, valid, sizes, strict=True)]
 
     def result(self, det: Any, valid: Size, size: Size, *, nms_in_model: bool = True) -> DetectionResult:
         """``det``: a ``detection.structures.Detections`` in the original pixels; boxes under the score
-        threshold and of other classes dropped, and a second NMS when the model could not apply ours."""
+        threshold and of other classes dropped, and our NMS applied here when the model could not take it
+        (``nms_in_model=False``: an exported file)."""
         keep = det.scores >= self.score_threshold
         if self.allowed is not None:
             allowed = self.allowed.to(det.labels.device)[det.labels]
