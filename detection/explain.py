@@ -7,9 +7,10 @@ produced, in the image's pixels:
   level's anchors centred on the feature cell nearest to it) with their objectness; the best-scored anchors
   moved by their regression deltas, before NMS; the proposals after the RPN's NMS (exactly those the RoI
   heads receive); the final detections.
-- Fast R-CNN (a TwoStageDetector with ExternalProposals) and R-CNN (detection.rcnn.RCNN): the proposals of
-  selective search (or the given ones) instead of anchors; the best-scored regions (each with its most
-  likely class and that class's refined box) before the per-class NMS; the same after NMS; the detections.
+- Fast R-CNN and R-CNN (TwoStageDetectors with ExternalProposals; R-CNN's RoI heads compute features per
+  warped region): the proposals of selective search (or the given ones) instead of anchors; the
+  best-scored regions (each with its most likely class and that class's refined box) before the per-class
+  NMS; the same after NMS; the detections.
 
 Nothing here re-runs or changes the model: every number comes from ``model.inspect(image)``, the
 detector's own intermediate results (the RPN's raw predictions, its candidates before NMS and the
@@ -28,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from detection.models import ExternalProposals, TwoStageDetector
-from detection.rcnn import RCNN
 from detection.roi_heads import detections_from_scores
 from detection.rpn import RegionProposalNetwork, RPNPredictions
 from detection.structures import Detections, Thresholds
@@ -78,14 +78,13 @@ class Explanation:
 
 
 def detector_kind(model: nn.Module) -> str:
-    """"faster_rcnn", "fast_rcnn" or "rcnn"; ValueError for anything else."""
-    if isinstance(model, RCNN):
-        return "rcnn"
+    """"faster_rcnn", "fast_rcnn" or "rcnn" (by the parts: where proposals come from, and whether the RoI
+    heads compute features per warped region); ValueError for anything else."""
     if isinstance(model, TwoStageDetector):
         if isinstance(model.proposal_generator, RegionProposalNetwork):
             return "faster_rcnn"
         if isinstance(model.proposal_generator, ExternalProposals):
-            return "fast_rcnn"
+            return "rcnn" if getattr(model.roi_heads, "features_per_region", False) else "fast_rcnn"
     raise ValueError(f"cannot explain a {type(model).__name__}: expected a Faster R-CNN, Fast R-CNN or R-CNN")
 
 
@@ -117,8 +116,6 @@ def explain(
     height, width = int(image.shape[1]), int(image.shape[2])
     if position is None:
         position = (width / 2.0, height / 2.0)
-    if kind == "rcnn":
-        return _explain_rcnn(model, image, top_n, proposals, thresholds)
     seen = model.inspect(image, proposals, thresholds=thresholds)
     batch, stages, nms = seen.batch, seen.stages, seen.thresholds.nms_thresh
     anchors = proposals_source = None
@@ -182,28 +179,6 @@ def _ratio(r: float) -> str:
 # ---- detectors with external proposals --------------------------------------------------------------------
 
 
-def _explain_rcnn(model: RCNN, image: Tensor, top_n: int, proposals: Tensor | None,
-                  thresholds: Thresholds | None) -> Explanation:
-    """R-CNN: warped regions through the CNN one by one, SVM (or softmax) scores, ridge-refined boxes."""
-    height, width = int(image.shape[1]), int(image.shape[2])
-    thresholds = thresholds or model.thresholds
-    # As RCNN.detect: the source's boxes as they are (selective search already clips and filters them).
-    boxes = model.propose(image) if proposals is None else proposals.to(image)
-    batch = _Identity((height, width))
-    source = _top(boxes, None, None, top_n, batch)
-    if len(boxes) == 0:
-        empty = _top(boxes, None, None, top_n, batch)
-        return Explanation("rcnn", (height, width), (height, width), None, source, empty, empty,
-                           Detections.empty(image.device), None, thresholds.nms_thresh)
-    pool, fc7 = model.features(image, boxes)
-    scores = model.class_scores(fc7)
-    refined = model.refine_boxes(pool if model.cfg.bbox.features == "pool" else fc7, boxes)
-    before, after = _before_after(refined, scores, thresholds.nms_thresh, top_n, batch)
-    detections = detections_from_scores(refined, scores, (height, width), thresholds)
-    return Explanation("rcnn", (height, width), (height, width), None, source, before, after, detections,
-                       None, thresholds.nms_thresh)
-
-
 def _before_after(boxes: Tensor, scores: Tensor, nms_thresh: float, top_n: int, batch) -> tuple[Stage, Stage]:
     """boxes [P, K, 4] per class, scores [P, K] (column k is label k + 1), in the network's input pixels.
 
@@ -223,21 +198,6 @@ def _before_after(boxes: Tensor, scores: Tensor, nms_thresh: float, top_n: int, 
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Identity:
-    """The batch geometry of a model that works at the image's own size (R-CNN)."""
-
-    size: tuple[int, int]
-
-    @property
-    def image_sizes(self) -> list[tuple[int, int]]:
-        return [self.size]
-
-    @property
-    def original_sizes(self) -> list[tuple[int, int]]:
-        return [self.size]
 
 
 def _top(boxes: Tensor, scores: Tensor | None, labels: Tensor | None, top_n: int, batch) -> Stage:

@@ -44,6 +44,10 @@ class DetectorGraph(nn.Module):
     def __init__(self, detector: TwoStageDetector) -> None:
         super().__init__()
         self.detector = detector.eval()
+        if getattr(detector.roi_heads, "features_per_region", False):
+            raise ExportError("R-CNN is not exported: it warps every selective-search region and runs "
+                              "the CNN once per region, with SVM scoring; use a Fast R-CNN (proposals as an "
+                              "input) or a Faster R-CNN")
         self.external = isinstance(detector.proposal_generator, ExternalProposals)
         if not self.external and not isinstance(detector.proposal_generator, RegionProposalNetwork):
             raise TypeError(f"no graph for proposal source {type(detector.proposal_generator).__name__}")

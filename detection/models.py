@@ -1,25 +1,32 @@
-"""Two-stage detectors: Faster R-CNN (Ren et al., 2015) and Fast R-CNN (Girshick, 2015) from one set of parts.
+"""Two-stage detectors: Faster R-CNN (Ren et al., 2015), Fast R-CNN (Girshick, 2015) and R-CNN (Girshick et
+al., 2014) from one set of parts.
 
-    images -> DetectionTransform -> backbone (+ FPN) -> proposal source -> RoIHeads -> Detections
+    images -> DetectionTransform -> backbone (+ FPN) -> proposal source -> RoI heads -> Detections
 
-The proposal source is a constructor part: a RegionProposalNetwork (Faster R-CNN) or ExternalProposals
-(Fast R-CNN: boxes from selective search, a file, or passed in). ``build_detector(DetectorConfig)`` builds
-any architecture of ``DETECTOR_ARCHS`` by name.
+The three generations differ in two parts: where proposals come from (a RegionProposalNetwork for Faster
+R-CNN; ExternalProposals, i.e. selective search, a file or boxes passed in, for the other two) and where
+features are computed (once per image and pooled per region by RoIHeads for Fast/Faster R-CNN; per warped
+region by detection.rcnn.RCNNHeads for R-CNN, whose "backbone" passes the pixels through).
+``build_detector(DetectorConfig)`` builds any architecture of ``DETECTOR_ARCHS`` by name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 from torchvision.ops import clip_boxes_to_image, remove_small_boxes
 
 from detection.anchors import AnchorGenerator
 from detection.fpn import BackboneWithFPN
 from detection.proposals import ProposalConfig, build_proposal_source
+from detection.rcnn import ImageInput, RCNNConfig, RCNNHeads, RegionCNN, SVMPredictor, WarpedRegions
+from detection.rcnn_stages import run_stages
 from detection.roi_heads import (
     BoxPredictor,
     ConvFCHead,
@@ -52,7 +59,9 @@ class TwoStageDetector(nn.Module):
     ``feature_info``), ``proposal_generator`` (any module ``forward(batch, features, targets, proposals)
     -> (N Proposals: boxes [P_i, 4] in the batch's resized pixels and their scores, {loss_*})`` with an
     ``inspect(batch, features, proposals) -> ProposalStages``: RegionProposalNetwork or ExternalProposals),
-    ``roi_heads`` (RoIHeads: pooler, box head, predictor, sampling, post-processing).
+    ``roi_heads`` (RoIHeads: pooler, box head, predictor, sampling, post-processing; or R-CNN's RCNNHeads:
+    warped regions, a CNN per region, SVMs; both with ``predict``, ``class_boxes_and_scores``,
+    ``postprocess`` and ``thresholds``).
     """
 
     def __init__(
@@ -113,6 +122,20 @@ class TwoStageDetector(nn.Module):
         detections = heads.postprocess(*outputs, boxes, batch.image_sizes, thresholds)
         (detections,) = self.transform.postprocess(detections, batch)
         return Inspection(batch, stages, class_boxes, class_scores, detections, thresholds)
+
+    @property
+    def has_later_stages(self) -> bool:
+        """Whether training continues after the gradient-descent loop (R-CNN's SVMs and box regressors)."""
+        return isinstance(self.roi_heads, RCNNHeads)
+
+    def train_later_stages(self, dataset: Dataset, stage_dir: Path, cfg: RCNNConfig,
+                           log: Callable[[str], None] = print) -> None:
+        """R-CNN's stages after fine-tuning (detection.rcnn_stages: features, SVMs with hard negative
+        mining, ridge box regression) over ``dataset`` (items ``(image, target)``, not augmented), each
+        kept under ``stage_dir`` so an interrupted run continues; the results are loaded into this model."""
+        if not self.has_later_stages:
+            raise ValueError("this detector has no training stages after the training loop")
+        run_stages(self, dataset, stage_dir, cfg, log)
 
 
 @dataclass
@@ -254,7 +277,10 @@ class DetectorConfig:
     """Everything needed to rebuild a detector (stored in its checkpoints).
 
     arch: one of ``DETECTOR_ARCHS``: ``faster_rcnn_<body>`` (RPN proposals) or ``fast_rcnn_<body>``
-    (external proposals) with body r18/r34/r50/r101 + ``_fpn`` or ``_c4``, ``r50_fpn_v2`` or ``vgg16``.
+    (external proposals) with body r18/r34/r50/r101 + ``_fpn`` or ``_c4``, ``r50_fpn_v2`` or ``vgg16``;
+    ``rcnn_<network>`` (external proposals, a CNN per warped region) with network r18/r34/r50/r101 or
+    vgg16. A section the architecture does not use (``rpn`` without an RPN, ``rcnn`` outside R-CNN) is an
+    error when the model is built.
     """
 
     arch: str = "faster_rcnn_r50_fpn"
@@ -271,7 +297,8 @@ class DetectorConfig:
     fpn_channels: int = 256
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi: RoIConfig = field(default_factory=RoIConfig)
-    proposals: ProposalConfig | None = None  # fast_rcnn_*: where proposals come from when none are given
+    proposals: ProposalConfig | None = None  # fast_rcnn_*, rcnn_*: where proposals come from (none given)
+    rcnn: RCNNConfig | None = None  # rcnn_* only: warping, SVMs, box regression (None: the paper's defaults)
 
 
 @dataclass(frozen=True)
@@ -287,7 +314,9 @@ _BODIES = {
     "r50_fpn_v2": _Body("resnet50", "fpn", v2=True),
     "vgg16": _Body("vgg16", "vgg"),
 }
-DETECTOR_ARCHS = tuple(f"{kind}_{body}" for kind in ("faster_rcnn", "fast_rcnn") for body in _BODIES)
+_RCNN_NETWORKS = {"vgg16": "vgg16", **{f"r{d}": f"resnet{d}" for d in (18, 34, 50, 101)}}
+DETECTOR_ARCHS = (*(f"{kind}_{body}" for kind in ("faster_rcnn", "fast_rcnn") for body in _BODIES),
+                  *(f"rcnn_{name}" for name in _RCNN_NETWORKS))
 _RPN_STRIDES = {"fpn": [4, 8, 16, 32, 64], "c4": [16], "vgg": [16]}  # of the maps the RPN reads
 _LAYOUT_DEFAULTS = {  # anchor sizes, pooler, pooled size
     "fpn": ([[32], [64], [128], [256], [512]], "multiscale", 7),
@@ -296,12 +325,49 @@ _LAYOUT_DEFAULTS = {  # anchor sizes, pooler, pooled size
 }
 
 
+def split_arch(arch: str) -> tuple[str, str]:
+    """``arch`` -> (generation "faster", "fast" or "rcnn", body); ValueError for an unknown one."""
+    if arch not in DETECTOR_ARCHS:
+        raise ValueError(f"unknown detector arch {arch!r}; choose one of {', '.join(DETECTOR_ARCHS)}")
+    if arch.startswith("rcnn_"):
+        return "rcnn", arch[len("rcnn_"):]
+    kind, body = arch.split("_rcnn_")
+    return kind, body
+
+
+def unused_sections(cfg: DetectorConfig) -> list[str]:
+    """The sections of ``cfg`` its architecture would ignore: ``rpn`` (set to anything but the defaults)
+    without an RPN, ``rcnn`` outside R-CNN."""
+    kind, _ = split_arch(cfg.arch)
+    unused = []
+    if kind != "faster" and cfg.rpn != RPNConfig():
+        unused.append("rpn")
+    if kind != "rcnn" and cfg.rcnn is not None:
+        unused.append("rcnn")
+    return unused
+
+
+def without_unused_sections(model: dict[str, Any]) -> dict[str, Any]:
+    """A stored DetectorConfig dict without the sections its arch ignores: checkpoints saved before an
+    unused section became an error carry an ``rpn`` section whatever their arch; their arch never read
+    it, so dropping it changes nothing."""
+    arch = model.get("arch")
+    if not isinstance(arch, str) or arch not in DETECTOR_ARCHS:
+        return model
+    kind, _ = split_arch(arch)
+    drop = {"rpn"} if kind != "faster" else set()
+    if kind != "rcnn":
+        drop.add("rcnn")
+    return {key: value for key, value in model.items() if key not in drop}
+
+
 def rpn_levels(cfg: DetectorConfig) -> tuple[list[list[float]], list[int]]:
     """The anchor sizes the RPN of ``cfg`` uses per level (the architecture's default for None or "auto")
     and the stride of each level, without building the model."""
-    if cfg.arch not in DETECTOR_ARCHS:
-        raise ValueError(f"unknown detector arch {cfg.arch!r}; choose one of {', '.join(DETECTOR_ARCHS)}")
-    layout = _BODIES[cfg.arch.split("_rcnn_")[1]].layout
+    kind, body = split_arch(cfg.arch)
+    if kind == "rcnn":
+        raise ValueError(f"{cfg.arch} has no RPN")
+    layout = _BODIES[body].layout
     sizes = cfg.rpn.anchor_sizes if isinstance(cfg.rpn.anchor_sizes, list) else _LAYOUT_DEFAULTS[layout][0]
     return [list(s) for s in sizes], list(_RPN_STRIDES[layout])
 
@@ -309,11 +375,15 @@ def rpn_levels(cfg: DetectorConfig) -> tuple[list[list[float]], list[int]]:
 def build_detector(cfg: DetectorConfig, *, load_pretrained: bool = True) -> TwoStageDetector:
     """The detector ``cfg`` describes. ``load_pretrained=False`` reads no backbone weights (the caller
     loads a checkpoint next)."""
-    if cfg.arch not in DETECTOR_ARCHS:
-        raise ValueError(f"unknown detector arch {cfg.arch!r}; choose one of {', '.join(DETECTOR_ARCHS)}")
+    kind, body_name = split_arch(cfg.arch)
     if cfg.num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {cfg.num_classes}")
-    kind, body_name = cfg.arch.split("_rcnn_")
+    unused = unused_sections(cfg)
+    if unused:
+        raise ValueError(f"{cfg.arch} does not use the section(s) {', '.join(unused)}: remove them (an "
+                         f"inherited one too; rpn is for faster_rcnn_*, rcnn for rcnn_*)")
+    if kind == "rcnn":
+        return _build_rcnn(cfg, _RCNN_NETWORKS[body_name], load_pretrained)
     body = _BODIES[body_name]
     if "auto" in (cfg.rpn.anchor_sizes, cfg.rpn.aspect_ratios):
         raise ValueError("rpn.anchor_sizes / rpn.aspect_ratios 'auto' are fitted to the training data when "
@@ -353,6 +423,52 @@ def build_detector(cfg: DetectorConfig, *, load_pretrained: bool = True) -> TwoS
     return TwoStageDetector(
         transform=transform, backbone=backbone, proposal_generator=proposal_generator, roi_heads=roi_heads
     )
+
+
+def _build_rcnn(cfg: DetectorConfig, network: str, load_pretrained: bool) -> TwoStageDetector:
+    """R-CNN: images at their own size, nothing computed over the whole image, selective-search proposals,
+    the CNN on each warped region: VGG keeps its ImageNet fc6/fc7 as the head (as the paper does); ResNets
+    get two fresh FC layers of ``roi.representation_size`` or, with ``rcnn.head: res5``, their own res5
+    stage (the network of Fast/Faster R-CNN's C4 models, run per warped region instead of per image)."""
+    r = cfg.rcnn or RCNNConfig()
+    net = build_network(network, weights=cfg.backbone_weights if load_pretrained else None)
+    pool_size = cfg.roi.output_size or 7
+    if network.startswith("vgg"):
+        feature_map = r.feature_map or "conv5"
+        if r.head != "fc" or pool_size != 7:
+            raise ValueError(f"{cfg.arch}: the head is fc6/fc7 on a 7x7 pool5 (rcnn.head: fc, "
+                             "roi.output_size: 7)")
+        trunk: nn.Module = VGGFeatures(net, [feature_map])
+        head: nn.Module = VGGBoxHead(net.classifier[0], net.classifier[3], cfg.roi.dropout)
+    else:
+        feature_map = r.feature_map or "c4"
+        trunk = ResNetFeatures(net, [feature_map])
+        if r.head == "res5":
+            if feature_map != "c4":
+                raise ValueError(f"rcnn.head res5 runs on the c4 map, got rcnn.feature_map {feature_map!r}")
+            res5 = convert_frozen_batchnorm(net.layer4) if cfg.frozen_bn else net.layer4
+            head = ResNetC4Head(res5, net.stage_channels[3])
+        else:
+            channels = trunk.feature_info[feature_map].channels
+            head = TwoMLPHead(channels * pool_size**2, cfg.roi.representation_size)
+    _freeze(trunk, cfg)
+    cnn = RegionCNN(trunk, head, feature_map, pool_size, r.input_size)
+    predictor = SVMPredictor(head.out_channels, cnn.pool_channels, cfg.num_classes, r.bbox.features)
+    roi_heads = RCNNHeads(
+        WarpedRegions(r.input_size, r.context_padding), cnn, predictor,
+        fg_iou_thresh=cfg.roi.fg_iou_thresh, batch_size=r.batch_size,
+        positive_fraction=cfg.roi.positive_fraction, ignore_iof_thresh=cfg.roi.ignore_iof_thresh,
+        region_batch=r.region_batch,
+        score_thresh=cfg.roi.score_thresh, nms_thresh=cfg.roi.nms_thresh,
+        detections_per_img=cfg.roi.detections_per_img,
+    )
+    source = build_proposal_source(cfg.proposals) if cfg.proposals is not None else None
+    proposal_generator = ExternalProposals(source, max_proposals=cfg.roi.max_proposals)
+    # no resize (min_size None) and no padding beyond the batch's largest image: the warp reads each image
+    # at its own size, without padding
+    transform = DetectionTransform(None, cfg.max_size, cfg.mean, cfg.std, size_divisible=1)
+    return TwoStageDetector(transform=transform, backbone=ImageInput(), proposal_generator=proposal_generator,
+                            roi_heads=roi_heads)
 
 
 def _build_rpn(

@@ -1,18 +1,22 @@
-"""R-CNN (Girshick et al., CVPR 2014): a CNN run on every warped proposal, linear SVMs, ridge box regression.
+"""R-CNN (Girshick et al., CVPR 2014) as the third configuration of TwoStageDetector.
 
-Test time, per image (the paper's figure 1):
+Test time, per image (the paper's figure 1), with the skeleton's parts:
 
-    proposals = selective search (about 2000 boxes)
-    regions   = warp(proposal + 16 px of context) to the CNN's input size        # detection.warp
-    features  = CNN(regions): pool5 -> fc6 -> fc7                               # one pass per region
-    scores    = one linear SVM per class on fc7;  boxes = ridge regression on pool5, per class
-    detections = per-class NMS                              # roi_heads.detections_from_scores
+    transform           normalise only: R-CNN works at the image's own size (no resize)
+    backbone            ImageInput: nothing is computed over the whole image; the pixels pass through
+    proposal_generator  ExternalProposals: selective search (about 2000 boxes)
+    roi_heads           RCNNHeads:
+        WarpedRegions   each proposal + 16 px of context warped to the CNN's input size  (detection.warp)
+        RegionCNN       the CNN on every warped region: pool5 -> fc6 -> fc7
+        SVMPredictor    one linear SVM per class on fc7; ridge box regression on pool5 (or fc7), per class
+        then per-class NMS                                    (roi_heads.detections_from_scores)
 
-Training has stages (apps/tasks/rcnn.py runs them, each checkpointed): fine-tune the CNN on warped regions
-(this module's ``forward`` with targets: IoU >= 0.5 foreground, 32 foreground + 96 background per batch of
-128), cache features, train the SVMs with hard negative mining (``train_svm_hard_negatives``) and fit the
-box regressors (``fit_box_regressor``). The CNN parts (backbone, fc6/fc7 head) and the box coding, matching,
-sampling and post-processing are the ones Fast and Faster R-CNN use.
+Training has stages, each kept on disk (detection.rcnn_stages): fine-tune the CNN on warped regions (the
+detector's forward with targets: IoU >= 0.5 foreground, 32 foreground + 96 background per batch of 128
+drawn over all images of the batch), cache features, train the SVMs with hard negative mining
+(``train_svm_hard_negatives``) and fit the box regressors (``fit_box_regressor``). The CNN parts (backbone,
+fc6/fc7 head) and the box coding, matching, sampling and post-processing are the ones Fast and Faster
+R-CNN use.
 
 Legend: P proposals of an image, R warped regions, K object classes (labels 1..K, 0 background), D feature
 size, S the warped input side.
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,15 +35,14 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from detection.boxes import FOREGROUND, BalancedPositiveNegativeSampler, BoxCoder, Matcher, ignore_crowd
-from detection.proposals import ProposalConfig, ProposalSource, build_proposal_source
-from detection.roi_heads import ResNetC4Head, RoIPooler, TwoMLPHead, VGGBoxHead, detections_from_scores
+from detection.roi_heads import RoIPooler, detections_from_scores
 from detection.structures import Detections, Thresholds
-from detection.transform import check_inputs
 from detection.warp import warp_regions
-from vision.backbones import ResNetFeatures, VGGFeatures, build_network
+from vision.backbones import FeatureInfo
 
-__all__ = ["SVMConfig", "BoxRegressionConfig", "RCNNConfig", "RCNN", "build_rcnn", "SVMResult",
-           "train_svm_hard_negatives", "fit_box_regressor", "feature_scale"]
+__all__ = ["SVMConfig", "BoxRegressionConfig", "RCNNConfig", "ImageInput", "WarpedRegions", "RegionCNN",
+           "SVMPredictor", "RCNNHeads", "SVMResult", "train_svm_hard_negatives", "fit_box_regressor",
+           "feature_scale", "upgrade_rcnn_checkpoint"]
 
 
 @dataclass
@@ -68,66 +71,106 @@ class BoxRegressionConfig:
 
 @dataclass
 class RCNNConfig:
-    """Everything that rebuilds an R-CNN; the defaults are the paper's (VGG-16 variant, table 3)."""
+    """The ``rcnn:`` section of a DetectorConfig: what only R-CNN (``arch: rcnn_<body>``) uses; the defaults
+    are the paper's (VGG-16 variant, table 3). Pooled size, fc width, IoU thresholds, foreground fraction
+    and test thresholds are the ``roi:`` section's, as for Fast/Faster R-CNN."""
 
-    num_classes: int = 0  # set from the dataset's classes
-    backbone: str = "vgg16"
-    weights: str | None = "imagenet"  # initial CNN weights: a named source or a path; None: random
-    feature_map: str = "conv5"  # the backbone map pooled to pool_size x pool_size ("pool5")
-    pool_size: int = 7
-    head: Literal["fc", "res5"] = "fc"  # fc: VGG's fc6/fc7 (or two fresh FC layers on ResNet); res5: the C4
-    representation_size: int = 1024  # layout of Fast/Faster R-CNN r*_c4 (feature_map c4, pool_size 14)
-    freeze_at: int = 0  # backbone stages kept frozen while fine-tuning
     input_size: int = 224  # S: regions are warped to S x S (227 for AlexNet)
-    context_padding: int = 16
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    proposals: ProposalConfig = field(default_factory=ProposalConfig)
-    fg_iou_thresh: float = 0.5  # fine-tuning: foreground at IoU >= 0.5, everything else background
-    ignore_iof_thresh: float = 0.5  # ...but regions this far inside a crowd box are ignored (no SVM negative)
+    context_padding: int = 16  # warped pixels of context around each box (appendix A)
+    feature_map: str | None = None  # the map pooled to pool5; None: conv5 (VGG), c4 (ResNet)
+    head: Literal["fc", "res5"] = "fc"  # fc: VGG's fc6/fc7 (fresh FC layers on ResNet); res5: ResNet's own
     batch_size: int = 128  # regions per fine-tuning batch, drawn over all images of the batch
-    positive_fraction: float = 0.25  # 32 of 128
+    region_batch: int = 64  # warped regions per CNN forward at test time and in feature extraction (memory)
     svm: SVMConfig = field(default_factory=SVMConfig)
     bbox: BoxRegressionConfig = field(default_factory=BoxRegressionConfig)
-    score_thresh: float = 0.05  # on sigmoid(SVM score)
-    nms_thresh: float = 0.3  # the paper's per-class NMS threshold
-    detections_per_img: int = 100
-    region_batch: int = 64  # warped regions per CNN forward at test time (memory)
 
 
-class RCNN(nn.Module):
-    """The R-CNN detector; ``forward(images, targets=None, proposals=None) -> (list[Detections] | None,
-    losses)``. Proposals come with the data (``proposals``, or ``targets[i]["proposals"]``, which training
-    requires: see detection.proposal_data); without them an eval-mode model asks its ``proposal_source``.
+# ---- the parts ---------------------------------------------------------------------------------------------
 
-    With targets it returns the fine-tuning loss (``loss_classifier``, K + 1-way softmax on warped regions).
-    At test time it scores proposals with the SVMs once they are trained (``svm_trained``), else with the
-    fine-tuned softmax (the paper's "fine-tuned, no SVM" row), and moves boxes with the ridge regressors once
-    they are fitted (``bbox_trained``).
+
+class ImageInput(nn.Module):
+    """R-CNN's "backbone" stage: nothing is shared over the image, so the normalised pixels pass through
+    (as the map ``image``, stride 1) to the per-region stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feature_info = {"image": FeatureInfo(3, 1)}
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"image": x}
+
+
+class WarpedRegions(nn.Module):
+    """The RoI feature stage of R-CNN (appendix A): every region, grown by ``context_padding`` warped
+    pixels of context, warped anisotropically to ``input_size`` squared from its own image's pixels.
+
+    ``forward(features, boxes, image_sizes)``: features["image"] [N, 3, H_pad, W_pad] normalised, boxes N
+    tensors [P_i, 4] -> [R, 3, S, S]. Each image is read without the batch's padding, so context beyond
+    its border is the mean (0), whatever the other images' sizes.
     """
 
-    def __init__(self, cfg: RCNNConfig, backbone: nn.Module, box_head: nn.Module, feature_dim: int,
-                 pool_dim: int, proposal_source: ProposalSource) -> None:
+    def __init__(self, input_size: int = 224, context_padding: int = 16) -> None:
         super().__init__()
-        if cfg.num_classes < 1:
-            raise ValueError(f"R-CNN needs num_classes >= 1, got {cfg.num_classes}")
-        self.cfg = cfg
+        self.input_size = input_size
+        self.context_padding = context_padding
+
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
+                ) -> Tensor:
+        images = features["image"]
+        regions = [warp_regions(images[i, :, :h, :w], b, self.input_size, self.context_padding)
+                   for i, (b, (h, w)) in enumerate(zip(boxes, image_sizes, strict=True))]
+        return torch.cat(regions) if regions else images.new_zeros((0, 3, self.input_size, self.input_size))
+
+
+class RegionCNN(nn.Module):
+    """The CNN run on each warped region: the backbone's ``feature_map`` max-pooled to ``pool_size`` squared
+    over the whole region (pool5), then the fc6/fc7 ``head``. ``forward(regions [R, 3, S, S])`` ->
+    (pool5 [R, C * pool_size^2], fc7 [R, D])."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, feature_map: str, pool_size: int,
+                 input_size: int) -> None:
+        super().__init__()
         self.backbone = backbone
-        stride = backbone.feature_info[cfg.feature_map].stride
-        self.pooler = RoIPooler("pool", [cfg.feature_map], [stride], output_size=cfg.pool_size)
-        self.box_head = box_head
-        self.cls_score = nn.Linear(feature_dim, cfg.num_classes + 1)  # fc8, fine-tuning only
+        self.head = head
+        self.input_size = input_size
+        stride = backbone.feature_info[feature_map].stride
+        self.pool5 = RoIPooler("pool", [feature_map], [stride], output_size=pool_size)
+        self.out_channels = head.out_channels
+        self.pool_channels = backbone.feature_info[feature_map].channels * pool_size**2
+
+    def forward(self, regions: Tensor) -> tuple[Tensor, Tensor]:
+        if len(regions) == 0:
+            regions = regions.new_zeros((1, 3, self.input_size, self.input_size))
+            pool, fc7 = self(regions)
+            return pool[:0], fc7[:0]
+        maps = self.backbone(regions)
+        side = float(self.input_size)
+        whole = [regions.new_tensor([[0.0, 0.0, side, side]]) for _ in range(len(regions))]
+        pooled = self.pool5(maps, whole, [(self.input_size, self.input_size)] * len(regions))
+        return pooled.flatten(1), self.head(pooled)
+
+
+class SVMPredictor(nn.Module):
+    """Class scores and box deltas from a region's CNN features (sections 2.3 and appendix C).
+
+    Before the later training stages exist it scores with ``cls_score`` (fc8, the K + 1-way softmax the
+    CNN is fine-tuned with; the paper's "fine-tuned, no SVM" row) and leaves boxes where they are. Once
+    trained, ``svm_weight``/``svm_bias`` score fc7 (sigmoid of the SVM margin: same ranking, a score in
+    [0, 1]) and ``bbox_weight``/``bbox_bias`` regress deltas from pool5 or fc7 (``bbox_features``), both on
+    features multiplied by their ``*_scale``. These are buffers: saved with the weights, set by
+    detection.rcnn_stages, never by the optimiser.
+    """
+
+    def __init__(self, feature_dim: int, pool_dim: int, num_classes: int,
+                 bbox_features: Literal["pool", "fc7"] = "pool") -> None:
+        super().__init__()
+        k = num_classes
+        self.num_classes = k
+        self.bbox_features = bbox_features
+        self.cls_score = nn.Linear(feature_dim, k + 1)  # fc8, fine-tuning only
         nn.init.normal_(self.cls_score.weight, std=0.01)
         nn.init.zeros_(self.cls_score.bias)
-        self.proposal_source = proposal_source
-        self.matcher = Matcher(cfg.fg_iou_thresh, cfg.fg_iou_thresh)
-        self.sampler = BalancedPositiveNegativeSampler(cfg.batch_size, cfg.positive_fraction)
-        self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))  # the paper's unweighted parameterisation
-        k = cfg.num_classes
-        reg_dim = pool_dim if cfg.bbox.features == "pool" else feature_dim
-        self.register_buffer("mean", torch.tensor(cfg.mean).reshape(3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.std).reshape(3, 1, 1), persistent=False)
-        # Learned by the later stages, saved with the weights.
+        reg_dim = pool_dim if bbox_features == "pool" else feature_dim
         self.register_buffer("svm_weight", torch.zeros(k, feature_dim))
         self.register_buffer("svm_bias", torch.zeros(k))
         self.register_buffer("svm_scale", torch.ones(()))
@@ -137,149 +180,149 @@ class RCNN(nn.Module):
         self.register_buffer("bbox_scale", torch.ones(()))
         self.register_buffer("bbox_trained", torch.zeros((), dtype=torch.bool))
 
-    # ---- the CNN on warped regions ------------------------------------------------------------------------
+    def class_scores(self, fc7: Tensor) -> Tensor:
+        """fc7 [R, D] -> scores [R, K]: sigmoid of the SVM margins once trained, else the softmax's."""
+        if bool(self.svm_trained):
+            return torch.sigmoid(fc7 * self.svm_scale @ self.svm_weight.T + self.svm_bias)
+        return F.softmax(self.cls_score(fc7), dim=1)[:, 1:]
 
-    def propose(self, image: Tensor) -> Tensor:
-        """[3, H, W] in [0, 1] -> proposals [P, 4] xyxy (selective search runs on the CPU)."""
-        return self.proposal_source.propose(image).to(image.device)
+    def box_deltas(self, pool: Tensor, fc7: Tensor) -> Tensor | None:
+        """Deltas [R, K, 4] of each class's ridge regressor, or None before they are fitted."""
+        if not bool(self.bbox_trained):
+            return None
+        feats = pool if self.bbox_features == "pool" else fc7
+        return torch.einsum("pd,kcd->pkc", feats * self.bbox_scale, self.bbox_weight) + self.bbox_bias
 
-    def warp(self, image: Tensor, boxes: Tensor) -> Tensor:
-        """[3, H, W] in [0, 1], boxes [R, 4] -> normalised warped regions [R, 3, S, S]."""
-        normalised = (image - self.mean) / self.std
-        return warp_regions(normalised, boxes, self.cfg.input_size, self.cfg.context_padding)
+    def set_svms(self, weight: Tensor, bias: Tensor, scale: float) -> None:
+        """weight [K, D], bias [K], the feature scale they were trained with."""
+        self.svm_weight.copy_(weight)
+        self.svm_bias.copy_(bias)
+        self.svm_scale.fill_(scale)
+        self.svm_trained.fill_(True)
 
-    def region_features(self, regions: Tensor) -> tuple[Tensor, Tensor]:
-        """Warped regions [R, 3, S, S] -> (pool5 [R, C * pool_size^2], fc7 [R, D])."""
-        maps = self.backbone(regions)
-        side = float(self.cfg.input_size)
-        whole = [regions.new_tensor([[0.0, 0.0, side, side]]) for _ in range(len(regions))]
-        pooled = self.pooler(maps, whole, [(self.cfg.input_size, self.cfg.input_size)] * len(regions))
-        return pooled.flatten(1), self.box_head(pooled)
+    def set_box_regressors(self, weight: Tensor, bias: Tensor, scale: float) -> None:
+        """weight [K, 4, D], bias [K, 4], the feature scale they were fitted with."""
+        self.bbox_weight.copy_(weight)
+        self.bbox_bias.copy_(bias)
+        self.bbox_scale.fill_(scale)
+        self.bbox_trained.fill_(True)
 
-    def features(self, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-        """All regions of one image, ``region_batch`` at a time -> (pool5 [P, C s^2], fc7 [P, D])."""
-        pools, fc7s = [], []
-        for chunk in boxes.split(self.cfg.region_batch):
-            pool, fc7 = self.region_features(self.warp(image, chunk))
-            pools.append(pool)
-            fc7s.append(fc7)
-        if not pools:
-            empty = self.region_features(image.new_zeros(1, 3, self.cfg.input_size, self.cfg.input_size))
-            return empty[0][:0], empty[1][:0]
-        return torch.cat(pools), torch.cat(fc7s)
 
-    # ---- forward ------------------------------------------------------------------------------------------
+class RCNNHeads(nn.Module):
+    """R-CNN's per-region half, with the interface of RoIHeads (``forward``, ``predict``,
+    ``class_boxes_and_scores``, ``postprocess``, ``thresholds``) so TwoStageDetector runs it unchanged.
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None,
-                proposals: list[Tensor] | None = None, *, thresholds: Thresholds | None = None
-                ) -> tuple[list[Detections] | None, dict[str, Tensor]]:
-        """images: N tensors [3, H_i, W_i] in [0, 1]; targets: dicts with boxes [M, 4], labels [M] (and
-        optionally crowd_boxes [C, 4], proposals [P, 4]); proposals: [P_i, 4] per image, its pixels;
-        thresholds: the post-processing cuts of this call (None: ``self.thresholds``)."""
-        if proposals is None and targets and all("proposals" in t for t in targets):
-            proposals = [t["proposals"] for t in targets]
-        check_inputs(images, targets, proposals)
-        if proposals is None and self.training:
-            raise ValueError(
-                "training an R-CNN needs its proposals with the data: targets[i]['proposals'] (xyxy in the "
-                "augmented image's pixels), as detection.proposal_data.ProposalDataset attaches them"
-            )
-        if proposals is None:
-            proposals = [self.propose(image) for image in images]
-        proposals = [p.to(image.device, image.dtype) for p, image in zip(proposals, images, strict=True)]
-        losses = self.finetune_loss(images, targets, proposals) if targets is not None else {}
-        if self.training:
-            return None, losses
-        return [self.detect(image, p, thresholds) for image, p in zip(images, proposals, strict=True)], losses
+    Fine-tuning (targets given): the proposals and ground-truth boxes of all images, matched by IoU
+    (foreground at >= ``fg_iou_thresh``, everything else background unless at least ``ignore_iof_thresh``
+    inside a crowd box: ignored), ``batch_size`` regions sampled over the whole batch with up to
+    ``positive_fraction`` foreground, softmax loss on fc8. Testing: every proposal warped and scored,
+    ``region_batch`` at a time; boxes moved by the class's regressor; per-class NMS.
+    """
+
+    features_per_region = True  # what detection.explain tells the generations apart by
+
+    def __init__(self, warp: WarpedRegions, cnn: RegionCNN, predictor: SVMPredictor, *,
+                 fg_iou_thresh: float = 0.5, batch_size: int = 128, positive_fraction: float = 0.25,
+                 ignore_iof_thresh: float = 0.5, region_batch: int = 64, score_thresh: float = 0.05,
+                 nms_thresh: float = 0.3, detections_per_img: int = 100) -> None:
+        super().__init__()
+        self.warp = warp
+        self.cnn = cnn
+        self.predictor = predictor
+        self.matcher = Matcher(fg_iou_thresh, fg_iou_thresh)
+        self.sampler = BalancedPositiveNegativeSampler(batch_size, positive_fraction)
+        self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))  # the paper's unweighted parameterisation
+        self.ignore_iof_thresh = ignore_iof_thresh
+        self.region_batch = region_batch
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
 
     @property
     def thresholds(self) -> Thresholds:
-        """The configured post-processing thresholds (what a call without ``thresholds`` uses)."""
-        return Thresholds(self.cfg.score_thresh, self.cfg.nms_thresh, self.cfg.detections_per_img)
+        """The configured test-time thresholds, used when a call gives none."""
+        return Thresholds(self.score_thresh, self.nms_thresh, self.detections_per_img)
 
-    def finetune_loss(self, images: list[Tensor], targets: list[dict[str, Tensor]], proposals: list[Tensor]
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor],
+                image_sizes: list[tuple[int, int]], targets: list[dict[str, Tensor]] | None = None,
+                thresholds: Thresholds | None = None) -> tuple[list[Detections] | None, dict[str, Tensor]]:
+        losses = self.finetune_loss(features, proposals, image_sizes, targets) if targets is not None else {}
+        if self.training:
+            return None, losses
+        scores, boxes = self.predict(features, proposals, image_sizes)
+        return self.postprocess(scores, boxes, proposals, image_sizes, thresholds), losses
+
+    def region_features(self, features: dict[str, Tensor], boxes: list[Tensor],
+                        image_sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        """(pool5 [R, C s^2], fc7 [R, D]) of every region, warped and run ``region_batch`` at a time."""
+        pools, fc7s = [], []
+        for i, image_boxes in enumerate(boxes):
+            one = {name: f[i : i + 1] for name, f in features.items()}
+            for chunk in image_boxes.split(self.region_batch):
+                pool, fc7 = self.cnn(self.warp(one, [chunk], [image_sizes[i]]))
+                pools.append(pool)
+                fc7s.append(fc7)
+        if not pools:
+            return self.cnn(features["image"].new_zeros((0, 3, self.warp.input_size, self.warp.input_size)))
+        return torch.cat(pools), torch.cat(fc7s)
+
+    def predict(self, features: dict[str, Tensor], regions: list[Tensor], image_sizes: list[tuple[int, int]]
+                ) -> tuple[Tensor, Tensor]:
+        """N tensors [P_i, 4] -> class scores [R, K] and class-specific boxes [R, K, 4] (the regions
+        themselves before the box regressors are fitted)."""
+        pool, fc7 = self.region_features(features, regions, image_sizes)
+        scores = self.predictor.class_scores(fc7)
+        boxes = torch.cat(regions) if regions else pool.new_zeros((0, 4))
+        deltas = self.predictor.box_deltas(pool, fc7)
+        k = self.predictor.num_classes
+        if deltas is None:
+            return scores, boxes[:, None, :].expand(-1, k, -1)
+        decoded = self.box_coder.decode(deltas.reshape(len(boxes), 4 * k), boxes)
+        return scores, decoded.reshape(-1, k, 4)
+
+    def class_boxes_and_scores(self, scores: Tensor, boxes: Tensor, proposals: list[Tensor]
+                               ) -> tuple[list[Tensor], list[Tensor]]:
+        """``predict``'s outputs split per image: boxes [P_i, K, 4], scores [P_i, K]."""
+        counts = [len(p) for p in proposals]
+        return list(boxes.split(counts)), list(scores.split(counts))
+
+    def postprocess(self, scores: Tensor, boxes: Tensor, proposals: list[Tensor],
+                    image_sizes: list[tuple[int, int]], thresholds: Thresholds | None = None
+                    ) -> list[Detections]:
+        thresholds = thresholds or self.thresholds
+        per_box, per_score = self.class_boxes_and_scores(scores, boxes, proposals)
+        return [detections_from_scores(b, s, size, thresholds) if len(b) else Detections.empty(b.device)
+                for b, s, size in zip(per_box, per_score, image_sizes, strict=True)]
+
+    def finetune_loss(self, features: dict[str, Tensor], proposals: list[Tensor],
+                      image_sizes: list[tuple[int, int]], targets: list[dict[str, Tensor]]
                       ) -> dict[str, Tensor]:
-        """Softmax loss on ``batch_size`` warped regions sampled over all images (25% foreground); background
-        regions inside a target's crowd regions are ignored."""
+        """Softmax loss on ``batch_size`` warped regions sampled over all images (25% foreground)."""
         boxes, matches, labels, owners = [], [], [], []
         with torch.no_grad():
-            for i, (image, target) in enumerate(zip(images, targets, strict=True)):
-                gt_boxes = target["boxes"].to(image.dtype)
-                candidates = torch.cat([proposals[i], gt_boxes])
+            for i, (image_boxes, target) in enumerate(zip(proposals, targets, strict=True)):
+                gt_boxes = target["boxes"].to(image_boxes.dtype)
+                candidates = torch.cat([image_boxes, gt_boxes])
                 matched, match = self.matcher(box_iou(gt_boxes, candidates))
-                match = ignore_crowd(match, candidates, target.get("crowd_boxes"), self.cfg.ignore_iof_thresh)
-                region_labels = torch.zeros(len(candidates), dtype=torch.int64, device=image.device)
+                match = ignore_crowd(match, candidates, target.get("crowd_boxes"), self.ignore_iof_thresh)
+                region_labels = torch.zeros(len(candidates), dtype=torch.int64, device=candidates.device)
                 if len(gt_boxes):
                     fg = match == FOREGROUND
                     region_labels[fg] = target["labels"][matched[fg]]
                 boxes.append(candidates)
                 matches.append(match)
                 labels.append(region_labels)
-                owners.append(torch.full((len(candidates),), i, device=image.device))
+                owners.append(torch.full((len(candidates),), i, device=candidates.device))
             all_boxes, all_labels, all_owners = torch.cat(boxes), torch.cat(labels), torch.cat(owners)
             pos, neg = self.sampler(torch.cat(matches))  # over the whole batch, as the paper samples
             picked = torch.cat([pos, neg])
+        cls_score = self.predictor.cls_score
         if picked.numel() == 0:  # no proposal and no object in any image: nothing to learn from
-            return {"loss_classifier": self.cls_score.weight.sum() * 0}
-        per_image = [picked[all_owners[picked] == i] for i in range(len(images))]
-        regions = torch.cat([self.warp(image, all_boxes[sel]) for image, sel in zip(images, per_image,
-                                                                                       strict=True)])
-        _, fc7 = self.region_features(regions)
-        return {"loss_classifier": F.cross_entropy(self.cls_score(fc7), all_labels[torch.cat(per_image)])}
-
-    @torch.no_grad()
-    def detect(self, image: Tensor, proposals: Tensor | None = None, thresholds: Thresholds | None = None
-               ) -> Detections:
-        """One image [3, H, W] in [0, 1] (and its proposals [P, 4], else the source's) -> Detections in its
-        pixels."""
-        if proposals is None:
-            proposals = self.propose(image)
-        if len(proposals) == 0:
-            return Detections.empty(image.device)
-        pool, fc7 = self.features(image, proposals)
-        scores = self.class_scores(fc7)
-        boxes = self.refine_boxes(pool if self.cfg.bbox.features == "pool" else fc7, proposals)
-        size = (int(image.shape[1]), int(image.shape[2]))
-        return detections_from_scores(boxes, scores, size, thresholds or self.thresholds)
-
-    def class_scores(self, fc7: Tensor) -> Tensor:
-        """fc7 [P, D] -> scores [P, K]: sigmoid of the SVM margins (same ranking), else fine-tuned softmax."""
-        if bool(self.svm_trained):
-            return torch.sigmoid(fc7 * self.svm_scale @ self.svm_weight.T + self.svm_bias)
-        return F.softmax(self.cls_score(fc7), dim=1)[:, 1:]
-
-    def refine_boxes(self, feats: Tensor, proposals: Tensor) -> Tensor:
-        """Per-class boxes [P, K, 4]: the proposals moved by each class's ridge regressor (if fitted)."""
-        k = self.cfg.num_classes
-        if not bool(self.bbox_trained):
-            return proposals[:, None, :].expand(-1, k, -1)
-        deltas = torch.einsum("pd,kcd->pkc", feats * self.bbox_scale, self.bbox_weight) + self.bbox_bias
-        return self.box_coder.decode(deltas.reshape(len(proposals), 4 * k), proposals).reshape(-1, k, 4)
-
-
-def build_rcnn(cfg: RCNNConfig, *, load_pretrained: bool = True) -> RCNN:
-    """An R-CNN for ``cfg``: VGG backbones keep their ImageNet fc6/fc7 as the head (as the paper does);
-    ResNets get two fresh FC layers of ``representation_size`` or, with ``head: res5``, their own res5 stage
-    (the same network as Fast/Faster R-CNN's C4 models, run per warped region instead of per image)."""
-    weights = cfg.weights if load_pretrained else None
-    net = build_network(cfg.backbone, weights=weights)
-    if cfg.backbone.startswith("vgg"):
-        if cfg.head != "fc" or cfg.pool_size != 7:
-            raise ValueError(f"{cfg.backbone}: the head is fc6/fc7 on a 7x7 pool5 (head: fc, pool_size: 7)")
-        backbone: nn.Module = VGGFeatures(net, [cfg.feature_map])
-        head: nn.Module = VGGBoxHead(net.classifier[0], net.classifier[3])
-    else:
-        backbone = ResNetFeatures(net, [cfg.feature_map])
-        channels = backbone.feature_info[cfg.feature_map].channels
-        if cfg.head == "res5":
-            if cfg.feature_map != "c4":
-                raise ValueError(f"head res5 runs on the c4 map, got feature_map {cfg.feature_map!r}")
-            head = ResNetC4Head(net.layer4, net.stage_channels[3])
-        else:
-            head = TwoMLPHead(channels * cfg.pool_size**2, cfg.representation_size)
-    backbone.freeze(cfg.freeze_at)
-    pool_dim = backbone.feature_info[cfg.feature_map].channels * cfg.pool_size**2
-    return RCNN(cfg, backbone, head, head.out_channels, pool_dim, build_proposal_source(cfg.proposals))
+            return {"loss_classifier": cls_score.weight.sum() * 0}
+        per_image = [picked[all_owners[picked] == i] for i in range(len(proposals))]
+        regions = self.warp(features, [all_boxes[sel] for sel in per_image], image_sizes)
+        _, fc7 = self.cnn(regions)
+        return {"loss_classifier": F.cross_entropy(cls_score(fc7), all_labels[torch.cat(per_image)])}
 
 
 # ---- the later training stages: pure functions on feature tensors ------------------------------------------
@@ -377,3 +420,45 @@ def fit_box_regressor(features: Tensor, targets: Tensor, alpha: float) -> tuple[
     weight = torch.from_numpy(ridge.coef_) * std[:, None]
     bias = torch.from_numpy(np.asarray(ridge.intercept_)) * std + mean
     return weight.float(), bias.float()
+
+
+# ---- checkpoints of the former R-CNN module ----------------------------------------------------------------
+
+# state-dict prefixes of the former detection.rcnn.RCNN module -> the TwoStageDetector's parts
+_OLD_PREFIXES = (("backbone.", "roi_heads.cnn.backbone."), ("box_head.", "roi_heads.cnn.head."),
+                 ("cls_score.", "roi_heads.predictor.cls_score."), ("svm_", "roi_heads.predictor.svm_"),
+                 ("bbox_", "roi_heads.predictor.bbox_"))
+
+
+def upgrade_rcnn_checkpoint(model: dict[str, Any], states: Sequence[dict[str, Any]]
+                            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A checkpoint of task "rcnn" (the former R-CNN module and its flat RCNNConfig) -> the model config
+    dict of a DetectorConfig with ``arch: rcnn_<body>`` and its state dicts with the new parameter names,
+    so old files load as detectors of task "detection" with the same weights and the same answers."""
+    backbone = str(model.get("backbone", "vgg16"))
+    body = {"vgg16": "vgg16", **{f"resnet{d}": f"r{d}" for d in (18, 34, 50, 101)}}.get(backbone, backbone)
+    rcnn = {key: model[key] for key in ("input_size", "context_padding", "feature_map", "head", "batch_size",
+                                        "region_batch", "svm", "bbox") if key in model}
+    roi = {"output_size": model.get("pool_size", 7),
+           "representation_size": model.get("representation_size", 1024),
+           **{key: model[key] for key in ("fg_iou_thresh", "positive_fraction", "ignore_iof_thresh",
+                                          "score_thresh", "detections_per_img") if key in model},
+           "nms_thresh": model.get("nms_thresh", 0.3)}
+    upgraded: dict[str, Any] = {"arch": f"rcnn_{body}", "num_classes": model.get("num_classes", 0),
+                                "backbone_weights": model.get("weights"), "frozen_bn": False,
+                                "freeze_at": model.get("freeze_at", 0), "roi": roi, "rcnn": rcnn,
+                                "proposals": model.get("proposals")}
+    for key in ("mean", "std"):
+        if key in model:
+            upgraded[key] = list(model[key])
+    renamed = []
+    for state in states:
+        new = {}
+        for key, value in state.items():
+            for old, now in _OLD_PREFIXES:
+                if key.startswith(old):
+                    key = now + key[len(old):]
+                    break
+            new[key] = value
+        renamed.append(new)
+    return upgraded, renamed

@@ -51,19 +51,23 @@ class DetectionTransform(nn.Module):
     ``max_size``, and zero-pad to a common size divisible by ``size_divisible``.
 
     ``min_size`` may be a list: in training one is drawn per image (multi-scale training); at test time the
-    last one is used. Every box a target carries (``BOX_KEYS``: its boxes, crowd regions and proposals) and
+    last one is used. None keeps every image at its own size (R-CNN, which warps regions of the original
+    pixels). Every box a target carries (``BOX_KEYS``: its boxes, crowd regions and proposals) and
     the given proposals are scaled with their image.
     """
 
     def __init__(
         self,
-        min_size: int | Sequence[int] = 800,
+        min_size: int | Sequence[int] | None = 800,
         max_size: int = 1333,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
         size_divisible: int = 32,
     ) -> None:
         super().__init__()
+        self.keep_size = min_size is None
+        if min_size is None:
+            min_size = max_size  # unused: kept so that min_size[-1] reads as a size
         self.min_size = (
             (int(min_size),) if isinstance(min_size, int | float) else tuple(int(s) for s in min_size)
         )
@@ -107,7 +111,9 @@ class DetectionTransform(nn.Module):
         return (image - self.mean.to(image)) / self.std.to(image)
 
     def resize(self, image: Tensor) -> Tensor:
-        """[3, H, W] -> [3, H', W'] bilinear, keeping the aspect ratio."""
+        """[3, H, W] -> [3, H', W'] bilinear, keeping the aspect ratio (unchanged with ``keep_size``)."""
+        if self.keep_size:
+            return image
         if self.training and len(self.min_size) > 1:
             target = self.min_size[int(torch.randint(len(self.min_size), ()).item())]
         else:

@@ -22,9 +22,9 @@ FILES = sorted(CONFIGS.rglob("*.yaml"))
 CLASSES = [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}, {"id": 7, "name": "c"}]
 PATH_KEYS = {"images": "dir", "root": "dir", "masks": "dir", "annotations": "file"}
 # small detector inputs (the VGG-16 layouts at 64-96 px instead of 600-1000) and few regions per image
-DETECTOR_SIZE = ["model.min_size=64", "model.max_size=96", "model.rpn.pre_nms_top_n_train=100",
-                 "model.rpn.post_nms_top_n_train=50", "model.roi.batch_size_per_image=8"]
-RCNN_SIZE = ["model.input_size=64", "model.region_batch=8", "model.batch_size=8"]
+DETECTOR_SIZE = ["model.min_size=64", "model.max_size=96", "model.roi.batch_size_per_image=8"]
+RPN_SIZE = ["model.rpn.pre_nms_top_n_train=100", "model.rpn.post_nms_top_n_train=50"]  # faster_rcnn_* only
+RCNN_SIZE = ["model.rcnn.input_size=64", "model.rcnn.region_batch=8", "model.rcnn.batch_size=8"]
 
 
 def _bases() -> set[Path]:
@@ -66,9 +66,11 @@ def test_config_loads_and_builds_its_model(path, tmp_path):
         pytest.skip("a base, loaded with the configs that extend it")
     overrides = _data_overrides(data, tmp_path)
     if data["task"] == "detection":
-        overrides += DETECTOR_SIZE
-    if data["task"] == "rcnn":
-        overrides += RCNN_SIZE
+        arch = data["model"]["arch"]
+        if arch.startswith("rcnn_"):
+            overrides += RCNN_SIZE
+        else:
+            overrides += DETECTOR_SIZE + (RPN_SIZE if arch.startswith("faster_rcnn_") else [])
     exp = load_config(path, overrides)  # the loader `visiondet train` uses: typed, checked, bases merged
     task = get_task(exp.task)
     model = task.build_model(exp.model, CLASSES, load_pretrained=False)

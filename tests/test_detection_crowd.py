@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from apps.tasks.detection import DetectionTask
-from apps.tasks.rcnn import _Negatives
 from detection.anchors import AnchorGenerator
 from detection.boxes import BACKGROUND, FOREGROUND, IGNORE, box_iof, ignore_crowd
-from detection.rcnn import RCNNConfig, build_rcnn
+from detection.models import DetectorConfig, RoIConfig, build_detector
+from detection.rcnn import RCNNConfig
+from detection.rcnn_stages import _Negatives
 from detection.roi_heads import BoxPredictor, RoIHeads
 from detection.rpn import RegionProposalNetwork, RPNHead
 from detection.transform import DetectionTransform
@@ -107,11 +108,12 @@ def test_roi_sampling_ignores_background_proposals_inside_crowds():
 
 def test_rcnn_finetuning_ignores_background_regions_inside_crowds():
     torch.manual_seed(0)
-    cfg = RCNNConfig(num_classes=2, backbone="resnet18", weights=None, feature_map="c4", pool_size=2,
-                     representation_size=8, input_size=32, context_padding=4, batch_size=64)
-    model = build_rcnn(cfg).train()
+    cfg = DetectorConfig(arch="rcnn_r18", num_classes=2, backbone_weights=None, frozen_bn=False, freeze_at=0,
+                         roi=RoIConfig(output_size=2, representation_size=8),
+                         rcnn=RCNNConfig(feature_map="c4", input_size=32, context_padding=4, batch_size=64))
+    model = build_detector(cfg).train()
     seen = []
-    model.box_head.register_forward_hook(lambda m, i, o: seen.append(len(o)))
+    model.roi_heads.cnn.head.register_forward_hook(lambda m, i, o: seen.append(len(o)))
     target = {"boxes": GT, "labels": torch.tensor([2]), "proposals": BOXES}
     model([torch.rand(3, 80, 80)], [dict(target, crowd_boxes=CROWD)])
     model([torch.rand(3, 80, 80)], [target])

@@ -134,14 +134,20 @@ def test_bad_model_settings_are_config_errors(shapes, tmp_path):
         ConfigError, match="anchor_sizes has 1 levels but faster_rcnn_r18_fpn gives the RPN 5"
     ):
         train(build_experiment(exp))
+    # a section the architecture ignores is an error, not silently dropped (here an inherited rpn:)
+    exp["model"] = {**TINY_MODEL, "arch": "fast_rcnn_r18_fpn", "proposals": {"method": "selective_search"},
+                    "rpn": {"pre_nms_top_n_test": 50}}
+    with pytest.raises(ConfigError, match="fast_rcnn_r18_fpn does not use the section.s. rpn"):
+        train(build_experiment(exp))
 
 
 @pytest.mark.parametrize("arch", ["faster_rcnn_r18_c4", "fast_rcnn_r18_fpn"])
 def test_other_layouts_train_and_predict(arch):
     # C4 (res5 as box head, RoIAlign 14) and Fast R-CNN (external proposals) from the same parts
     torch.manual_seed(0)
-    cfg = DetectorConfig(arch=arch, num_classes=2, frozen_bn=False, min_size=64, max_size=64,
-                         rpn=RPNConfig(post_nms_top_n_train=16, post_nms_top_n_test=16),
+    small_rpn = RPNConfig(post_nms_top_n_train=16, post_nms_top_n_test=16)
+    rpn = small_rpn if arch.startswith("faster") else RPNConfig()  # an rpn section is an error elsewhere
+    cfg = DetectorConfig(arch=arch, num_classes=2, frozen_bn=False, min_size=64, max_size=64, rpn=rpn,
                          roi=RoIConfig(batch_size_per_image=16, representation_size=32))  # fmt: skip
     model = build_detector(cfg)
     images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]

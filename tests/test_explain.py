@@ -9,14 +9,15 @@ from torchvision.ops import box_iou
 from detection.explain import detector_kind, explain
 from detection.models import DetectorConfig, RoIConfig, RPNConfig, build_detector
 from detection.proposals import ProposalSource
-from detection.rcnn import RCNNConfig, build_rcnn
+from detection.rcnn import RCNNConfig
 from detection.structures import Thresholds
 
 
 def tiny_detector(arch: str, **roi) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = DetectorConfig(arch=arch, num_classes=3, min_size=128, max_size=128, fpn_channels=16,
-                         rpn=RPNConfig(pre_nms_top_n_test=200, post_nms_top_n_test=60),
+    small_rpn = RPNConfig(pre_nms_top_n_test=200, post_nms_top_n_test=60)
+    rpn = small_rpn if arch.startswith("faster") else RPNConfig()  # an rpn section is an error elsewhere
+    cfg = DetectorConfig(arch=arch, num_classes=3, min_size=128, max_size=128, fpn_channels=16, rpn=rpn,
                          roi=RoIConfig(representation_size=32, score_thresh=0.0, **roi))
     return build_detector(cfg, load_pretrained=False).eval()
 
@@ -114,18 +115,27 @@ class FixedBoxes(ProposalSource):
 
 def test_rcnn_stages_and_detections():
     torch.manual_seed(0)
-    cfg = RCNNConfig(num_classes=2, backbone="resnet18", weights=None, feature_map="c4", pool_size=2,
-                     representation_size=16, input_size=32, context_padding=4, region_batch=16,
-                     score_thresh=0.0)
-    model = build_rcnn(cfg, load_pretrained=False).eval()
-    model.proposal_source = FixedBoxes(torch.tensor([[0.0, 0.0, 20, 20], [2, 2, 22, 22], [30, 30, 60, 50]]))
+    cfg = DetectorConfig(arch="rcnn_r18", num_classes=2, frozen_bn=False, freeze_at=0,
+                         roi=RoIConfig(output_size=2, representation_size=16, score_thresh=0.0,
+                                       nms_thresh=0.3),
+                         rcnn=RCNNConfig(input_size=32, context_padding=4, region_batch=16))
+    model = build_detector(cfg, load_pretrained=False).eval()
+    model.proposal_generator.source = FixedBoxes(
+        torch.tensor([[0.0, 0.0, 20, 20], [2, 2, 22, 22], [30, 30, 60, 50]]))
     image = torch.rand(3, 64, 64)
     e = explain(model, image, top_n=2)
     with torch.inference_mode():
         detections, _ = model([image])
     assert e.kind == "rcnn" and e.proposals_source.total == 3 and len(e.proposals_source.boxes) == 2
     assert e.before_nms.total == 3 and len(e.before_nms.boxes) == 2
+    assert e.input_size == (64, 64) and e.nms_threshold == 0.3  # its own size; the model's NMS
     assert torch.equal(e.detections.boxes, detections[0].boxes)
+    # the demo's NMS slider reaches R-CNN's own NMS (no second NMS after a fixed 0.3)
+    loose = explain(model, image, top_n=2, thresholds=Thresholds(0.0, 0.95, 100))
+    with torch.inference_mode():
+        expected, _ = model([image], thresholds=Thresholds(0.0, 0.95, 100))
+    assert loose.nms_threshold == 0.95 and torch.equal(loose.detections.boxes, expected[0].boxes)
+    assert len(expected[0]) >= len(detections[0])
 
 
 def test_bad_calls(faster, image):

@@ -1,4 +1,5 @@
-"""R-CNN: region warping, SVMs with hard negative mining, ridge box regression, the detector's forward."""
+"""R-CNN: region warping, SVMs with hard negative mining, ridge box regression, the detector's forward (a
+TwoStageDetector with R-CNN's parts), its staged training, and checkpoints of the former R-CNN module."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ import pytest
 import torch
 
 from detection.boxes import BoxCoder
+from detection.models import DetectorConfig, RoIConfig, TwoStageDetector, build_detector
 from detection.proposals import ProposalSource
 from detection.rcnn import (
     RCNNConfig,
+    RCNNHeads,
     SVMConfig,
-    build_rcnn,
     feature_scale,
     fit_box_regressor,
     train_svm_hard_negatives,
 )
+from detection.structures import Thresholds
 from detection.warp import context_boxes, warp_regions
 
 # ---------------------------------------------------------------- warping
@@ -138,34 +141,50 @@ class FixedProposals(ProposalSource):
         return self.boxes.clone()
 
 
-def _tiny_rcnn(num_classes=2, **kwargs):
-    cfg = RCNNConfig(num_classes=num_classes, backbone="resnet18", weights=None, feature_map="c4",
-                     pool_size=2, representation_size=16, input_size=32, context_padding=4, region_batch=3,
-                     **kwargs)
-    model = build_rcnn(cfg)
-    model.proposal_source = FixedProposals([[0, 0, 20, 20], [30, 30, 60, 60], [2, 2, 21, 22], [0, 0, 64, 48]])
+def _tiny_rcnn(num_classes=2, batch_size=128, positive_fraction=0.25):
+    cfg = DetectorConfig(arch="rcnn_r18", num_classes=num_classes, backbone_weights=None, frozen_bn=False,
+                         freeze_at=0, roi=RoIConfig(output_size=2, representation_size=16, nms_thresh=0.3,
+                                                    positive_fraction=positive_fraction),
+                         rcnn=RCNNConfig(feature_map="c4", input_size=32, context_padding=4, region_batch=3,
+                                         batch_size=batch_size))
+    model = build_detector(cfg)
+    model.proposal_generator.source = FixedProposals(
+        [[0, 0, 20, 20], [30, 30, 60, 60], [2, 2, 21, 22], [0, 0, 64, 48]])
     return model
+
+
+def test_rcnn_is_a_two_stage_detector_with_its_own_parts():
+    model = _tiny_rcnn()
+    assert isinstance(model, TwoStageDetector) and isinstance(model.roi_heads, RCNNHeads)
+    assert model.has_later_stages and model.thresholds == Thresholds(0.05, 0.3, 100)
+    # nothing is computed over the whole image: the "backbone" passes the normalised pixels through
+    assert list(model.backbone.parameters()) == []
+    # the image keeps its size (no resize), so boxes need no mapping back
+    batch, _, _ = model.transform([torch.rand(3, 48, 64)])
+    assert batch.image_sizes == [(48, 64)]
+    with pytest.raises(ValueError, match="does not use the section"):
+        build_detector(DetectorConfig(arch="fast_rcnn_r18_fpn", rcnn=RCNNConfig()), load_pretrained=False)
 
 
 def test_finetune_batch_samples_foreground_and_background():
     torch.manual_seed(0)
     model = _tiny_rcnn(batch_size=8, positive_fraction=0.25).train()
     seen = []
-    model.box_head.register_forward_hook(lambda m, i, o: seen.append(len(o)))
+    model.roi_heads.cnn.head.register_forward_hook(lambda m, i, o: seen.append(len(o)))
     images = [torch.rand(3, 48, 64), torch.rand(3, 48, 64)]
     targets = [{"boxes": torch.tensor([[0.0, 0.0, 20.0, 20.0]]), "labels": torch.tensor([2])},
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
-    with pytest.raises(ValueError, match="proposals with the data"):  # never from augmented pixels
+    with pytest.raises(ValueError, match="needs them with the data"):  # never from augmented pixels
         model(images, targets)
     for target in targets:
-        target["proposals"] = model.proposal_source.propose(None)
+        target["proposals"] = model.proposal_generator.source.propose(None)
     outputs, losses = model(images, targets)
     assert outputs is None and set(losses) == {"loss_classifier"}
     # 2 images x (4 proposals + gt): 3 foreground (gt, [0,0,20,20], [2,2,21,22]: IoU 0.88) -> 2 sampled,
     # then 6 of the 6 background regions
     assert seen == [8]
     losses["loss_classifier"].backward()
-    assert model.cls_score.weight.grad.abs().sum() > 0
+    assert model.roi_heads.predictor.cls_score.weight.grad.abs().sum() > 0
 
 
 def test_detect_uses_svms_and_box_regressors():
@@ -173,18 +192,21 @@ def test_detect_uses_svms_and_box_regressors():
     image = torch.rand(3, 48, 64)
     dets, losses = model([image])
     assert losses == {} and len(dets) == 1  # fine-tuned softmax before the SVMs exist
+    predictor = model.roi_heads.predictor
     # SVM for class 1 always fires (margin +5), class 2 never (-5)
-    model.svm_weight.zero_()
-    model.svm_bias.copy_(torch.tensor([5.0, -5.0]))
-    model.svm_trained.fill_(True)
+    predictor.set_svms(torch.zeros(2, 16), torch.tensor([5.0, -5.0]), 1.0)
     # regression moves every class-1 box right by 10% of its width
-    model.bbox_bias[0] = torch.tensor([0.1, 0.0, 0.0, 0.0])
-    model.bbox_trained.fill_(True)
+    bias = torch.zeros(2, 4)
+    bias[0, 0] = 0.1
+    predictor.set_box_regressors(torch.zeros_like(predictor.bbox_weight), bias, 1.0)
     (det,), _ = model([image])
     assert det.labels.tolist() == [1, 1, 1]  # [2,2,21,22] overlaps [0,0,20,20] by 0.88: NMS at 0.3 drops it
     assert torch.allclose(det.scores, torch.sigmoid(torch.tensor(5.0)).expand(3))
     expected = {(2.0, 0.0, 22.0, 20.0), (33.0, 30.0, 63.0, 48.0), (6.4, 0.0, 64.0, 48.0)}  # clipped
     assert {tuple(round(v, 3) for v in box) for box in det.boxes.tolist()} == expected
+    # the same NMS as every detector, driven by the call's thresholds: a loose one keeps [2,2,21,22]
+    (loose,), _ = model([image], thresholds=Thresholds(0.05, 0.9, 100))
+    assert len(loose) == 4 and model.thresholds.nms_thresh == 0.3
 
 
 # ---------------------------------------------------------------- the staged pipeline, end to end
@@ -202,8 +224,9 @@ def test_rcnn_stages_train_resume_and_load(tmp_path):
         f"data.train.images={data}/train/images", f"data.train.annotations={data}/train/annotations.json",
         f"data.val.images={data}/val/images", f"data.val.annotations={data}/val/annotations.json",
         "data.workers=0", "train.epochs=1", "train.batch_size=3", "train.warmup_iters=0",
-        "model.input_size=32", "model.context_padding=2", "model.pool_size=2", "model.representation_size=16",
-        "model.batch_size=16", "model.svm.retrain_every=20", "model.region_batch=64",
+        "model.rcnn.input_size=32", "model.rcnn.context_padding=2", "model.roi.output_size=2",
+        "model.roi.representation_size=16", "model.rcnn.batch_size=16", "model.rcnn.svm.retrain_every=20",
+        "model.rcnn.region_batch=64",
         f"model.proposals.cache_dir={tmp_path}/cache", "model.proposals.max_boxes=40",
         f"output_dir={tmp_path}/run",
     ]
@@ -215,7 +238,9 @@ def test_rcnn_stages_train_resume_and_load(tmp_path):
     assert len(list((stage / "features").glob("*.pt"))) == 6
     assert all((stage / f"svm_{c}.pt").is_file() for c in (1, 2, 3)) and (stage / "bbox.pt").is_file()
     loaded = load_model(result.run_dir / "final.pt")
-    assert bool(loaded.model.svm_trained) and bool(loaded.model.bbox_trained)
+    assert loaded.checkpoint["task"] == "detection" and loaded.checkpoint["model"]["arch"] == "rcnn_r18"
+    predictor = loaded.model.roi_heads.predictor
+    assert bool(predictor.svm_trained) and bool(predictor.bbox_trained)
     image, _ = loaded.task.build_datasets(exp).val[0]
     (det,), _ = loaded.model([image])
     assert det.boxes.shape[1] == 4 and (det.scores <= 1).all()
@@ -235,7 +260,7 @@ def test_rcnn_stages_train_resume_and_load(tmp_path):
     (stage / "svm_3.pt").unlink()
     (result.run_dir / "final.pt").unlink()
     lines: list[str] = []
-    get_task("rcnn").finish_training(exp, result.run_dir, torch.device("cpu"), lines.append)
+    get_task("detection").finish_training(exp, result.run_dir, torch.device("cpu"), lines.append)
     assert any("6 of 6 images already done" in line for line in lines)
     assert [line for line in lines if line.startswith("rcnn svm class")] == [
         next(line for line in lines if line.startswith("rcnn svm class 3"))]
@@ -248,3 +273,30 @@ def test_finetune_without_any_region_gives_a_zero_loss():
              "proposals": torch.zeros(0, 4)}
     _, losses = model([torch.rand(3, 40, 40)], [empty])
     assert losses["loss_classifier"].item() == 0 and losses["loss_classifier"].requires_grad
+
+
+def test_the_shipped_rcnn_checkpoint_of_the_former_task_gives_the_same_detections():
+    # weights/rcnn_shapes.pt was saved by the former R-CNN module (task "rcnn"); it loads as a detector of
+    # the detection task and answers as before (tests/data/rcnn_shapes_reference.pt: its detections on the
+    # example scenes, recorded with that module)
+    from pathlib import Path
+
+    from apps.tasks import load_model, upgrade_checkpoint
+    from vision.checkpoint import load_checkpoint
+    from vision.data.images import read_image
+
+    shipped = Path("weights/rcnn_shapes.pt")
+    assert load_checkpoint(shipped)["task"] == "rcnn"
+    upgraded = upgrade_checkpoint(load_checkpoint(shipped))
+    assert upgraded["task"] == "detection" and upgraded["model"]["arch"] == "rcnn_r18"
+    loaded = load_model(shipped)
+    assert isinstance(loaded.model, TwoStageDetector) and loaded.task.name == "detection"
+    reference = torch.load("tests/data/rcnn_shapes_reference.pt", weights_only=True)
+    for name, expected in reference.items():
+        image = read_image(Path("weights/examples") / name, exif=False)
+        image = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+        with torch.inference_mode():
+            (det,), _ = loaded.model([image])
+        assert torch.equal(det.labels, expected["labels"]), name
+        assert torch.allclose(det.boxes, expected["boxes"], atol=1e-4), name
+        assert torch.allclose(det.scores, expected["scores"], atol=1e-6), name

@@ -15,20 +15,29 @@ import torch
 from torch import nn
 
 from apps import WEIGHTS_DIR
+from apps.schema import ConfigError, from_dict
 from detection.convert import resolve_torchvision_coco
+from detection.models import without_unused_sections
+from detection.rcnn import upgrade_rcnn_checkpoint
 from vision.checkpoint import CheckpointError, is_visiondet_checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
     from apps.tasks.base import Task
 
-__all__ = ["TASKS", "get_task", "LoadedModel", "load_model"]
+__all__ = ["TASKS", "RETIRED_TASKS", "get_task", "LoadedModel", "load_model", "upgrade_checkpoint"]
 
 # task name -> "module:class"
 TASKS: dict[str, str] = {
     "classification": "apps.tasks.classification:ClassificationTask",
     "segmentation": "apps.tasks.segmentation:SegmentationTask",
-    "detection": "apps.tasks.detection:DetectionTask",
-    "rcnn": "apps.tasks.rcnn:RCNNTask",  # detection data and metrics; multi-stage training (R-CNN)
+    "detection": "apps.tasks.detection:DetectionTask",  # Faster R-CNN, Fast R-CNN and R-CNN
+}
+
+# task names that no longer exist -> the one-line migration message for a config that still names one
+RETIRED_TASKS: dict[str, str] = {
+    "rcnn": "task: rcnn was merged into the detection task: write task: detection and model.arch: "
+            "rcnn_<network> (rcnn_vgg16, rcnn_r18, ...), with the R-CNN settings under model.rcnn "
+            "(see configs/detection/rcnn_vgg16.yaml)",
 }
 
 _instances: dict[str, Task] = {}
@@ -37,6 +46,8 @@ _instances: dict[str, Task] = {}
 def get_task(name: str) -> Task:
     """The task named ``name`` (imported on first use)."""
     if name not in _instances:
+        if name in RETIRED_TASKS:
+            raise KeyError(RETIRED_TASKS[name])
         if name not in TASKS:
             raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
         module_name, class_name = TASKS[name].split(":")
@@ -64,8 +75,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, ema: boo
     a path or a bare name found in weights/ or the hub cache, are converted once and loaded from the cache.
     Errors are CheckpointError naming the file and the reason.
     """
-    from apps.config import ConfigError, from_dict
-
     path = resolve_torchvision_coco(path, [WEIGHTS_DIR]) or Path(path)
     ckpt = load_checkpoint(path, map_location="cpu")
     if not is_visiondet_checkpoint(ckpt):
@@ -74,6 +83,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, ema: boo
     for key in ("task", "model", "classes"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: checkpoint has no {key!r} entry")
+    ckpt = upgrade_checkpoint(ckpt)
     try:
         task = get_task(ckpt["task"])
     except KeyError as exc:
@@ -90,3 +100,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, ema: boo
         raise CheckpointError(f"{path}: weights do not fit the model: {exc}") from None
     model.to(device).eval()
     return LoadedModel(task, model, list(ckpt["classes"]), dict(ckpt.get("preprocess") or {}), ckpt, path)
+
+
+def upgrade_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint dict in today's layout: files of the former "rcnn" task (R-CNN, now a detector of the
+    detection task with ``arch: rcnn_<network>``) get the detection task, a DetectorConfig model dict and
+    the new parameter names; detectors lose the config sections their arch ignores (``rpn`` of
+    fast_rcnn_* files); anything else is returned as it is. For readers of raw checkpoints (the
+    demo's model list) as much as for ``load_model``."""
+    if ckpt.get("task") == "detection" and isinstance(ckpt.get("model"), dict):
+        return {**ckpt, "model": without_unused_sections(ckpt["model"])}
+    if ckpt.get("task") != "rcnn":
+        return ckpt
+    states = [ckpt.get("state_dict") or {}, ckpt.get("ema_state_dict") or {}]
+    model, (state, ema) = upgrade_rcnn_checkpoint(dict(ckpt["model"]), states)
+    return {**ckpt, "task": "detection", "model": model, "state_dict": state, "ema_state_dict": ema or None}

@@ -1,5 +1,10 @@
 """Object detection for the engine: COCO data, the R-CNN family's detectors, COCO box AP.
 
+One task for the three generations (``model.arch``: faster_rcnn_*, fast_rcnn_*, rcnn_*). R-CNN trains in
+stages: the engine's loop fine-tunes its CNN, then ``finish_training`` runs the model's later stages
+(``TwoStageDetector.train_later_stages``: features, SVMs, box regressors, each kept under
+``<run>/rcnn/`` so an interrupted run continues) and writes ``<run>/final.pt``, the complete detector.
+
 Data, per split: ``images`` (folder) + ``annotations`` (COCO instances JSON). Images keep their own sizes
 (the detector resizes and pads inside), batches group images of similar aspect ratio, and images without
 objects stay in both splits (negatives; on validation their false positives count).
@@ -17,7 +22,9 @@ and scores the results with pycocotools against that file: ``AP`` (AP@[.5:.95], 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +32,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from apps.config import ConfigError, Experiment, SplitConfig, from_dict
+from apps.engine.checkpointing import make_checkpoint
 from apps.engine.distributed import all_gather_object
+from apps.engine.loader import eval_loader
+from apps.tasks import load_model
 from apps.tasks.base import Datasets, Task
 from apps.tasks.inference.detection import DetectionInference
 from detection.evaluation import (
@@ -35,9 +45,12 @@ from detection.evaluation import (
     format_table,
     load_results,
 )
-from detection.models import DetectorConfig, build_detector
+from detection.models import DetectorConfig, build_detector, split_arch
 from detection.proposals import ProposalConfig, ProposalError, build_proposal_source, default_cache_dir
+from detection.rcnn import RCNNConfig
 from detection.structures import Detections
+from vision.checkpoint import save_checkpoint
+from vision.data.coco import CocoDetection
 
 __all__ = ["DetectionOptions", "DetectionTask"]
 
@@ -105,7 +118,7 @@ class DetectionTask(Task):
 
     def proposal_config(self, model_cfg: DetectorConfig) -> ProposalConfig | None:
         """Where the model's external proposals come from; None for a detector with an RPN."""
-        if model_cfg.arch.startswith("fast_rcnn_"):
+        if _external_proposals(model_cfg):
             if model_cfg.proposals is None:
                 raise ConfigError(
                     f"model.proposals: {model_cfg.arch} trains on external proposals; set proposals.method "
@@ -204,7 +217,7 @@ class DetectionTask(Task):
                                max_proposals=self._max_proposals(model_cfg))
 
     def _has_proposal_source(self, model_cfg: Any) -> bool:
-        return model_cfg.arch.startswith("fast_rcnn_") and model_cfg.proposals is not None
+        return _external_proposals(model_cfg) and model_cfg.proposals is not None
 
     def collate(self, items: list[Any]) -> Any:
         from vision.data.collate import detection_collate
@@ -273,6 +286,44 @@ class DetectionTask(Task):
 
     def format_metrics(self, metrics: dict[str, float]) -> str:
         return format_table(metrics)
+
+    # ---- after training ----------------------------------------------------------------------------------
+
+    def finish_training(self, exp: Experiment, run_dir: Path, device: torch.device,
+                        log: Callable[[str], None] = print) -> dict[str, float]:
+        """R-CNN: the later stages on the fine-tuned CNN, then ``<run_dir>/final.pt`` (the complete
+        detector, scored on the validation split); returns its metrics. Nothing for Fast/Faster R-CNN."""
+        if split_arch(exp.model.arch)[0] != "rcnn":  # (the arch was checked when the model was built)
+            return {}
+        finetuned = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
+        loaded = load_model(finetuned, device, ema=True)
+        model = loaded.model
+        log(f"rcnn: training SVMs and box regressors on the features of {finetuned}")
+        train = CocoDetection(exp.data.train.images, exp.data.train.annotations,
+                              num_classes=len(loaded.classes))
+        model.train_later_stages(train, run_dir / "rcnn", exp.model.rcnn or RCNNConfig(), log)
+        metrics: dict[str, float] = {}
+        if exp.data.val is not None:
+            val = self.build_eval_dataset(exp.data.val, loaded)
+            loader = eval_loader(val, self.collate, batch_size=exp.train.batch_size, workers=exp.data.workers)
+            model.eval()
+            with torch.inference_mode():
+                metrics = self.evaluate(model, loader, device, loaded.classes)
+            log("rcnn final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k))
+        ckpt = make_checkpoint(exp=exp, model_cfg=self.model_config_for(exp.model, loaded.classes),
+                               classes=loaded.classes, preprocess=self.preprocess(exp), model=model,
+                               ema_state=None, metrics=metrics, train_state=None)
+        save_checkpoint(ckpt, run_dir / "final.pt")
+        log(f"rcnn: the complete detector is {run_dir / 'final.pt'}")
+        return metrics
+
+
+def _external_proposals(model_cfg: DetectorConfig) -> bool:
+    """Fast R-CNN and R-CNN classify proposals from outside the network."""
+    try:
+        return split_arch(model_cfg.arch)[0] in ("fast", "rcnn")
+    except ValueError as exc:  # an unknown arch
+        raise ConfigError(f"model: {exc}") from exc
 
 
 def _check_classes(found: list[dict[str, Any]], expected: list[dict[str, Any]], where: str) -> None:

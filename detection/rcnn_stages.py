@@ -1,0 +1,189 @@
+"""R-CNN's training stages after fine-tuning (section 2.3), each kept on disk so an interrupted run continues.
+
+1. (before this module) fine-tune the CNN on warped regions: the engine's training loop on the detector's
+   loss;
+2. features: fc7 (and pool5 of the regions used for box regression) of every proposal and ground-truth box
+   of every training image, one file per image under ``<stage_dir>/features/`` (a restart skips the files
+   that exist);
+3. SVMs: one per class with hard negative mining, ``<stage_dir>/svm_<label>.pt`` per class;
+4. box regression: one ridge regressor per class, ``<stage_dir>/bbox.pt``.
+
+``run_stages(detector, dataset, stage_dir)`` runs 2-4 on a fine-tuned R-CNN (a TwoStageDetector whose
+roi_heads are RCNNHeads) and loads the results into its SVMPredictor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from torchvision.ops import box_iou
+from tqdm import tqdm
+
+from detection.boxes import BoxCoder, box_iof
+from detection.rcnn import RCNNConfig, RCNNHeads, feature_scale, fit_box_regressor, train_svm_hard_negatives
+from vision.checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = ["run_stages", "extract_features", "train_svms", "fit_box_regressors", "class_overlaps"]
+
+Log = Callable[[str], None]
+
+
+def class_overlaps(boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_classes: int) -> Tensor:
+    """[B, K]: each box's best IoU with the ground truths of each class (0 where a class is absent)."""
+    out = torch.zeros(len(boxes), num_classes)
+    if len(gt_boxes):
+        iou = box_iou(boxes, gt_boxes)
+        for c in gt_labels.unique().tolist():
+            out[:, c - 1] = iou[:, gt_labels == c].max(dim=1).values
+    return out
+
+
+def _heads(detector: nn.Module) -> RCNNHeads:
+    heads = getattr(detector, "roi_heads", None)
+    if not isinstance(heads, RCNNHeads):
+        raise TypeError(f"R-CNN's later stages need RCNNHeads, got {type(heads).__name__}")
+    return heads
+
+
+@torch.no_grad()
+def extract_features(detector: nn.Module, dataset: Dataset, out_dir: Path, cfg: RCNNConfig, log: Log = print
+                     ) -> list[Path]:
+    """Stage 2: one file per training image with, for its ground-truth boxes then its proposals:
+    ``fc7`` [B, D] (float16), ``labels`` [B] (class of ground-truth rows, 0 for proposals), ``overlaps``
+    [B, K], ``ignored`` [B] (proposals at least ``ignore_iof_thresh`` inside a crowd region: never an SVM
+    negative); and for proposals overlapping an object by >= ``bbox.min_iou``: ``reg_features`` (pool5 or
+    fc7), ``reg_targets`` [R, 4] deltas to that object and ``reg_labels`` [R]."""
+    heads = _heads(detector)
+    num_classes = heads.predictor.num_classes
+    device = next(detector.parameters()).device
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{i:06d}.pt" for i in range(len(dataset))]  # type: ignore[arg-type]
+    todo = [i for i, p in enumerate(paths) if not p.is_file()]
+    if len(todo) < len(paths):
+        log(f"rcnn features: {len(paths) - len(todo)} of {len(paths)} images already done, continuing")
+    detector.eval()
+    for i in tqdm(todo, desc="rcnn features", unit="img", dynamic_ncols=True):
+        image, target = dataset[i]
+        batch, _, _ = detector.transform([image.to(device)])
+        features = detector.backbone(batch.tensors)
+        (proposals,), _ = detector.proposal_generator(batch, features)
+        proposals = proposals.boxes
+        gt_boxes, gt_labels = target["boxes"].to(device), target["labels"].to(device)
+        boxes = torch.cat([gt_boxes, proposals])
+        pool, fc7 = heads.region_features(features, [boxes], batch.image_sizes)
+        overlaps = class_overlaps(boxes.cpu(), gt_boxes.cpu(), gt_labels.cpu(), num_classes)
+        labels = torch.zeros(len(boxes), dtype=torch.int64)
+        labels[: len(gt_boxes)] = gt_labels.cpu()
+        ignored = torch.zeros(len(boxes), dtype=torch.bool)
+        crowd = target.get("crowd_boxes")
+        if crowd is not None and len(crowd) and len(proposals):
+            iof = box_iof(proposals.cpu(), crowd.to(proposals).cpu()).max(dim=1).values
+            ignored[len(gt_boxes):] = iof >= heads.ignore_iof_thresh
+        record: dict[str, Any] = {"fc7": fc7.half().cpu(), "labels": labels, "overlaps": overlaps.half(),
+                                  "ignored": ignored}
+        reg = torch.zeros(0, dtype=torch.int64)
+        reg_targets, reg_labels = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+        if len(gt_boxes) and len(proposals):
+            iou = box_iou(proposals, gt_boxes)
+            best, matched = iou.max(dim=1)
+            reg = torch.where(best >= cfg.bbox.min_iou)[0]
+            reg_targets = coder.encode(gt_boxes[matched[reg]], proposals[reg]).cpu()
+            reg_labels = gt_labels[matched[reg]].cpu()
+            reg = reg.cpu() + len(gt_boxes)
+        reg_feats = pool if cfg.bbox.features == "pool" else fc7
+        record.update(reg_features=reg_feats.cpu()[reg].half(), reg_targets=reg_targets,
+                      reg_labels=reg_labels)
+        save_checkpoint(record, paths[i])
+    return paths
+
+
+class _Negatives(Sequence):
+    """Per image, the scaled fc7 features of the boxes that overlap every object of ``label`` by less than
+    ``max_iou`` and do not lie in a crowd region; read from the feature files on demand so the whole set
+    never sits in memory."""
+
+    def __init__(self, paths: Sequence[Path], label: int, max_iou: float, scale: float) -> None:
+        self.paths, self.label, self.max_iou, self.scale = list(paths), label, max_iou, scale
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
+        record = load_checkpoint(self.paths[i])
+        rows = record["overlaps"][:, self.label - 1].float() < self.max_iou
+        if "ignored" in record:  # feature files of older runs have no crowd flags
+            rows &= ~record["ignored"]
+        return record["fc7"][rows].float() * self.scale
+
+
+def train_svms(detector: nn.Module, paths: Sequence[Path], stage_dir: Path, cfg: RCNNConfig, log: Log = print
+               ) -> None:
+    """Stage 3: one SVM per class (positives: ground-truth boxes; negatives: IoU < ``svm.negative_iou``),
+    saved per class so a restart skips the classes already trained; loads them into the detector."""
+    predictor = _heads(detector).predictor
+    scale_path = stage_dir / "svm_scale.pt"
+    if scale_path.is_file():
+        scale = float(load_checkpoint(scale_path)["scale"])
+    else:
+        sample = torch.cat([load_checkpoint(p)["fc7"].float() for p in paths[:50]])
+        scale = feature_scale(sample, cfg.svm.feature_norm)
+        save_checkpoint({"scale": scale}, scale_path)
+    weights, biases = [], []
+    for label in range(1, predictor.num_classes + 1):
+        path = stage_dir / f"svm_{label}.pt"
+        if not path.is_file():
+            positives = []
+            for p in paths:
+                record = load_checkpoint(p)
+                positives.append(record["fc7"][record["labels"] == label].float() * scale)
+            negatives = _Negatives(paths, label, cfg.svm.negative_iou, scale)
+            result = train_svm_hard_negatives(torch.cat(positives), negatives, cfg.svm)
+            save_checkpoint({"weight": result.weight, "bias": result.bias, "history": result.history}, path)
+            rounds = ", ".join(f"{h['cached']} cached/{h['added']} added/{h['evicted']} evicted"
+                               for h in result.history)
+            count = sum(len(x) for x in positives)
+            log(f"rcnn svm class {label}: {count} positives; mining rounds: {rounds}")
+        svm = load_checkpoint(path)
+        weights.append(svm["weight"])
+        biases.append(float(svm["bias"]))
+    predictor.set_svms(torch.stack(weights), torch.tensor(biases), scale)
+
+
+def fit_box_regressors(detector: nn.Module, paths: Sequence[Path], stage_dir: Path, cfg: RCNNConfig,
+                       log: Log = print) -> None:
+    """Stage 4: ridge regression per class on the pairs stage 2 kept; loads the result into the detector."""
+    predictor = _heads(detector).predictor
+    path = stage_dir / "bbox.pt"
+    if not path.is_file():
+        records = [load_checkpoint(p) for p in paths]
+        feats = torch.cat([r["reg_features"].float() for r in records])
+        targets = torch.cat([r["reg_targets"] for r in records])
+        labels = torch.cat([r["reg_labels"] for r in records])
+        scale = feature_scale(feats, cfg.svm.feature_norm)
+        weights, biases, counts = [], [], []
+        for label in range(1, predictor.num_classes + 1):
+            rows = labels == label
+            w, b = fit_box_regressor(feats[rows] * scale, targets[rows], cfg.bbox.alpha)
+            weights.append(w)
+            biases.append(b)
+            counts.append(int(rows.sum()))
+        save_checkpoint({"weight": torch.stack(weights), "bias": torch.stack(biases), "scale": scale}, path)
+        log(f"rcnn box regression: training pairs per class {counts}")
+    fitted = load_checkpoint(path)
+    predictor.set_box_regressors(fitted["weight"], fitted["bias"], float(fitted["scale"]))
+
+
+def run_stages(detector: nn.Module, dataset: Dataset, stage_dir: Path, cfg: RCNNConfig, log: Log = print
+               ) -> nn.Module:
+    """Stages 2-4 on a fine-tuned R-CNN over ``dataset`` (items ``(image, target)``, no augmentation)."""
+    paths = extract_features(detector, dataset, stage_dir / "features", cfg, log)
+    train_svms(detector, paths, stage_dir, cfg, log)
+    if cfg.bbox.enabled:
+        fit_box_regressors(detector, paths, stage_dir, cfg, log)
+    return detector
