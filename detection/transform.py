@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detection.structures import Detections
+from vision.layers import IMAGENET_MEAN, IMAGENET_STD
 
 # Target entries that hold xyxy boxes in the image's pixels: ground truth, crowd (ignore) regions, and the
 # external proposals a data pipeline attached to the sample.
@@ -60,8 +61,8 @@ class DetectionTransform(nn.Module):
         self,
         min_size: int | Sequence[int] | None = 800,
         max_size: int = 1333,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
         size_divisible: int = 32,
     ) -> None:
         super().__init__()

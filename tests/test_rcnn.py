@@ -300,3 +300,10 @@ def test_the_shipped_rcnn_checkpoint_of_the_former_task_gives_the_same_detection
         assert torch.equal(det.labels, expected["labels"]), name
         assert torch.allclose(det.boxes, expected["boxes"], atol=1e-4), name
         assert torch.allclose(det.scores, expected["scores"], atol=1e-6), name
+
+
+def test_the_former_task_name_says_what_replaced_it():
+    from apps.tasks import get_task
+
+    with pytest.raises(KeyError, match="task: detection and model.arch: rcnn_<network>"):
+        get_task("rcnn")
