@@ -337,14 +337,28 @@ def split_arch(arch: str) -> tuple[str, str]:
 
 def unused_sections(cfg: DetectorConfig) -> list[str]:
     """The sections of ``cfg`` its architecture would ignore: ``rpn`` (set to anything but the defaults)
-    without an RPN, ``rcnn`` outside R-CNN."""
+    without an RPN, ``proposals`` with one, ``rcnn`` outside R-CNN."""
     kind, _ = split_arch(cfg.arch)
     unused = []
     if kind != "faster" and cfg.rpn != RPNConfig():
         unused.append("rpn")
+    if kind == "faster" and cfg.proposals is not None:
+        unused.append("proposals")
     if kind != "rcnn" and cfg.rcnn is not None:
         unused.append("rcnn")
     return unused
+
+
+def check_sections(cfg: DetectorConfig) -> None:
+    """ValueError naming the sections ``cfg.arch`` ignores (a typo'd arch or a section inherited from a
+    base config would otherwise be dropped without a word)."""
+    unused = unused_sections(cfg)
+    if unused:
+        why = {"rpn": "it has no RPN", "proposals": "its RPN makes the proposals",
+               "rcnn": "only rcnn_* archs read it"}
+        listed = "; ".join(f"model.{name} ({why[name]})" for name in unused)
+        raise ValueError(f"{cfg.arch} ignores {listed}: remove it, or set it to null where a base config "
+                         "sets it")
 
 
 def without_unused_sections(model: dict[str, Any]) -> dict[str, Any]:
@@ -355,7 +369,7 @@ def without_unused_sections(model: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(arch, str) or arch not in DETECTOR_ARCHS:
         return model
     kind, _ = split_arch(arch)
-    drop = {"rpn"} if kind != "faster" else set()
+    drop = {"rpn"} if kind != "faster" else {"proposals"}
     if kind != "rcnn":
         drop.add("rcnn")
     return {key: value for key, value in model.items() if key not in drop}
@@ -378,10 +392,7 @@ def build_detector(cfg: DetectorConfig, *, load_pretrained: bool = True) -> TwoS
     kind, body_name = split_arch(cfg.arch)
     if cfg.num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {cfg.num_classes}")
-    unused = unused_sections(cfg)
-    if unused:
-        raise ValueError(f"{cfg.arch} does not use the section(s) {', '.join(unused)}: remove them (an "
-                         f"inherited one too; rpn is for faster_rcnn_*, rcnn for rcnn_*)")
+    check_sections(cfg)
     if kind == "rcnn":
         return _build_rcnn(cfg, _RCNN_NETWORKS[body_name], load_pretrained)
     body = _BODIES[body_name]

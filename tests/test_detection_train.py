@@ -137,7 +137,7 @@ def test_bad_model_settings_are_config_errors(shapes, tmp_path):
     # a section the architecture ignores is an error, not silently dropped (here an inherited rpn:)
     exp["model"] = {**TINY_MODEL, "arch": "fast_rcnn_r18_fpn", "proposals": {"method": "selective_search"},
                     "rpn": {"pre_nms_top_n_test": 50}}
-    with pytest.raises(ConfigError, match="fast_rcnn_r18_fpn does not use the section.s. rpn"):
+    with pytest.raises(ConfigError, match="fast_rcnn_r18_fpn ignores model.rpn .it has no RPN."):
         train(build_experiment(exp))
 
 

@@ -162,7 +162,7 @@ def test_rcnn_is_a_two_stage_detector_with_its_own_parts():
     # the image keeps its size (no resize), so boxes need no mapping back
     batch, _, _ = model.transform([torch.rand(3, 48, 64)])
     assert batch.image_sizes == [(48, 64)]
-    with pytest.raises(ValueError, match="does not use the section"):
+    with pytest.raises(ValueError, match="ignores model.rcnn"):
         build_detector(DetectorConfig(arch="fast_rcnn_r18_fpn", rcnn=RCNNConfig()), load_pretrained=False)
 
 

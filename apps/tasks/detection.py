@@ -45,7 +45,7 @@ from detection.evaluation import (
     format_table,
     load_results,
 )
-from detection.models import DetectorConfig, build_detector, split_arch
+from detection.models import DetectorConfig, build_detector, check_sections, split_arch
 from detection.proposals import ProposalConfig, ProposalError, build_proposal_source, default_cache_dir
 from detection.rcnn import RCNNConfig
 from detection.structures import Detections
@@ -81,6 +81,15 @@ class DetectionTask(Task):
     split_keys = ("images", "annotations")
 
     # ---- model -------------------------------------------------------------------------------------------
+
+    def check_config(self, exp: Experiment) -> None:
+        """Also: a model section the arch ignores (e.g. an ``rpn:`` inherited by a fast_rcnn_* config) is an
+        error before any work."""
+        try:
+            check_sections(exp.model)
+        except ValueError as exc:
+            raise ConfigError(f"model: {exc}") from exc
+        super().check_config(exp)
 
     def model_config_for(self, model_cfg: DetectorConfig, classes: list[dict[str, Any]]) -> DetectorConfig:
         return replace(model_cfg, num_classes=len(classes))
