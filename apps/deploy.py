@@ -131,7 +131,8 @@ def exported_backend(loaded: LoadedModel, score_threshold: float | None = None) 
     and cached on first use). The file's thresholds are fixed: a detection ``score_threshold`` below the
     one exported is refused rather than silently not honoured."""
     model = loaded.model
-    cut = getattr(getattr(model, "roi_heads", None), "score_thresh", None)  # what the export keeps
+    cuts = getattr(model, "thresholds", None)  # a detector's configured cuts: what the export keeps
+    cut = getattr(cuts, "score_thresh", None)
     if score_threshold is not None and cut is not None and score_threshold < cut:
         raise ValueError(f"the onnxruntime backend keeps detections scoring {cut} or more (the threshold it "
                          f"is exported with); --score-threshold {score_threshold} needs --backend pytorch")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from apps.deploy import exported_backend
-from apps.tasks import LoadedModel, get_task, load_model
+from apps.tasks import LoadedModel, get_task, load_model, upgrade_checkpoint
 from apps.tasks.inference.base import Inference, ModelDescription
 from detection.convert import (
     COCO_CLASSES,
@@ -175,6 +175,7 @@ def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] 
         if not is_visiondet_checkpoint(ckpt) or "task" not in ckpt or "classes" not in ckpt:
             problems.append(f"{path}: not a visiondet checkpoint (no task, classes and model config)")
             continue
+        ckpt = upgrade_checkpoint(ckpt)  # files of the former "rcnn" task list as the detectors they are
         try:
             task = get_task(str(ckpt["task"]))
         except KeyError as exc:

@@ -26,7 +26,6 @@ from apps.tasks.inference.base import (
 from detection.export import detector_spec
 from detection.structures import Thresholds
 from vision import visualize
-from vision.export import ExportError
 
 __all__ = ["DetectionInference", "DetectionResult"]
 
@@ -163,34 +162,25 @@ class DetectionInference(Inference):
 
     @classmethod
     def describe(cls, model_cfg: dict[str, Any]) -> ModelDescription:
-        # Where each detector's config keeps its architecture and test-time NMS threshold (defaults as in
-        # their dataclasses); an R-CNN config of the first kind names its backbone only.
-        if "arch" in model_cfg:
-            arch = str(model_cfg["arch"])
-            nms = float((model_cfg.get("roi") or {}).get("nms_thresh", 0.5))
-        else:
-            arch = f"rcnn_{model_cfg.get('backbone', '?')}"
-            nms = float(model_cfg.get("nms_thresh", 0.3))
+        # the three generations share one config: arch rcnn_*, fast_rcnn_* or faster_rcnn_* (defaults as in
+        # DetectorConfig)
+        arch = str(model_cfg.get("arch", "?"))
+        nms = float((model_cfg.get("roi") or {}).get("nms_thresh", 0.5))
         generation = 2 if arch.startswith("rcnn_") else 1 if arch.startswith("fast_rcnn") else 0
         return ModelDescription(arch, nms, generation, has_anchors=generation == 0)
 
     @classmethod
     def export_spec(cls, loaded: Any, model: Any, metadata: dict[str, Any]) -> Any:
-        if not hasattr(model, "transform"):
-            raise ExportError(
-                f"{loaded.path}: R-CNN is not exported: it warps every selective-search region and runs the "
-                "CNN once per region, with SVM scoring; use a Fast R-CNN (proposals as an input) or Faster "
-                "R-CNN")
-        t, heads = model.transform, model.roi_heads
+        t, cuts = model.transform, model.thresholds  # the configured cuts: the file keeps them fixed
         mean, std = t.mean.flatten().tolist(), t.std.flatten().tolist()
         metadata["preprocess"] = {
             "input": "one RGB image [3, H, W] float32 in [0, 1], any size",
             "inside": f"normalise (mean {mean}, std {std}), resize (short side {t.min_size[-1]}, long side "
                       f"at most {t.max_size}, bilinear), pad to a multiple of {t.size_divisible}; boxes come "
                       "back in the input's pixels", "size": loaded.preprocess.get("size")}
-        metadata.update(score_thresh=heads.score_thresh, nms_thresh=heads.nms_thresh,
-                        detections_per_img=heads.detections_per_img, label_offset=1)
-        spec = detector_spec(model, metadata)
+        metadata.update(score_thresh=cuts.score_thresh, nms_thresh=cuts.nms_thresh,
+                        detections_per_img=cuts.detections_per_img, label_offset=1)
+        spec = detector_spec(model, metadata)  # refuses R-CNN (a CNN run per warped region)
         if spec.module.external:
             metadata["proposals"] = ("input 'proposals' [P, 4] xyxy in the image's pixels (selective search "
                                      "is OpenCV code outside the graph)")
