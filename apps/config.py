@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from apps.schema import ConfigError, check_renamed, convert_value, from_dict, suggest_key, to_dict
-from apps.tasks import TASKS, get_task
+from apps.tasks import RETIRED_TASKS, TASKS, get_task
 
 __all__ = [
     "ConfigError",
@@ -227,6 +227,8 @@ def build_experiment(data: dict[str, Any]) -> Experiment:
     name = data.get("task")
     if not isinstance(name, str):
         raise ConfigError(f"missing key 'task' (one of {sorted(TASKS)})")
+    if name in RETIRED_TASKS:
+        raise ConfigError(RETIRED_TASKS[name])
     if name not in TASKS:
         raise ConfigError(f"task: unknown task {name!r}{suggest_key(name, sorted(TASKS))}")
     task = get_task(name)

@@ -24,6 +24,9 @@ def detector_config(config: str | None) -> tuple[DetectorConfig, str]:
     exp = build_experiment(load_yaml_with_bases(config))  # (its data paths need not exist here)
     if not isinstance(exp.model, DetectorConfig):
         raise ConfigError(f"{config}: task {exp.task!r} has no anchors (a detection config is needed)")
+    if not exp.model.arch.startswith("faster_rcnn_"):
+        raise ConfigError(f"{config}: {exp.model.arch} has no anchors (its proposals come from outside the "
+                          "network; anchors belong to faster_rcnn_* archs)")
     return exp.model, config
 
 

@@ -183,9 +183,6 @@ RENAMED_KEYS: dict[str, dict[str, Rename]] = {
         "trainable_backbone_layers": Rename("freeze_at", _freeze_at_from_trainable,
                                             f"{_FREEZE_NOTE}; freeze_at = 5 - trainable_backbone_layers"),
     },
-    "RCNNConfig": {
-        "weights": Rename("backbone_weights", _same, _WEIGHTS_NOTE),
-    },
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,3 +231,7 @@ def test_data_check_reports_the_anchors_of_a_config(tmp_path, capsys):
     config.write_text("task: classification\nmodel: {backbone: resnet18}\ndata: {train: {root: x}}\n")
     assert main([*args, "--config", str(config)]) == 2
     assert "has no anchors" in capsys.readouterr().err
+    rcnn = Path(__file__).parent.parent / "configs" / "detection" / "rcnn_r18_shapes.yaml"
+    config.write_text(f"base: {rcnn}\n")
+    assert main([*args, "--config", str(config)]) == 2
+    assert "rcnn_r18 has no anchors" in capsys.readouterr().err

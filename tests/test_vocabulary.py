@@ -139,11 +139,9 @@ def test_classifier_freeze_at_freezes_the_first_stages_until_unfrozen():
 def test_imagenet_statistics_are_written_once():
     assert ClassifierConfig().mean == SegmentationConfig().mean == IMAGENET_MEAN
     assert tuple(DetectorConfig().std) == SegmentationConfig().std == IMAGENET_STD
-    # detection-core is moving its two copies onto vision.layers (handoff.md); drop them from here then
-    pending = {"detection/rcnn.py", "detection/transform.py"}
     files = [p for package in ("vision", "detection", "apps") for p in (ROOT / package).rglob("*.py")]
     writers = {str(p.relative_to(ROOT)) for p in files if any(v in p.read_text() for v in ("0.485", "0.229"))}
-    assert writers - pending == {"vision/layers.py"}
+    assert writers == {"vision/layers.py"}
 
 
 def _bases(path: Path) -> list[Path]:
@@ -157,11 +155,15 @@ def _bases(path: Path) -> list[Path]:
 
 def test_every_config_extends_the_runtime_base():
     runtime = (ROOT / "configs" / "base" / "runtime.yaml").resolve()
-    # detection-core's files (handoff.md): drop them from here when they take the base line
-    pending = {"detection/fast_rcnn_vgg16.yaml", "detection/rcnn_r18_shapes.yaml",
-               "detection/rcnn_vgg16.yaml"}
     missing = {str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml")
                if p != runtime and runtime not in _bases(p)}
-    assert missing - pending == set()
+    assert missing == set()
     merged = load_yaml_with_bases(ROOT / "configs" / "segmentation" / "deeplabv3plus_r18_shapes_cpu.yaml")
     assert merged["train"]["checkpoint_minutes"] == 10  # from the runtime base
+
+
+def test_a_config_naming_the_retired_rcnn_task_gets_the_new_spelling(tmp_path):
+    config = tmp_path / "old_rcnn.yaml"
+    config.write_text("task: rcnn\nmodel: {backbone: resnet18}\n")
+    with pytest.raises(ConfigError, match=r"task: rcnn was merged into the detection task.*arch: rcnn_"):
+        load_config(config, [])
