@@ -57,20 +57,21 @@ def paper_scale_models(num_classes: int = 20) -> dict:
     """The three shapes networks at the papers' test settings (random weights), uncached proposals."""
     from apps.config import from_dict
     from detection.models import DetectorConfig, build_detector
-    from detection.rcnn import RCNNConfig, build_rcnn
 
-    rcnn = _model_section("R-CNN")
-    rcnn.update(num_classes=num_classes, input_size=224, context_padding=16, pool_size=7)
-    rcnn["proposals"] = {**rcnn["proposals"], "cache_dir": None, "min_size": 0}
-    models = {"R-CNN": build_rcnn(from_dict(RCNNConfig, rcnn), load_pretrained=False)}
-    for name in ("Fast R-CNN", "Faster R-CNN"):
+    models = {}
+    for name in ("R-CNN", "Fast R-CNN", "Faster R-CNN"):
         section = _model_section(name)
-        section.update(num_classes=num_classes, min_size=600, max_size=1000)
-        if name == "Fast R-CNN":
-            section["proposals"] = {**section["proposals"], "cache_dir": None, "min_size": 0}
+        section["num_classes"] = num_classes
+        if name == "R-CNN":  # regions warped to 224 px with 16 px of context, pool5 7 x 7, as the paper
+            section["rcnn"] = {**section["rcnn"], "input_size": 224, "context_padding": 16}
+            section["roi"] = {**section["roi"], "output_size": 7}
         else:
+            section.update(min_size=600, max_size=1000)
+        if name == "Faster R-CNN":
             # the paper scores the RPN's top 300 proposals; 1000 per FPN level before NMS, as torchvision
             section["rpn"] = {**section["rpn"], "pre_nms_top_n_test": 1000, "post_nms_top_n_test": 300}
+        else:
+            section["proposals"] = {**section["proposals"], "cache_dir": None, "min_size": 0}
         models[name] = build_detector(from_dict(DetectorConfig, section), load_pretrained=False)
     return {name: m.eval() for name, m in models.items()}
 
@@ -88,7 +89,7 @@ def svd_copy(model):
 
 def proposal_seconds(model, image) -> float:
     """Time of the model's external proposals alone (0 for an RPN, which is part of the network)."""
-    source = getattr(model, "proposal_source", None) or getattr(model.proposal_generator, "source", None)
+    source = getattr(model.proposal_generator, "source", None)
     if source is None:
         return 0.0
     start = time.perf_counter()
@@ -118,14 +119,17 @@ def rcnn_seconds(model, image, sample: int) -> tuple[float, float]:
     scaled to all proposals. Running all 2000 through a CNN takes many minutes on a shared CPU."""
     import torch
 
+    heads = model.roi_heads
     with torch.inference_mode():
         start = time.perf_counter()
-        proposals = model.propose(image)
+        proposals = model.proposal_generator.source(image)
         proposal_s = time.perf_counter() - start
-        model.features(image, proposals[: model.cfg.region_batch])  # warm-up
+        batch, _, _ = model.transform([image])
+        features = model.backbone(batch.tensors)
+        heads.region_features(features, [proposals[: heads.region_batch]], batch.image_sizes)  # warm-up
         subset = proposals[:sample]
         start = time.perf_counter()
-        model.features(image, subset)
+        heads.region_features(features, [subset], batch.image_sizes)
         per_region = (time.perf_counter() - start) / len(subset)
     return proposal_s + per_region * len(proposals), proposal_s
 
@@ -211,7 +215,7 @@ def accuracy_part(work: Path, num_images: int, time_images: int, overrides: list
         checkpoint = result.run_dir / "best.pt"
         if name == "R-CNN":
             if not (result.run_dir / "final.pt").is_file():  # the engine's hook writes it; not under torchrun
-                get_task("rcnn").finish_training(exp, result.run_dir, torch.device("cpu"))
+                get_task("detection").finish_training(exp, result.run_dir, torch.device("cpu"))
             checkpoint = result.run_dir / "final.pt"
         train_seconds = time.perf_counter() - started
         print(f"  {name}: trained in {train_seconds:.0f} s -> {checkpoint}", flush=True)
@@ -229,10 +233,7 @@ def accuracy_part(work: Path, num_images: int, time_images: int, overrides: list
             proposals_cfg = loaded.checkpoint["model"].get("proposals")
             if proposals_cfg:
                 source = build_proposal_source(ProposalConfig(**{**proposals_cfg, "cache_dir": None}))
-                if hasattr(model, "proposal_source"):
-                    model.proposal_source = source
-                else:
-                    model.proposal_generator.source = source
+                model.proposal_generator.source = source
             images = [dataset[i][0] for i in range(min(time_images, len(dataset)))]
             seconds, _ = seconds_per_image(model, images)
             results[label] = (metrics["AP50"], seconds, train_seconds)
