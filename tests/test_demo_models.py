@@ -3,13 +3,15 @@ discovery, drawing at a readable size."""
 
 from pathlib import Path
 
+import gradio
 import numpy as np
 import pytest
 import torch
+from gradio.utils import get_type_hints
 from PIL import Image
 
-from apps.demo.handlers import upload_path
-from apps.demo.models import DemoInputError, find_checkpoints, fit_size, read_upload
+from apps.demo.handlers import DemoHandlers, upload_path
+from apps.demo.models import DemoInputError, ModelCache, find_checkpoints, fit_size, read_upload
 from apps.demo.views import display_copy, draw_detections
 from apps.tasks.inference.detection import DetectionInference, DetectionResult
 from vision import visualize
@@ -159,3 +161,9 @@ def test_a_model_of_real_data_is_described_by_its_data_folder_without_a_warning(
     assert not pets.synthetic and pets.result_note() == ""
     assert pets.expectations() == "Trained on the dataset in pets/train; it knows 2 classes: circle, dog."
     assert unnamed.expectations().startswith("Trained on data its checkpoint does not name;")
+
+
+def test_gradio_sees_the_click_event_of_the_anchor_picture(tmp_path):
+    # gradio passes a click's position only to a parameter annotated gr.SelectData that it can resolve
+    handlers = DemoHandlers(ModelCache([], "cpu"), max_pixels=1000, max_side=64, files_dir=tmp_path)
+    assert get_type_hints(handlers.pick_position)["evt"] is gradio.SelectData

@@ -16,8 +16,7 @@ import traceback
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -32,19 +31,20 @@ from apps.tasks.inference.segmentation import SegmentationInference
 from detection.explain import explain
 from vision.data.transforms import to_tensor
 
-if TYPE_CHECKING:
-    import gradio as gr
-
 __all__ = ["DemoHandlers", "upload_path"]
 
+# gradio, imported by the first DemoHandlers rather than with this module: gradio fixes its temporary folder
+# from GRADIO_TEMP_DIR when it is imported, and the Demo points that variable at a folder of its own first
+# (else gradio's own files are left behind in the user's folder). A module global, so that gradio resolves
+# the ``gr.SelectData`` annotation by which it passes a click's position to ``pick_position``.
+gr: Any = None
 
-def _gradio() -> ModuleType:
-    """gradio, imported on first use rather than with this module: gradio fixes its temporary folder from
-    GRADIO_TEMP_DIR when it is imported, and the Demo points that variable at a folder of its own first (or
-    gradio's own files would be left behind in the user's folder)."""
+
+def _import_gradio() -> None:
+    global gr
     import gradio
 
-    return gradio
+    gr = gradio
 
 
 def _page_errors(fn: Callable) -> Callable:
@@ -52,7 +52,6 @@ def _page_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        gr = _gradio()
         try:
             return fn(*args, **kwargs)
         except DemoInputError as exc:
@@ -93,6 +92,7 @@ class DemoHandlers:
     """
 
     def __init__(self, cache: ModelCache, *, max_pixels: int, max_side: int, files_dir: str | Path):
+        _import_gradio()
         self.cache = cache
         self.max_pixels = max_pixels
         self.max_side = max_side
@@ -102,7 +102,6 @@ class DemoHandlers:
 
     def check_image(self, image: Any, *others: Any) -> list[Any]:
         """Gradio validator, one verdict per input; the decoded upload is cached for the request."""
-        gr = _gradio()
         verdict = gr.validate(True, "")
         try:
             read_upload(upload_path(image), max_pixels=self.max_pixels)
@@ -140,7 +139,6 @@ class DemoHandlers:
 
     def model_changed(self, label: str | None) -> tuple[Any, Any, str]:
         """Detection model picked: its classes for the filter, its NMS threshold, a line about it."""
-        gr = _gradio()
         if not label or label not in self.cache.checkpoints:
             return gr.update(choices=[], value=[]), gr.update(), ""
         entry = self.cache.checkpoint(label)
@@ -216,7 +214,6 @@ class DemoHandlers:
     def explain(self, image: Any, label: str, x_pct: float, y_pct: float, top_n: float, score: float
                 ) -> tuple[Any, ...]:
         """-> four pictures (each with its title) and a paragraph on this image's stages."""
-        gr = _gradio()
         _, small, _ = self._image(image)
         # checks the model gives detections, loads it once; its inference keeps what scores ``score``
         predictor = self._predictor(label, DetectionInference, score_threshold=float(score))
@@ -240,7 +237,6 @@ class DemoHandlers:
         The panel is the picture with its caption strip below it: the picture's own height follows from the
         upload's aspect ratio, and a click on the caption, or on a detector without anchors, moves nothing.
         """
-        gr = _gradio()
         if panel is None or evt.index is None or not self.has_anchors(label):
             return gr.update(), gr.update()
         try:
