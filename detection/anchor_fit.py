@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from detection.anchors import AnchorGenerator
+from detection.models import RPNConfig, rpn_levels
 
 __all__ = [
     "AnchorLayout",
@@ -301,8 +302,6 @@ def anchor_report(cfg: Any, boxes: np.ndarray, image_hw: np.ndarray, *, fit_size
     detector config ``cfg`` (a DetectorConfig; "auto" entries count as the architecture's defaults), and
     anchors fitted to them (sizes and/or ratios; the same number of sizes per level, at most as many
     ratios)."""
-    from detection.models import RPNConfig, rpn_levels
-
     sizes, strides = rpn_levels(cfg)
     auto_ratios = cfg.rpn.aspect_ratios == "auto"
     ratios = RPNConfig().aspect_ratios if auto_ratios else list(cfg.rpn.aspect_ratios)

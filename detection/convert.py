@@ -18,7 +18,14 @@ import torch
 from torch import Tensor
 
 from detection.models import DetectorConfig, build_detector
-from vision.checkpoint import FORMAT, VERSION, CheckpointError, is_visiondet_checkpoint, load_checkpoint
+from vision.checkpoint import (
+    FORMAT,
+    VERSION,
+    CheckpointError,
+    is_visiondet_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 # COCO 2017 detection categories (id, name), in id order.
 COCO_CATEGORIES: list[tuple[int, str]] = [
@@ -136,8 +143,6 @@ def convert_checkpoint(
 ) -> Path:
     """Write ``src`` (torchvision state dict) as a visiondet detection checkpoint at ``dst``."""
     from dataclasses import asdict
-
-    from vision.checkpoint import save_checkpoint
 
     model, cfg = load_torchvision_detector(src, arch)
     checkpoint = {

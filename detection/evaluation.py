@@ -26,6 +26,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
 from detection.structures import Detections
+from vision.data.cocofile import load_coco, paused_gc
 
 BACKENDS = ("auto", "faster", "pycocotools")
 
@@ -64,7 +65,6 @@ def load_ground_truth(annotations: str | os.PathLike | COCO) -> COCO:
     """A pycocotools COCO from a path (optional fields defaulted by vision.data) or as given."""
     if isinstance(annotations, COCO):
         return annotations
-    from vision.data.cocofile import load_coco
 
     return load_coco(annotations)
 
@@ -101,7 +101,6 @@ def evaluate_coco(
         for cid in [c for c in cat_ids if c in with_gt]:
             metrics[f"AP/{names[cid]}"] = metrics[f"AP50/{names[cid]}"] = 0.0
         return metrics
-    from vision.data.cocofile import paused_gc
 
     run = _run_faster if backend == "faster" else _run_pycocotools
     with paused_gc():  # both evaluators build a dict per detection and per match, and no cycle

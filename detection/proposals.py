@@ -32,6 +32,9 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
+from detection.rpn import RegionProposalNetwork
+from detection.transform import scale_boxes
+
 __all__ = [
     "ProposalError",
     "ProposalSource",
@@ -453,8 +456,6 @@ class RPNProposals(ProposalSource):
     """
 
     def __init__(self, detector: torch.nn.Module) -> None:
-        from detection.rpn import RegionProposalNetwork
-
         if not isinstance(getattr(detector, "proposal_generator", None), RegionProposalNetwork):
             raise ValueError("RPNProposals needs a detector that has a RegionProposalNetwork")
         self.detector = detector
@@ -472,8 +473,6 @@ class RPNProposals(ProposalSource):
 
     @torch.no_grad()
     def propose(self, image: np.ndarray | Tensor, image_id: Hashable | None = None) -> Tensor:
-        from detection.transform import scale_boxes
-
         if isinstance(image, np.ndarray):
             image = torch.from_numpy(_as_image(image)).permute(2, 0, 1).float() / 255
         device = next(self.detector.parameters()).device

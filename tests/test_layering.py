@@ -20,29 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("vision", "detection", "apps")
 LAYER = {"vision": 0, "detection": 1, "apps": 2}  # a module may import its own layer and those below
 
-# Function-local first-party imports that remain while the redesign (issue 18) removes them, as
-# "path:function" (nested functions as outer.inner). Each is a known offender, not an exception to the
-# rule: delete the entry when its import moves to the module top.
-ALLOWED_LOCAL_IMPORTS: frozenset[str] = frozenset({
-    # command helpers called from `run` (the same lazy loading, one call further down)
-    "apps/commands/proposals.py:_images",
-    # task modules: data, sampler and anchor helpers imported on use
-    "apps/tasks/detection.py:_dataset",
-    "apps/tasks/detection.py:_transforms",
-    "apps/tasks/detection.py:_with_proposals",
-    "apps/tasks/detection.py:batch_sampler",
-    "apps/tasks/detection.py:build_eval_dataset",
-    "apps/tasks/detection.py:collate",
-    "apps/tasks/detection.py:fit_to_data",
-    # detection/: anchor_fit <-> models, proposals -> rpn/transform, evaluation -> cocofile
-    "detection/anchor_fit.py:anchor_report",
-    "detection/convert.py:convert_checkpoint",
-    "detection/evaluation.py:evaluate_coco",
-    "detection/evaluation.py:load_ground_truth",
-    "detection/proposals.py:__init__",
-    "detection/proposals.py:propose",
-})
-
 
 @dataclass(frozen=True)
 class Import:
@@ -205,9 +182,8 @@ def test_dependencies_point_one_way(imports):
 
 def test_no_function_local_first_party_imports(imports):
     found = local_imports(imports)
-    new = {key: lines for key, lines in found.items() if key not in ALLOWED_LOCAL_IMPORTS}
-    assert not new, ("function-local first-party imports (move them to the module top):\n"
-                     + "\n".join(line for lines in new.values() for line in lines))
+    assert not found, ("function-local first-party imports (move them to the module top):\n"
+                       + "\n".join(line for lines in found.values() for line in lines))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -37,14 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "at the first one")
 
 
-def _images(folder: Path, annotations: str | None) -> tuple[list[tuple[int | str, Path]], dict]:
-    """(id, path) per image, and {id: [M, 4] ground-truth boxes (xyxy)} when annotations are given."""
+def _images(folder: Path, annotations: str | None, extensions: frozenset[str] | set[str]
+            ) -> tuple[list[tuple[int | str, Path]], dict]:
+    """(id, path) per image (files with one of ``extensions`` without annotations), and {id: [M, 4]
+    ground-truth boxes (xyxy)} when annotations are given."""
     import numpy as np
 
-    from vision.data.images import IMAGE_EXTENSIONS
-
     if annotations is None:
-        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in extensions and p.is_file())
         return [(str(p.relative_to(folder)), p) for p in paths], {}
     data = json.loads(Path(annotations).read_text())
     gts: dict[int | str, list[list[float]]] = {img["id"]: [] for img in data["images"]}
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         write_proposal_file,
     )
     from detection.recall import format_recall, proposal_recall
-    from vision.data.images import ImageError, read_image
+    from vision.data.images import IMAGE_EXTENSIONS, ImageError, read_image
 
     folder, out = Path(args.images), Path(args.out)
     if not folder.is_dir():
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --out {out}: the proposal file must end in .npz or .json", file=sys.stderr)
         return 2
     try:
-        images, gts = _images(folder, args.annotations)
+        images, gts = _images(folder, args.annotations, IMAGE_EXTENSIONS)
     except (OSError, ValueError, KeyError) as exc:
         print(f"error: --annotations {args.annotations}: not readable COCO JSON ({exc})", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ and scores the results with pycocotools against that file: ``AP`` (AP@[.5:.95], 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,6 +39,7 @@ from apps.engine.loader import eval_loader
 from apps.tasks import load_model
 from apps.tasks.base import Datasets, Task
 from apps.tasks.inference.detection import DetectionInference
+from detection.anchor_fit import coco_boxes, resolve_auto_anchors
 from detection.evaluation import (
     EvaluationError,
     detections_to_coco,
@@ -46,11 +48,15 @@ from detection.evaluation import (
     load_results,
 )
 from detection.models import DetectorConfig, build_detector, check_sections, split_arch
+from detection.proposal_data import EXTRA_BOXES, ProposalDataset
 from detection.proposals import ProposalConfig, ProposalError, build_proposal_source, default_cache_dir
 from detection.rcnn import RCNNConfig
 from detection.structures import Detections
 from vision.checkpoint import save_checkpoint
 from vision.data.coco import CocoDetection
+from vision.data.collate import detection_collate
+from vision.data.samplers import AspectRatioGroupedBatchSampler
+from vision.data.transforms import build_transforms
 
 __all__ = ["DetectionOptions", "DetectionTask"]
 
@@ -97,10 +103,6 @@ class DetectionTask(Task):
     def fit_to_data(self, exp: Experiment, data: Datasets) -> tuple[Experiment, list[str]]:
         """``model.rpn.anchor_sizes`` / ``aspect_ratios`` "auto": fitted to the training boxes as the RPN
         sees them (detection/anchor_fit.py); the run's config and checkpoints keep the numbers."""
-        import json
-
-        from detection.anchor_fit import coco_boxes, resolve_auto_anchors
-
         rpn = exp.model.rpn
         if "auto" not in (rpn.anchor_sizes, rpn.aspect_ratios):
             return exp, []
@@ -151,8 +153,6 @@ class DetectionTask(Task):
                         opts: DetectionOptions, cfg: ProposalConfig, max_proposals: int | None,
                         *, drop_empty: bool = False, default: bool = True) -> Any:
         """The split's samples with their proposals attached before augmentation (ProposalDataset)."""
-        from detection.proposal_data import EXTRA_BOXES, ProposalDataset
-
         transforms = (
             self._transforms(spec, train, opts, where, extra_boxes=EXTRA_BOXES)
             if spec is not None or default else None
@@ -161,8 +161,6 @@ class DetectionTask(Task):
         return ProposalDataset(stored, self._proposal_source(cfg), transforms, max_proposals=max_proposals)
 
     def _dataset(self, split: SplitConfig, where: str, transforms: Any, *, drop_empty: bool = False) -> Any:
-        from vision.data.coco import CocoDetection
-
         try:
             return CocoDetection(
                 split.images, split.annotations, transforms=transforms, drop_empty=drop_empty
@@ -175,8 +173,6 @@ class DetectionTask(Task):
         spec: list[dict[str, Any]] | None, train: bool, opts: DetectionOptions, where: str,
         extra_boxes: tuple[str, ...] = (),
     ) -> Any:
-        from vision.data.transforms import build_transforms
-
         try:
             return build_transforms(
                 spec, "detection", train, extra_boxes=extra_boxes, size=opts.size,
@@ -219,7 +215,6 @@ class DetectionTask(Task):
         proposals = self.proposal_config(model_cfg) if self._has_proposal_source(model_cfg) else None
         if proposals is None:
             return dataset
-        from detection.proposal_data import ProposalDataset
 
         # proposals computed in the loader's workers, from the stored images, as in training
         return ProposalDataset(dataset, self._proposal_source(proposals),
@@ -229,13 +224,9 @@ class DetectionTask(Task):
         return _external_proposals(model_cfg) and model_cfg.proposals is not None
 
     def collate(self, items: list[Any]) -> Any:
-        from vision.data.collate import detection_collate
-
         return detection_collate(items)
 
     def batch_sampler(self, dataset: Dataset, sampler: Any, batch_size: int, *, drop_last: bool) -> Any:
-        from vision.data.samplers import AspectRatioGroupedBatchSampler
-
         base = _unwrap(dataset)
         if not hasattr(base, "aspect_ratios"):
             return super().batch_sampler(dataset, sampler, batch_size, drop_last=drop_last)
