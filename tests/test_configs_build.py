@@ -77,7 +77,7 @@ def test_config_loads_and_builds_its_model(path, tmp_path):
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params > 0
     model.train()
-    if task.output == "detection":
+    if task.name == "detection":
         _detector_step(model)
     elif task.name == "classification":
         _, losses = model(torch.rand(2, 3, 64, 64), torch.tensor([0, 2]))

@@ -99,9 +99,6 @@ class Task(ABC):
     """Model, data and evaluation of one task; subclasses set the class attributes and abstract methods."""
 
     name: ClassVar[str]
-    # What the model returns at inference, by name: "detection", "classification" or "segmentation".
-    # Tasks that differ only in training (R-CNN's stages) share their output kind.
-    output: ClassVar[str]
     # Everything predict, the demo, export and explain's caller need at inference (apps/tasks/inference/):
     # input transform, model output -> result, drawing, records. They dispatch on this, never on ``name``.
     inference: ClassVar[type[Inference]]

@@ -55,7 +55,6 @@ def classification_metrics(correct_top1: torch.Tensor, correct_topk: torch.Tenso
 
 class ClassificationTask(Task):
     name = "classification"
-    output = "classification"
     inference = ClassificationInference
     model_config_type = ClassifierConfig
     options_type = ClassificationOptions

@@ -79,7 +79,6 @@ def _unwrap(dataset: Any) -> Any:
 
 class DetectionTask(Task):
     name = "detection"
-    output = "detection"
     inference = DetectionInference
     model_config_type = DetectorConfig
     options_type = DetectionOptions

@@ -76,7 +76,6 @@ def _metric_summary(metrics: dict[str, Any], classes: list[dict[str, Any]], imag
 
 class SegmentationTask(Task):
     name = "segmentation"
-    output = "segmentation"
     inference = SegmentationInference
     model_config_type = SegmentationConfig
     options_type = SegmentationOptions
