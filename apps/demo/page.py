@@ -181,6 +181,21 @@ class Demo:
         model.change(h.about, [model], [info], api_visibility="private", queue=False)
         return info
 
+    def _inputs(self, gr: Any, h: Any, kind: type[Inference], label: str, prefix: str, verb: str,
+                alt_text: str, paths: Sequence[str], *, follow_model: bool = True) -> tuple[Any, ...]:
+        """The top of a tab's left column: model picker and its two lines, image, button, examples (all in
+        view without scrolling at 1366x900). ``follow_model=False`` leaves updating the lines to the tab.
+        Returns (model, info, image, button, examples)."""
+        model = self._picker(gr, kind, label)
+        if follow_model:
+            info = self._model_info(gr, h, model, f"{prefix}-model")
+        else:
+            info = gr.Markdown(h.about(model.value), elem_id=f"{prefix}-model")
+        image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=260,
+                             elem_id=f"{prefix}-input", alt_text=alt_text)
+        button = gr.Button(verb, variant="primary", elem_id=f"{prefix}-run")
+        return model, info, image, button, self._examples(gr, image, paths, f"{prefix}-examples")
+
     def _examples(self, gr: Any, image: Any, paths: Sequence[str], elem_id: str) -> Any:
         if not paths:
             return None
@@ -208,13 +223,10 @@ class Demo:
         # examples are in view without scrolling.
         with gr.Row():
             with gr.Column(scale=1):
-                model = self._picker(gr, DetectionInference, "Detector")
+                model, model_info, image, button, examples = self._inputs(
+                    gr, h, DetectionInference, "Detector", "det", "Detect",
+                    "The image to run the detector on", self.examples, follow_model=False)
                 first = self.cache.checkpoints.get(model.value) if model.value else None
-                model_info = gr.Markdown(h.about(model.value), elem_id="det-model")
-                image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=260,
-                                     elem_id="det-input", alt_text="The image to run the detector on")
-                button = gr.Button("Detect", variant="primary", elem_id="det-run")
-                examples = self._examples(gr, image, self.examples, "det-examples")
                 with gr.Accordion("Thresholds and classes", open=True):
                     score = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Score threshold")
                     nms = gr.Slider(0.05, 1.0, value=first.nms_thresh if first and first.nms_thresh else 0.5,
@@ -238,12 +250,9 @@ class Demo:
     def _segmentation_tab(self, gr: Any, h: Any, run: dict[str, Any]) -> None:
         with gr.Row():
             with gr.Column(scale=1):
-                model = self._picker(gr, SegmentationInference, "Segmentation model")
-                self._model_info(gr, h, model, "seg-model")
-                image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=260,
-                                     elem_id="seg-input", alt_text="The image to segment")
-                button = gr.Button("Segment", variant="primary", elem_id="seg-run")
-                examples = self._examples(gr, image, self.examples, "seg-examples")
+                model, _, image, button, examples = self._inputs(
+                    gr, h, SegmentationInference, "Segmentation model", "seg", "Segment",
+                    "The image to segment", self.examples)
             with gr.Column(scale=1):
                 picture = gr.Image(label="Segmentation", format="png", interactive=False,
                                    elem_id="seg-output", buttons=OUTPUT_BUTTONS,
@@ -257,12 +266,9 @@ class Demo:
     def _classification_tab(self, gr: Any, h: Any, run: dict[str, Any]) -> None:
         with gr.Row():
             with gr.Column(scale=1):
-                model = self._picker(gr, ClassificationInference, "Classifier")
-                self._model_info(gr, h, model, "cls-model")
-                image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=260,
-                                     elem_id="cls-input", alt_text="The image to classify")
-                button = gr.Button("Classify", variant="primary", elem_id="cls-run")
-                examples = self._examples(gr, image, self.shape_examples, "cls-examples")
+                model, _, image, button, examples = self._inputs(
+                    gr, h, ClassificationInference, "Classifier", "cls", "Classify", "The image to classify",
+                    self.shape_examples)
             with gr.Column(scale=1):
                 top = gr.Label(num_top_classes=5, label="Most likely classes", elem_id="cls-output")
                 info = gr.Markdown(elem_id="cls-info")
