@@ -442,7 +442,8 @@ def _build_rcnn(cfg: DetectorConfig, network: str, load_pretrained: bool) -> Two
     get two fresh FC layers of ``roi.representation_size`` or, with ``rcnn.head: res5``, their own res5
     stage (the network of Fast/Faster R-CNN's C4 models, run per warped region instead of per image)."""
     r = cfg.rcnn or RCNNConfig()
-    net = build_network(network, weights=cfg.backbone_weights if load_pretrained else None)
+    net = build_network(network, weights=cfg.backbone_weights if load_pretrained else None,
+                        classifier_head=False)
     pool_size = cfg.roi.output_size or 7
     if network.startswith("vgg"):
         feature_map = r.feature_map or "conv5"
@@ -521,12 +522,12 @@ def _build_features(
     """Backbone (all its maps feed the RPN), a box-head factory taking the pooled size, RoI feature names."""
     weights = cfg.backbone_weights if load_pretrained else None
     if body.layout == "vgg":
-        net = build_network(body.network, weights=weights)
+        net = build_network(body.network, weights=weights, classifier_head=False)
         trunk = VGGFeatures(net, ["conv5"])
         fc6, fc7 = net.classifier[0], net.classifier[3]
         _freeze(trunk, cfg)
         return trunk, lambda size: VGGBoxHead(fc6, fc7, cfg.roi.dropout), ["conv5"]
-    net = build_network(body.network, weights=weights)
+    net = build_network(body.network, weights=weights, classifier_head=False)
     if body.layout == "c4":
         trunk = ResNetFeatures(net, ["c4"])
         res5 = convert_frozen_batchnorm(net.layer4) if cfg.frozen_bn else net.layer4

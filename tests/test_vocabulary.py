@@ -14,11 +14,12 @@ import yaml
 from apps.config import ConfigError, build_experiment, from_dict, load_config, load_yaml_with_bases
 from apps.tasks import load_model
 from detection.models import DetectorConfig, build_detector
-from vision.backbones import build_backbone
+from vision.backbones import build_backbone, build_network
 from vision.checkpoint import load_checkpoint, save_checkpoint
 from vision.classification import Classifier, ClassifierConfig
 from vision.layers import IMAGENET_MEAN, IMAGENET_STD, FrozenBatchNorm2d
 from vision.segmentation import SegmentationConfig
+from vision.weights import WeightsError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
@@ -167,3 +168,16 @@ def test_a_config_naming_the_retired_rcnn_task_gets_the_new_spelling(tmp_path):
     config.write_text("task: rcnn\nmodel: {backbone: resnet18}\n")
     with pytest.raises(ConfigError, match=r"task: rcnn was merged into the detection task.*arch: rcnn_"):
         load_config(config, [])
+
+
+def test_a_detector_starts_from_the_trunk_of_a_visiondet_classifier():
+    # The shipped shapes classifier has no `fc` (its head is its own): a detector never uses one, so the
+    # trunk loads (the README tour fine-tunes from it).
+    path = ROOT / "weights" / "classifier_shapes.pt"
+    trunk = load_checkpoint(path)["state_dict"]
+    cfg = DetectorConfig(arch="faster_rcnn_r18_fpn", num_classes=3, backbone_weights=str(path), freeze_at=0)
+    loaded = dict(build_detector(cfg).backbone.named_parameters())
+    for key in ("conv1.weight", "layer4.1.conv2.weight"):
+        assert torch.equal(loaded[f"body.{key}"], trunk[f"backbone.{key}"])
+    with pytest.raises(WeightsError, match="missing: fc.weight"):  # a whole classifier still needs its head
+        build_network("resnet18", weights=path)

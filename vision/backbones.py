@@ -175,20 +175,23 @@ class VGGFeatures(Backbone):
 
 
 def build_network(name: str, num_classes: int = 1000, *, weights: str | os.PathLike | None = None,
-                  **kwargs) -> nn.Module:
+                  classifier_head: bool = True, **kwargs) -> nn.Module:
     """The full network ``name`` (one of ``BACKBONE_NAMES``), optionally with weights.
 
     ``weights``: None (random init), a named source (``"imagenet"``), or a path to a torchvision ``.pth``
-    or a visiondet checkpoint. With ``num_classes`` other than the file's, the classification head
-    (``fc`` / fc8 = ``classifier.6``) keeps its fresh init and everything else is loaded. ``kwargs`` go
-    to the builder (ResNet: ``replace_stride_with_dilation``, ``norm_layer``; VGG: ``dropout``).
+    or a visiondet checkpoint. With ``num_classes`` other than the file's, or ``classifier_head=False``
+    (the caller uses the network's features only, as detectors do), the classification head (``fc`` /
+    fc8 = ``classifier.6``) keeps its fresh init and everything else is loaded: a file without that head,
+    such as a visiondet classifier's trunk, then fits. ``kwargs`` go to the builder (ResNet:
+    ``replace_stride_with_dilation``, ``norm_layer``; VGG: ``dropout``).
     """
     if name not in NETWORK_BUILDERS:
         raise ValueError(f"unknown network {name!r}; choose from {', '.join(BACKBONE_NAMES)}")
     net = NETWORK_BUILDERS[name](num_classes, **kwargs)
     if weights is not None:
         head = "fc." if isinstance(net, resnet.ResNet) else "classifier.6."
-        load_weights(net, weights, arch=name, ignore=(head,) if num_classes != 1000 else ())
+        keep_head = classifier_head and num_classes == 1000
+        load_weights(net, weights, arch=name, ignore=() if keep_head else (head,))
     return net
 
 
