@@ -324,6 +324,12 @@ def in_fresh_process(args: argparse.Namespace, kind: str) -> dict:
 # ---- the table -------------------------------------------------------------------------------------------
 
 
+def _ratio_row(label: str, ours: float, ref: float, goal: str, *, digits: int = 1, ratio: str = ".2f"
+               ) -> tuple[str, str, str, str, str]:
+    """A report row of a measure taken for both, with ours / reference."""
+    return label, f"{ours:.{digits}f}", f"{ref:.{digits}f}", f"{ours / ref:{ratio}}x", goal
+
+
 def report(args: argparse.Namespace, found: dict[str, dict]) -> str:
     nan = float("nan")
     rows = [("measure", "visiondet", "reference", "ratio", "goal")]
@@ -331,26 +337,25 @@ def report(args: argparse.Namespace, found: dict[str, dict]) -> str:
         ours, ref = found["construct"]["ours"], found["construct"]["pycocotools"]
         grow = lambda r, key: r[key] - r["rss_before"]  # noqa: E731
         rows += [
-            ("(a) construction time (s)", f"{ours['seconds']:.1f}", f"{ref['seconds']:.1f}",
-             f"{ours['seconds'] / ref['seconds']:.2f}x", "<= 1.3x"),
-            ("(a) construction CPU time (s)", f"{ours.get('cpu', nan):.1f}", f"{ref.get('cpu', nan):.1f}",
-             f"{ours.get('cpu', nan) / ref.get('cpu', nan):.2f}x", "(load-independent)"),
-            ("(a) peak RSS growth (MB)", f"{grow(ours, 'peak'):.0f}", f"{grow(ref, 'peak'):.0f}",
-             f"{grow(ours, 'peak') / grow(ref, 'peak'):.2f}x", "<= 1.3x"),
-            ("(a) RSS growth kept (MB)", f"{grow(ours, 'rss_after'):.0f}", f"{grow(ref, 'rss_after'):.0f}",
-             f"{grow(ours, 'rss_after') / grow(ref, 'rss_after'):.2f}x", ""),
+            _ratio_row("(a) construction time (s)", ours["seconds"], ref["seconds"], "<= 1.3x"),
+            _ratio_row("(a) construction CPU time (s)", ours.get("cpu", nan), ref.get("cpu", nan),
+                       "(load-independent)"),
+            _ratio_row("(a) peak RSS growth (MB)", grow(ours, "peak"), grow(ref, "peak"), "<= 1.3x",
+                       digits=0),
+            _ratio_row("(a) RSS growth kept (MB)", grow(ours, "rss_after"), grow(ref, "rss_after"), "",
+                       digits=0),
             ("(a) RSS after / peak (MB)", f"{ours['rss_after']:.0f} / {ours['peak']:.0f}",
              f"{ref['rss_after']:.0f} / {ref['peak']:.0f}", "", "(whole process)"),
         ]
         if "cache_map" in found["construct"]:
             build, mapped = found["construct"]["cache_build"], found["construct"]["cache_map"]
             rows += [
-                ("(a) cache: first process builds (s)", f"{build['seconds']:.1f}", f"{ref['seconds']:.1f}",
-                 f"{build['seconds'] / ref['seconds']:.2f}x", "(writes the .npy files)"),
+                _ratio_row("(a) cache: first process builds (s)", build["seconds"], ref["seconds"],
+                           "(writes the .npy files)"),
                 ("(a) cache: other processes map (s)", f"{mapped['seconds']:.2f}", f"{ref['seconds']:.1f}",
                  f"{mapped['seconds'] / ref['seconds']:.3f}x", "(DDP ranks, later runs)"),
-                ("(a) cache: peak RSS growth (MB)", f"{grow(mapped, 'peak'):.0f}", f"{grow(ref, 'peak'):.0f}",
-                 f"{grow(mapped, 'peak') / grow(ref, 'peak'):.2f}x", "(mapped pages shared)"),
+                _ratio_row("(a) cache: peak RSS growth (MB)", grow(mapped, "peak"), grow(ref, "peak"),
+                           "(mapped pages shared)", digits=0),
             ]
     if "workers" in found:
         w = found["workers"]

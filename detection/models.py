@@ -451,15 +451,14 @@ def _build_rcnn(cfg: DetectorConfig, network: str, load_pretrained: bool) -> Two
             raise ValueError(f"{cfg.arch}: the head is fc6/fc7 on a 7x7 pool5 (rcnn.head: fc, "
                              "roi.output_size: 7)")
         trunk: nn.Module = VGGFeatures(net, [feature_map])
-        head: nn.Module = VGGBoxHead(net.classifier[0], net.classifier[3], cfg.roi.dropout)
+        head: nn.Module = _vgg_fc_head(net, cfg)
     else:
         feature_map = r.feature_map or "c4"
         trunk = ResNetFeatures(net, [feature_map])
         if r.head == "res5":
             if feature_map != "c4":
                 raise ValueError(f"rcnn.head res5 runs on the c4 map, got rcnn.feature_map {feature_map!r}")
-            res5 = convert_frozen_batchnorm(net.layer4) if cfg.frozen_bn else net.layer4
-            head = ResNetC4Head(res5, net.stage_channels[3])
+            head = _res5_head(net, cfg)
         else:
             channels = trunk.feature_info[feature_map].channels
             head = TwoMLPHead(channels * pool_size**2, cfg.roi.representation_size)
@@ -524,15 +523,13 @@ def _build_features(
     if body.layout == "vgg":
         net = build_network(body.network, weights=weights, classifier_head=False)
         trunk = VGGFeatures(net, ["conv5"])
-        fc6, fc7 = net.classifier[0], net.classifier[3]
         _freeze(trunk, cfg)
-        return trunk, lambda size: VGGBoxHead(fc6, fc7, cfg.roi.dropout), ["conv5"]
+        return trunk, lambda size: _vgg_fc_head(net, cfg), ["conv5"]
     net = build_network(body.network, weights=weights, classifier_head=False)
     if body.layout == "c4":
         trunk = ResNetFeatures(net, ["c4"])
-        res5 = convert_frozen_batchnorm(net.layer4) if cfg.frozen_bn else net.layer4
         _freeze(trunk, cfg)
-        return trunk, lambda size: ResNetC4Head(res5, net.stage_channels[3]), ["c4"]
+        return trunk, lambda size: _res5_head(net, cfg), ["c4"]
     trunk = ResNetFeatures(net, ["c2", "c3", "c4", "c5"])
     _freeze(trunk, cfg)
     backbone = BackboneWithFPN(trunk, ["c2", "c3", "c4", "c5"], cfg.fpn_channels, norm=body.v2)
@@ -548,6 +545,19 @@ def _build_features(
             return TwoMLPHead(channels * size * size, cfg.roi.representation_size)
 
     return backbone, head, roi_features
+
+
+def _vgg_fc_head(net: nn.Module, cfg: DetectorConfig) -> nn.Module:
+    """VGG-16's own fc6/fc7 (from its classifier, ImageNet-trained when the network is) as the per-region
+    head: Fast R-CNN's on RoI-pooled conv5, R-CNN's on each warped region's pool5."""
+    return VGGBoxHead(net.classifier[0], net.classifier[3], cfg.roi.dropout)
+
+
+def _res5_head(net: nn.Module, cfg: DetectorConfig) -> nn.Module:
+    """ResNet's res5 stage run per region (He et al., appendix A): the C4 models' head, and R-CNN's with
+    ``rcnn.head: res5``."""
+    res5 = convert_frozen_batchnorm(net.layer4) if cfg.frozen_bn else net.layer4
+    return ResNetC4Head(res5, net.stage_channels[3])
 
 
 def _freeze(trunk: nn.Module, cfg: DetectorConfig) -> None:

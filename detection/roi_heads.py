@@ -92,7 +92,7 @@ class RoIPooler(nn.Module):
                                self.sampling_ratio, self.aligned)
             if out is None:
                 out = pooled.new_zeros((rois.size(0), *pooled.shape[1:]))
-            out = out.scatter(0, picked.view(-1, 1, 1, 1).expand_as(pooled), pooled)
+            out.index_put_((picked,), pooled)  # in place: one result tensor, not a copy per level
         return out
 
 

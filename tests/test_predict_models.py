@@ -197,3 +197,33 @@ def test_segmentation_of_huge_images_enlarges_the_index_map(monkeypatch):
     # nearest enlargement of the 10 x 20 map: columns come in blocks of 3, the red half stays red
     assert (blocky.mask[:, :30] == 1).all() and (blocky.mask[:, 30:] == 0).all()
     assert (smooth.mask != blocky.mask).sum() <= 2 * 30
+
+
+def test_predictors_sharing_one_detector_keep_their_own_thresholds_when_run_at_once():
+    # What lets the demo drop its per-model lock: thresholds are arguments of each call, so two requests
+    # with different cuts on one loaded detector, in two threads, get exactly what each gets alone.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from apps import WEIGHTS_DIR
+    from apps.tasks import load_model
+
+    loaded = load_model(WEIGHTS_DIR / "faster_rcnn_shapes.pt")
+    scenes = sorted(WEIGHTS_DIR.glob("examples/scene_*.png"))
+    images = [np.array(Image.open(p).convert("RGB")) for p in scenes]
+    cuts = [dict(score_threshold=0.05, nms_threshold=0.9), dict(score_threshold=0.6, nms_threshold=0.2)]
+    predictors = [Predictor(loaded, "cpu", **cut) for cut in cuts]
+
+    def answers(i: int) -> list:
+        return [(r.boxes.tolist(), r.scores.tolist()) for r in predictors[i].predict(images)]
+
+    alone = [answers(0), answers(1)]
+    assert [len(r[0]) for r in alone[0]] != [len(r[0]) for r in alone[1]]  # the cuts do differ
+
+    def run(i: int) -> list:
+        return [answers(i) for _ in range(3)]
+
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(run, [0, 1]))
+    for i in (0, 1):
+        assert all(rounds == alone[i] for rounds in together[i])
+    assert loaded.model.thresholds == Thresholds(0.05, 0.5, 50)  # the configured cuts, never rewritten
