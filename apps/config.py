@@ -36,6 +36,7 @@ __all__ = [
     "save_config",
     "resolve_output_dir",
     "parse_duration",
+    "training_data_name",
 ]
 
 
@@ -64,6 +65,9 @@ class DataConfig:
     # a file that cannot be decoded: false ends the run with one line naming it (check the set with
     # `visiondet data check`); true skips it, lists it in <run>/skipped_images.txt and counts it
     skip_unreadable: bool = False
+    # the training data in a few words, as checkpoints (``trained_on``) and the demo show it; None: named
+    # from data.train's folders, e.g. "shapes_det (train)" (see training_data_name)
+    name: str | None = None
     options: Any = None  # the task's own options dataclass (Task.options_type), e.g. image size
 
 
@@ -126,6 +130,34 @@ class Experiment:
     resume: bool | str = False  # a run folder / last.pt to continue (true: the one in output_dir)
     # resuming with other data, model or schedule than the run's saved config.yaml is refused unless true
     resume_force: bool = False
+
+
+# folders that hold a split's files rather than name it (images/ beside annotations.json, VOC's JPEGImages)
+_CONTENT_FOLDERS = {"images", "imgs", "jpegimages", "masks", "annotations", "labels"}
+
+
+def training_data_name(data: DataConfig) -> str:
+    """``data.name``, else a readable name of the training split from its paths: the dataset folder and the
+    split, ``data/shapes_det/train/annotations.json`` -> ``"shapes_det (train)"``,
+    ``coco/annotations/instances_train2017.json`` -> ``"coco (instances_train2017)"``. Never a full path:
+    the demo shows it to anyone who opens the page."""
+    if data.name:
+        return data.name
+    split = data.train
+    source = split.annotations or split.root or split.images or split.masks
+    if not source:
+        return "unnamed data"
+    path = Path(source)
+    if path.suffix:  # a file: its folder names the split, unless it is a folder of annotation files
+        folder = path.parent
+        if folder.name.lower() in _CONTENT_FOLDERS:
+            return f"{folder.parent.name} ({path.stem})" if folder.parent.name else path.stem
+        if not folder.name:  # a file in the working folder
+            return path.stem
+        path = folder
+    if path.name.lower() in _CONTENT_FOLDERS and path.parent.name:
+        path = path.parent
+    return f"{path.parent.name} ({path.name})" if path.parent.name not in ("", ".") else path.name
 
 
 # ----------------------------------------------------------------------------------------------------------

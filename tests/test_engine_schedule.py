@@ -204,3 +204,13 @@ def test_a_budget_too_short_for_its_final_evaluation_says_so(tmp_path, clock):
     assert state["step"] == 3 and state["time_budget"]["elapsed"] == pytest.approx(6.0)  # 3 steps + 3 s
     log = (tmp_path / "short" / "train.log").read_text()
     assert log.count("no room left after step 3") == 1 and "may pass the budget" in log
+
+
+def test_a_budget_shortens_its_warm_up_without_a_warning(tmp_path, clock):
+    # no config can know how many steps a budget fits (the shipped tour config asks for 100 warm-up steps
+    # in about 400): the shortened warm-up is said once, as information, never as a warning on every run
+    train(build_experiment(budget_config(tmp_path, "quiet")))
+    lines = (tmp_path / "quiet" / "train.log").read_text().splitlines()
+    said = [line for line in lines if "warm-up shortened" in line]
+    assert len(said) == 1 and " INFO " in said[0]
+    assert not [line for line in lines if "WARNING" in line]

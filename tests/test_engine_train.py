@@ -9,10 +9,19 @@ import time
 
 import pytest
 import torch
+import yaml
 from test_engine_support import ToyDataset, ToyModelConfig, ToyNet, register_toy_task, toy_config
 from torch.utils.data import DataLoader
 
-from apps.config import ConfigError, build_experiment, load_config
+from apps.config import (
+    ConfigError,
+    DataConfig,
+    SplitConfig,
+    build_experiment,
+    load_config,
+    training_data_name,
+)
+from apps.demo.models import _trained_on as demo_data_line
 from apps.engine.checkpointing import load_finetune_weights
 from apps.engine.loader import IndexedCollate, SeededItems, epoch_batches, make_loader
 from apps.engine.logging import DataWait
@@ -226,3 +235,47 @@ def test_curves_keep_scores_on_their_own_axis_and_counts_apart(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert plot_curves(path, tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_run_folder_says_the_model_s_class_count_and_resumes_an_older_one(tmp_path):
+    # the config asks for 7 classes; the data has 2, which is what the model gets and the run must say
+    cfg = toy_config(tmp_path, epochs=1)
+    cfg["model"] = {"num_classes": 7}
+    train(build_experiment(cfg))
+    folder = tmp_path / "run"
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    last = load_checkpoint(folder / "last.pt")
+    assert saved["model"]["num_classes"] == 2 == last["model"]["num_classes"]
+    assert last["config"]["model"]["num_classes"] == 2
+    # a run folder written before (config.yaml saying 7) still resumes without --force
+    saved["model"]["num_classes"] = 7
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    result = train(build_experiment({**cfg, "resume": True}))
+    assert result.epochs_done == 1
+
+
+def test_checkpoints_name_the_training_data_for_the_demo(tmp_path):
+    cfg = toy_config(tmp_path, epochs=1)
+    cfg["data"]["train"] = {"images": "data/pets_det/train/images",
+                            "annotations": "data/pets_det/train/annotations.json"}
+    train(build_experiment(cfg))
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(tmp_path / "run" / name)
+        assert ckpt["trained_on"] == "pets_det (train)"
+        assert demo_data_line(ckpt) == ("pets_det (train)", False)  # what the demo's model line says
+
+    cfg["data"]["name"] = "my pets, March"
+    cfg["output_dir"] = str(tmp_path / "named")
+    train(build_experiment(cfg))
+    assert load_checkpoint(tmp_path / "named" / "last.pt")["trained_on"] == "my pets, March"
+
+
+@pytest.mark.parametrize(("split", "name"), [
+    ({"root": "data/shapes_cls/train"}, "shapes_cls (train)"),
+    ({"images": "coco/train2017", "annotations": "coco/annotations/instances_train2017.json"},
+     "coco (instances_train2017)"),
+    ({"images": "/srv/voc/VOC2012/JPEGImages"}, "voc (VOC2012)"),
+    ({"annotations": "labels.json"}, "labels"),
+])
+def test_the_training_data_name_is_the_dataset_folder_and_split(split, name):
+    assert training_data_name(DataConfig(train=SplitConfig(**split))) == name

@@ -19,8 +19,9 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("args", nargs="*", metavar="CONFIG [key=value ...]",
-                        help="experiment YAML file, then dotted overrides such as train.epochs=2 "
-                             "data.train.root=DIR output_dir=DIR device=cpu seed=1 resume=true weights=CKPT")
+                        help="experiment YAML file, then dotted overrides such as train.time_budget=20m "
+                             "train.batch_size=4 data.train.images=DIR output_dir=DIR device=cpu seed=1 "
+                             "weights=CKPT")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue the run in RUN_DIR (or a last.pt) with everything restored, with its "
                              "saved config.yaml (the same as the override resume=RUN_DIR)")

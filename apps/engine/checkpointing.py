@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 import yaml
 from torch import nn
 
-from apps.config import ConfigError, Experiment, build_experiment, to_dict
+from apps.config import ConfigError, Experiment, build_experiment, to_dict, training_data_name
 from apps.schema import migrate_renamed
 from apps.tasks import TASKS, get_task
 from vision.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint, save_checkpoint
@@ -91,6 +92,7 @@ def make_checkpoint(*, exp: Experiment, model_cfg: Any, classes: list[dict[str, 
         "model": to_dict(model_cfg),
         "classes": [dict(c) for c in classes],
         "preprocess": dict(preprocess),
+        "trained_on": training_data_name(exp.data),  # what the demo calls the model's data
         "state_dict": model.state_dict(),
         "ema_state_dict": ema_state,
         "config": to_dict(exp),
@@ -177,11 +179,15 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def resume_changes(run_dir: Path, exp: Experiment) -> list[str]:
+def resume_changes(run_dir: Path, exp: Experiment,
+                   as_trained: Callable[[Experiment], Experiment] | None = None) -> list[str]:
     """``"key: saved -> now"`` for every setting of ``exp`` that differs from the run's config.yaml and
-    is not free to change; a ConfigError naming them unless ``exp.resume_force``. Returns the changes."""
+    is not free to change; a ConfigError naming them unless ``exp.resume_force``. Returns the changes.
+    ``as_trained`` fills in what the data decides (num_classes) in the saved config as it was in ``exp``,
+    so a config.yaml written before it held those values compares equal."""
     try:
-        saved = to_dict(build_experiment(saved_config(run_dir)))
+        saved_exp = build_experiment(saved_config(run_dir))
+        saved = to_dict(as_trained(saved_exp) if as_trained is not None else saved_exp)
     except ConfigError as exc:
         raise ConfigError(f"resume: {Path(run_dir) / 'config.yaml'}: {exc}") from None
     before, now = _flat(saved), _flat(to_dict(exp))

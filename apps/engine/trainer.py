@@ -100,8 +100,14 @@ class _Trainer:
                        if exp.resume else None)
         data = self.task.build_datasets(exp)  # bad data is an error before the run folder exists
         exp, fitted = self.task.fit_to_data(exp, data)  # e.g. anchors fitted to the training boxes
+
+        def as_trained(e: Experiment) -> Experiment:  # model settings the data decides (num_classes)
+            return replace(e, model=self.task.model_config_for(e.model, data.classes))
+
+        exp = as_trained(exp)
         # a resumed run continues its config.yaml (as fitted): other data, model or schedule need resume_force
-        forced = ckpt_io.resume_changes(resume_path.parent, exp) if resume_path is not None else []
+        forced = (ckpt_io.resume_changes(resume_path.parent, exp, as_trained) if resume_path is not None
+                  else [])
         self.run_dir = self._make_run_dir(resume_path, runs_root)
         # what the run folder keeps (config.yaml, checkpoints): this run, as a fresh run would describe it
         self.exp = exp = replace(exp, output_dir=str(self.run_dir), resume=False, resume_force=False)
@@ -111,7 +117,7 @@ class _Trainer:
         ckpt_io.seed_everything(exp.seed + info.rank, deterministic=self.cfg.deterministic)
 
         self.train_ds, self.val_ds, self.classes = data.train, data.val, data.classes
-        self.model_cfg = self.task.model_config_for(exp.model, self.classes)
+        self.model_cfg = exp.model
         model = self.task.build_model(exp.model, self.classes, load_pretrained=resume_path is None)
         if self.cfg.unfreeze_at_epoch is not None and not hasattr(model, "unfreeze_backbone"):
             raise ConfigError(f"train.unfreeze_at_epoch: {type(model).__name__} has no unfreeze_backbone()")
@@ -407,8 +413,8 @@ class _Trainer:
             self.log.info(f"time budget: {b.step_s:.3g} s per step, {b.eval_s:.3g} s per evaluation "
                           f"({'measured' if b.eval_count else 'estimated'}): {total} optimizer steps "
                           f"({total / self.steps_per_epoch:.1f} epochs), warm-up {self.lr_plan.warmup_steps}")
-            if line := self.lr_plan.warmup_warning():
-                self.log.warning(line)
+            if line := self.lr_plan.warmup_warning():  # not a warning: no config can know the steps that fit
+                self.log.info(line)
         if total == self.step and b.seconds - b.elapsed(now) < b.eval_s + 2 * b.save_s:
             self.log.warning(f"time budget {_duration(b.seconds)}: no room left after step {self.step} "
                              f"(a step takes {b.step_s:.3g} s, an evaluation about {b.eval_s:.3g} s): the "
