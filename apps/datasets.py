@@ -19,6 +19,7 @@ from tqdm import tqdm
 from apps.data_anchors import anchor_check, anchor_report_dict, detector_config, format_anchor_report
 from vision.data import convert
 from vision.data.check import check_dataset
+from vision.data.check_folders import check_image_folder, check_mask_folder
 from vision.data.preview import make_preview, preview_dataset
 from vision.data.transforms import build_transforms
 
@@ -27,8 +28,11 @@ __all__ = ["CheckOptions", "ConvertOptions", "PreviewOptions", "run_check", "run
 
 @dataclass
 class CheckOptions:
-    annotations: str
-    images: str
+    annotations: str | None = None  # COCO JSON (with images)
+    images: str | None = None  # the COCO file's image folder, or the images of a mask folder
+    root: str | None = None  # an ImageFolder tree instead (classification)
+    masks: str | None = None  # a folder of <stem>.png index masks beside images (segmentation)
+    classes: str | None = None  # mask folders: names of labels 1..K (a classes.txt / data.yaml, or a,b,c)
     json: bool = False  # print the report as JSON
     headers_only: bool = False  # image headers only (fast; does not find truncated files)
     workers: int | None = None  # threads reading images (None: the CPUs)
@@ -37,19 +41,42 @@ class CheckOptions:
 
 
 def run_check(opts: CheckOptions) -> int:
-    """Validate a COCO dataset against its images and print the report; 1 when it found errors."""
-    if opts.anchors:  # a bad --config fails before the images are read
+    """Validate a dataset (COCO JSON and its images, class folders, or images with index masks) and print
+    the report; 1 when it found errors."""
+    layouts = [opts.annotations is not None, opts.root is not None, opts.masks is not None]
+    if sum(layouts) != 1 or (opts.root is None and opts.images is None):
+        raise ValueError("data check takes one dataset: --annotations with --images (COCO), --root (class "
+                         "folders) or --images with --masks (index masks)")
+    coco = opts.annotations is not None
+    if coco and opts.anchors:  # a bad --config fails before the images are read
         detector_config(opts.config)
     progress = lambda items: tqdm(items, desc="images", unit="img",  # noqa: E731
                                   disable=opts.json or not sys.stderr.isatty())
-    report = check_dataset(opts.annotations, opts.images, decode=not opts.headers_only, workers=opts.workers,
-                           progress=progress)
-    anchors = _anchors(opts) if opts.anchors else None
+    settings = {"decode": not opts.headers_only, "workers": opts.workers, "progress": progress}
+    if opts.root is not None:
+        report = check_image_folder(opts.root, **settings)
+    elif opts.masks is not None:
+        report = check_mask_folder(opts.images, opts.masks, _class_names(opts.classes), **settings)
+    else:
+        report = check_dataset(opts.annotations, opts.images, **settings)
+    anchors = _anchors(opts) if coco and opts.anchors else None
     if opts.json:
         print(json.dumps({**report.to_dict(), **({"anchors": anchors[1]} if anchors else {})}, indent=2))
     else:
         print(report.to_text() + (f"\n{anchors[0]}" if anchors else ""))
     return 0 if report.ok else 1
+
+
+def _class_names(spec: str | None) -> list[str] | None:
+    """``--classes``: a names file (classes.txt, data.yaml) or the names themselves, comma-separated."""
+    if spec is None:
+        return None
+    if Path(spec).is_file():
+        return convert.read_names(spec)
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"--classes {spec!r}: no class names (give a classes.txt file or a,b,c)")
+    return names
 
 
 def _anchors(opts: CheckOptions) -> tuple[str, dict[str, Any]] | None:

@@ -1,12 +1,13 @@
-"""A real-imagery detection development set, built offline from photographs that ship inside packages.
+"""The real-imagery development sets, built offline from photographs that ship inside packages.
 
-    python -m benchmarks.realset --out runs/realset --seed 0          # 800 train + 160 val images
+    python -m benchmarks.realset --out runs/realset --seed 0              # detection: 800 train + 160 val
+    python -m benchmarks.realset --task segmentation --out runs/realset_seg --seed 0
+    python -m benchmarks.realset --task classification --out runs/realset_cls --seed 0
 
 Real object crops (a cat's face, an espresso cup, a rocket, an astronaut, coins, handwritten digits, people's
-faces) are composited at 26-79 px into real photographs cropped, scaled and flipped to 256-480 px. The
-photos come from scikit-image's ``skimage/data`` folder, scikit-learn's sample images and digits, and the
-sample pictures matplotlib and gradio install. What makes it look like a user's data and not like the
-synthetic shapes set:
+faces) are composited at 26-79 px into real photographs cropped, scaled and flipped to 256-480 px
+(benchmarks/realset_sources.py says where each picture comes from). What makes it look like a user's data
+and not like the synthetic shapes set:
 
 - COCO JSON with non-contiguous category ids (3, 7, 12, ...), listed out of id order;
 - negative images (no object) in both splits, and unannotated distractors (real crops of things that are
@@ -14,8 +15,18 @@ synthetic shapes set:
 - a validation split on background photographs the training split never shows, and, where a source has
   many instances (coins, digits, faces), instances the training split never shows either.
 
-Each image entry carries ``background`` (the photo it was cut from) so the split's disjointness can be
-checked. Needs scikit-image (a dev/benchmark dependency: ``pip install -e .[dev]``).
+The three tasks' sets are the same composed scenes (same seed, same pictures), written three ways:
+
+- detection: ``{train,val}/images/*.jpg`` and ``{train,val}/annotations.json`` (COCO boxes). Each image
+  entry carries ``background`` (the photo it was cut from) so the split's disjointness can be checked.
+- segmentation: the same images and ``{train,val}/masks/<stem>.png`` (the VOC layout
+  vision/data/segfolder.py reads): each pixel the label of what covers it once the pastes are blended
+  (0 background, distractors included; 1..K the categories in id order, as ``classes.txt`` lists them),
+  255 (ignore) where no one source covers three quarters of it: the blended borders.
+- classification: ``{train,val}/<class>/*.jpg`` (the ImageFolder layout vision/data/folder.py reads):
+  crops of each object with context and a ``background`` class (benchmarks/realset_crops.py).
+
+Needs scikit-image (a dev/benchmark dependency: ``pip install -e .[dev]``).
 """
 
 from __future__ import annotations
@@ -23,11 +34,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+if __name__ == "__main__" and not __package__:  # run as a script: the repository root first on sys.path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.realset_sources import Patch, load_distractors, load_objects, load_photos  # noqa: E402
 
 # id -> name: the ids are deliberately sparse so label <-> category id mapping is exercised
 CATEGORIES: dict[int, str] = {
@@ -44,150 +61,50 @@ IMAGE_MIN, IMAGE_MAX = 256, 480  # a composite's longest side, px
 TRAIN_BACKGROUNDS = ("china", "brick", "grass", "hubble", "motorcycle", "tower", "retina", "cell")
 VAL_BACKGROUNDS = ("flower", "cheetah", "gravel", "moon", "ihc")
 COIN_TINTS = ((1.25, 0.9, 0.7), (1.2, 1.1, 0.7), (1.0, 1.0, 1.05))  # copper, brass, silver
+SOLID = 0.75  # segmentation: a pixel takes a label where one source covers at least this much of it
+IGNORE = 255
 
 
 @dataclass
-class Patch:
-    """An RGB crop and its alpha in [0, 1] (the object's silhouette, or a feathered rectangle)."""
+class Placed:
+    """One pasted patch: its category id (None: a distractor), its box (xyxy, alpha > 0.5), and the alpha
+    it was blended with, whose top-left corner lies at (x, y)."""
 
-    rgb: np.ndarray  # [h, w, 3] uint8
-    alpha: np.ndarray  # [h, w] float32
-    flippable: bool = True  # digits are not mirrored (a mirrored 3 is no digit)
-
-
-# ------------------------------------------------------------------------------------------------ sources
-
-
-def _package_dir(module: str) -> Path:
-    import importlib
-
-    return Path(importlib.import_module(module).__file__).parent
+    category: int | None
+    box: list[float]
+    alpha: np.ndarray
+    x: int
+    y: int
 
 
-def _skimage_file(name: str) -> Path:
-    try:
-        folder = _package_dir("skimage.data")
-    except ImportError as exc:
-        raise SystemExit(
-            "benchmarks.realset needs scikit-image (a dev dependency): pip install -e .[dev]"
-        ) from exc
-    return folder / name
+@dataclass
+class Scene:
+    """One composed image of a split and everything pasted into it, in pasting order."""
+
+    split: str
+    index: int
+    background: str  # the photograph it was cut from
+    canvas: np.ndarray  # [H, W, 3] uint8
+    placed: list[Placed]
+
+    @property
+    def file_stem(self) -> str:
+        return f"{self.split}_{self.index:05d}"
+
+    @property
+    def objects(self) -> list[Placed]:
+        """The annotated pastes (the categories'), not the distractors."""
+        return [p for p in self.placed if p.category is not None]
 
 
-def _photo(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise SystemExit(f"{path}: sample photograph missing (is the package that ships it installed?)")
-    return np.asarray(Image.open(path).convert("RGB"))
+def labels_of_categories() -> dict[int, int]:
+    """Category id -> label 1..K in id order (as vision.data.coco maps a COCO file's ids)."""
+    return {cid: i + 1 for i, cid in enumerate(sorted(CATEGORIES))}
 
 
-def _photos() -> dict[str, np.ndarray]:
-    """Background photographs by name (grayscale ones become three equal channels)."""
-    sk = lambda name: _photo(_skimage_file(name))  # noqa: E731
-    sklearn_images = _package_dir("sklearn.datasets") / "images"
-    gradio_images = _package_dir("gradio") / "media_assets" / "images"
-    return {
-        "china": _photo(sklearn_images / "china.jpg"),
-        "flower": _photo(sklearn_images / "flower.jpg"),
-        "brick": sk("brick.png"),
-        "grass": sk("grass.png"),
-        "gravel": sk("gravel.png"),
-        "hubble": sk("hubble_deep_field.jpg"),
-        "motorcycle": sk("motorcycle_left.png"),
-        "retina": sk("retina.jpg"),
-        "cell": sk("cell.png"),
-        "moon": sk("moon.png"),
-        "ihc": sk("ihc.png"),
-        "tower": _photo(gradio_images / "tower.jpg"),
-        "cheetah": _photo(gradio_images / "cheetah.jpg"),
-    }
-
-
-def _feathered(rgb: np.ndarray, border: int = 3) -> Patch:
-    """A rectangular crop whose edges fade over ``border`` px, so no hard seam outlines it."""
-    h, w = rgb.shape[:2]
-    ramp = lambda n: np.minimum(np.arange(n) + 1, np.arange(n)[::-1] + 1) / border  # noqa: E731
-    alpha = np.clip(np.minimum(ramp(h)[:, None], ramp(w)[None, :]), 0, 1).astype(np.float32)
-    return Patch(np.ascontiguousarray(rgb), alpha)
-
-
-def _coins() -> list[Patch]:
-    """The 24 coins of skimage's coins.png, each cut out by its own thresholded silhouette."""
-    from scipy import ndimage
-    from skimage.filters import sobel
-    from skimage.segmentation import watershed
-
-    gray = _photo(_skimage_file("coins.png"))[..., 0]
-    # the classic region-based segmentation of this photo: watershed on the edge map from sure markers
-    markers = np.zeros_like(gray, dtype=np.int32)
-    markers[gray < 30] = 1
-    markers[gray > 150] = 2
-    mask = ndimage.binary_fill_holes(watershed(sobel(gray), markers) == 2)
-    labels, _ = ndimage.label(mask)
-    patches = []
-    for sl in ndimage.find_objects(labels):
-        region = labels[sl] > 0
-        if region.shape[0] < 15 or region.shape[1] < 15:
-            continue
-        rgb = np.repeat(gray[sl][..., None], 3, axis=2)
-        patches.append(Patch(rgb, region.astype(np.float32)))
-    return patches
-
-
-def _digits() -> list[Patch]:
-    """scikit-learn's 1,797 real 8x8 handwritten digits as ink (alpha = darkness) of a random colour later."""
-    from sklearn.datasets import load_digits
-
-    images = load_digits().images  # [N, 8, 8] in 0..16
-    patches = []
-    for img in images:
-        alpha = (img / 16.0).astype(np.float32)
-        rows, cols = np.nonzero(alpha > 0.5)  # the box's own threshold
-        alpha = alpha[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-        patches.append(Patch(np.zeros((*alpha.shape, 3), np.uint8), alpha, flippable=False))
-    return patches
-
-
-def _lfw() -> tuple[list[Patch], list[Patch]]:
-    """skimage's LFW subset: 100 faces of people and 100 non-face patches (25x25 grayscale)."""
-    data = np.load(_skimage_file("lfw_subset.npy"))  # [200, 25, 25] floats in 0..1, faces first
-    rgb = [np.repeat((d * 255).astype(np.uint8)[..., None], 3, axis=2) for d in data]
-    return [_feathered(r, 2) for r in rgb[:100]], [_feathered(r, 2) for r in rgb[100:]]
-
-
-def _objects() -> dict[int, list[Patch]]:
-    """Every class's instances: category id -> patches."""
-    sk = lambda name: _photo(_skimage_file(name))  # noqa: E731
-    crop = lambda img, x0, y0, x1, y1: _feathered(img[y0:y1, x0:x1])  # noqa: E731
-    faces, _ = _lfw()
-    return {
-        3: [crop(sk("chelsea.png"), 95, 15, 400, 300)],
-        7: [crop(sk("coffee.png"), 170, 10, 432, 305)],
-        12: [crop(sk("rocket.jpg"), 288, 120, 362, 422)],
-        18: [crop(sk("astronaut.png"), 40, 10, 380, 470)],
-        25: _coins(),
-        31: _digits(),
-        44: faces,
-    }
-
-
-def _distractors() -> list[Patch]:
-    """Real things that are not classes; pasted like objects, never annotated."""
-    sk = lambda name: _photo(_skimage_file(name))  # noqa: E731
-    gradio_images = _package_dir("gradio") / "media_assets" / "images"
-    mpl = _package_dir("matplotlib") / "mpl-data" / "sample_data"
-    horse = np.asarray(Image.open(_skimage_file("horse.png")).convert("L")) < 128
-    _, non_faces = _lfw()
-    present = np.asarray(Image.open(mpl / "Minduka_Present_Blue_Pack.png").convert("RGBA"))
-    return [
-        _feathered(_photo(gradio_images / "lion.jpg")[20:220, 30:230]),
-        Patch(np.full((*horse.shape, 3), 60, np.uint8), horse.astype(np.float32)),
-        _feathered(sk("clock_motion.png")[40:260, 80:330]),
-        _feathered(sk("camera.png")[30:300, 150:400]),
-        _feathered(sk("text.png")[:, :220]),
-        _feathered(sk("chessboard_RGB.png")),
-        Patch(present[..., :3].copy(), present[..., 3].astype(np.float32) / 255),
-        *non_faces[:60],
-    ]
+def segmentation_classes() -> list[str]:
+    """The names of labels 1..K of the segmentation masks (``data.options.classes``)."""
+    return [CATEGORIES[cid] for cid in sorted(CATEGORIES)]
 
 
 # ---------------------------------------------------------------------------------------------- composing
@@ -253,8 +170,9 @@ def _overlaps(box: list[float], boxes: list[list[float]], limit: float = 0.15) -
 
 def _paste(
     rng: np.random.Generator, canvas: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, taken: list[list[float]]
-) -> list[float] | None:
-    """Blend the patch in at a random free place; its box (xyxy), or None if no free place was found."""
+) -> tuple[list[float], int, int] | None:
+    """Blend the patch in at a random free place; its box (xyxy) and top-left corner, or None if no free
+    place was found."""
     h, w = alpha.shape
     H, W = canvas.shape[:2]
     if h >= H or w >= W:
@@ -267,7 +185,7 @@ def _paste(
         region = canvas[y : y + h, x : x + w].astype(np.float32)
         a = alpha[..., None]
         canvas[y : y + h, x : x + w] = np.clip(a * rgb + (1 - a) * region, 0, 255).astype(np.uint8)
-        return box
+        return box, x, y
     return None
 
 
@@ -277,25 +195,28 @@ def _compose(
     objects: dict[int, list[Patch]],
     distractors: list[Patch],
     negative: bool,
-) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
+) -> tuple[np.ndarray, list[Placed]]:
     canvas = _background(rng, photo)
     taken: list[list[float]] = []
-    anns: list[tuple[int, list[float]]] = []
+    placed: list[Placed] = []
     ids = sorted(objects)
     for _ in range(0 if negative else int(rng.integers(1, 7))):
         category = ids[int(rng.integers(len(ids)))]
         pool = objects[category]
         rgb, alpha = _prepare(rng, pool[int(rng.integers(len(pool)))], category)
-        box = _paste(rng, canvas, rgb, alpha, taken)
-        if box is not None:
+        where = _paste(rng, canvas, rgb, alpha, taken)
+        if where is not None:
+            box, x, y = where
             taken.append(box)
-            anns.append((category, box))
+            placed.append(Placed(category, box, alpha, x, y))
     for _ in range(int(rng.integers(0, 3))):
         rgb, alpha = _prepare(rng, distractors[int(rng.integers(len(distractors)))], None)
-        box = _paste(rng, canvas, rgb, alpha, taken)
-        if box is not None:
+        where = _paste(rng, canvas, rgb, alpha, taken)
+        if where is not None:
+            box, x, y = where
             taken.append(box)  # later objects keep clear of it: an annotated box is never half covered
-    return canvas, anns
+            placed.append(Placed(None, box, alpha, x, y))
+    return canvas, placed
 
 
 def _split_instances(objects: dict[int, list[Patch]], val: bool) -> dict[int, list[Patch]]:
@@ -309,6 +230,83 @@ def _split_instances(objects: dict[int, list[Patch]], val: bool) -> dict[int, li
     return out
 
 
+SPLITS = (("train", TRAIN_BACKGROUNDS), ("val", VAL_BACKGROUNDS))
+
+
+def compose_scenes(split: str, count: int, *, seed: int = 0, negative_fraction: float = 0.1
+                   ) -> Iterator[Scene]:
+    """The ``count`` scenes of ``split`` ("train" or "val"), the same for every task given the same seed."""
+    names = dict(SPLITS)[split]
+    photos = load_photos()
+    rng = np.random.default_rng([seed, split == "val"])
+    pool = _split_instances(load_objects(), split == "val")
+    # split distractors too: the val set's non-class things are not the ones training saw as background
+    held = [d for i, d in enumerate(load_distractors()) if (i % 4 == 0) == (split == "val")]
+    num_negative = max(1, round(count * negative_fraction)) if count > 1 else 0
+    negatives = set(rng.choice(count, size=num_negative, replace=False).tolist())
+    for index in range(count):
+        name = names[index % len(names)]
+        canvas, placed = _compose(rng, photos[name], pool, held, index in negatives)
+        yield Scene(split, index, name, canvas, placed)
+
+
+def save_atomic(image: Image.Image, path: Path, **options: object) -> None:
+    """Write ``path`` whole or not at all (an interrupted build leaves no truncated file behind)."""
+    partial = path.with_name(f".{path.name}.partial")
+    image.save(partial, format="PNG" if path.suffix == ".png" else "JPEG", **options)
+    partial.replace(path)
+
+
+def _write_json(path: Path, data: object) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data))
+    partial.replace(path)
+
+
+def split_counts(num_train: int, num_val: int) -> list[tuple[str, int]]:
+    return [("train", num_train), ("val", num_val)]
+
+
+# --------------------------------------------------------------------------------------------- detection
+
+
+def _coco(split: str, seed: int, scenes: list[dict], annotations: list[dict]) -> dict:
+    return {
+        "info": {"description": f"visiondet real-imagery development set ({split}, seed {seed})"},
+        "images": scenes,
+        "annotations": annotations,
+        "categories": [{"id": i, "name": n, "supercategory": "object"} for i, n in CATEGORIES.items()],
+    }
+
+
+def _write_scenes(out: Path, split: str, count: int, seed: int, negative_fraction: float, *, masks: bool
+                  ) -> Path:
+    """``out/<split>/images/*.jpg`` and ``annotations.json`` (and ``masks/*.png``); the JSON's path."""
+    folder = out / split / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    if masks:
+        (out / split / "masks").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for scene in compose_scenes(split, count, seed=seed, negative_fraction=negative_fraction):
+        file_name = f"{scene.file_stem}.jpg"
+        save_atomic(Image.fromarray(scene.canvas), folder / file_name, quality=90)
+        if masks:
+            save_atomic(Image.fromarray(label_map(scene)), out / split / "masks" / f"{scene.file_stem}.png")
+        image_id = scene.index + 1
+        h, w = scene.canvas.shape[:2]
+        images.append({"id": image_id, "file_name": file_name, "width": w, "height": h,
+                       "background": scene.background})
+        for obj in scene.objects:
+            x0, y0, x1, y1 = obj.box
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": obj.category,
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+            })
+    path = out / split / "annotations.json"
+    _write_json(path, _coco(split, seed, images, annotations))
+    return path
+
+
 def build_realset(
     out: str | Path,
     *,
@@ -319,60 +317,82 @@ def build_realset(
 ) -> dict[str, Path]:
     """Write ``out/{train,val}/images/*.jpg`` and ``out/{train,val}/annotations.json``; their paths."""
     out = Path(out)
-    photos = _photos()
-    objects, distractors = _objects(), _distractors()
+    return {split: _write_scenes(out, split, count, seed, negative_fraction, masks=False)
+            for split, count in split_counts(num_train, num_val)}
+
+
+# ------------------------------------------------------------------------------------------ segmentation
+
+
+def label_map(scene: Scene, solid: float = SOLID) -> np.ndarray:
+    """``[H, W]`` uint8: each pixel's label once the pastes are blended as the canvas was (a later paste
+    covers ``alpha`` of what lay under it), 0 for the photograph and the distractors, 255 where no one
+    source covers ``solid`` of the pixel (the blended borders)."""
+    labels = labels_of_categories()
+    h, w = scene.canvas.shape[:2]
+    share = np.zeros((len(labels) + 1, h, w), np.float32)  # how much of each pixel each label's sources make
+    share[0] = 1.0
+    for p in scene.placed:
+        ph, pw = p.alpha.shape
+        region = share[:, p.y : p.y + ph, p.x : p.x + pw]
+        region *= 1.0 - p.alpha
+        region[labels.get(p.category, 0)] += p.alpha
+    out = share.argmax(axis=0).astype(np.uint8)
+    out[share.max(axis=0) < solid] = IGNORE
+    return out
+
+
+def build_segmentation_set(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    num_train: int = 800,
+    num_val: int = 160,
+    negative_fraction: float = 0.1,
+) -> dict[str, Path]:
+    """The detection set's images (and annotations.json) with ``out/{train,val}/masks/<stem>.png`` and
+    ``out/classes.txt`` (names of labels 1..K); the mask folders' paths."""
+    out = Path(out)
     paths = {}
-    for split, count, names in (("train", num_train, TRAIN_BACKGROUNDS), ("val", num_val, VAL_BACKGROUNDS)):
-        rng = np.random.default_rng([seed, split == "val"])
-        pool = _split_instances(objects, split == "val")
-        # split distractors too: the val set's non-class things are not the ones training saw as background
-        held = [d for i, d in enumerate(distractors) if (i % 4 == 0) == (split == "val")]
-        folder = out / split / "images"
-        folder.mkdir(parents=True, exist_ok=True)
-        images, annotations = [], []
-        num_negative = max(1, round(count * negative_fraction)) if count > 1 else 0
-        negatives = set(rng.choice(count, size=num_negative, replace=False).tolist())
-        for index in range(count):
-            name = names[index % len(names)]
-            canvas, anns = _compose(rng, photos[name], pool, held, index in negatives)
-            file_name = f"{split}_{index:05d}.jpg"
-            Image.fromarray(canvas).save(folder / file_name, quality=90)
-            image_id = index + 1
-            h, w = canvas.shape[:2]
-            images.append(
-                {"id": image_id, "file_name": file_name, "width": w, "height": h, "background": name}
-            )
-            for category, (x0, y0, x1, y1) in anns:
-                annotations.append({
-                    "id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
-                })
-        coco = {
-            "info": {"description": f"visiondet real-imagery development set ({split}, seed {seed})"},
-            "images": images,
-            "annotations": annotations,
-            "categories": [{"id": i, "name": n, "supercategory": "object"} for i, n in CATEGORIES.items()],
-        }
-        paths[split] = out / split / "annotations.json"
-        paths[split].write_text(json.dumps(coco))
+    for split, count in split_counts(num_train, num_val):
+        _write_scenes(out, split, count, seed, negative_fraction, masks=True)
+        paths[split] = out / split / "masks"
+    (out / "classes.txt").write_text("\n".join(segmentation_classes()) + "\n")
     return paths
 
+
+# ------------------------------------------------------------------------------------------------ command
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write train/ and val/ into")
+    parser.add_argument("--task", choices=["classification", "detection", "segmentation"],
+                        default="detection", help="COCO boxes (default), PNG masks or class folders of crops")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-train", type=int, default=800)
-    parser.add_argument("--num-val", type=int, default=160)
+    parser.add_argument("--num-train", type=int, default=800, help="composed training images")
+    parser.add_argument("--num-val", type=int, default=160, help="composed validation images")
     parser.add_argument("--negative-fraction", type=float, default=0.1, help="images without objects")
     args = parser.parse_args(argv)
-    paths = build_realset(
+    if args.task == "classification":
+        from benchmarks.realset_crops import build_classification_set  # it imports this module
+
+        build = build_classification_set
+    else:
+        build = build_realset if args.task == "detection" else build_segmentation_set
+    paths = build(
         args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
         negative_fraction=args.negative_fraction,
     )
     for split, path in paths.items():
-        coco = json.loads(path.read_text())
-        print(f"{split}: {len(coco['images'])} images, {len(coco['annotations'])} boxes -> {path}")
+        if args.task == "detection":
+            coco = json.loads(path.read_text())
+            print(f"{split}: {len(coco['images'])} images, {len(coco['annotations'])} boxes -> {path}")
+        elif args.task == "segmentation":
+            masks = len(list(path.glob("*.png")))
+            print(f"{split}: {masks} masks -> {path} (label names: {args.out / 'classes.txt'})")
+        else:
+            counts = {d.name: len(list(d.glob("*.jpg"))) for d in sorted(path.iterdir()) if d.is_dir()}
+            print(f"{split}: {sum(counts.values())} crops {counts} -> {path}")
     return 0
 
 

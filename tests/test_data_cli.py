@@ -142,3 +142,30 @@ def test_preview_classification_folder(tmp_path):
     root = tmp_path / "c" / "train"
     assert main(["data", "preview", "--root", str(root), "--out", str(out), "--num", "4"]) == 0
     assert np.asarray(Image.open(out)).shape == (256, 4 * 256, 3)
+
+
+def test_check_class_folders_and_index_masks(tmp_path, capsys):
+    """The folder layouts of classification and segmentation; one dataset per call."""
+    root = tmp_path / "cls"
+    assert main(["synth", "--task", "classification", "--out", str(root), "--num-images", "12"]) == 0
+    capsys.readouterr()
+    assert main(["data", "check", "--root", str(root / "train"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and [c["name"] for c in report["categories"]] == ["circle", "square", "triangle"]
+    assert sum(c["images"] for c in report["categories"]) == report["num_images"] > 0
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for stem, value in (("a", 1), ("b", 2)):
+        Image.fromarray(np.zeros((16, 20, 3), np.uint8)).save(images / f"{stem}.png")
+        Image.fromarray(np.full((16, 20), value, np.uint8)).save(masks / f"{stem}.png")
+    args = ["data", "check", "--images", str(images), "--masks", str(masks), "--json"]
+    assert main([*args, "--classes", "cat,dog"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(c["name"], c["instances"]) for c in report["categories"]] == [
+        ("background", 0), ("cat", 320), ("dog", 320), ("ignore", 0)]
+    assert main([*args, "--classes", "cat"]) == 1  # label 2 has no name: training would refuse it
+    assert json.loads(capsys.readouterr().out)["findings"][0]["code"] == "bad_mask_value"
+    assert main(["data", "check", "--root", str(root / "train"), "--masks", str(masks)]) == 2
+    assert "one dataset" in capsys.readouterr().err

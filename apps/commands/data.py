@@ -5,6 +5,8 @@ Examples::
     visiondet data check --annotations train.json --images train/          # report; exit 1 on errors
     visiondet data check --annotations train.json --images train/ --json   # the same, for scripts
     visiondet data check --annotations train.json --images train/ --config my_detector.yaml  # its anchors
+    visiondet data check --root train/                                      # class folders (classification)
+    visiondet data check --images train/images --masks train/masks --classes classes.txt   # index masks
     visiondet data convert --from voc --annotations VOC2012/Annotations --split ImageSets/Main/train.txt \\
         --out train.json
     visiondet data convert --from yolo --images images/train --labels labels/train --names data.yaml \\
@@ -26,9 +28,15 @@ from functools import partial
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
-    check = sub.add_parser("check", help="validate a COCO dataset against its images and print a report")
-    check.add_argument("--annotations", required=True, metavar="JSON", help="COCO instances JSON")
-    check.add_argument("--images", required=True, metavar="DIR", help="folder the file_name values refer to")
+    check = sub.add_parser("check", help="validate a dataset (COCO JSON, class folders or index masks) and "
+                           "print a report")
+    check.add_argument("--annotations", metavar="JSON", help="COCO instances JSON (with --images)")
+    check.add_argument("--images", metavar="DIR",
+                       help="folder the COCO file_name values refer to, or the images of --masks")
+    check.add_argument("--root", metavar="DIR", help="class folders instead: <root>/<class name>/<image>")
+    check.add_argument("--masks", metavar="DIR", help="<image stem>.png index masks (with --images)")
+    check.add_argument("--classes", metavar="FILE|NAMES",
+                       help="--masks: names of labels 1..K, a classes.txt/data.yaml file or a,b,c")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("--headers-only", action="store_true",
                        help="read image headers only (fast; does not find truncated files)")
@@ -74,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.data_command == "check":
         job = partial(datasets.run_check, datasets.CheckOptions(
-            args.annotations, args.images, json=args.json, headers_only=args.headers_only,
+            args.annotations, args.images, root=args.root, masks=args.masks, classes=args.classes,
+            json=args.json, headers_only=args.headers_only,
             workers=args.workers, config=args.config, anchors=not args.no_anchors))
     elif args.data_command == "convert":
         job = partial(datasets.run_convert, datasets.ConvertOptions(

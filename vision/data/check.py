@@ -53,6 +53,8 @@ class CheckReport:
     num_annotations: int = 0
     num_crowd: int = 0
     categories: list[dict[str, Any]] = field(default_factory=list)  # id, name, instances, images
+    instance_unit: str = "instances"  # what a category's "instances" count (mask folders: pixels)
+    totals: str | None = None  # the line of totals, where the layout is not COCO's
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -76,12 +78,13 @@ class CheckReport:
         lines = [
             f"Annotations: {self.annotations}",
             f"Images:      {self.images}",
-            f"{self.num_images} images, {self.num_annotations} annotations ({self.num_crowd} crowd), "
-            f"{len(self.categories)} categories",
+            self.totals or f"{self.num_images} images, {self.num_annotations} annotations ({self.num_crowd} "
+            f"crowd), {len(self.categories)} categories",
         ]
         if self.categories:
             width = max(len(str(c["name"])) for c in self.categories)
-            lines += ["", f"  {'id':>6}  {'name':<{width}}  {'instances':>9}  {'images':>6}"]
+            unit = self.instance_unit
+            lines += ["", f"  {'id':>6}  {'name':<{width}}  {unit:>9}  {'images':>6}"]
             lines += [
                 f"  {c['id']:>6}  {c['name']:<{width}}  {c['instances']:>9}  {c['images']:>6}"
                 for c in self.categories
