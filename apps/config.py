@@ -87,13 +87,14 @@ class TrainConfig:
     weight_decay: float = 1e-4
     norm_weight_decay: float = 0.0  # weight decay of normalisation layers and of every bias
     backbone_lr_mult: float = 1.0  # lr multiplier for parameters under the model's `backbone`
-    scheduler: Literal["constant", "step", "multistep", "cosine", "poly", "cyclic"] = "cosine"
+    scheduler: Literal["constant", "step", "multistep", "cosine", "poly", "cyclic", "onecycle"] = "cosine"
     step_size: int = 30  # step: epochs between decays
     milestones: list[int] = field(default_factory=list)  # multistep: epochs where lr *= gamma
     gamma: float = 0.1  # step, multistep
     power: float = 0.9  # poly
     min_lr_ratio: float = 0.0  # cosine, poly: final lr as a fraction of lr; cyclic: the cycle's low point
     cycle_epochs: float = 4.0  # cyclic: length of one full triangle (up and down)
+    pct_start: float = 0.3  # onecycle: the share of the run spent rising from lr / 25 to lr
     warmup_iters: int = 0  # linear warm-up over this many optimizer steps
     warmup_factor: float = 0.001  # warm-up starts at lr * warmup_factor
     amp: bool = False  # mixed precision (autocast) in amp_dtype, on CUDA or the CPU
@@ -297,6 +298,8 @@ def _check_values(exp: Experiment) -> None:
         raise ConfigError("train.nesterov: needs train.optimizer=sgd and train.momentum > 0")
     if sorted(t.milestones) != t.milestones:
         raise ConfigError(f"train.milestones: must be increasing, got {t.milestones}")
+    if not 0.0 < t.pct_start < 1.0:
+        raise ConfigError(f"train.pct_start: must be in (0, 1), got {t.pct_start}")
     if t.patience is not None and t.patience < 1:
         raise ConfigError(f"train.patience: must be >= 1 or null, got {t.patience}")
     if t.time_budget is not None:

@@ -233,6 +233,7 @@ class RPNConfig:
     anchor_sizes: list[list[float]] | Literal["auto"] | None = None
     aspect_ratios: list[float] | Literal["auto"] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # h / w
     conv_depth: int | None = None  # 3x3 convs in the head; None: 1 (2 for r50_fpn_v2, as torchvision)
+    norm: Literal["gn"] | None = None  # gn: GroupNorm after each of the head's 3x3 convs; None: no norm
     fg_iou_thresh: float = 0.7
     bg_iou_thresh: float = 0.3
     batch_size_per_image: int = 256  # anchors sampled per image for the loss
@@ -265,6 +266,10 @@ class RoIConfig:
     smooth_l1_beta: float = 1.0 / 9  # 0: L1
     representation_size: int = 1024  # FPN's two-layer MLP head
     dropout: float = 0.5  # VGG fc6/fc7 head
+    # FPN box heads (and R-CNN's ResNet fc head): gn puts GroupNorm after each fc of the MLP head (None: no
+    # norm), or in place of the BatchNorms of r50_fpn_v2's conv head (None: BatchNorm)
+    norm: Literal["gn"] | None = None
+    mlp_dropout: float = 0.0  # the same MLP heads: dropout after fc6 and fc7, in training only (0: none)
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
@@ -396,6 +401,9 @@ def build_detector(cfg: DetectorConfig, *, load_pretrained: bool = True) -> TwoS
     if kind == "rcnn":
         return _build_rcnn(cfg, _RCNN_NETWORKS[body_name], load_pretrained)
     body = _BODIES[body_name]
+    if body.layout != "fpn" and (cfg.roi.norm is not None or cfg.roi.mlp_dropout):
+        raise ValueError(f"roi.norm and roi.mlp_dropout are options of the FPN box heads; {cfg.arch}'s head "
+                         "has no place for them (roi.dropout is the VGG head's)")
     if "auto" in (cfg.rpn.anchor_sizes, cfg.rpn.aspect_ratios):
         raise ValueError("rpn.anchor_sizes / rpn.aspect_ratios 'auto' are fitted to the training data when "
                          "training starts; give numbers to build a model outside training")
@@ -461,7 +469,10 @@ def _build_rcnn(cfg: DetectorConfig, network: str, load_pretrained: bool) -> Two
             head = _res5_head(net, cfg)
         else:
             channels = trunk.feature_info[feature_map].channels
-            head = TwoMLPHead(channels * pool_size**2, cfg.roi.representation_size)
+            head = _mlp_head(channels * pool_size**2, cfg)
+    if not isinstance(head, TwoMLPHead) and (cfg.roi.norm is not None or cfg.roi.mlp_dropout):
+        raise ValueError(f"roi.norm and roi.mlp_dropout are options of the fc head; {cfg.arch}'s "
+                         f"{type(head).__name__} has no place for them")
     _freeze(trunk, cfg)
     cnn = RegionCNN(trunk, head, feature_map, pool_size, r.input_size)
     predictor = SVMPredictor(head.out_channels, cnn.pool_channels, cfg.num_classes, r.bbox.features)
@@ -494,7 +505,8 @@ def _build_rpn(
     anchors = AnchorGenerator(anchor_sizes, [cfg.rpn.aspect_ratios])
     channels = {backbone.feature_info[n].channels for n in names}
     conv_depth = cfg.rpn.conv_depth or (2 if cfg.arch.endswith("_v2") else 1)
-    head = RPNHead(channels.pop(), anchors.num_anchors_per_location()[0], conv_depth=conv_depth)
+    head = RPNHead(channels.pop(), anchors.num_anchors_per_location()[0], conv_depth=conv_depth,
+                   norm=cfg.rpn.norm)
     r = cfg.rpn
     return RegionProposalNetwork(
         anchors,
@@ -538,13 +550,19 @@ def _build_features(
     if body.v2:
 
         def head(size: int) -> nn.Module:
-            return ConvFCHead(channels, size, [256, 256, 256, 256], [cfg.roi.representation_size])
+            return ConvFCHead(channels, size, [256, 256, 256, 256], [cfg.roi.representation_size],
+                              norm=cfg.roi.norm or "bn")
     else:
 
         def head(size: int) -> nn.Module:
-            return TwoMLPHead(channels * size * size, cfg.roi.representation_size)
+            return _mlp_head(channels * size * size, cfg)
 
     return backbone, head, roi_features
+
+
+def _mlp_head(in_features: int, cfg: DetectorConfig) -> TwoMLPHead:
+    return TwoMLPHead(in_features, cfg.roi.representation_size, norm=cfg.roi.norm,
+                      dropout=cfg.roi.mlp_dropout)
 
 
 def _vgg_fc_head(net: nn.Module, cfg: DetectorConfig) -> nn.Module:

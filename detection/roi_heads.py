@@ -25,6 +25,7 @@ from torchvision.ops import (
 from detection.boxes import BalancedPositiveNegativeSampler, BoxCoder, Matcher, ignore_crowd
 from detection.rpn import box_regression_loss
 from detection.structures import Detections, Thresholds
+from vision.layers import group_norm
 
 POOLER_KINDS = ("pool", "align", "multiscale")
 
@@ -110,17 +111,34 @@ def fpn_levels(boxes: Tensor, min_level: int, max_level: int, *, canonical_size:
 
 
 class TwoMLPHead(nn.Module):
-    """FPN box head: flatten, fc6, ReLU, fc7, ReLU (two 1024-d layers in the FPN paper)."""
+    """FPN box head: flatten, fc6, ReLU, fc7, ReLU (two 1024-d layers in the FPN paper).
 
-    def __init__(self, in_features: int, representation_size: int = 1024) -> None:
+    Two options the ablation studies toggle, off by default (the paper's head): ``norm="gn"`` puts a
+    GroupNorm after each fc, before its ReLU; ``dropout`` > 0 drops features after each ReLU while training
+    (``nn.Dropout``: nothing at evaluation). Neither adds state to the head when off, so checkpoints of the
+    plain head load unchanged."""
+
+    def __init__(
+        self, in_features: int, representation_size: int = 1024, *, norm: str | None = None,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
+        if norm not in (None, "gn"):
+            raise ValueError(f"box head norm must be 'gn' or None, got {norm!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"box head dropout must be in [0, 1), got {dropout}")
         self.fc6 = nn.Linear(in_features, representation_size)
         self.fc7 = nn.Linear(representation_size, representation_size)
+        gn = norm == "gn"
+        self.norm6 = group_norm(representation_size) if gn else nn.Identity()
+        self.norm7 = group_norm(representation_size) if gn else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.out_channels = representation_size
 
     def forward(self, x: Tensor) -> Tensor:
         """[R, C, S, S] -> [R, representation_size]."""
-        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)), inplace=True)), inplace=True)
+        x = self.dropout(F.relu(self.norm6(self.fc6(x.flatten(1))), inplace=True))
+        return self.dropout(F.relu(self.norm7(self.fc7(x)), inplace=True))
 
 
 class VGGBoxHead(nn.Module):
@@ -160,17 +178,20 @@ class ResNetC4Head(nn.Module):
 class ConvFCHead(nn.Module):
     """Convs (3x3, BatchNorm, ReLU) then FC layers with ReLU: the box head of torchvision's v2 model
     (4 x 256 convs + one 1024 FC), from "Benchmarking detection transfer learning with vision
-    transformers" (Li et al., 2021)."""
+    transformers" (Li et al., 2021). ``norm="gn"``: GroupNorm in place of the BatchNorms."""
 
     def __init__(
-        self, in_channels: int, resolution: int, conv_dims: Sequence[int], fc_dims: Sequence[int]
+        self, in_channels: int, resolution: int, conv_dims: Sequence[int], fc_dims: Sequence[int],
+        *, norm: str = "bn",
     ) -> None:
         super().__init__()
+        if norm not in ("bn", "gn"):
+            raise ValueError(f"conv head norm must be 'bn' or 'gn', got {norm!r}")
         convs: list[nn.Module] = []
         for dim in conv_dims:
             convs += [
                 nn.Conv2d(in_channels, dim, 3, padding=1, bias=False),
-                nn.BatchNorm2d(dim),
+                nn.BatchNorm2d(dim) if norm == "bn" else group_norm(dim),
                 nn.ReLU(inplace=True),
             ]
             in_channels = dim

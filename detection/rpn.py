@@ -18,16 +18,25 @@ from detection.anchors import AnchorGenerator
 from detection.boxes import FOREGROUND, BalancedPositiveNegativeSampler, BoxCoder, Matcher, ignore_crowd
 from detection.structures import Proposals, ProposalStages
 from detection.transform import ImageBatch
+from vision.layers import group_norm
 
 
 class RPNHead(nn.Module):
     """A 3x3 conv (the paper's "sliding window") + ReLU, then sibling 1x1 convs: objectness (A logits) and
-    box deltas (4A) per position. Shared by all levels. ``conv_depth`` 3x3 convs (2 in torchvision's v2)."""
+    box deltas (4A) per position. Shared by all levels. ``conv_depth`` 3x3 convs (2 in torchvision's v2);
+    ``norm="gn"`` puts a GroupNorm after each of them, before its ReLU (statistics per level and image)."""
 
-    def __init__(self, in_channels: int, num_anchors: int, *, conv_depth: int = 1) -> None:
+    def __init__(self, in_channels: int, num_anchors: int, *, conv_depth: int = 1, norm: str | None = None
+                 ) -> None:
         super().__init__()
+        if norm not in (None, "gn"):
+            raise ValueError(f"RPN head norm must be 'gn' or None, got {norm!r}")
         self.conv = nn.ModuleList(
             nn.Conv2d(in_channels, in_channels, 3, padding=1) for _ in range(conv_depth)
+        )
+        # no state when off: checkpoints of the plain head load unchanged
+        self.norm = nn.ModuleList(
+            group_norm(in_channels) if norm == "gn" else nn.Identity() for _ in range(conv_depth)
         )
         self.cls_logits = nn.Conv2d(in_channels, num_anchors, 1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 1)
@@ -40,8 +49,8 @@ class RPNHead(nn.Module):
         """L maps [N, C, H_l, W_l] -> objectness L x [N, A, H_l, W_l], deltas L x [N, 4A, H_l, W_l]."""
         objectness, deltas = [], []
         for x in features:
-            for conv in self.conv:
-                x = F.relu(conv(x), inplace=True)
+            for conv, norm in zip(self.conv, self.norm, strict=True):
+                x = F.relu(norm(conv(x)), inplace=True)
             objectness.append(self.cls_logits(x))
             deltas.append(self.bbox_pred(x))
         return objectness, deltas

@@ -7,6 +7,7 @@ Shapes: N images, C channels, H x W spatial size.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "FrozenBatchNorm2d", "Normalize", "convert_frozen_batchnorm",
-           "fold_conv_bn", "prepare_for_inference"]
+           "fold_conv_bn", "group_norm", "prepare_for_inference"]
 
 # Per-channel RGB statistics of ImageNet-1k for images in [0, 1]: the normalisation torchvision's published
 # weights were trained with, so every model config defaults to them (the one place they are written).
@@ -73,6 +74,13 @@ class FrozenBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
+
+
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm over ``channels`` in ``groups`` groups (Wu & He, 2018: 32), fewer where 32 does not divide
+    the channels (the greatest common divisor): statistics per sample, so they do not depend on the batch
+    size, which is why detection heads (a few images a batch) use it. Works on [N, C, H, W] and on [N, C]."""
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
 
 
 def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:

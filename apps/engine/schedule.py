@@ -1,9 +1,9 @@
 """Learning-rate schedules and time-budgeted training.
 
 The schedule is one function of the *progress fraction* ``t = step / total_steps``: an optional linear
-warm-up multiplied by step, multi-step, cosine, polynomial or cyclical (triangular) decay. It is applied
-through ``LambdaLR`` and stepped after every optimizer step. Because it depends on progress and not on a
-fixed length, ``total_steps`` can be re-laid while training runs: that is what ``train.time_budget`` does
+warm-up multiplied by step, multi-step, cosine, polynomial, cyclical (triangular) or one-cycle decay. It is
+applied through ``LambdaLR`` and stepped after every optimizer step. Because it depends on progress and not
+on a fixed length, ``total_steps`` can be re-laid while training runs: that is what ``train.time_budget`` does
 (:class:`TimeBudget` measures the run's speed and says how many steps fit). Epoch positions (milestones,
 step_size, cycle_epochs) are fractions of ``train.epochs``: with a fixed number of epochs they fall exactly
 where they always did; under a time budget they stretch or shrink with the budgeted length.
@@ -19,7 +19,11 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from apps.config import TrainConfig
 
-__all__ = ["lr_factor", "fitted_warmup", "LrPlan", "build_scheduler", "plan_total_steps", "TimeBudget"]
+__all__ = ["ONECYCLE_START", "lr_factor", "fitted_warmup", "LrPlan", "build_scheduler", "plan_total_steps",
+           "TimeBudget"]
+
+# one-cycle's starting lr as a fraction of its peak: 1 / div_factor with torch's OneCycleLR default of 25
+ONECYCLE_START = 1.0 / 25
 
 
 def fitted_warmup(warmup_iters: int, total_steps: int) -> int:
@@ -38,7 +42,9 @@ def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int, total_steps: in
     ``e = t * epochs`` (the position in planned epochs). step: ``gamma ** (e // step_size)``; multistep:
     ``gamma ** (#milestones <= e)``; cosine: ``m + (1 - m) * (1 + cos(pi * t)) / 2`` and poly:
     ``m + (1 - m) * (1 - t) ** power`` with ``m = min_lr_ratio``; cyclic: a triangle from ``m`` up to 1 and
-    back every ``cycle_epochs`` (Smith, "Cyclical learning rates", 2017). Warm-up multiplies the first
+    back every ``cycle_epochs`` (Smith, "Cyclical learning rates", 2017); onecycle: a cosine rise from
+    ``ONECYCLE_START`` to 1 over the first ``pct_start`` of the run, then a cosine fall to ``m`` (Smith
+    and Topin, "Super-convergence", 2018; torch's ``OneCycleLR`` annealing). Warm-up multiplies the first
     ``fitted_warmup(warmup_iters, total_steps)`` steps by a factor rising linearly from ``warmup_factor``
     to 1.
     """
@@ -62,6 +68,12 @@ def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int, total_steps: in
         period = max(2, round(cfg.cycle_epochs * total / max(1, cfg.epochs)))
         x = (step % period) / period
         factor = m + (1.0 - m) * (1.0 - abs(2.0 * x - 1.0))
+    elif cfg.scheduler == "onecycle":
+        p = cfg.pct_start
+        if t < p:
+            factor = ONECYCLE_START + (1.0 - ONECYCLE_START) * 0.5 * (1.0 - math.cos(math.pi * t / p))
+        else:
+            factor = m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * (t - p) / (1.0 - p)))
     else:
         raise ValueError(f"train.scheduler: unknown scheduler {cfg.scheduler!r}")
     warmup = fitted_warmup(cfg.warmup_iters, total)

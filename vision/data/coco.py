@@ -34,6 +34,7 @@ from .cocofile import AnnotationError, format_ids, load_coco, safe_join, segment
 from .cocotable import read_coco_table
 from .images import ImageHeader, apply_orientation, exif_for_size, read_raw
 from .memory import pin_mmap_threshold
+from .mosaic import find_mosaic, mosaic_partners
 from .segfolder import MaskFolderSegmentation
 from .transforms import IGNORE_INDEX, augment, to_tensor
 
@@ -284,6 +285,9 @@ class CocoDetection(_CocoBase):
     ):
         super().__init__(images, annotations, transforms, keep_segmentations=with_masks, cache=cache)
         self.with_masks = with_masks
+        self._mosaic = find_mosaic(transforms)  # its other images come from this dataset (vision.data.mosaic)
+        if self._mosaic is not None and with_masks:
+            raise ValueError("transforms: Mosaic composes boxes only; it cannot carry instance masks")
         self.num_classes = self._check_num_classes(num_classes)
         if with_masks:
             self._check_segmentations(crowd_too=False)
@@ -311,14 +315,24 @@ class CocoDetection(_CocoBase):
             )
         return num_classes
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        record = self._record(index)
+    def _sample(self, record: _Record) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The decoded image with its boxes, labels, table rows and crowd boxes, before any transform."""
         image = self._read(record, need_exact_size=self.with_masks)
         height, width = image.shape[:2]
         boxes, labels, rows, crowd = record.boxes, record.labels, record.rows, record.crowd_boxes
         if (width, height) != (record.width, record.height):  # size mismatch, warned in _read
             boxes, labels, rows = _clip_boxes(boxes, labels, rows, width, height)
             crowd, _, _ = _clip_boxes(crowd, np.zeros(len(crowd), np.int64), record.crowd_rows, width, height)
+        return image, boxes, labels, rows, crowd
+
+    def _partner(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        image, boxes, labels, _, crowd = self._sample(self._record(index))
+        return image, boxes, labels, crowd
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        record = self._record(index)
+        image, boxes, labels, rows, crowd = self._sample(record)
+        height, width = image.shape[:2]
         masks = np.stack(self._masks(record, rows)) if self.with_masks and len(rows) else None
         if self.transforms is not None:
             image, boxes, labels, crowd, masks = self._augment(image, boxes, labels, crowd, masks)
@@ -345,16 +359,24 @@ class CocoDetection(_CocoBase):
         }
         if masks is not None:  # albumentations cannot stack an empty list of masks
             data["masks"] = masks
+        # every box's label and whether it is an object, by its index (a mosaic's other images' boxes after)
+        all_labels = data["labels"]
+        instance = np.arange(len(all_labels)) < m
+        if self._mosaic is not None:
+            partners = mosaic_partners(self._mosaic, len(self), len(all_labels), self._partner)
+            data[self._mosaic.metadata_key] = partners.items
+            all_labels = np.concatenate([all_labels, partners.labels])
+            instance = np.concatenate([instance, partners.instance])
         out = augment(self.transforms, **data)
         # albumentations hands label fields back as floats
         kept = np.asarray(out["indices"], dtype=np.int64).reshape(-1)
         out_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
-        is_instance = kept < m
+        is_instance = instance[kept]
         instances = kept[is_instance]
         new_masks = None
         if masks is not None:
             new_masks = np.ascontiguousarray(np.asarray(out["masks"])[instances], dtype=np.uint8)
-        return out["image"], out_boxes[is_instance], labels[instances], out_boxes[~is_instance], new_masks
+        return out["image"], out_boxes[is_instance], all_labels[instances], out_boxes[~is_instance], new_masks
 
 
 def _clip_boxes(boxes: np.ndarray, labels: np.ndarray, rows: np.ndarray, width: int, height: int):

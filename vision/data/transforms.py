@@ -31,6 +31,8 @@ import cv2
 import numpy as np
 import torch
 
+from .mosaic import find_mosaic
+
 # Box fields every detection pipeline carries: class labels and each box's index in the input list,
 # so per-instance masks and crowd flags can follow the boxes that survive a crop.
 BOX_LABEL_FIELDS = ("labels", "indices")
@@ -101,6 +103,10 @@ def build_transforms(
         transforms = _from_spec(spec, "transforms")
     if extra_boxes and not kind.boxes:
         raise ValueError(f"extra_boxes is for detection pipelines, not {task}")
+    if find_mosaic(transforms) is not None and (extra_boxes or not kind.boxes):
+        # its other images come from CocoDetection (vision.data.mosaic); nothing else supplies them
+        raise ValueError("Mosaic composes COCO detection samples with their boxes; it cannot carry "
+                         + (f"{', '.join(extra_boxes)}" if extra_boxes else f"{task} targets"))
     bbox_params = None
     if kind.boxes:
         bbox_params = A.BboxParams(
