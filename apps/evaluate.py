@@ -7,6 +7,7 @@ images and the counts are combined.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ from apps.config import ConfigError, SplitConfig
 from apps.engine import distributed as dist_utils
 from apps.engine.loader import Unreadable, eval_loader
 from apps.tasks import TASKS, get_task, load_model
+from vision.layers import prepare_for_inference
 
 __all__ = ["EvaluateOptions", "WithProgress", "evaluate", "run_evaluate"]
 
@@ -96,6 +98,8 @@ def evaluate(opts: EvaluateOptions) -> tuple[str, dict[str, float], Path]:
     info = dist_utils.init_distributed(opts.device)
     try:
         loaded = load_model(opts.weights, info.device, ema=not opts.raw)
+        # the model `visiondet predict` runs (batch norms folded): both give the same outputs
+        loaded = dataclasses.replace(loaded, model=prepare_for_inference(loaded.model))
         dataset = loaded.task.build_eval_dataset(split, loaded)
         skipped: list[Unreadable] = []
         check = "visiondet data check" + (f" --annotations {opts.annotations} --images {opts.images}"

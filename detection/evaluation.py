@@ -16,7 +16,7 @@ import contextlib
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ def evaluate_coco(
     *,
     classes: Sequence[dict] | None = None,
     backend: str = "auto",
+    image_ids: Collection[int] | None = None,
 ) -> dict[str, float]:
     """Box AP/AR of ``results`` (COCO result dicts) against ``ground_truth``.
 
@@ -85,12 +86,14 @@ def evaluate_coco(
     Args:
         backend: ``"faster"`` (faster-coco-eval), ``"pycocotools"`` (the reference) or ``"auto"`` (faster
             when installed, else pycocotools).
+        image_ids: score these images of the ground truth only (None: all). Evaluation passes the images
+            the model saw, so an image skipped as unreadable is neither a miss nor a negative.
     """
     if backend not in BACKENDS:
         raise EvaluationError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = "faster" if faster_available() else "pycocotools"
-    gt = load_ground_truth(ground_truth)
+    gt = _subset(load_ground_truth(ground_truth), image_ids)
     names = {c["id"]: c["name"] for c in gt.dataset.get("categories", [])}
     names.update({c["id"]: c["name"] for c in classes or []})
     _check_results(gt, results)
@@ -149,6 +152,22 @@ def _run_faster(gt: COCO, results: list[dict[str, Any]]) -> tuple[np.ndarray, np
         coco_eval.summarize()
     stats = coco_eval.stats[: len(METRIC_NAMES)]
     return stats, coco_eval.eval["precision"], [int(c) for c in coco_eval.params.catIds]
+
+
+def _subset(gt: COCO, image_ids: Collection[int] | None) -> COCO:
+    """``gt`` itself, or a copy holding only the images ``image_ids`` and their annotations."""
+    if image_ids is None:
+        return gt
+    keep = {int(i) for i in image_ids}
+    images = [im for im in gt.dataset.get("images", []) if im["id"] in keep]
+    if len(images) == len(gt.dataset.get("images", [])):
+        return gt
+    copy = COCO()
+    copy.dataset = {**gt.dataset, "images": images,
+                    "annotations": [a for a in gt.dataset.get("annotations", []) if a["image_id"] in keep]}
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints
+        copy.createIndex()
+    return copy
 
 
 def _renumbered(gt: COCO) -> COCO:

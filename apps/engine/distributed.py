@@ -28,6 +28,7 @@ __all__ = [
     "barrier",
     "all_reduce_sum",
     "all_gather_object",
+    "gather_object",
     "broadcast_object",
     "ShardSampler",
 ]
@@ -109,6 +110,16 @@ def all_gather_object(obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
+    """``[obj of rank 0, obj of rank 1, ...]`` on rank ``dst``, None on the others (pickled: plain data only;
+    unlike :func:`all_gather_object`, only ``dst`` holds everything)."""
+    if not _active():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
     return out
 
 

@@ -15,8 +15,10 @@ proposals are found by image (a file by image id or file name; selective search 
 cached on disk) before augmentation and moved with its boxes (detection.proposal_data), in the DataLoader
 workers.
 
-Evaluation runs the model over the validation split, maps every box back to the annotation file's pixels,
-and scores the results with pycocotools against that file: ``AP`` (AP@[.5:.95], the primary metric),
+Evaluation runs the model over the validation split one image per forward pass (as ``visiondet predict``,
+so both find the same boxes), maps every box back to the annotation file's pixels, gathers every rank's
+detections on rank 0 and scores them once there against that file (images skipped as unreadable are taken
+out of the ground truth and counted): ``AP`` (AP@[.5:.95], the primary metric),
 ``AP50``, ``AP75``, ``APs/m/l``, ``AR1/10/100``, ``ARs/m/l`` and ``AP/<class>``, ``AP50/<class>``.
 """
 
@@ -26,15 +28,16 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from apps.config import ConfigError, Experiment, SplitConfig, from_dict
 from apps.engine.checkpointing import make_checkpoint
-from apps.engine.distributed import all_gather_object
+from apps.engine.distributed import broadcast_object, gather_object
 from apps.engine.loader import eval_loader
 from apps.tasks import load_model
 from apps.tasks.base import Datasets, Task
@@ -253,27 +256,36 @@ class DetectionTask(Task):
     def evaluate(
         self, model: nn.Module, loader: Any, device: torch.device, classes: list[dict[str, Any]]
     ) -> dict[str, float]:
-        results: list[dict[str, Any]] = []
+        """COCO box AP of ``model`` on the loader's dataset: every rank detects on its shard, rank 0 alone
+        gathers the detections and scores them (one ground-truth load, one COCO evaluation), and every rank
+        returns rank 0's metrics. Images left out as unreadable (``skip_unreadable``) are removed from the
+        ground truth and counted as ``skipped_images``."""
+        parts = gather_object(self.detect(model, loader, device))
+        outcome = _score(parts, _unwrap(loader.dataset), classes) if parts is not None else None
+        outcome = broadcast_object(outcome)  # the other ranks wait here for rank 0's metrics, or its error
+        if isinstance(outcome, str):
+            raise ConfigError(outcome)
+        return outcome
+
+    def detect(self, model: nn.Module, loader: Any, device: torch.device) -> list[ImageDetections]:
+        """This rank's detections, one image per forward pass as in ``visiondet predict`` (in a batch, an
+        image's boxes would depend on its companions through the padding to a common size and batched
+        kernels' rounding), in the pixels the annotation file describes."""
+        found: list[ImageDetections] = []
         for images, targets in loader:
-            proposals = None
-            if targets and all("proposals" in t for t in targets):  # attached by the data pipeline
-                proposals = [t["proposals"].to(device) for t in targets]
-            outputs, _ = model([image.to(device) for image in images], proposals=proposals)
-            for image, target, det in zip(images, targets, outputs, strict=True):
+            for image, target in zip(images, targets, strict=True):
+                # proposals attached by the data pipeline (Fast R-CNN, R-CNN)
+                proposals = [target["proposals"].to(device)] if "proposals" in target else None
+                det = model([image.to(device)], proposals=proposals)[0][0]
                 # boxes back to the pixels the annotation file describes (the eval pipeline may resize)
                 orig_h, orig_w = (int(v) for v in target["orig_size"])
                 scale = torch.tensor(
                     [orig_w / image.shape[-1], orig_h / image.shape[-2]] * 2, device=det.boxes.device
                 )
-                det = Detections(det.boxes * scale, det.scores, det.labels)
-                results += detections_to_coco(int(target["image_id"]), det, classes)
-        results = [r for part in all_gather_object(results) for r in part]
-        try:
-            metrics = evaluate_coco(_unwrap(loader.dataset).annotations_path, results, classes=classes)
-        except EvaluationError as exc:
-            raise ConfigError(f"evaluation: {exc}") from exc
-        metrics["detections"] = float(len(results))
-        return metrics
+                boxes = (det.boxes * scale).float().cpu().numpy()
+                found.append(ImageDetections(int(target["image_id"]), boxes, det.scores.float().cpu().numpy(),
+                                             det.labels.cpu().numpy()))
+        return found
 
     def score_predictions(self, predictions: str, split: SplitConfig) -> dict[str, float]:
         if split.annotations is None:
@@ -284,7 +296,11 @@ class DetectionTask(Task):
             raise ConfigError(f"--predictions: {predictions}: {exc}") from exc
 
     def format_metrics(self, metrics: dict[str, float]) -> str:
-        return format_table(metrics)
+        table = format_table(metrics)
+        skipped = int(metrics.get("skipped_images", 0))
+        if skipped:  # scored without them: say so beside the numbers
+            table += f"\n{skipped} unreadable images skipped and left out of the ground truth"
+        return table
 
     # ---- after training ----------------------------------------------------------------------------------
 
@@ -315,6 +331,34 @@ class DetectionTask(Task):
         save_checkpoint(ckpt, run_dir / "final.pt")
         log(f"rcnn: the complete detector is {run_dir / 'final.pt'}")
         return metrics
+
+
+class ImageDetections(NamedTuple):
+    """One image's detections as ranks send them to rank 0 (numpy: compact when pickled)."""
+
+    image_id: int
+    boxes: np.ndarray  # float32 [D, 4] xyxy, the annotation file's pixels
+    scores: np.ndarray  # float32 [D]
+    labels: np.ndarray  # int64 [D] in 1..K
+
+
+def _score(parts: list[list[ImageDetections]], dataset: Any, classes: list[dict[str, Any]]
+           ) -> dict[str, float] | str:
+    """Rank 0: the metrics of every rank's detections, or the error message every rank raises."""
+    found = [d for part in parts for d in part]
+    seen = {d.image_id for d in found}
+    skipped = len(set(dataset.ids) - seen)  # unreadable images the loader left out
+    as_torch = lambda d: Detections(*(torch.from_numpy(a) for a in (d.boxes, d.scores, d.labels)))  # noqa: E731
+    results = [r for d in found for r in detections_to_coco(d.image_id, as_torch(d), classes)]
+    try:
+        metrics = evaluate_coco(dataset.annotations_path, results, classes=classes,
+                                image_ids=seen if skipped else None)
+    except EvaluationError as exc:
+        return f"evaluation: {exc}"
+    metrics["detections"] = float(len(results))
+    if skipped:
+        metrics["skipped_images"] = float(skipped)
+    return metrics
 
 
 def _external_proposals(model_cfg: DetectorConfig) -> bool:
