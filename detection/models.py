@@ -129,13 +129,15 @@ class TwoStageDetector(nn.Module):
         return isinstance(self.roi_heads, RCNNHeads)
 
     def train_later_stages(self, dataset: Dataset, stage_dir: Path, cfg: RCNNConfig,
-                           log: Callable[[str], None] = print) -> None:
+                           log: Callable[[str], None] = print, *, workers: int = 0,
+                           worker_init_fn: Callable[[int], None] | None = None) -> None:
         """R-CNN's stages after fine-tuning (detection.rcnn_stages: features, SVMs with hard negative
-        mining, ridge box regression) over ``dataset`` (items ``(image, target)``, not augmented), each
-        kept under ``stage_dir`` so an interrupted run continues; the results are loaded into this model."""
+        mining, ridge box regression) over ``dataset`` (items ``(image, target)``, not augmented, with their
+        ``proposals``; read by ``workers`` DataLoader processes), each kept under ``stage_dir`` so an
+        interrupted run continues; the results are loaded into this model."""
         if not self.has_later_stages:
             raise ValueError("this detector has no training stages after the training loop")
-        run_stages(self, dataset, stage_dir, cfg, log)
+        run_stages(self, dataset, stage_dir, cfg, log, workers=workers, worker_init_fn=worker_init_fn)
 
 
 @dataclass

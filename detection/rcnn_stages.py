@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
@@ -50,14 +50,23 @@ def _heads(detector: nn.Module) -> RCNNHeads:
     return heads
 
 
+def _item(items: list[Any]) -> Any:
+    return items[0]  # the DataLoader's batches of one, unwrapped (a module function: workers pickle it)
+
+
 @torch.no_grad()
-def extract_features(detector: nn.Module, dataset: Dataset, out_dir: Path, cfg: RCNNConfig, log: Log = print
-                     ) -> list[Path]:
+def extract_features(detector: nn.Module, dataset: Dataset, out_dir: Path, cfg: RCNNConfig, log: Log = print,
+                     *, workers: int = 0, worker_init_fn: Callable[[int], None] | None = None) -> list[Path]:
     """Stage 2: one file per training image with, for its ground-truth boxes then its proposals:
     ``fc7`` [B, D] (float16), ``labels`` [B] (class of ground-truth rows, 0 for proposals), ``overlaps``
     [B, K], ``ignored`` [B] (proposals at least ``ignore_iof_thresh`` inside a crowd region: never an SVM
     negative); and for proposals overlapping an object by >= ``bbox.min_iou``: ``reg_features`` (pool5 or
-    fc7), ``reg_targets`` [R, 4] deltas to that object and ``reg_labels`` [R]."""
+    fc7), ``reg_targets`` [R, 4] deltas to that object and ``reg_labels`` [R].
+
+    ``dataset`` items carry their proposals in ``target["proposals"]`` (image pixels), as fine-tuning read
+    them (``detection.proposal_data.ProposalDataset``: a file by image id, or selective search through the
+    same disk cache), decoded and looked up in ``workers`` DataLoader processes. Items without proposals get
+    the detector's own proposal source, in this process."""
     heads = _heads(detector)
     num_classes = heads.predictor.num_classes
     device = next(detector.parameters()).device
@@ -68,20 +77,25 @@ def extract_features(detector: nn.Module, dataset: Dataset, out_dir: Path, cfg: 
     if len(todo) < len(paths):
         log(f"rcnn features: {len(paths) - len(todo)} of {len(paths)} images already done, continuing")
     detector.eval()
-    for i in tqdm(todo, desc="rcnn features", unit="img", dynamic_ncols=True):
-        image, target = dataset[i]
-        batch, _, _ = detector.transform([image.to(device)])
+    items = DataLoader(Subset(dataset, todo), batch_size=1, collate_fn=_item, num_workers=workers,
+                       worker_init_fn=worker_init_fn if workers else None)
+    for i, (image, target) in zip(todo, tqdm(items, desc="rcnn features", unit="img", dynamic_ncols=True),
+                                  strict=True):
+        given = [target["proposals"].to(device)] if "proposals" in target else None
+        # ground truth, crowd regions and proposals into the detector's pixels alike
+        boxes_in = {k: target[k].to(device) for k in ("boxes", "labels", "crowd_boxes") if k in target}
+        batch, (scaled,), given = detector.transform([image.to(device)], [boxes_in], given)
         features = detector.backbone(batch.tensors)
-        (proposals,), _ = detector.proposal_generator(batch, features)
+        (proposals,), _ = detector.proposal_generator(batch, features, proposals=given)
         proposals = proposals.boxes
-        gt_boxes, gt_labels = target["boxes"].to(device), target["labels"].to(device)
+        gt_boxes, gt_labels = scaled["boxes"], scaled["labels"]
         boxes = torch.cat([gt_boxes, proposals])
         pool, fc7 = heads.region_features(features, [boxes], batch.image_sizes)
         overlaps = class_overlaps(boxes.cpu(), gt_boxes.cpu(), gt_labels.cpu(), num_classes)
         labels = torch.zeros(len(boxes), dtype=torch.int64)
         labels[: len(gt_boxes)] = gt_labels.cpu()
         ignored = torch.zeros(len(boxes), dtype=torch.bool)
-        crowd = target.get("crowd_boxes")
+        crowd = scaled.get("crowd_boxes")
         if crowd is not None and len(crowd) and len(proposals):
             iof = box_iof(proposals.cpu(), crowd.to(proposals).cpu()).max(dim=1).values
             ignored[len(gt_boxes):] = iof >= heads.ignore_iof_thresh
@@ -179,10 +193,12 @@ def fit_box_regressors(detector: nn.Module, paths: Sequence[Path], stage_dir: Pa
     predictor.set_box_regressors(fitted["weight"], fitted["bias"], float(fitted["scale"]))
 
 
-def run_stages(detector: nn.Module, dataset: Dataset, stage_dir: Path, cfg: RCNNConfig, log: Log = print
-               ) -> nn.Module:
-    """Stages 2-4 on a fine-tuned R-CNN over ``dataset`` (items ``(image, target)``, no augmentation)."""
-    paths = extract_features(detector, dataset, stage_dir / "features", cfg, log)
+def run_stages(detector: nn.Module, dataset: Dataset, stage_dir: Path, cfg: RCNNConfig, log: Log = print,
+               *, workers: int = 0, worker_init_fn: Callable[[int], None] | None = None) -> nn.Module:
+    """Stages 2-4 on a fine-tuned R-CNN over ``dataset`` (items ``(image, target)``, no augmentation, with
+    ``proposals`` in the targets; see :func:`extract_features`)."""
+    paths = extract_features(detector, dataset, stage_dir / "features", cfg, log, workers=workers,
+                             worker_init_fn=worker_init_fn)
     train_svms(detector, paths, stage_dir, cfg, log)
     if cfg.bbox.enabled:
         fit_box_regressors(detector, paths, stage_dir, cfg, log)

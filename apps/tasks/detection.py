@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from apps.config import ConfigError, Experiment, SplitConfig, from_dict
 from apps.engine.checkpointing import make_checkpoint
 from apps.engine.distributed import broadcast_object, gather_object
-from apps.engine.loader import eval_loader
+from apps.engine.loader import eval_loader, parent_bound_init
 from apps.tasks import load_model
 from apps.tasks.base import Datasets, Task
 from apps.tasks.inference.detection import DetectionInference
@@ -314,9 +314,13 @@ class DetectionTask(Task):
         loaded = load_model(finetuned, device, ema=True)
         model = loaded.model
         log(f"rcnn: training SVMs and box regressors on the features of {finetuned}")
-        train = CocoDetection(exp.data.train.images, exp.data.train.annotations,
-                              num_classes=len(loaded.classes))
-        model.train_later_stages(train, run_dir / "rcnn", exp.model.rcnn or RCNNConfig(), log)
+        # the stored training images with the proposals fine-tuning saw: the same lookup (a file by image id
+        # or name) or the same selective-search disk cache, in the DataLoader workers, never augmented
+        train = self._with_proposals(exp.data.train, "data.train", None, False, exp.data.options,
+                                     self.proposal_config(exp.model), self._max_proposals(exp.model),
+                                     default=False)
+        model.train_later_stages(train, run_dir / "rcnn", exp.model.rcnn or RCNNConfig(), log,
+                                 workers=exp.data.workers, worker_init_fn=parent_bound_init())
         metrics: dict[str, float] = {}
         if exp.data.val is not None:
             val = self.build_eval_dataset(exp.data.val, loaded)
