@@ -49,9 +49,10 @@ def _fine_tuned(exp, run: Path) -> None:
     classes = [dict(c) for c in task.build_datasets(exp).classes]
     model = task.build_model(exp.model, classes, load_pretrained=False)
     run.mkdir(parents=True)
-    save_checkpoint(make_checkpoint(exp=exp, model_cfg=task.model_config_for(exp.model, classes), classes=classes,
-                                    preprocess=task.preprocess(exp), model=model, ema_state=None, metrics={},
-                                    train_state=None), run / "last.pt")
+    model_cfg = task.model_config_for(exp.model, classes)
+    ckpt = make_checkpoint(exp=exp, model_cfg=model_cfg, classes=classes, preprocess=task.preprocess(exp),
+                           model=model, ema_state=None, metrics={}, train_state=None)
+    save_checkpoint(ckpt, run / "last.pt")
 
 
 def test_a_proposals_file_keyed_by_image_id_only_works_end_to_end(shapes, tmp_path):
