@@ -77,13 +77,15 @@ def evaluate(predict: Predict, images: Path, annotations: Path) -> dict[str, flo
                 results.append({"image_id": image_id, "category_id": category, "score": score,
                                 "bbox": [x0, y0, x1 - x0, y1 - y0]})
     if not results:
-        return {"AP": 0.0, "AP50": 0.0, "detections": 0}
+        return {"AP": 0.0, "AP50": 0.0, "AP_small": 0.0, "detections": 0}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_eval = COCOeval(gt, gt.loadRes(results), "bbox")
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
-    return {"AP": float(coco_eval.stats[0]), "AP50": float(coco_eval.stats[1]), "detections": len(results)}
+    # AP_small: objects under 32 x 32 px (COCO's "small"); -1 when the split has none
+    return {"AP": float(coco_eval.stats[0]), "AP50": float(coco_eval.stats[1]),
+            "AP_small": float(coco_eval.stats[3]), "detections": len(results)}
 
 
 # ------------------------------------------------------------------------------------ (a) the reference
@@ -194,8 +196,6 @@ def start_visiondet(
 def finish_visiondet(process: subprocess.Popen, data: Path, out: Path, start: float) -> dict[str, float]:
     import torch
 
-    from apps.tasks import load_model
-
     if process.wait() != 0:
         raise SystemExit(f"visiondet train failed (exit code {process.returncode}); its log is above")
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
@@ -204,15 +204,24 @@ def finish_visiondet(process: subprocess.Popen, data: Path, out: Path, start: fl
     budget = ckpt["train_state"].get("time_budget") or {}
     trained = (float(budget["elapsed"]) if "elapsed" in budget else time.perf_counter() - start) / 60
     batch = int(ckpt["config"]["train"]["batch_size"])
-    loaded = load_model(out / "last.pt", "cpu")
+    metrics = score_checkpoint(out / "last.pt", data)
+    return {**metrics, "steps": steps, "images": steps * batch, "minutes": trained}
+
+
+def score_checkpoint(path: Path, data: Path) -> dict[str, float]:
+    """A visiondet detector checkpoint scored on ``data``'s validation split by :func:`evaluate`."""
+    import torch
+
+    from apps.tasks import load_model
+
+    loaded = load_model(path, "cpu")
     model, classes = loaded.model.eval(), loaded.classes
 
     def predict(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         (det,), _ = model([image])
         return det.boxes, det.scores, [int(classes[int(label) - 1]["id"]) for label in det.labels]
 
-    metrics = evaluate(predict, data / "val" / "images", data / "val" / "annotations.json")
-    return {**metrics, "steps": steps, "images": steps * batch, "minutes": trained}
+    return evaluate(predict, data / "val" / "images", data / "val" / "annotations.json")
 
 
 # ------------------------------------------------------------------------------ step cost (CPU seconds)
