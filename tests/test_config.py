@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_engine_support import ToyModelConfig, ToyOptions, register_toy_task
+from support.engine import ToyModelConfig, ToyOptions, register_toy_task
 
 from apps.config import (
     ConfigError,
@@ -22,7 +22,7 @@ from apps.config import (
 def toy_task(monkeypatch):
     from apps.tasks import TASKS
 
-    monkeypatch.setitem(TASKS, "toy", TASKS.get("toy", "test_engine_support:ToyTask"))
+    monkeypatch.setitem(TASKS, "toy", TASKS.get("toy", "support.engine:ToyTask"))
     register_toy_task()
 
 

@@ -31,7 +31,7 @@ from apps.config import build_experiment
 from apps.engine.trainer import train
 from apps.tasks import get_task, load_model
 from detection.convert import load_torchvision_detector
-from detection.models import DetectorConfig, RoIConfig, RPNConfig, build_detector
+from detection.models import RoIConfig
 from detection.structures import Detections
 from vision.checkpoint import load_checkpoint
 from vision.data.synthetic import make_shapes
@@ -239,15 +239,6 @@ def test_a_gpu_trained_run_resumes_and_predicts_on_the_cpu(gpu_run, shapes, tmp_
 # ---- DDP over NCCL and a compiled backbone ---------------------------------------------------------------
 
 
-def _tiny_detector() -> nn.Module:
-    cfg = DetectorConfig(arch="faster_rcnn_r18_fpn", num_classes=3, frozen_bn=False,
-                         freeze_at=0, min_size=96, max_size=128, fpn_channels=32,
-                         rpn=RPNConfig(anchor_sizes=[[16], [32], [64], [128], [256]],
-                                       post_nms_top_n_train=64),
-                         roi=RoIConfig(representation_size=32, batch_size_per_image=32))
-    return build_detector(cfg, load_pretrained=False)
-
-
 def _batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 96, 128, generator=g).to(DEVICE) for _ in range(2)]
@@ -256,12 +247,11 @@ def _batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     return images, targets
 
 
-def test_ddp_over_nccl_gives_the_single_process_gradients(tmp_path, strict_fp32):
+def test_ddp_over_nccl_gives_the_single_process_gradients(tmp_path, strict_fp32, tiny_detector):
     backend = "nccl" if DEVICE == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
     try:
-        torch.manual_seed(0)
-        model = _tiny_detector().to(DEVICE).train()
+        model = tiny_detector(**TINY_R18, num_classes=3, seed=0).to(DEVICE).train()
         alone = copy.deepcopy(model)
         ddp = DistributedDataParallel(model, device_ids=[0] if DEVICE == "cuda" else None,
                                       find_unused_parameters=get_task("detection").find_unused_parameters)
@@ -285,9 +275,8 @@ def test_ddp_over_nccl_gives_the_single_process_gradients(tmp_path, strict_fp32)
         dist.destroy_process_group()
 
 
-def test_a_compiled_backbone_matches_eager_and_trains(strict_fp32):
-    torch.manual_seed(0)
-    model = _tiny_detector().to(DEVICE)
+def test_a_compiled_backbone_matches_eager_and_trains(strict_fp32, tiny_detector):
+    model = tiny_detector(**TINY_R18, num_classes=3, seed=0).to(DEVICE)
     eager = copy.deepcopy(model.backbone).eval()
     model.backbone.compile()  # in place: same module, same state-dict keys
     x = torch.rand(2, 3, 96, 128, device=DEVICE)

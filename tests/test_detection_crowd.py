@@ -20,8 +20,6 @@ from torch import nn
 from apps.tasks.detection import DetectionTask
 from detection.anchors import AnchorGenerator
 from detection.boxes import BACKGROUND, FOREGROUND, IGNORE, box_iof, ignore_crowd
-from detection.models import DetectorConfig, RoIConfig, build_detector
-from detection.rcnn import RCNNConfig
 from detection.rcnn_stages import _Negatives
 from detection.roi_heads import BoxPredictor, RoIHeads
 from detection.rpn import RegionProposalNetwork, RPNHead
@@ -106,12 +104,10 @@ def test_roi_sampling_ignores_background_proposals_inside_crowds():
     assert sorted(plain.tolist()) == [0, 0, 0, 0, 2, 2]  # b0 and b2 are background without the crowd
 
 
-def test_rcnn_finetuning_ignores_background_regions_inside_crowds():
-    torch.manual_seed(0)
-    cfg = DetectorConfig(arch="rcnn_r18", num_classes=2, backbone_weights=None, frozen_bn=False, freeze_at=0,
-                         roi=RoIConfig(output_size=2, representation_size=8),
-                         rcnn=RCNNConfig(feature_map="c4", input_size=32, context_padding=4, batch_size=64))
-    model = build_detector(cfg).train()
+def test_rcnn_finetuning_ignores_background_regions_inside_crowds(tiny_detector):
+    rcnn = {"feature_map": "c4", "input_size": 32, "context_padding": 4, "batch_size": 64}
+    model = tiny_detector("rcnn_r18", frozen_bn=False, freeze_at=0, rcnn=rcnn,
+                          roi={"output_size": 2, "representation_size": 8})
     seen = []
     model.roi_heads.cnn.head.register_forward_hook(lambda m, i, o: seen.append(len(o)))
     target = {"boxes": GT, "labels": torch.tensor([2]), "proposals": BOXES}

@@ -142,14 +142,12 @@ def test_bad_model_settings_are_config_errors(shapes, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["faster_rcnn_r18_c4", "fast_rcnn_r18_fpn"])
-def test_other_layouts_train_and_predict(arch):
+def test_other_layouts_train_and_predict(arch, tiny_detector):
     # C4 (res5 as box head, RoIAlign 14) and Fast R-CNN (external proposals) from the same parts
-    torch.manual_seed(0)
-    small_rpn = RPNConfig(post_nms_top_n_train=16, post_nms_top_n_test=16)
-    rpn = small_rpn if arch.startswith("faster") else RPNConfig()  # an rpn section is an error elsewhere
-    cfg = DetectorConfig(arch=arch, num_classes=2, frozen_bn=False, min_size=64, max_size=64, rpn=rpn,
-                         roi=RoIConfig(batch_size_per_image=16, representation_size=32))  # fmt: skip
-    model = build_detector(cfg)
+    external = arch.startswith("fast_rcnn")
+    rpn = None if external else {"post_nms_top_n_train": 16, "post_nms_top_n_test": 16}  # only with an RPN
+    model = tiny_detector(arch, frozen_bn=False, max_size=64, fpn_channels=256, rpn=rpn,
+                          roi={"batch_size_per_image": 16})
     images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
     targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([2])},
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]  # fmt: skip
@@ -157,7 +155,7 @@ def test_other_layouts_train_and_predict(arch):
         torch.tensor([[0.0, 0.0, 30.0, 30.0], [10, 10, 50, 44]]),
         torch.tensor([[4.0, 4.0, 20.0, 30.0]]),
     ]
-    given = proposals if arch.startswith("fast_rcnn") else None
+    given = proposals if external else None
     _, losses = model.train()(images, targets, given)
     expected = {"loss_classifier", "loss_box_reg"} | (
         {"loss_objectness", "loss_rpn_box_reg"} if not given else set()

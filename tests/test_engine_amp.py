@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_engine_support import CLASSES, ToyTask, register_toy_task, toy_config
+from support.engine import CLASSES, ToyTask, register_toy_task, toy_config
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -151,7 +151,7 @@ class LinearTask(ToyTask):
 
 @pytest.fixture
 def linear(monkeypatch):
-    monkeypatch.setitem(TASKS, "toy", "test_engine_support:ToyTask")
+    monkeypatch.setitem(TASKS, "toy", "support.engine:ToyTask")
     monkeypatch.setitem(TASKS, "linear", "test_engine_amp:LinearTask")
     register_toy_task()
     monkeypatch.setattr(LinearNet, "overflow_calls", set())

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from test_engine_support import ToyNet, ToyTask, register_toy_task, toy_config
+from support.engine import ToyNet, ToyTask, register_toy_task, toy_config
 from torch import nn
 
 from vision.checkpoint import load_checkpoint
@@ -27,7 +27,7 @@ ROOT = TESTS.parent
 WORKER = """
 import os, sys
 sys.path.insert(0, {tests!r})
-from test_engine_support import ToyTask, register_toy_task
+from support.engine import ToyTask, register_toy_task
 register_toy_task()
 from apps.cli import main
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_engine_support import ToyModelConfig, ToyNet
+from support.engine import ToyModelConfig, ToyNet
 from torch import nn
 
 from apps.config import TrainConfig

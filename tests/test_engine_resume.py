@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
-from test_engine_support import toy_config
+from support.engine import toy_config
 
 from vision.checkpoint import load_checkpoint
 
@@ -26,7 +26,7 @@ CHILD = """
 import json, os, signal, sys
 sys.path.insert(0, {tests!r})
 import torch
-from test_engine_support import ToyTask, register_toy_task
+from support.engine import ToyTask, register_toy_task
 register_toy_task()
 from apps.config import build_experiment
 from apps.engine.trainer import train
@@ -131,7 +131,7 @@ def test_checkpoint_minutes_makes_a_killed_first_epoch_resumable(tmp_path):
 def toy_run(tmp_path: Path, name: str, **train) -> tuple[Path, Path]:
     """A finished one-epoch toy run started from a config file; returns (config file, run folder)."""
     import yaml
-    from test_engine_support import register_toy_task
+    from support.engine import register_toy_task
 
     from apps.cli import main
 

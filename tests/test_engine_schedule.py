@@ -10,13 +10,11 @@ import json
 import math
 
 import pytest
-from test_engine_support import ToyTask, register_toy_task, toy_config
+from support.engine import Interrupt, budget_config
 
-import apps.engine.trainer
 from apps.config import ConfigError, TrainConfig, build_experiment, parse_duration
 from apps.engine.schedule import LrPlan, TimeBudget, fitted_warmup, lr_factor, plan_total_steps
 from apps.engine.trainer import train
-from apps.tasks import TASKS
 from vision.checkpoint import load_checkpoint
 
 
@@ -86,51 +84,6 @@ def test_the_budget_times_steps_after_the_first_and_estimates_evaluations():
     again.load_state_dict(state)
     again.start(500.0)
     assert again.elapsed(505.0) == 17.0 and again.step_s == 1.5 and again.eval_s == 3.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Interrupt(Exception):
-    pass
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    monkeypatch.setitem(TASKS, "toy", "test_engine_support:ToyTask")
-    register_toy_task()
-    fake = FakeClock()
-    monkeypatch.setattr(apps.engine.trainer, "clock", fake)
-    move_batch, evaluate = ToyTask.move_batch, ToyTask.evaluate
-    fake.batches, fake.interrupt_at = 0, None
-
-    def timed_move_batch(self, batch, device):
-        fake.batches += 1
-        if fake.batches == fake.interrupt_at:
-            raise Interrupt
-        fake.now += 1.0
-        return move_batch(self, batch, device)
-
-    def timed_evaluate(self, *args):
-        fake.now += 3.0
-        return evaluate(self, *args)
-
-    monkeypatch.setattr(ToyTask, "move_batch", timed_move_batch)
-    monkeypatch.setattr(ToyTask, "evaluate", timed_evaluate)
-    return fake
-
-
-def budget_config(tmp_path, name):
-    # 16 items / batch 4: 4 steps an epoch; 8 validation items: 2 evaluation batches
-    cfg = toy_config(tmp_path, epochs=1, time_budget="60s", scheduler="cosine", min_lr_ratio=0.1,
-                     warmup_iters=50, checkpoint_every=1)
-    cfg["output_dir"] = str(tmp_path / name)
-    return cfg
 
 
 def lr_by_step(folder):

@@ -1,4 +1,4 @@
-"""The training loop on the toy task (tests/test_engine_support.py), in this process: outputs of a run,
+"""The training loop on the toy task (tests/support/engine.py), in this process: outputs of a run,
 checkpoint format, non-finite losses, early stopping, accumulation, fine-tuning weights, data loading."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import yaml
-from test_engine_support import ToyDataset, ToyModelConfig, ToyNet, register_toy_task, toy_config
+from support.engine import ToyDataset, ToyModelConfig, ToyNet, register_toy_task, toy_config
 from torch.utils.data import DataLoader
 
 from apps.config import (
@@ -32,7 +32,7 @@ from vision.checkpoint import load_checkpoint, save_checkpoint
 
 @pytest.fixture(autouse=True)
 def toy_task(monkeypatch):
-    monkeypatch.setitem(TASKS, "toy", "test_engine_support:ToyTask")
+    monkeypatch.setitem(TASKS, "toy", "support.engine:ToyTask")
     register_toy_task()
 
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import children, survivors_after
+from support.processes import children, survivors_after
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,24 +7,17 @@ import torch
 from torchvision.ops import box_iou
 
 from detection.explain import detector_kind, explain
-from detection.models import DetectorConfig, RoIConfig, RPNConfig, build_detector
 from detection.proposals import ProposalSource
-from detection.rcnn import RCNNConfig
 from detection.structures import Thresholds
 
-
-def tiny_detector(arch: str, **roi) -> torch.nn.Module:
-    torch.manual_seed(0)
-    small_rpn = RPNConfig(pre_nms_top_n_test=200, post_nms_top_n_test=60)
-    rpn = small_rpn if arch.startswith("faster") else RPNConfig()  # an rpn section is an error elsewhere
-    cfg = DetectorConfig(arch=arch, num_classes=3, min_size=128, max_size=128, fpn_channels=16, rpn=rpn,
-                         roi=RoIConfig(representation_size=32, score_thresh=0.0, **roi))
-    return build_detector(cfg, load_pretrained=False).eval()
+# 128 px inputs (the anchors computed by hand below assume it), 3 classes, every score kept
+SMALL = {"num_classes": 3, "min_size": 128, "max_size": 128}
 
 
 @pytest.fixture(scope="module")
-def faster():
-    return tiny_detector("faster_rcnn_r18_fpn")
+def faster(tiny_detector):
+    rpn = {"pre_nms_top_n_test": 200, "post_nms_top_n_test": 60}
+    return tiny_detector("faster_rcnn_r18_fpn", **SMALL, rpn=rpn, roi={"score_thresh": 0.0}).eval()
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +74,8 @@ def test_rpn_stages_match_the_models_proposals_and_detections(faster, image):
     assert torch.equal(e.detections.labels, detections[0].labels)
 
 
-def test_fast_rcnn_with_given_proposals(image):
-    model = tiny_detector("fast_rcnn_r18_fpn", nms_thresh=0.3)
+def test_fast_rcnn_with_given_proposals(image, tiny_detector):
+    model = tiny_detector("fast_rcnn_r18_fpn", **SMALL, roi={"score_thresh": 0.0, "nms_thresh": 0.3}).eval()
     assert detector_kind(model) == "fast_rcnn"
     torch.manual_seed(2)
     xy = torch.rand(40, 2) * 40
@@ -113,13 +106,10 @@ class FixedBoxes(ProposalSource):
         return {"source": "fixed"}
 
 
-def test_rcnn_stages_and_detections():
-    torch.manual_seed(0)
-    cfg = DetectorConfig(arch="rcnn_r18", num_classes=2, frozen_bn=False, freeze_at=0,
-                         roi=RoIConfig(output_size=2, representation_size=16, score_thresh=0.0,
-                                       nms_thresh=0.3),
-                         rcnn=RCNNConfig(input_size=32, context_padding=4, region_batch=16))
-    model = build_detector(cfg, load_pretrained=False).eval()
+def test_rcnn_stages_and_detections(tiny_detector):
+    roi = {"output_size": 2, "representation_size": 16, "score_thresh": 0.0, "nms_thresh": 0.3}
+    model = tiny_detector("rcnn_r18", frozen_bn=False, freeze_at=0, roi=roi,
+                          rcnn={"input_size": 32, "context_padding": 4, "region_batch": 16}).eval()
     model.proposal_generator.source = FixedBoxes(
         torch.tensor([[0.0, 0.0, 20, 20], [2, 2, 22, 22], [30, 30, 60, 50]]))
     image = torch.rand(3, 64, 64)
@@ -153,8 +143,8 @@ def test_bad_calls(faster, image):
         faster.eval()
 
 
-def test_thresholds_of_the_call_reach_the_detections(image):
-    model = tiny_detector("fast_rcnn_r18_fpn")  # configured: score 0.0, NMS 0.5, 100 detections
+def test_thresholds_of_the_call_reach_the_detections(image, tiny_detector):
+    model = tiny_detector("fast_rcnn_r18_fpn", **SMALL, roi={"score_thresh": 0.0}).eval()  # NMS 0.5, 100 kept
     torch.manual_seed(2)
     xy = torch.rand(40, 2) * 40
     proposals = torch.cat([xy, xy + 8 + torch.rand(40, 2) * 16], dim=1)

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from apps import WEIGHTS_DIR
 from apps.cli import main
 from detection.export import DetectorGraph, detector_spec
-from detection.models import DetectorConfig, RoIConfig, build_detector
 from vision.export import (
     ExportError,
     GraphSpec,
@@ -28,15 +27,19 @@ from vision.export import (
 pytest.importorskip("onnxruntime", reason="the export extra: pip install 'visiondet[export]'")
 
 
-def tiny_detector(arch: str = "faster_rcnn_r18_fpn") -> nn.Module:
-    torch.manual_seed(0)
-    cfg = DetectorConfig(arch=arch, num_classes=3, backbone_weights=None, min_size=96, max_size=128,
-                         fpn_channels=32, roi=RoIConfig(representation_size=64, score_thresh=0.2))
-    model = build_detector(cfg).eval()
-    # spread the class scores of the random head (all near 1/4 otherwise, a tie at every detection)
-    nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.3)
-    nn.init.normal_(model.roi_heads.box_predictor.bbox_pred.weight, std=0.02)
-    return model
+@pytest.fixture
+def exportable(tiny_detector):
+    """The factory ``exportable(arch)``: a tiny detector whose random head spreads its class scores (all near
+    1/4 otherwise, a tie at every detection), in eval mode."""
+
+    def build(arch: str = "faster_rcnn_r18_fpn") -> nn.Module:
+        model = tiny_detector(arch, num_classes=3, min_size=96, max_size=128, fpn_channels=32,
+                              roi={"representation_size": 64, "score_thresh": 0.2}).eval()
+        nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.3)
+        nn.init.normal_(model.roi_heads.box_predictor.bbox_pred.weight, std=0.02)
+        return model
+
+    return build
 
 
 def eager(model: nn.Module, image: Tensor, proposals: Tensor | None = None):
@@ -46,8 +49,8 @@ def eager(model: nn.Module, image: Tensor, proposals: Tensor | None = None):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_faster_rcnn_export_any_image_size(tmp_path, fmt):
-    model = tiny_detector()
+def test_faster_rcnn_export_any_image_size(tmp_path, fmt, exportable):
+    model = exportable()
     spec = detector_spec(model, {"classes": ["a", "b", "c"]})
     report = export_graph(spec, tmp_path / f"det.{fmt}", fmt)
     assert len(report.checks) == 3 and report.path.is_file()
@@ -62,8 +65,8 @@ def test_faster_rcnn_export_any_image_size(tmp_path, fmt):
         assert float(boxes[:, 2].max()) <= image.shape[2] and float(boxes[:, 3].max()) <= image.shape[1]
 
 
-def test_fast_rcnn_export_takes_proposals(tmp_path):
-    model = tiny_detector("fast_rcnn_r18_fpn")
+def test_fast_rcnn_export_takes_proposals(tmp_path, exportable):
+    model = exportable("fast_rcnn_r18_fpn")
     report = export_graph(detector_spec(model, {}), tmp_path / "fast.onnx", "onnx")
     runner = load_runner(report.path)
     assert runner.input_names == ["image", "proposals"]
@@ -76,8 +79,8 @@ def test_fast_rcnn_export_takes_proposals(tmp_path):
     assert not torch.allclose(moved[0], got[0])
 
 
-def test_detector_graph_is_bit_exact_in_eager():
-    model = tiny_detector()
+def test_detector_graph_is_bit_exact_in_eager(exportable):
+    model = exportable()
     graph = DetectorGraph(model)
     for image in sample_images([(64, 99), (129, 40)], seed=7):
         with torch.no_grad():

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from processes import children, survivors_after
-from test_predict_tasks import tiny_detector_checkpoint
+from support.processes import children, survivors_after
 
 from apps.cli import main
 
@@ -53,7 +52,7 @@ def predict(weights: Path, src: Path, out: Path, *extra: object) -> int:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[Path, Path, dict[str, list]]:
+def setup(tmp_path_factory, tiny_detector_checkpoint) -> tuple[Path, Path, dict[str, list]]:
     tmp = tmp_path_factory.mktemp("batching")
     weights = tiny_detector_checkpoint(tmp / "det.pt")
     src = tmp / "src"

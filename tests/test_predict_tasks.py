@@ -1,6 +1,5 @@
 """`visiondet predict` with real segmentation and detection checkpoints (tiny, random weights)."""
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -8,19 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.checkpoints import CLASSES, write_checkpoint
 
 from apps.cli import main
 from apps.predict.predictor import Predictor
-from vision.checkpoint import save_checkpoint
 from vision.data.images import read_image
-
-CLASSES = [{"id": 3, "name": "road"}, {"id": 7, "name": "sky"}]
-
-
-def checkpoint(path: Path, task: str, cfg, model, preprocess: dict) -> Path:
-    ckpt = {"format": "visiondet", "version": 1, "task": task, "model": dataclasses.asdict(cfg),
-            "classes": CLASSES, "preprocess": preprocess, "state_dict": model.state_dict()}
-    return save_checkpoint(ckpt, path)
 
 
 def noise(h, w, seed):
@@ -45,8 +36,8 @@ def test_segmentation_masks_and_overlays(tmp_path, size):
 
     torch.manual_seed(0)
     cfg = SegmentationConfig(arch="fcn_resnet18", num_classes=2)
-    weights = checkpoint(tmp_path / "seg.pt", "segmentation", cfg, build_segmentation_model(cfg,
-                         load_pretrained=False), {"size": size})
+    model = build_segmentation_model(cfg, load_pretrained=False)
+    weights = write_checkpoint(tmp_path / "seg.pt", "segmentation", cfg, model, {"size": size})
     src, out = tmp_path / "src", tmp_path / "out"
     sizes = write_images(src)
     code = main(["predict", "--weights", str(weights), "--source", str(src), "--output", str(out),
@@ -73,17 +64,7 @@ def test_segmentation_masks_and_overlays(tmp_path, size):
     assert sum(summary["images_per_class"].values()) == sum(len(r["classes"]) for r in records.values())
 
 
-def tiny_detector_checkpoint(path: Path) -> Path:
-    from detection.models import DetectorConfig, RoIConfig, RPNConfig, build_detector
-
-    torch.manual_seed(0)
-    cfg = DetectorConfig(arch="faster_rcnn_r18_fpn", num_classes=2, min_size=64, max_size=96, frozen_bn=False,
-                         rpn=RPNConfig(pre_nms_top_n_test=50, post_nms_top_n_test=20),
-                         roi=RoIConfig(representation_size=64))
-    return checkpoint(path, "detection", cfg, build_detector(cfg, load_pretrained=False), {})
-
-
-def test_detection_coco_results_score_in_evaluation(tmp_path):
+def test_detection_coco_results_score_in_evaluation(tmp_path, tiny_detector_checkpoint):
     from detection.evaluation import evaluate_coco, load_results
 
     weights = tiny_detector_checkpoint(tmp_path / "det.pt")

@@ -209,14 +209,11 @@ def test_proposals_command_writes_resumes_and_reports_recall(tmp_path, photo, ca
     assert ProposalFile(tmp_path / "p.json").propose(None, image_id="b.png").shape[1] == 4
 
 
-def test_rpn_of_a_faster_rcnn_as_a_proposal_source(tmp_path, photo):
-    from detection.models import DetectorConfig, RPNConfig, build_detector
+def test_rpn_of_a_faster_rcnn_as_a_proposal_source(tmp_path, photo, tiny_detector):
     from detection.proposals import RPNProposals
 
-    torch.manual_seed(0)
-    cfg = DetectorConfig(arch="faster_rcnn_r18_fpn", num_classes=2, min_size=64, max_size=96, fpn_channels=16,
-                         rpn=RPNConfig(anchor_sizes=[[16], [32], [64], [128], [256]], post_nms_top_n_test=30))
-    detector = build_detector(cfg).train()
+    rpn = {"anchor_sizes": [[16], [32], [64], [128], [256]], "post_nms_top_n_test": 30}
+    detector = tiny_detector(rpn=rpn)
     source = RPNProposals(detector)
     boxes = source.propose(photo)  # a 128x96 photo, resized to 85x64 inside: boxes come back in 128x96 pixels
     assert detector.training  # the source restores the detector's mode

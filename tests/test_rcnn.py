@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from detection.boxes import BoxCoder
-from detection.models import DetectorConfig, RoIConfig, TwoStageDetector, build_detector
+from detection.models import DetectorConfig, TwoStageDetector, build_detector
 from detection.proposals import ProposalSource
 from detection.rcnn import (
     RCNNConfig,
@@ -141,20 +141,27 @@ class FixedProposals(ProposalSource):
         return self.boxes.clone()
 
 
-def _tiny_rcnn(num_classes=2, batch_size=128, positive_fraction=0.25):
-    cfg = DetectorConfig(arch="rcnn_r18", num_classes=num_classes, backbone_weights=None, frozen_bn=False,
-                         freeze_at=0, roi=RoIConfig(output_size=2, representation_size=16, nms_thresh=0.3,
-                                                    positive_fraction=positive_fraction),
-                         rcnn=RCNNConfig(feature_map="c4", input_size=32, context_padding=4, region_batch=3,
-                                         batch_size=batch_size))
-    model = build_detector(cfg)
-    model.proposal_generator.source = FixedProposals(
-        [[0, 0, 20, 20], [30, 30, 60, 60], [2, 2, 21, 22], [0, 0, 64, 48]])
-    return model
+@pytest.fixture
+def tiny_rcnn(tiny_detector):
+    """The factory ``tiny_rcnn(num_classes, batch_size, positive_fraction)``: an R-CNN on 32 px warps of c4,
+    its proposals four fixed boxes."""
+
+    def build(num_classes=2, batch_size=128, positive_fraction=0.25):
+        roi = {"output_size": 2, "representation_size": 16, "nms_thresh": 0.3,
+               "positive_fraction": positive_fraction}
+        rcnn = {"feature_map": "c4", "input_size": 32, "context_padding": 4, "region_batch": 3,
+                "batch_size": batch_size}
+        model = tiny_detector("rcnn_r18", num_classes=num_classes, frozen_bn=False, freeze_at=0, roi=roi,
+                              rcnn=rcnn)
+        model.proposal_generator.source = FixedProposals(
+            [[0, 0, 20, 20], [30, 30, 60, 60], [2, 2, 21, 22], [0, 0, 64, 48]])
+        return model
+
+    return build
 
 
-def test_rcnn_is_a_two_stage_detector_with_its_own_parts():
-    model = _tiny_rcnn()
+def test_rcnn_is_a_two_stage_detector_with_its_own_parts(tiny_rcnn):
+    model = tiny_rcnn()
     assert isinstance(model, TwoStageDetector) and isinstance(model.roi_heads, RCNNHeads)
     assert model.has_later_stages and model.thresholds == Thresholds(0.05, 0.3, 100)
     # nothing is computed over the whole image: the "backbone" passes the normalised pixels through
@@ -166,9 +173,8 @@ def test_rcnn_is_a_two_stage_detector_with_its_own_parts():
         build_detector(DetectorConfig(arch="fast_rcnn_r18_fpn", rcnn=RCNNConfig()), load_pretrained=False)
 
 
-def test_finetune_batch_samples_foreground_and_background():
-    torch.manual_seed(0)
-    model = _tiny_rcnn(batch_size=8, positive_fraction=0.25).train()
+def test_finetune_batch_samples_foreground_and_background(tiny_rcnn):
+    model = tiny_rcnn(batch_size=8, positive_fraction=0.25).train()
     seen = []
     model.roi_heads.cnn.head.register_forward_hook(lambda m, i, o: seen.append(len(o)))
     images = [torch.rand(3, 48, 64), torch.rand(3, 48, 64)]
@@ -187,8 +193,8 @@ def test_finetune_batch_samples_foreground_and_background():
     assert model.roi_heads.predictor.cls_score.weight.grad.abs().sum() > 0
 
 
-def test_detect_uses_svms_and_box_regressors():
-    model = _tiny_rcnn().eval()
+def test_detect_uses_svms_and_box_regressors(tiny_rcnn):
+    model = tiny_rcnn().eval()
     image = torch.rand(3, 48, 64)
     dets, losses = model([image])
     assert losses == {} and len(dets) == 1  # fine-tuned softmax before the SVMs exist
@@ -267,8 +273,8 @@ def test_rcnn_stages_train_resume_and_load(tmp_path):
     assert (stage / "svm_1.pt").stat().st_mtime_ns == svm1 and (result.run_dir / "final.pt").is_file()
 
 
-def test_finetune_without_any_region_gives_a_zero_loss():
-    model = _tiny_rcnn().train()
+def test_finetune_without_any_region_gives_a_zero_loss(tiny_rcnn):
+    model = tiny_rcnn().train()
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
              "proposals": torch.zeros(0, 4)}
     _, losses = model([torch.rand(3, 40, 40)], [empty])

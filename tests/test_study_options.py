@@ -13,26 +13,34 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_engine_schedule import budget_config, clock  # noqa: F401  (clock: the fake-clock fixture)
+from support.engine import budget_config
 from torch import nn
 
 from apps.config import ConfigError, TrainConfig, build_experiment
 from apps.engine.schedule import ONECYCLE_START, lr_factor
 from apps.engine.trainer import train
-from detection.models import DetectorConfig, RoIConfig, RPNConfig, build_detector
+from detection.models import DetectorConfig, RoIConfig, build_detector
 from detection.roi_heads import TwoMLPHead
 from vision.checkpoint import load_checkpoint
 from vision.data.coco import CocoDetection
 from vision.data.transforms import build_transforms
 from vision.layers import FrozenBatchNorm2d
 
+SMALL_RPN = {"anchor_sizes": [[16], [32], [64], [128], [256]], "pre_nms_top_n_train": 50,
+             "post_nms_top_n_train": 20}
+SMALL_ROI = {"representation_size": 64, "batch_size_per_image": 16}
 
-def small_detector(**changes) -> DetectorConfig:
-    rpn = RPNConfig(anchor_sizes=[[16], [32], [64], [128], [256]], pre_nms_top_n_train=50,
-                    post_nms_top_n_train=20, **changes.pop("rpn", {}))
-    roi = RoIConfig(representation_size=64, batch_size_per_image=16, **changes.pop("roi", {}))
-    return DetectorConfig(arch="faster_rcnn_r18_fpn", num_classes=2, backbone_weights=None, freeze_at=0,
-                          min_size=64, max_size=96, fpn_channels=16, rpn=rpn, roi=roi, **changes)
+
+@pytest.fixture
+def small_detector(tiny_detector):
+    """The factory ``small_detector(rpn=..., roi=..., **fields)``: a tiny Faster R-CNN, every stage trainable,
+    with the options under test (``rpn`` and ``roi`` fields join the small sections)."""
+
+    def build(rpn: dict | None = None, roi: dict | None = None, **fields) -> nn.Module:
+        return tiny_detector(freeze_at=0, rpn={**SMALL_RPN, **(rpn or {})}, roi={**SMALL_ROI, **(roi or {})},
+                             **fields)
+
+    return build
 
 
 def one_training_forward(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -48,8 +56,8 @@ def one_training_forward(model: nn.Module) -> dict[str, torch.Tensor]:
 # ---- GroupNorm in the heads ------------------------------------------------------------------------------
 
 
-def test_group_norm_in_the_rpn_and_box_heads_runs_in_the_forward():
-    model = build_detector(small_detector(rpn={"norm": "gn"}, roi={"norm": "gn"}))
+def test_group_norm_in_the_rpn_and_box_heads_runs_in_the_forward(small_detector):
+    model = small_detector(rpn={"norm": "gn"}, roi={"norm": "gn"})
     rpn_norms = [m for m in model.proposal_generator.head.modules() if isinstance(m, nn.GroupNorm)]
     box_norms = [m for m in model.roi_heads.box_head.modules() if isinstance(m, nn.GroupNorm)]
     assert len(rpn_norms) == 1 and len(box_norms) == 2
@@ -62,7 +70,7 @@ def test_group_norm_in_the_rpn_and_box_heads_runs_in_the_forward():
     assert all(torch.isfinite(v) for v in losses.values())
     assert len(called) == 5 + 2  # the RPN head's norm on each of the 5 levels, the box head's two
     # without the option nothing of it is built, and the state dict is the plain heads'
-    plain = build_detector(small_detector())
+    plain = small_detector()
     assert not any(isinstance(m, nn.GroupNorm) for m in plain.modules())
     extra = set(model.state_dict()) - set(plain.state_dict())
     assert extra and all(".norm" in k for k in extra) and set(plain.state_dict()) <= set(model.state_dict())
@@ -110,11 +118,11 @@ def test_box_head_dropout_is_active_in_training_only():
     torch.testing.assert_close(head(x), head(x))
 
 
-def test_box_head_dropout_comes_from_the_config_and_only_where_a_head_has_room():
-    model = build_detector(small_detector(roi={"mlp_dropout": 0.3}))
+def test_box_head_dropout_comes_from_the_config_and_only_where_a_head_has_room(small_detector):
+    model = small_detector(roi={"mlp_dropout": 0.3})
     dropout = model.roi_heads.box_head.dropout
     assert isinstance(dropout, nn.Dropout) and dropout.p == 0.3
-    assert isinstance(build_detector(small_detector()).roi_heads.box_head.dropout, nn.Identity)
+    assert isinstance(small_detector().roi_heads.box_head.dropout, nn.Identity)
     with pytest.raises(ValueError, match="options of the FPN box heads"):
         build_detector(DetectorConfig(arch="faster_rcnn_vgg16", num_classes=2, backbone_weights=None,
                                       roi=RoIConfig(mlp_dropout=0.3)))
@@ -123,14 +131,14 @@ def test_box_head_dropout_comes_from_the_config_and_only_where_a_head_has_room()
 # ---- batch norm trained or frozen ------------------------------------------------------------------------
 
 
-def test_batch_norm_trains_its_statistics_unless_frozen():
-    trained = build_detector(small_detector(frozen_bn=False))
+def test_batch_norm_trains_its_statistics_unless_frozen(small_detector):
+    trained = small_detector(frozen_bn=False)
     bns = [m for m in trained.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and not any(isinstance(m, FrozenBatchNorm2d) for m in trained.backbone.modules())
     before = bns[0].running_mean.clone()
     one_training_forward(trained)
     assert not torch.equal(before, bns[0].running_mean)
-    frozen = build_detector(small_detector(frozen_bn=True))
+    frozen = small_detector(frozen_bn=True)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.backbone.modules())
     fbns = [m for m in frozen.backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
     assert fbns and not any(p.requires_grad for m in fbns for p in m.parameters())
@@ -248,7 +256,7 @@ def test_one_cycle_is_a_config_choice_with_a_checked_pct_start():
 # ---- early stopping under a time budget ------------------------------------------------------------------
 
 
-def test_patience_stops_a_budgeted_run_early_and_saves_the_rest_of_the_budget(tmp_path, clock):  # noqa: F811
+def test_patience_stops_a_budgeted_run_early_and_saves_the_rest_of_the_budget(tmp_path, clock):
     # the toy task's fake clock: 1 s a batch, 3 s an evaluation, 4 steps an epoch. With an lr that cannot
     # change the predictions the first evaluation stays the best: 2 more without progress stop the run
     cfg = budget_config(tmp_path, "patient")

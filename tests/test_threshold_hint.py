@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from test_predict_tasks import tiny_detector_checkpoint
 
 from apps.cli import main
 from apps.predict.predictor import Predictor
@@ -21,7 +20,7 @@ def test_the_hint_line():
         "2 image(s) had no detection scoring 0.50 or more, but some scoring less (highest 0.30, in x/a.png)")
 
 
-def test_predict_names_the_highest_score_under_the_threshold(tmp_path, capsys):
+def test_predict_names_the_highest_score_under_the_threshold(tmp_path, capsys, tiny_detector_checkpoint):
     weights = tiny_detector_checkpoint(tmp_path / "det.pt")
     src = tmp_path / "src"
     src.mkdir()
@@ -48,7 +47,7 @@ def test_predict_names_the_highest_score_under_the_threshold(tmp_path, capsys):
     assert code == 0 and "scoring less" not in capsys.readouterr().err
 
 
-def test_the_demo_says_it_under_the_picture(tmp_path):
+def test_the_demo_says_it_under_the_picture(tmp_path, tiny_detector_checkpoint):
     from apps.demo.handlers import DemoHandlers
     from apps.demo.models import ModelCache, find_checkpoints
 

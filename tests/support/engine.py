@@ -24,7 +24,7 @@ CLASSES = [{"id": 0, "name": "dark"}, {"id": 1, "name": "bright"}]
 
 
 def register_toy_task() -> None:
-    TASKS["toy"] = "test_engine_support:ToyTask"
+    TASKS["toy"] = "support.engine:ToyTask"
 
 
 @dataclass
@@ -120,3 +120,29 @@ def toy_config(tmp_path, **train: Any) -> dict[str, Any]:
         "device": "cpu",
         "seed": 3,
     }
+
+
+def budget_config(tmp_path, name: str) -> dict[str, Any]:
+    """A 60 s time-budgeted toy run writing to ``tmp_path / name`` (timed exactly by the ``clock`` fixture).
+    16 items / batch 4: 4 steps an epoch; 8 validation items: 2 evaluation batches."""
+    cfg = toy_config(tmp_path, epochs=1, time_budget="60s", scheduler="cosine", min_lr_ratio=0.1,
+                     warmup_iters=50, checkpoint_every=1)
+    cfg["output_dir"] = str(tmp_path / name)
+    return cfg
+
+
+# ---- a fake clock for time-budgeted runs (the `clock` fixture in tests/conftest.py) --------------------
+
+
+class FakeClock:
+    """Stands in for the trainer's ``clock``: the time is ``now``, moved only by whoever holds it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Interrupt(Exception):
+    """Raised by the ``clock`` fixture at batch ``interrupt_at``: a run stopped mid-way."""
