@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import platform
 import sys
+from importlib import metadata
 
 # name -> one-line help; the command is the module apps.commands.<name>
 COMMANDS: dict[str, str] = {
@@ -25,11 +27,26 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def version_line() -> str:
+    """``visiondet 0.1.0 (torch 2.14.1, torchvision 0.29.1, Python 3.11.2)``, read from the installed
+    packages' metadata (importing torch would make ``--version`` take seconds)."""
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (f"visiondet {installed('visiondet')} (torch {installed('torch')}, "
+            f"torchvision {installed('torchvision')}, Python {platform.python_version()})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visiondet",
         description="CNN backbones, classification, segmentation and the R-CNN family of detectors.",
     )
+    parser.add_argument("--version", action="version", version=version_line(),
+                        help="print visiondet's version and those of torch, torchvision and Python")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"apps.commands.{name}")

@@ -7,8 +7,10 @@ pickled code is refused instead of executed.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: no such checkpoint file")
     with path.open("rb") as f:
         head = f.read(4)
+    if exported := _exported_file(path, head):
+        raise CheckpointError(exported)
     if not head.startswith(_CHECKPOINT_MAGIC):
         # torch's own error for a text or image file is a bare KeyError such as '101'
         what = "the file is empty" if not head else "it is neither a zip archive nor a pickle"
@@ -63,6 +67,32 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         else:
             reason = text.splitlines()[0] if text else type(exc).__name__
         raise CheckpointError(f"{path}: cannot load checkpoint: {reason}") from exc
+
+
+def _exported_file(path: Path, head: bytes) -> str | None:
+    """The message for an exported graph (``visiondet export``'s TorchScript or ONNX file) passed where a
+    checkpoint belongs, or None. torch.load's own answer for a TorchScript archive is advice to set
+    weights_only=False ("arbitrary code execution"), which is the wrong way for a user to go."""
+    if head[:1] == b"\x08":  # ONNX: a protobuf whose field 1 (ir_version, a varint) comes first
+        what, source = "an ONNX export", None
+    elif head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+                if not any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+                    return None  # a torch.save archive: a checkpoint or a state dict
+                extra = [n for n in names if n.endswith("/extra/visiondet.json")]
+                meta = json.loads(archive.read(extra[0])) if extra else {}
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None  # torch.load says what is wrong
+        what, source = "a TorchScript export", meta.get("checkpoint")
+    else:
+        return None
+    made, named = (f" made by `visiondet export` from {source}", f" ({source})") if source else ("", "")
+    loader = "torch.jit.load" if what.startswith("a TorchScript") else "onnxruntime.InferenceSession"
+    return (f"{path}: {what}{made}, not a checkpoint: pass the visiondet checkpoint (.pt) it was exported "
+            f"from{named} to --weights, and --backend onnxruntime to run predict or the demo on an exported "
+            f"graph; the exported file itself loads with {loader}")
 
 
 def is_visiondet_checkpoint(obj: Any) -> bool:
