@@ -1,8 +1,10 @@
 """Typed dataclasses from plain mappings (YAML sections, checkpoint dicts) and back, and the renamed keys.
 
-``from_dict`` checks every key and value type, so an error names the key and suggests the closest valid
-one. Keys renamed since a release (``RENAMED_KEYS``) are migrated silently here, so old checkpoints, whose
-model config is a plain dict, keep loading; a config file or override that still spells one gets a
+``from_dict`` checks every key and value type, so an error names the key and suggests the valid one: first
+from ``SYNONYMS`` (other libraries' names and old spellings, ``learning_rate`` -> ``lr``, with the value
+translated where the meaning differs: ``freeze_backbone: true`` -> ``freeze_at: 5``), then the closest
+spelling. Keys renamed since a release (``RENAMED_KEYS``) are migrated silently here, so old checkpoints,
+whose model config is a plain dict, keep loading; a config file or override that still spells one gets a
 one-line ConfigError from ``check_renamed`` instead, so people learn the new spelling.
 
 Below ``apps.config`` (which needs the task registry) and ``apps.tasks`` (which load checkpoints).
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-__all__ = ["ConfigError", "RENAMED_KEYS", "Rename", "check_renamed", "convert_value", "from_dict",
+__all__ = ["ConfigError", "RENAMED_KEYS", "Rename", "SYNONYMS", "check_renamed", "convert_value", "from_dict",
            "migrate_renamed", "suggest_key", "to_dict"]
 
 
@@ -120,8 +122,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            valid = [f"{prefix}.{name}" if prefix else name for name in fields]
-            raise ConfigError(f"unknown key {dotted!r}{suggest_key(dotted, valid)}")
+            raise ConfigError(f"unknown key {dotted!r}{_suggest(str(key), value, list(fields), prefix)}")
         kwargs[key] = convert_value(value, hints[key], dotted)
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -168,22 +169,93 @@ def _freeze_at_from_flag(value: Any) -> Any:
     return (5 if value else 0) if isinstance(value, bool) else value
 
 
+def _weights_from_flag(value: Any) -> Any:
+    # pretrained: true (torchvision's flag) meant ImageNet weights; a string was already a source or a path
+    return ("imagenet" if value else None) if isinstance(value, bool) else value
+
+
 _WEIGHTS_NOTE = "the one key for backbone weights: a named source such as imagenet, a path, or null"
 _FREEZE_NOTE = "stages frozen from the input, 0 = train everything"
+_TRAINABLE_NOTE = f"{_FREEZE_NOTE}; freeze_at = 5 - trainable_backbone_layers"
+_FLAG_NOTE = f"{_FREEZE_NOTE}; freeze_backbone: true = freeze_at: 5, false = freeze_at: 0"
 
 # config dataclass name -> old key -> Rename. An entry acts only while the class has the new key and not
 # the old one, so it can be written before the field itself is renamed.
 RENAMED_KEYS: dict[str, dict[str, Rename]] = {
     "ClassifierConfig": {
-        "pretrained": Rename("backbone_weights", _same, _WEIGHTS_NOTE),
+        "pretrained": Rename("backbone_weights", _weights_from_flag, _WEIGHTS_NOTE),
         "freeze_backbone": Rename("freeze_at", _freeze_at_from_flag,
-                                  f"{_FREEZE_NOTE}; freeze_backbone: true = freeze_at: 5"),
+                                  _FLAG_NOTE),
     },
     "DetectorConfig": {
-        "trainable_backbone_layers": Rename("freeze_at", _freeze_at_from_trainable,
-                                            f"{_FREEZE_NOTE}; freeze_at = 5 - trainable_backbone_layers"),
+        "trainable_backbone_layers": Rename("freeze_at", _freeze_at_from_trainable, _TRAINABLE_NOTE),
     },
 }
+
+
+def _freeze_at_from_frozen_stages(value: Any) -> Any:
+    # MMDetection's frozen_stages: -1 none, 0 the stem, 1 the stem and res2 ...; freeze_at counts the stem: 1
+    return value + 1 if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+
+def _synonyms(new: str, olds: str, convert: Callable[[Any], Any] = _same,
+              note: str = "") -> dict[str, Rename]:
+    return {old: Rename(new, convert, note) for old in olds.split()}
+
+
+# What other libraries (torchvision, Ultralytics, Detectron2, MMDetection, Hugging Face, Lightning) and
+# visiondet's own older files call a key -> its name here. Suggested before the closest spelling, for every
+# section of every task's config, and only where the section has the key (segmentation has no freeze_at).
+SYNONYMS: dict[str, Rename] = {
+    **_synonyms("lr", "learning_rate lr0 base_lr initial_lr init_lr"),
+    **_synonyms("epochs", "epoch num_epochs max_epochs n_epochs num_train_epochs"),
+    **_synonyms("batch_size", "batch batchsize ims_per_batch samples_per_gpu images_per_batch "
+                              "per_device_train_batch_size"),
+    **_synonyms("workers", "num_workers workers_per_gpu dataloader_num_workers"),
+    **_synonyms("backbone_weights", "pretrained pretrained_backbone weights_backbone backbone_pretrained "
+                                    "pretrained_weights", _weights_from_flag, _WEIGHTS_NOTE),
+    **_synonyms("freeze_at", "freeze_backbone", _freeze_at_from_flag, _FLAG_NOTE),
+    **_synonyms("freeze_at", "trainable_backbone_layers trainable_layers", _freeze_at_from_trainable,
+                _TRAINABLE_NOTE),
+    **_synonyms("freeze_at", "frozen_stages", _freeze_at_from_frozen_stages,
+                f"{_FREEZE_NOTE}; freeze_at = frozen_stages + 1"),
+    **_synonyms("warmup_iters", "warmup warmup_steps warmup_iterations warmup_iter"),
+    **_synonyms("weight_decay", "wd decay"),
+    **_synonyms("grad_clip", "clip_grad clip_grad_norm max_grad_norm gradient_clip_val clip_norm"),
+    **_synonyms("accum_steps", "accumulate grad_accum gradient_accumulation_steps accumulate_grad_batches"),
+    **_synonyms("optimizer", "optim solver"),
+    **_synonyms("scheduler", "lr_scheduler schedule lr_schedule lr_policy"),
+    **_synonyms("milestones", "steps lr_steps decay_epochs"),
+    **_synonyms("amp", "fp16 mixed_precision use_amp half"),
+    **_synonyms("num_classes", "nc num_class n_classes classes_num"),
+    **_synonyms("patience", "early_stopping_patience early_stopping"),
+    **_synonyms("checkpoint_every", "save_period checkpoint_period save_interval save_steps"),
+    **_synonyms("log_every", "log_interval log_period print_freq logging_steps"),
+    **_synonyms("eval_every", "eval_period eval_interval val_interval evaluation_interval"),
+    **_synonyms("time_budget", "time time_limit max_time"),
+    **_synonyms("output_dir", "out_dir work_dir project save_dir"),
+}
+
+
+def _yaml_value(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _suggest(key: str, value: Any, fields: list[str], prefix: str) -> str:
+    """The end of an unknown-key error: the known synonym's key (and value, where it translates), else
+    the closest spelling, else the valid keys."""
+    dotted = lambda name: f"{prefix}.{name}" if prefix else name  # noqa: E731
+    synonym = SYNONYMS.get(key)
+    if synonym is None:
+        return suggest_key(dotted(key), [dotted(name) for name in fields])
+    if synonym.new not in fields:  # the closest spelling would be a wrong turn (freeze_backbone -> frozen_bn)
+        return (f"; its name here would be {dotted(synonym.new)!r}, which this section does not have; "
+                f"valid keys: {', '.join(sorted(dotted(name) for name in fields))}")
+    if synonym.convert is _same:
+        return f"; did you mean {dotted(synonym.new)!r}?"
+    new_value = synonym.convert(value)
+    return f"; did you mean '{dotted(synonym.new)}: {_yaml_value(new_value)}'? ({synonym.note})"
 
 
 def _renames(cls: type) -> dict[str, Rename]:
@@ -197,7 +269,8 @@ def check_renamed(cls: type, data: dict[str, Any], prefix: str = "") -> None:
     for old, rename in _renames(cls).items():
         if old in data:
             dotted = f"{prefix}." if prefix else ""
-            raise ConfigError(f"{dotted}{old} was renamed: use {dotted}{rename.new} ({rename.note})")
+            value = "" if rename.convert is _same else f": {_yaml_value(rename.convert(data[old]))}"
+            raise ConfigError(f"{dotted}{old} was renamed: use {dotted}{rename.new}{value} ({rename.note})")
 
 
 def migrate_renamed(cls: type, data: dict[str, Any]) -> dict[str, Any]:
