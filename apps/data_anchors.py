@@ -20,7 +20,9 @@ _QUANTILES = ("min", "5%", "25%", "50%", "75%", "95%", "max")
 def detector_config(config: str | None) -> tuple[DetectorConfig, str]:
     """The model config of a detection experiment file, or the default Faster R-CNN's; and its name."""
     if config is None:
-        return DetectorConfig(), "the default Faster R-CNN (faster_rcnn_r50_fpn); --config CONFIG for yours"
+        default = DetectorConfig()
+        return default, (f"no --config: the default Faster R-CNN ({default.arch} at min_size "
+                         f"{default.min_size}), not yours unless you train that")
     exp = build_experiment(load_yaml_with_bases(config))  # (its data paths need not exist here)
     if not isinstance(exp.model, DetectorConfig):
         raise ConfigError(f"{config}: task {exp.task!r} has no anchors (a detection config is needed)")
@@ -44,10 +46,11 @@ def _recall(values: dict[float, float]) -> str:
     return " / ".join(f"{v:.3f}" for v in values.values())
 
 
-def format_anchor_report(report: AnchorReport, source: str) -> str:
-    """The text section (about 20 lines)."""
+def format_anchor_report(report: AnchorReport, source: str, command: str | None = None) -> str:
+    """The text section (about 20 lines). ``command``: the check as it was run, when it had no --config;
+    the report then ends with the same command for the user's own model."""
     sizes = "/".join(str(s) for s in report.min_size)
-    lines = [f"anchors: {report.num_boxes} boxes; detector from {source}",
+    lines = [f"anchors: {report.num_boxes} boxes; detector: {source}",
              f"  box sizes in px, as annotated and as the RPN sees them (min_size {sizes}, "
              f"max_size {report.max_size}):",
              "    " + f"{'':24}" + "".join(f"{q:>8}" for q in _QUANTILES)]
@@ -67,9 +70,12 @@ def format_anchor_report(report: AnchorReport, source: str) -> str:
     ):
         lines.append(f"    {name:11}grid {_recall(grid)}   centred {_recall(centred)}   "
                      f"sizes {layout.sizes} ratios {layout.ratios}")
-    lines.append(f"  suggested: model.rpn.anchor_sizes={report.fitted.sizes} "
+    only = " for the default Faster R-CNN only" if command else ""
+    lines.append(f"  suggested{only}: model.rpn.anchor_sizes={report.fitted.sizes} "
                  f"model.rpn.aspect_ratios={report.fitted.ratios}")
     lines.append("  (or model.rpn.anchor_sizes: auto and aspect_ratios: auto: fitted when training starts)")
+    if command:  # sizes depend on the model's resize: the default's would break a small-image detector
+        lines.append(f"  for your model's anchors and sizes: {command} --config YOUR_CONFIG.yaml")
     return "\n".join(lines)
 
 

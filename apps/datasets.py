@@ -88,7 +88,9 @@ def _anchors(opts: CheckOptions) -> tuple[str, dict[str, Any]] | None:
     if report is None:
         return None
     source = detector_config(opts.config)[1]
-    return format_anchor_report(report, source), anchor_report_dict(report, source)
+    command = (None if opts.config else
+               f"visiondet data check --annotations {opts.annotations} --images {opts.images}")
+    return format_anchor_report(report, source, command), anchor_report_dict(report, source)
 
 
 @dataclass

@@ -223,10 +223,16 @@ def test_data_check_reports_the_anchors_of_a_config(tmp_path, capsys):
     assert section["sizes_model_input"] == expected.sizes_in_model  # (64-96 px images -> 128 px short side)
     assert section["sizes_model_input"]["sqrt(area)"][3] > 1.3 * section["sizes_annotated"]["sqrt(area)"][3]
 
-    assert main(args) == 0  # no --config: the default Faster R-CNN (800 px)
+    assert main(args) == 0  # no --config: the default Faster R-CNN (800 px), said as such
     text = capsys.readouterr().out
-    assert "default Faster R-CNN" in text and "min_size 800, max_size 1333" in text
-    assert "suggested: model.rpn.anchor_sizes=[[" in text
+    assert "detector: no --config: the default Faster R-CNN (faster_rcnn_r50_fpn at min_size 800)" in text
+    assert "min_size 800, max_size 1333" in text
+    assert "suggested for the default Faster R-CNN only: model.rpn.anchor_sizes=[[" in text
+    # ... and ends with the command that measures the user's own model
+    assert text.rstrip().endswith(f"for your model's anchors and sizes: visiondet data check --annotations "
+                                  f"{args[3]} --images {args[5]} --config YOUR_CONFIG.yaml")
+    assert main([*args, "--config", str(config)]) == 0
+    assert "YOUR_CONFIG" not in capsys.readouterr().out
 
     config.write_text("task: classification\nmodel: {backbone: resnet18}\ndata: {train: {root: x}}\n")
     assert main([*args, "--config", str(config)]) == 2
