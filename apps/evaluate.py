@@ -20,13 +20,17 @@ from typing import Any, TextIO
 import torch
 from tqdm import tqdm
 
+from apps import WEIGHTS_DIR
 from apps.config import ConfigError, SplitConfig
 from apps.engine import distributed as dist_utils
-from apps.engine.loader import Unreadable, eval_loader
+from apps.engine.loader import DataWarnings, Unreadable, eval_loader
 from apps.tasks import TASKS, get_task, load_model
+from vision.data.check import check_dataset
 from vision.layers import prepare_for_inference
 
-__all__ = ["EvaluateOptions", "WithProgress", "evaluate", "run_evaluate"]
+__all__ = ["EvaluateOptions", "WithProgress", "check_pairing", "default_out", "evaluate", "run_evaluate"]
+
+EVALUATE_DIR = Path("runs") / "evaluate"  # metrics of weights that are not in a training run's folder
 
 
 @dataclass
@@ -40,12 +44,13 @@ class EvaluateOptions:
     root: str | None = None
     predictions: str | None = None  # score a saved results file instead, no model
     task: str | None = None  # the task of ``predictions`` (default: detection)
-    out: str | None = None  # default: <weights>_eval.json beside the weights, or metrics.json
+    out: str | None = None  # default: see default_out; metrics.json with predictions
     batch_size: int = 8
     workers: int = 2
     device: str = "auto"
     raw: bool = False  # the raw weights, not the EMA weights
     skip_unreadable: bool = False
+    allow_size_mismatch: bool = False  # evaluate images whose size differs from the JSON (boxes clipped)
 
 
 class WithProgress:
@@ -78,6 +83,35 @@ class WithProgress:
                           flush=True)
 
 
+def default_out(weights: str | os.PathLike) -> Path:
+    """Where the metrics of ``weights`` go without --out: beside them in a training run's folder (it has
+    the run's config.yaml), else under runs/evaluate/, never into the shipped weights/ or beside a file
+    that is not ours."""
+    weights = Path(weights)
+    name = f"{weights.stem}_eval.json"
+    in_run = (weights.parent / "config.yaml").is_file()
+    if in_run and weights.parent.resolve() != WEIGHTS_DIR.resolve() and os.access(weights.parent, os.W_OK):
+        return weights.with_name(name)
+    return EVALUATE_DIR / name
+
+
+def check_pairing(annotations: str, images: str, *, allow_size_mismatch: bool = False) -> None:
+    """The pairing part of `visiondet data check` on the evaluated split, before any model runs: images
+    whose size differs from the JSON (the annotations of another set with the same file names, say) are
+    a one-line ConfigError naming how many and the first, unless ``allow_size_mismatch``. Only headers
+    are read (decoding problems are the loader's to report, with --skip-unreadable)."""
+    if allow_size_mismatch or not Path(annotations).is_file() or not Path(images).is_dir():
+        return
+    report = check_dataset(annotations, images, decode=False)
+    for finding in report.findings:
+        if finding.code == "size_mismatch":
+            raise ConfigError(
+                f"{finding.count} of the {report.num_images} images in {images} differ in size from "
+                f"{annotations} (the first: {finding.examples[0]}): the annotations are not these images' "
+                f"(another set with the same file names?); `visiondet data check --annotations {annotations} "
+                f"--images {images}` lists them; --allow-size-mismatch evaluates anyway (boxes clipped)")
+
+
 def evaluate(opts: EvaluateOptions) -> tuple[str, dict[str, float], Path]:
     """Run the evaluation ``opts`` describe; returns (task name, metrics, JSON path)."""
     split = SplitConfig(images=opts.images, annotations=opts.annotations, masks=opts.masks, root=opts.root)
@@ -95,6 +129,8 @@ def evaluate(opts: EvaluateOptions) -> tuple[str, dict[str, float], Path]:
         return name, metrics, Path(opts.out or "metrics.json")
     if opts.weights is None:
         raise ConfigError("--weights CKPT is required (or --predictions JSON to score a results file)")
+    if opts.annotations and opts.images:
+        check_pairing(opts.annotations, opts.images, allow_size_mismatch=opts.allow_size_mismatch)
     info = dist_utils.init_distributed(opts.device)
     try:
         loaded = load_model(opts.weights, info.device, ema=not opts.raw)
@@ -107,10 +143,16 @@ def evaluate(opts: EvaluateOptions) -> tuple[str, dict[str, float], Path]:
         loader = eval_loader(dataset, loaded.task.collate, batch_size=opts.batch_size, workers=opts.workers,
                              pin_memory=info.device.type == "cuda", skip_unreadable=opts.skip_unreadable,
                              hint=f"find every such file with `{check}`, or pass --skip-unreadable",
-                             on_skip=skipped.extend)
+                             on_skip=skipped.extend, data_warnings=(data_warnings := DataWarnings()))
         with torch.inference_mode():
             metrics = loaded.task.evaluate(loaded.model, WithProgress(loader, enabled=info.is_main),
                                            info.device, loaded.classes)
+        every = DataWarnings()  # all processes' shares
+        for kinds in dist_utils.all_gather_object(data_warnings.kinds):
+            every.merge(kinds)
+        if info.is_main:
+            for line in every.lines():
+                print(f"warning: {line}", file=sys.stderr)
         for file in skipped:
             print(f"warning: skipped unreadable image {file.path}: {file.reason}", file=sys.stderr)
         if opts.skip_unreadable:  # every process's count (all_reduce_sum keeps the ranks in step)
@@ -119,8 +161,7 @@ def evaluate(opts: EvaluateOptions) -> tuple[str, dict[str, float], Path]:
         dist_utils.barrier()  # leave the group together (see cleanup)
     finally:
         dist_utils.cleanup()
-    weights = Path(opts.weights)
-    return loaded.task.name, metrics, Path(opts.out or weights.with_name(f"{weights.stem}_eval.json"))
+    return loaded.task.name, metrics, Path(opts.out) if opts.out else default_out(opts.weights)
 
 
 def run_evaluate(opts: EvaluateOptions) -> int:

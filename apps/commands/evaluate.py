@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score a saved results file, no model (detection: COCO results)")
     parser.add_argument("--task", help="the task of --predictions (default: detection)")
     parser.add_argument("--out", metavar="JSON",
-                        help="where to write the metrics (default: <weights>_eval.json beside the weights, "
-                             "or metrics.json with --predictions)")
+                        help="where to write the metrics (default: <weights>_eval.json beside weights in a "
+                             "training run's folder, else under runs/evaluate/; metrics.json with "
+                             "--predictions)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
@@ -33,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="leave out image files that cannot be decoded (listed on stderr and counted in "
                              "the JSON; their ground truth still counts) instead of stopping at the first")
+    parser.add_argument("--allow-size-mismatch", action="store_true",
+                        help="evaluate even when images differ in size from the JSON (refused by default: "
+                             "such annotations usually belong to another set; boxes are clipped)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         weights=args.weights, images=args.images, annotations=args.annotations, masks=args.masks,
         root=args.root, predictions=args.predictions, task=args.task, out=args.out,
         batch_size=args.batch_size, workers=args.workers, device=args.device, raw=args.raw,
-        skip_unreadable=args.skip_unreadable,
+        skip_unreadable=args.skip_unreadable, allow_size_mismatch=args.allow_size_mismatch,
     )
     try:
         return run_evaluate(opts)

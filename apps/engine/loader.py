@@ -13,6 +13,9 @@
   one line naming the file and the reason. With ``skip_unreadable`` the file is left out instead (training:
   the next readable item of the dataset takes its place, so batches keep their size and DDP ranks stay in
   step; evaluation: it is dropped) and reported through ``on_skip``.
+* Warnings raised while an item is read (a size that differs from the JSON, say) travel with the item
+  and are counted by kind in :class:`DataWarnings`: one line per kind, with the count and the first
+  example, instead of one per image (and one per worker process).
 * Workers end with their parent process, even when it is killed with SIGKILL (:func:`tie_to_parent`).
 """
 
@@ -22,10 +25,12 @@ import ctypes
 import functools
 import os
 import random
+import re
 import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -37,7 +42,7 @@ from apps.engine.distributed import ShardSampler
 from vision.data.images import ImageError
 
 __all__ = ["SeededItems", "IndexedCollate", "FixedBatches", "epoch_batches", "make_loader", "eval_loader",
-           "Unreadable", "UnreadableImageError", "tie_to_parent", "parent_bound_init"]
+           "DataWarnings", "Unreadable", "UnreadableImageError", "tie_to_parent", "parent_bound_init"]
 
 # How many following items a training item may try in place of an unreadable one before giving up.
 _MAX_SUBSTITUTES = 16
@@ -121,20 +126,59 @@ class UnreadableImageError(RuntimeError):
         return type(self), (self.path, self.reason, self.hint)
 
 
+# ---- warnings while reading, summarised --------------------------------------------------------------------
+
+
+class DataWarnings:
+    """Warnings raised while items were read, counted by kind (the message without its leading file name,
+    numbers left out): ``lines()`` gives one line per kind with the count and the first message."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, list[Any]] = {}  # kind -> [count, first message]
+
+    @staticmethod
+    def kind(message: str) -> str:
+        head, sep, rest = message.partition(": ")
+        text = rest if sep and " " not in head else message  # "<file>: what is wrong" -> what is wrong
+        return re.sub(r"\d+", "#", text)
+
+    def add(self, messages: Sequence[str]) -> None:
+        for message in messages:
+            entry = self.kinds.setdefault(self.kind(message), [0, message])
+            entry[0] += 1
+
+    def merge(self, kinds: dict[str, list[Any]]) -> None:
+        """Add another process's ``kinds`` (DDP: each rank reads its own share)."""
+        for kind, (count, first) in kinds.items():
+            self.kinds.setdefault(kind, [0, first])[0] += count
+
+    def lines(self) -> list[str]:
+        """One line per kind, and forget them (the next call reports what came after)."""
+        out = [first if count == 1 else f"{count} warnings like this one while reading the data: {first}"
+               for count, first in self.kinds.values()]
+        self.kinds = {}
+        return out
+
+
 class Sample(NamedTuple):
-    """What a guarded dataset returns: the item (None when it could not be read) and the files that could
-    not be read on the way."""
+    """What a guarded dataset returns: the item (None when it could not be read), the files that could
+    not be read on the way and the warnings reading it raised."""
 
     index: int
     item: Any
     unreadable: tuple[Unreadable, ...] = ()
+    warned: tuple[str, ...] = ()
 
 
-def _read(dataset: Dataset, index: int) -> tuple[Any, Unreadable | None]:
-    try:
-        return dataset[index], None
-    except ImageError as exc:
-        return None, Unreadable(exc.path, exc.reason)
+def _read(dataset: Dataset, index: int) -> tuple[Any, Unreadable | None, tuple[str, ...]]:
+    """(item or None, the unreadable file or None, the warnings raised), in a worker or in the process."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            item, bad = dataset[index], None
+        except ImageError as exc:
+            item, bad = None, Unreadable(exc.path, exc.reason)
+    return item, bad, tuple(str(w.message) for w in caught)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -168,15 +212,17 @@ class SeededItems(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         failed: list[Unreadable] = []
+        warned: tuple[str, ...] = ()
         tries = min(_MAX_SUBSTITUTES, len(self)) if self.skip_unreadable else 1
         for k in range(tries):
-            item, bad = self._seeded((index + k) % len(self))
+            item, bad, more = self._seeded((index + k) % len(self))
+            warned += more
             if bad is None:
-                return Sample(index, item, tuple(failed))
+                return Sample(index, item, tuple(failed), warned)
             failed.append(bad)
-        return Sample(index, None, tuple(failed))
+        return Sample(index, None, tuple(failed), warned)
 
-    def _seeded(self, index: int) -> tuple[Any, Unreadable | None]:
+    def _seeded(self, index: int) -> tuple[Any, Unreadable | None, tuple[str, ...]]:
         seed = sample_seed(self.seed, self.epoch, index)
         py_state, np_state = random.getstate(), np.random.get_state()
         cpu_state = torch.random.get_rng_state()
@@ -203,14 +249,15 @@ class GuardedItems(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Sample:
-        item, bad = _read(self.dataset, index)
-        return Sample(index, item, (bad,) if bad else ())
+        item, bad, warned = _read(self.dataset, index)
+        return Sample(index, item, (bad,) if bad else (), warned)
 
 
 class Batch(NamedTuple):
     indices: list[int]
     data: Any  # None: an item could not be read (and is not skipped), or none could
     unreadable: tuple[Unreadable, ...]
+    warned: tuple[str, ...] = ()
 
 
 class IndexedCollate:
@@ -226,25 +273,40 @@ class IndexedCollate:
 
     def __call__(self, samples: list[Sample]) -> Batch:
         unreadable = tuple(u for s in samples for u in s.unreadable)
+        warned = tuple(w for s in samples for w in s.warned)
         good = [s for s in samples if s.item is not None]
         if not good or (len(good) < len(samples) and not self.drop_unreadable):
-            return Batch([s.index for s in samples], None, unreadable)
-        return Batch([s.index for s in good], self.collate([s.item for s in good]), unreadable)
+            return Batch([s.index for s in samples], None, unreadable, warned)
+        return Batch([s.index for s in good], self.collate([s.item for s in good]), unreadable, warned)
 
 
 class GuardedLoader(DataLoader):
     """A DataLoader of :class:`Batch` items that yields ``(indices, data)`` (or ``data`` alone when
     ``with_indices`` is false), reports skipped files to ``on_skip`` and turns an unreadable file into
-    :class:`UnreadableImageError` in the main process."""
+    :class:`UnreadableImageError` in the main process.
+
+    Warnings raised while reading are counted in ``data_warnings``; without one given, the loader keeps its
+    own and warns once per kind (count and first example) when a pass over it ends."""
 
     def __init__(self, *args: Any, skip_unreadable: bool, hint: str, with_indices: bool,
-                 on_skip: Callable[[list[Unreadable]], None] | None, **kwargs: Any) -> None:
+                 on_skip: Callable[[list[Unreadable]], None] | None,
+                 data_warnings: DataWarnings | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.skip_unreadable, self.hint, self.with_indices, self.on_skip = (skip_unreadable, hint,
                                                                              with_indices, on_skip)
+        self.owns_warnings = data_warnings is None
+        self.data_warnings = DataWarnings() if data_warnings is None else data_warnings
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        yield from self._batches()
+        if self.owns_warnings:
+            for line in self.data_warnings.lines():
+                warnings.warn(line, stacklevel=2)
+
+    def _batches(self) -> Iterator[Any]:
         for batch in super().__iter__():
+            if batch.warned:
+                self.data_warnings.add(batch.warned)
             if batch.data is None and not self.skip_unreadable:
                 first = batch.unreadable[0]
                 raise UnreadableImageError(first.path, first.reason, self.hint)
@@ -287,7 +349,8 @@ def epoch_batches(task: Any, dataset: Dataset, *, batch_size: int, seed: int, ep
 
 def make_loader(items: SeededItems, batches: Sequence[list[int]], collate: Callable[[list[Any]], Any], *,
                 workers: int, pin_memory: bool, seed: int, hint: str = "",
-                on_skip: Callable[[list[Unreadable]], None] | None = None) -> DataLoader:
+                on_skip: Callable[[list[Unreadable]], None] | None = None,
+                data_warnings: DataWarnings | None = None) -> DataLoader:
     """Loader over fixed ``batches`` yielding ``(indices, batch)``. Its own generator keeps the global one
     untouched (a DataLoader draws a seed from the global generator otherwise, which resuming would not
     replay). ``hint`` ends the message of an unreadable file; ``on_skip`` hears of skipped ones."""
@@ -295,12 +358,14 @@ def make_loader(items: SeededItems, batches: Sequence[list[int]], collate: Calla
                          num_workers=workers, pin_memory=pin_memory,
                          generator=torch.Generator().manual_seed(seed),
                          worker_init_fn=parent_bound_init() if workers else None,
-                         skip_unreadable=items.skip_unreadable, hint=hint, with_indices=True, on_skip=on_skip)
+                         skip_unreadable=items.skip_unreadable, hint=hint, with_indices=True, on_skip=on_skip,
+                         data_warnings=data_warnings)
 
 
 def eval_loader(dataset: Dataset, collate: Callable[[list[Any]], Any], *, batch_size: int, workers: int,
                 pin_memory: bool = False, skip_unreadable: bool = False, hint: str = "",
-                on_skip: Callable[[list[Unreadable]], None] | None = None) -> DataLoader:
+                on_skip: Callable[[list[Unreadable]], None] | None = None,
+                data_warnings: DataWarnings | None = None) -> DataLoader:
     """This rank's shard of ``dataset`` in order, every item once over all ranks; ``.dataset`` wraps
     ``dataset`` (as ``.dataset.dataset``). With ``skip_unreadable`` files that cannot be decoded are left
     out of their batch (and reported to ``on_skip``)."""
@@ -309,4 +374,5 @@ def eval_loader(dataset: Dataset, collate: Callable[[list[Any]], Any], *, batch_
                          num_workers=workers, pin_memory=pin_memory,
                          generator=torch.Generator().manual_seed(0),
                          worker_init_fn=parent_bound_init() if workers else None,
-                         skip_unreadable=skip_unreadable, hint=hint, with_indices=False, on_skip=on_skip)
+                         skip_unreadable=skip_unreadable, hint=hint, with_indices=False, on_skip=on_skip,
+                         data_warnings=data_warnings)

@@ -38,6 +38,7 @@ from apps.engine import checkpointing as ckpt_io
 from apps.engine import distributed as dist_utils
 from apps.engine.ema import ModelEMA
 from apps.engine.loader import (
+    DataWarnings,
     SeededItems,
     Unreadable,
     UnreadableImageError,
@@ -137,6 +138,7 @@ class _Trainer:
         self.ema = ModelEMA(self.model, self.cfg.ema_decay) if self.cfg.ema else None
         self.items = SeededItems(self.train_ds, exp.seed, skip_unreadable=exp.data.skip_unreadable)
         self.skipped = self._listed_skipped()  # files skipped so far (a resumed run keeps the list)
+        self.data_warnings = DataWarnings()  # warnings while reading items: one line per kind and pass
         self.saved_at = time.monotonic()  # of the last last.pt (train.checkpoint_minutes)
 
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
@@ -462,7 +464,8 @@ class _Trainer:
         loader = DataWait(make_loader(self.items, batches[start:], self.task.collate,
                                       workers=self.exp.data.workers, pin_memory=self.device.type == "cuda",
                                       seed=self.exp.seed + epoch, on_skip=self._skip,
-                                      hint=self._unreadable_hint(self.exp.data.train)))
+                                      hint=self._unreadable_hint(self.exp.data.train),
+                                      data_warnings=self.data_warnings))
         progress = self.log.progress(epoch=epoch, epochs=self._planned_epochs(epoch), total=len(batches),
                                      start=start, log_every=cfg.log_every, data_wait=loader)
         record_mark = loader.mark()  # start of the next metrics record's data-wait window
@@ -510,6 +513,12 @@ class _Trainer:
                     break
         finally:
             progress.close()
+        self._report_data_warnings(f"epoch {epoch + 1}")
+
+    def _report_data_warnings(self, where: str) -> None:
+        """One line per kind of warning raised while reading (this process's share), not one per image."""
+        for line in self.data_warnings.lines():
+            self.log.warning(f"{where}: {line}")
 
     def _snapshot_buffers(self) -> list[torch.Tensor]:
         return [b.detach().clone() for b in self.model.buffers()]
@@ -604,7 +613,8 @@ class _Trainer:
         loader = eval_loader(self.val_ds, self.task.collate, batch_size=self.cfg.batch_size,
                              workers=self.exp.data.workers, pin_memory=self.device.type == "cuda",
                              skip_unreadable=self.exp.data.skip_unreadable,
-                             hint=self._unreadable_hint(self.exp.data.val), on_skip=self._skip)
+                             hint=self._unreadable_hint(self.exp.data.val), on_skip=self._skip,
+                             data_warnings=self.data_warnings)
         metrics: dict[str, float] = {}
         models = [("", self.model)] + ([("ema_", self.ema.module)] if self.ema is not None else [])
         for prefix, model in models:
@@ -617,6 +627,7 @@ class _Trainer:
                     self._save_last()
                 raise
             metrics.update({f"{prefix}{k}": float(v) for k, v in result.items()})
+        self._report_data_warnings("validation")
         self.model.train()
         return metrics
 
