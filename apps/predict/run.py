@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from apps.predict.writers import (
     done_names,
     merge_shards,
     prepare_output,
+    read_jsonl,
     write_coco_results,
     write_csv,
     write_summary,
@@ -91,6 +93,31 @@ def _load_coco_ids(path: str) -> tuple[dict[str, int], dict[str, int]]:
     for name, image_id in by_name.items():
         bases.setdefault(os.path.basename(name), []).append(image_id)
     return by_name, {b: ids[0] for b, ids in bases.items() if len(ids) == 1}
+
+
+SPLIT_ANNOTATIONS = "annotations.json"  # a split's COCO file as `visiondet synth` and the README lay it out
+
+
+def find_split_annotations(files: list[ImageFile]) -> tuple[str | None, str]:
+    """The ``annotations.json`` beside the images or one folder above them whose ``images`` list names
+    every file (by file name, else base name), so that predictions.json carries the ids that
+    ``visiondet evaluate --annotations`` expects; and one line saying what was found (or "" when nothing
+    was there)."""
+    root = Path(os.path.commonpath([os.path.dirname(os.path.abspath(f.path)) for f in files]))
+    for folder in (root, root.parent):
+        candidate = folder / SPLIT_ANNOTATIONS
+        if not candidate.is_file():
+            continue
+        try:
+            by_name, by_base = _load_coco_ids(str(candidate))
+        except OutputError:
+            return None, f"{candidate} is not a COCO file with an images list: image ids from file names"
+        known = sum(f.name in by_name or os.path.basename(f.name) in by_base for f in files)
+        if known < len(files):
+            return None, (f"{candidate} lists {known} of the {len(files)} images: image ids from file names "
+                          f"(--coco-ids {candidate} to use it anyway)")
+        return str(candidate), f"image ids from {candidate}, which lists every image (--coco-ids: another)"
+    return None, ""
 
 
 def image_ids(files: list[ImageFile], coco_ids: str | None) -> dict[str, int | None]:
@@ -146,7 +173,8 @@ def run_predict(opts: PredictOptions) -> int:
                               nms_threshold=opts.nms_threshold, classes=opts.classes, top_k=opts.top_k,
                               max_pixels=opts.max_pixels, backend=opts.backend)
         task, coco = predictor.task, predictor.inference.coco_results
-        formats = list(dict.fromkeys(opts.formats or (["coco"] if coco else ["jsonl"])))
+        # the COCO results always come with a detector: --format adds exports, it never takes that one away
+        formats = list(dict.fromkeys((["coco"] if coco else ["jsonl"]) + list(opts.formats)))
         for fmt in formats:
             if fmt not in FORMATS:
                 raise OutputError(f"--format {fmt}: choose from {', '.join(FORMATS)}")
@@ -154,13 +182,18 @@ def run_predict(opts: PredictOptions) -> int:
             raise OutputError(f"--coco-ids: image ids are for detection results; this checkpoint is {task}")
         if "coco" in formats and not coco:
             raise OutputError(f"--format coco: COCO results need a detection checkpoint; this one is {task}")
-        ids = image_ids(scan.files, opts.coco_ids) if coco else None
+        coco_ids = opts.coco_ids
+        if coco and coco_ids is None:
+            coco_ids, line = find_split_annotations(scan.files)
+            if line and dist.is_main:
+                _warn(line)
+        ids = image_ids(scan.files, coco_ids) if coco else None
         run_info = {
             "weights": str(Path(opts.weights).resolve()), "task": task,
             "score_threshold": opts.score_threshold, "nms_threshold": opts.nms_threshold,
             "classes": opts.classes, "top_k": opts.top_k,
             "max_pixels": opts.max_pixels, "sources": [os.path.abspath(s) for s in opts.sources],
-            "formats": formats, "save_images": opts.save_images, "coco_ids": opts.coco_ids,
+            "formats": formats, "save_images": opts.save_images, "coco_ids": coco_ids,
         }
         # Every rank checks (and fails) alike; only rank 0 changes the folder, the others wait for it.
         prepare_output(output, run_info, resume=opts.resume, overwrite=opts.overwrite, write=False)
@@ -208,7 +241,7 @@ def run_predict(opts: PredictOptions) -> int:
 
         code = 0
         if dist.is_main:
-            code = _finish(output, opts, task, formats, scan, predictor, dist, per_rank,
+            code = _finish(output, opts, coco_ids, task, formats, scan, predictor, dist, per_rank,
                            skipped=len(scan.files) - len(todo), wall=time.perf_counter() - started)
         return int(distributed.broadcast_object(code))
     finally:
@@ -216,8 +249,8 @@ def run_predict(opts: PredictOptions) -> int:
 
 
 def _finish(
-    output: Path, opts: PredictOptions, task: str, formats: list[str], scan: Any, predictor: Predictor,
-    dist: Any, per_rank: list[dict[str, Any]], *, skipped: int, wall: float,
+    output: Path, opts: PredictOptions, coco_ids: str | None, task: str, formats: list[str], scan: Any,
+    predictor: Predictor, dist: Any, per_rank: list[dict[str, Any]], *, skipped: int, wall: float,
 ) -> int:
     """Rank 0: merge the shards, write the exports and summary.json, print a short report."""
     merge_shards(output)
@@ -228,7 +261,7 @@ def _finish(
         written["coco"] = COCO_RESULTS
         extra["coco_results"] = {"detections": n_dets, "images_without_id": no_id}
         if no_id:
-            _warn(f"{no_id} images have no id in {opts.coco_ids}: left out of {COCO_RESULTS}")
+            _warn(f"{no_id} images have no id in {coco_ids}: left out of {COCO_RESULTS}")
     result_type = predictor.inference.result_type
     if "csv" in formats:
         write_csv(output, result_type)
@@ -260,6 +293,10 @@ def _finish(
     write_summary(output, summary)
     print(f"{counts['done']} images done, {counts['failed']} failed, {skipped} skipped (done before), "
           f"{summary['images_per_second']} img/s -> {output}", file=sys.stderr)
+    if counts["failed"]:
+        failed = [f"{r['file']} ({r['reason']})" for r in islice(read_jsonl(output / ERRORS), 3)]
+        more = f" and {counts['failed'] - len(failed)} more" if counts["failed"] > len(failed) else ""
+        _warn(f"could not read {'; '.join(failed)}{more} (all listed in {output / ERRORS})")
     if counts["done"] == 0:
         _warn(f"no image could be processed; see {output / ERRORS}")
         return 1

@@ -233,6 +233,41 @@ def write_coco_results(output: Path) -> tuple[int, int]:
     return written, missing
 
 
+def match_by_file_name(results: list[dict[str, Any]], journal: Path,
+                       images: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str] | None:
+    """``results`` (COCO results read from a predict folder) with each image id replaced by the id that
+    ``images`` (a COCO ``images`` list) gives the same file, found through ``journal`` (the predictions.jsonl
+    beside them, which pairs every file with the id predict wrote); and one line saying what was done.
+
+    None when the journal is missing or every id already names the same file. File names match as written,
+    else by base name where that is unique on both sides. Results of files the ground truth does not list
+    are left out (and counted in the line).
+    """
+    if not journal.is_file():
+        return None
+    by_name = {str(im.get("file_name", "")).replace("\\", "/"): im["id"] for im in images}
+    bases: dict[str, list[Any]] = {}
+    for name, image_id in by_name.items():
+        bases.setdefault(os.path.basename(name), []).append(image_id)
+    by_base = {b: ids[0] for b, ids in bases.items() if len(ids) == 1}
+    ours: dict[Any, Any] = {}  # predict's id -> the ground truth's id of the same file (None: not listed)
+    for record in read_jsonl(journal):
+        name = str(record.get("file", ""))
+        if record.get("image_id") is not None:
+            ours[record["image_id"]] = by_name.get(name, by_base.get(os.path.basename(name)))
+    if all(old == new for old, new in ours.items()):
+        return None
+    matched = [{**r, "image_id": ours[r["image_id"]]} for r in results
+               if ours.get(r.get("image_id")) is not None]
+    changed = sum(old != new for old, new in ours.items() if new is not None)
+    unlisted = sum(new is None for new in ours.values())
+    line = (f"the image ids of {changed} of {len(ours)} images are not the ground truth's: matched them by "
+            f"file name through {journal}")
+    if unlisted:
+        line += f"; {unlisted} images the ground truth does not list are left out"
+    return matched, line
+
+
 def write_csv(output: Path, result_type: type[Result]) -> None:
     """predictions.jsonl -> predictions.csv, long format: one row per detection / top-k entry / class, as the
     task's ``result_type`` reads its records (every image gets at least one row)."""

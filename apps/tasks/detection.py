@@ -25,6 +25,7 @@ out of the ground truth and counted): ``AP`` (AP@[.5:.95], the primary metric),
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from apps.config import ConfigError, Experiment, SplitConfig, from_dict
 from apps.engine.checkpointing import make_checkpoint
 from apps.engine.distributed import broadcast_object, gather_object
 from apps.engine.loader import eval_loader, parent_bound_init
+from apps.predict.writers import PREDICTIONS, match_by_file_name
 from apps.tasks import load_model
 from apps.tasks.base import Datasets, Task
 from apps.tasks.inference.detection import DetectionInference
@@ -48,6 +50,7 @@ from detection.evaluation import (
     detections_to_coco,
     evaluate_coco,
     format_table,
+    load_ground_truth,
     load_results,
 )
 from detection.models import DetectorConfig, build_detector, check_sections, split_arch
@@ -291,9 +294,20 @@ class DetectionTask(Task):
         if split.annotations is None:
             raise ConfigError("--annotations (COCO JSON) is required to score detection predictions")
         try:
-            return evaluate_coco(split.annotations, load_results(predictions))
+            gt, results = load_ground_truth(split.annotations), load_results(predictions)
+            # predict's folder pairs each image id with its file: where the ids are not the ground truth's
+            # (predict run without the split's annotations.json), the same files are matched by name
+            matched = match_by_file_name(results, Path(predictions).with_name(PREDICTIONS),
+                                         gt.dataset.get("images", []))
+            if matched is not None:
+                results, line = matched
+                print(f"visiondet evaluate: {line}", file=sys.stderr)
+            return evaluate_coco(gt, results)
         except EvaluationError as exc:
-            raise ConfigError(f"--predictions: {predictions}: {exc}") from exc
+            hint = ("" if Path(predictions).with_name(PREDICTIONS).is_file() else
+                    f"; without the {PREDICTIONS} that `visiondet predict` writes beside its results, image "
+                    f"ids cannot be matched by file name: predict again with --coco-ids {split.annotations}")
+            raise ConfigError(f"--predictions: {predictions}: {exc}{hint}") from exc
 
     def format_metrics(self, metrics: dict[str, float]) -> str:
         table = format_table(metrics)
