@@ -97,9 +97,12 @@ def test_find_checkpoints_keeps_usable_ones_and_names_the_others(tmp_path):
     save_checkpoint(dict(good, task="classification", model={"backbone": "resnet18"}), other / "a_good.pt")
     save_checkpoint(dict(good, task="rcnn", model={"backbone": "resnet18"}), tmp_path / "0_rcnn.pt")
     save_checkpoint(dict(good, model={"arch": "fast_rcnn_r18"}), tmp_path / "1_fast.pt")
-    found, problems = find_checkpoints([tmp_path], [other / "a_good.pt", tmp_path / "a_good.pt"])
-    # names stay unique; detectors newest generation first, discovery order otherwise
-    assert [c.label for c in found] == ["a_good.pt", str(other / "a_good.pt"), "1_fast.pt", "0_rcnn.pt"]
+    found, problems = find_checkpoints([tmp_path], [tmp_path / "a_good.pt", other / "a_good.pt"])
+    # the given files first, in order, by folder and name (listed once although the folder has one too);
+    # then detectors newest generation first, discovery order otherwise
+    assert [c.label for c in found] == [f"{tmp_path.name}/a_good.pt", "other/a_good.pt", "1_fast.pt",
+                                        "0_rcnn.pt"]
+    assert [c.chosen for c in found] == [True, True, False, False]
     # the detection tabs offer every detector, R-CNN's task included, through the task's inference
     assert [c.is_a(DetectionInference) for c in found] == [True, False, True, True]
     first = found[0]

@@ -15,7 +15,8 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", nargs="+", default=[], metavar="CKPT",
-                        help="checkpoints (or folders of *.pt) to offer besides those in weights/")
+                        help="checkpoints (or folders of *.pt) to offer besides those in weights/; listed "
+                             "first, by run folder: each tab opens on the first one of its kind")
     parser.add_argument("--no-default-weights", action="store_true",
                         help="do not list the checkpoints of the weights/ folder")
     parser.add_argument("--host", default="127.0.0.1",

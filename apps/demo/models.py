@@ -66,6 +66,7 @@ class Checkpoint:
     metrics: dict[str, float] = field(default_factory=dict)
     trained_on: str = "data its checkpoint does not name"
     synthetic: bool = False  # visiondet's generated shapes: meaningless on a real photograph
+    chosen: bool = False  # passed with --weights: listed first, so its tabs open on it
 
     @property
     def arch(self) -> str:
@@ -134,23 +135,40 @@ def _trained_on(ckpt: dict[str, Any]) -> tuple[str, bool]:
     return f"the dataset in {'/'.join(folder.parts[-2:])}", False
 
 
+def _pt_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.pt") if p.is_file()) if folder.is_dir() else []
+
+
+def _label(path: Path, ckpt: dict[str, Any], taken: set[str]) -> str:
+    """A checkpoint the user passed, by a name that says which: its run folder's and the file's, and the
+    data it was trained on when the checkpoint names it ("exp1/best.pt · shapes_det (train)"), not a bare
+    best.pt beside the shipped models."""
+    label = f"{path.parent.name}/{path.name}" if path.parent.name not in ("", ".") else path.name
+    if ckpt.get("trained_on"):
+        label += f" · {ckpt['trained_on']}"
+    return label if label not in taken else str(path)
+
+
 def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] = ()
                      ) -> tuple[list[Checkpoint], list[str]]:
-    """Checkpoints ``*.pt`` in ``folders`` (not recursive) and the given ``files``, then torchvision's COCO
-    Faster R-CNN files found in ``folders`` or torch's hub cache, in that order, except
-    that detectors are listed newest R-CNN generation first (Faster, Fast, then R-CNN): a picker opens on
-    its first entry, and the newest is the one a first-time user should see.
+    """The checkpoints the user passed (``files``: checkpoints, or folders of ``*.pt``), then those ``*.pt``
+    in ``folders`` (not recursive), then torchvision's COCO Faster R-CNN files found in ``folders`` or
+    torch's hub cache. A picker opens on its first entry: the user's own come first, in the order given,
+    named by their run folder (:func:`_label`); then detectors newest R-CNN generation first (Faster, Fast,
+    then R-CNN), the one a first-time user should see.
 
     Returns (usable checkpoints, one problem line per file that is not one). A file is read in full once
     here (for its task, classes and metrics) and again when first used; the weights are not kept.
     """
     folders = [Path(f) for f in folders]
-    paths: list[Path] = []
+    chosen: list[Path] = []
+    for item in map(Path, files):
+        chosen += _pt_files(item) if item.is_dir() else [item]
+    paths = list(chosen)
     for folder in folders:
-        if folder.is_dir():
-            paths += sorted(p for p in folder.glob("*.pt") if p.is_file())
-    paths += [Path(f) for f in files]
+        paths += _pt_files(folder)
     paths += find_torchvision_coco(folders)
+    chosen_keys = {p.resolve() for p in chosen}
     found: list[Checkpoint] = []
     problems: list[str] = []
     seen: set[Path] = set()
@@ -165,7 +183,7 @@ def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] 
             arch = TORCHVISION_COCO_FILES[path.name][0]
             found.append(Checkpoint(title, path, task.name, task.inference,
                                     task.inference.describe({"arch": arch}), list(COCO_CLASSES),
-                                    trained_on=COCO_TRAINED_ON))
+                                    trained_on=COCO_TRAINED_ON, chosen=key in chosen_keys))
             continue
         try:
             ckpt = load_checkpoint(path, map_location="cpu")
@@ -181,13 +199,16 @@ def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] 
         except KeyError as exc:
             problems.append(f"{path}: {exc.args[0]}")
             continue
-        label = path.name if all(c.label != path.name for c in found) else str(path)
+        taken = {c.label for c in found}
+        mine = key in chosen_keys
+        label = _label(path, ckpt, taken) if mine else path.name if path.name not in taken else str(path)
         trained_on, synthetic = _trained_on(ckpt)
         found.append(Checkpoint(label, path, task.name, task.inference,
                                 task.inference.describe(ckpt.get("model") or {}), list(ckpt["classes"]),
-                                dict(ckpt.get("metrics") or {}), trained_on, synthetic))
-    # detectors newest generation first (0 for every non-detector); stable: discovery order otherwise
-    found.sort(key=lambda c: c.description.generation)
+                                dict(ckpt.get("metrics") or {}), trained_on, synthetic, chosen=mine))
+    # the user's first, as given; then detectors newest generation first (0 for every non-detector);
+    # stable: discovery order otherwise
+    found.sort(key=lambda c: (not c.chosen, 0 if c.chosen else c.description.generation))
     return found, problems
 
 

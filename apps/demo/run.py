@@ -31,18 +31,16 @@ class DemoOptions:
 
 
 def _sources(opts: DemoOptions) -> tuple[list[Path], list[Path]]:
-    """(folders, files) of checkpoints to offer; a --weights entry that is neither is a ValueError."""
+    """(folders of the shipped checkpoints, the user's --weights: checkpoints or folders of them, in the
+    order given, which the pickers list first); an entry that is neither is a ValueError."""
     folders = [WEIGHTS_DIR] if opts.default_weights else []
-    files = []
+    chosen = []
     for item in opts.weights:
         path = Path(item)
-        if path.is_dir():
-            folders.append(path)
-        elif path.is_file():
-            files.append(path)
-        else:
+        if not path.exists():
             raise ValueError(f"--weights {item}: no such file or folder")
-    return folders, files
+        chosen.append(path)
+    return folders, chosen
 
 
 def run_demo(opts: DemoOptions) -> int:
