@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import pickle
 
@@ -69,3 +70,35 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
     torch.load(path, weights_only=False)  # proof that the payload is live
     assert marker.exists()
+
+
+def test_an_exported_graph_passed_as_a_checkpoint_says_what_it_is_and_what_to_use(tmp_path):
+    # a TorchScript file as `visiondet export` writes it: the graph, extra/visiondet.json naming its source
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    torch.jit.save(scripted, str(tmp_path / "detector.ts"),
+                   _extra_files={"visiondet.json": json.dumps({"checkpoint": "best.pt"})})
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(tmp_path / "detector.ts")
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'detector.ts'}: a TorchScript export made by `visiondet export` "
+                              "from best.pt, not a checkpoint: pass the visiondet checkpoint (.pt) it was "
+                              "exported from (best.pt) to --weights")
+    assert "--backend onnxruntime" in message and "weights_only" not in message and "\n" not in message
+    (tmp_path / "detector.onnx").write_bytes(b"\x08\x08\x12\x07pytorch")  # ir_version 8, producer ...
+    with pytest.raises(CheckpointError, match=r"detector\.onnx: an ONNX export, not a checkpoint"):
+        load_checkpoint(tmp_path / "detector.onnx")
+    save_checkpoint({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "plain.pt")  # a zip, but no graph
+    assert load_checkpoint(tmp_path / "plain.pt")["state_dict"]["w"].shape == (1,)
+
+
+def test_version_names_visiondet_torch_and_torchvision(capsys):
+    from importlib.metadata import version
+
+    from apps.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"visiondet {version('visiondet')} (torch {version('torch')}, torchvision "
+                           f"{version('torchvision')}, Python 3.")

@@ -146,3 +146,42 @@ def test_shipped_classification_configs_load_and_say_what_they_reproduce(path, t
     exp = load_config(path, [f"data.train.root={tmp_path}", f"data.val.root={tmp_path}"])
     assert exp.task == "classification" and exp.train.epochs >= 1
     assert type(exp.model).__name__ == "ClassifierConfig"
+
+
+TASK_CONFIGS = {  # one shipped config per task: the README's promise holds for each
+    "detection": "configs/detection/faster_rcnn_r18_fpn_shapes_quick.yaml",
+    "segmentation": "configs/segmentation/deeplabv3plus_r18_shapes_cpu.yaml",
+    "classification": "configs/classification/resnet18_shapes.yaml",
+}
+
+
+@pytest.mark.parametrize("task", sorted(TASK_CONFIGS))
+def test_known_synonyms_and_old_spellings_are_suggested_before_the_closest_spelling(task):
+    config = Path(__file__).resolve().parents[1] / TASK_CONFIGS[task]
+
+    def error(override: str) -> str:
+        with pytest.raises(ConfigError) as caught:
+            load_config(config, [override])
+        message = str(caught.value)
+        assert "\n" not in message  # one line
+        return message
+
+    # edit distance alone said 'train.min_lr_ratio' and 'model.mean'
+    message = error("train.learning_rate=0.01")
+    assert message.endswith("unknown key 'train.learning_rate'; did you mean 'train.lr'?")
+    assert error("data.num_workers=4").endswith("did you mean 'data.workers'?")
+    # pretrained names model.backbone_weights on every task (a rename for classifiers, a synonym elsewhere),
+    # with torchvision's flag translated to the named source
+    for value, meant in (("true", "imagenet"), ("false", "null"), ("weights/x.pt", "weights/x.pt")):
+        message = error(f"model.pretrained={value}")
+        assert f"model.backbone_weights: {meant}" in message and "model.mean" not in message, message
+    if task == "segmentation":  # no freeze_at: no wrong turn to model.frozen_bn, the valid keys instead
+        message = error("model.freeze_backbone=true")
+        assert "which this section does not have; valid keys: model.arch," in message
+        assert "did you mean" not in message
+    else:
+        assert "model.freeze_at: 5" in error("model.freeze_backbone=true")
+        assert "model.freeze_at: 0" in error("model.freeze_backbone=false")
+        assert "model.freeze_at: 2" in error("model.trainable_backbone_layers=3")
+    # what no table knows still gets the closest spelling
+    assert error("train.epoch=3").endswith("did you mean 'train.epochs'?")

@@ -30,14 +30,14 @@ def _experiment(task: str, model: dict) -> dict:
 
 
 @pytest.mark.parametrize("task, old, new, hint", [
-    ("classification", "pretrained", "backbone_weights", "backbone weights"),
-    ("classification", "freeze_backbone", "freeze_at", "freeze_backbone: true = freeze_at: 5"),
-    ("detection", "trainable_backbone_layers", "freeze_at", "freeze_at = 5 - trainable_backbone_layers"),
+    ("classification", "pretrained", "backbone_weights: imagenet", "backbone weights"),
+    ("classification", "freeze_backbone", "freeze_at: 5", "freeze_backbone: true = freeze_at: 5"),
+    ("detection", "trainable_backbone_layers", "freeze_at: 2", "freeze_at = 5 - trainable_backbone_layers"),
 ])
 def test_a_renamed_key_in_a_config_names_the_new_one(task, old, new, hint):
     with pytest.raises(ConfigError) as caught:
         build_experiment(_experiment(task, {old: 3 if "layers" in old else True}))
-    message = str(caught.value)
+    message = str(caught.value)  # the new key with the old value translated
     assert message.startswith(f"model.{old} was renamed: use model.{new} (") and hint in message
     assert "\n" not in message
 
