@@ -84,7 +84,7 @@ def shapes_ap(folder: Path, num_images: int) -> list[tuple[str, dict[str, float]
     ONNX with the int8 box head."""
     from apps import WEIGHTS_DIR
     from apps.cli import main as cli
-    from apps.deploy import export_checkpoint
+    from apps.export import export_checkpoint
     from detection.evaluation import evaluate_coco
     from vision.data.images import read_image
 

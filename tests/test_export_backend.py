@@ -11,7 +11,7 @@ import pytest
 from apps import WEIGHTS_DIR
 from apps.cli import main
 from apps.demo.models import ModelCache, find_checkpoints
-from apps.deploy import ExportedModel
+from apps.export import ExportedModel
 from apps.predict.predictor import Predictor
 from vision.data.images import read_image
 

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apps.deploy import ExportOptions, run_export
+    from apps.export import ExportOptions, run_export
     from vision.checkpoint import CheckpointError
     from vision.export import ExportError
 

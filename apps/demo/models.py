@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import torch
 
-from apps.deploy import exported_backend
+from apps.export import exported_backend
 from apps.tasks import LoadedModel, get_task, load_model, upgrade_checkpoint
 from apps.tasks.inference.base import Inference, ModelDescription
 from detection.convert import (
@@ -224,7 +224,7 @@ class ModelCache:
                  backend: str = "pytorch"):
         self.checkpoints = {c.label: c for c in checkpoints}
         self.device = torch.device(device)
-        self.backend = backend  # "onnxruntime": models run from their exported files (apps.deploy)
+        self.backend = backend  # "onnxruntime": models run from their exported files (apps.export)
         self.loads: dict[str, int] = {}
         self._models: dict[str, LoadedModel] = {}
         self._loading = threading.Lock()

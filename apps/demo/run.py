@@ -26,7 +26,7 @@ class DemoOptions:
     device: str = "auto"
     max_side: int = DEFAULT_MAX_SIDE
     max_pixels: int = DEFAULT_MAX_PIXELS
-    backend: str = "pytorch"  # or "onnxruntime": each model's exported file (apps.deploy)
+    backend: str = "pytorch"  # or "onnxruntime": each model's exported file (apps.export)
     concurrency: int = 1
 
 

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from apps.deploy import exported_backend
 from apps.engine.distributed import resolve_device
 from apps.engine.loader import parent_bound_init
+from apps.export import exported_backend
 from apps.predict.results import Prediction
 from apps.predict.sources import ImageFile, find_images
 from apps.tasks import load_model
@@ -97,7 +97,7 @@ class Predictor:
         top_k: classification: how many classes each result lists (at most the number of classes).
         max_pixels: refuse larger image files (decompression bombs).
         backend: ``pytorch``, or ``onnxruntime``: the checkpoint's ONNX export (made, checked against
-            PyTorch and cached on first use, see apps.deploy) run by ONNX Runtime on the CPU.
+            PyTorch and cached on first use, see apps.export) run by ONNX Runtime on the CPU.
     """
 
     def __init__(

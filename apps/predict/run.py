@@ -72,7 +72,7 @@ class PredictOptions:
     allow_inside_source: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
-    backend: str = "pytorch"  # or "onnxruntime": the checkpoint's exported file (apps.deploy)
+    backend: str = "pytorch"  # or "onnxruntime": the checkpoint's exported file (apps.export)
 
 
 def _warn(message: str) -> None:
