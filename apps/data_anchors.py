@@ -9,6 +9,7 @@ from typing import Any
 
 from apps.config import ConfigError, build_experiment, load_yaml_with_bases
 from detection.anchor_fit import AnchorReport, anchor_report, coco_boxes
+from detection.generation import generation_of
 from detection.models import DetectorConfig
 from vision.data.cocofile import paused_gc
 
@@ -26,7 +27,7 @@ def detector_config(config: str | None) -> tuple[DetectorConfig, str]:
     exp = build_experiment(load_yaml_with_bases(config))  # (its data paths need not exist here)
     if not isinstance(exp.model, DetectorConfig):
         raise ConfigError(f"{config}: task {exp.task!r} has no anchors (a detection config is needed)")
-    if not exp.model.arch.startswith("faster_rcnn_"):
+    if not generation_of(exp.model.arch).learned_proposals:
         raise ConfigError(f"{config}: {exp.model.arch} has no anchors (its proposals come from outside the "
                           "network; anchors belong to faster_rcnn_* archs)")
     return exp.model, config

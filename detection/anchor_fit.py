@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from detection.anchors import AnchorGenerator
+from detection.generation import generation_of
 from detection.models import RPNConfig, rpn_levels
 
 __all__ = [
@@ -303,8 +304,8 @@ def anchor_report(cfg: Any, boxes: np.ndarray, image_hw: np.ndarray, *, fit_size
     anchors fitted to them (sizes and/or ratios; the same number of sizes per level, at most as many
     ratios)."""
     sizes, strides = rpn_levels(cfg)
-    auto_ratios = cfg.rpn.aspect_ratios == "auto"
-    ratios = RPNConfig().aspect_ratios if auto_ratios else list(cfg.rpn.aspect_ratios)
+    rpn = cfg.rpn or RPNConfig()
+    ratios = RPNConfig().aspect_ratios if rpn.aspect_ratios == "auto" else list(rpn.aspect_ratios)
     configured = AnchorLayout(sizes, ratios, strides)
     scaled, padded = boxes_at_model_scale(boxes, image_hw, cfg.min_size, cfg.max_size, cfg.size_divisible)
     fitted = fit_anchors(scaled, padded, strides=strides, sizes_per_level=[len(s) for s in sizes],
@@ -329,9 +330,9 @@ def resolve_auto_anchors(cfg: Any, boxes: np.ndarray, image_hw: np.ndarray
     boxes (the other one kept as configured), and the report; ``(cfg, None)`` when nothing is "auto"."""
     from dataclasses import replace
 
-    if "auto" not in (cfg.rpn.anchor_sizes, cfg.rpn.aspect_ratios):
+    if cfg.rpn is None or "auto" not in (cfg.rpn.anchor_sizes, cfg.rpn.aspect_ratios):
         return cfg, None
-    if not cfg.arch.startswith("faster_rcnn_"):
+    if not generation_of(cfg.arch).learned_proposals:
         raise ValueError(f"rpn anchors 'auto': {cfg.arch} has no RPN (anchors belong to faster_rcnn_* archs)")
     if not len(boxes):
         raise ValueError("rpn anchors 'auto': the training annotations hold no boxes to fit anchors to")

@@ -3,11 +3,11 @@
 For one image, :func:`explain` runs the detector's own parts one after the other and keeps what each stage
 produced, in the image's pixels:
 
-- Faster R-CNN (a TwoStageDetector with a RegionProposalNetwork): the anchors at a chosen position (every
+- Faster R-CNN (learned proposals: a RegionProposalNetwork): the anchors at a chosen position (every
   level's anchors centred on the feature cell nearest to it) with their objectness; the best-scored anchors
   moved by their regression deltas, before NMS; the proposals after the RPN's NMS (exactly those the RoI
   heads receive); the final detections.
-- Fast R-CNN and R-CNN (TwoStageDetectors with ExternalProposals; R-CNN's RoI heads compute features per
+- Fast R-CNN and R-CNN (proposals from outside the network; R-CNN's RoI heads compute features per
   warped region): the proposals of selective search (or the given ones) instead of anchors; the
   best-scored regions (each with its most likely class and that class's refined box) before the per-class
   NMS; the same after NMS; the detections.
@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from detection.models import ExternalProposals, TwoStageDetector
+from detection.generation import Generation
+from detection.models import TwoStageDetector
 from detection.roi_heads import detections_from_scores
 from detection.rpn import RegionProposalNetwork, RPNPredictions
 from detection.structures import Detections, Thresholds
 from detection.transform import ImageBatch, scale_boxes
 
-__all__ = ["Stage", "Explanation", "explain", "detector_kind"]
+__all__ = ["Stage", "Explanation", "explain"]
 
 
 @dataclass
@@ -58,14 +59,15 @@ class Stage:
 class Explanation:
     """What :func:`explain` returns.
 
-    kind: "faster_rcnn", "fast_rcnn" or "rcnn". anchors: the anchors at ``position`` (Faster R-CNN), or
-    None. proposals_source: the proposals before scoring (selective search / given; None for Faster R-CNN,
-    whose proposals are scored anchors). before_nms / after_nms: see the module docstring. detections: the
-    model's final answer. position: the (x, y) the anchors were taken at, in image pixels, snapped to the
-    feature cell's centre on the finest level. input_size: (h, w) the network saw after resizing.
+    generation: the detector's (detection.generation: what it can do, its title). anchors: the anchors at
+    ``position`` (Faster R-CNN), or None. proposals_source: the proposals before scoring (selective search
+    / given; None for Faster R-CNN, whose proposals are scored anchors). before_nms / after_nms: see the
+    module docstring. detections: the model's final answer. position: the (x, y) the anchors were taken at,
+    in image pixels, snapped to the feature cell's centre on the finest level. input_size: (h, w) the
+    network saw after resizing.
     """
 
-    kind: str
+    generation: Generation
     image_size: tuple[int, int]
     input_size: tuple[int, int]
     anchors: Stage | None
@@ -75,17 +77,6 @@ class Explanation:
     detections: Detections
     position: tuple[float, float] | None = None
     nms_threshold: float = 0.0
-
-
-def detector_kind(model: nn.Module) -> str:
-    """"faster_rcnn", "fast_rcnn" or "rcnn" (by the parts: where proposals come from, and whether the RoI
-    heads compute features per warped region); ValueError for anything else."""
-    if isinstance(model, TwoStageDetector):
-        if isinstance(model.proposal_generator, RegionProposalNetwork):
-            return "faster_rcnn"
-        if isinstance(model.proposal_generator, ExternalProposals):
-            return "rcnn" if getattr(model.roi_heads, "features_per_region", False) else "fast_rcnn"
-    raise ValueError(f"cannot explain a {type(model).__name__}: expected a Faster R-CNN, Fast R-CNN or R-CNN")
 
 
 @torch.inference_mode()
@@ -112,14 +103,17 @@ def explain(
         raise ValueError(f"expected one [3, H, W] image, got shape {tuple(image.shape)}")
     if top_n < 1:
         raise ValueError(f"top_n must be at least 1, got {top_n}")
-    kind = detector_kind(model)
+    if not isinstance(model, TwoStageDetector):
+        raise ValueError(f"cannot explain a {type(model).__name__}: expected a Faster R-CNN, Fast R-CNN or "
+                         "R-CNN")
+    generation = model.generation
     height, width = int(image.shape[1]), int(image.shape[2])
     if position is None:
         position = (width / 2.0, height / 2.0)
     seen = model.inspect(image, proposals, thresholds=thresholds)
     batch, stages, nms = seen.batch, seen.stages, seen.thresholds.nms_thresh
     anchors = proposals_source = None
-    if kind == "faster_rcnn":
+    if generation.learned_proposals:
         # The RPN's own stages: its candidates (before its NMS), then the proposals the heads received.
         anchors, position = _anchors_at(model.proposal_generator, stages.predictions, position, batch)
         (candidates,), (kept,) = stages.candidates, stages.proposals
@@ -130,8 +124,8 @@ def explain(
         # The heads' stages: every region's best class before the per-class NMS, then after it.
         proposals_source = _top(stages.proposals[0].boxes, None, None, top_n, batch)
         before, after = _before_after(seen.class_boxes, seen.class_scores, nms, top_n, batch)
-    return Explanation(kind, (height, width), batch.image_sizes[0], anchors, proposals_source, before, after,
-                       seen.detections, position, nms)
+    return Explanation(generation, (height, width), batch.image_sizes[0], anchors, proposals_source, before,
+                       after, seen.detections, position, nms)
 
 
 # ---- Faster R-CNN ------------------------------------------------------------------------------------------

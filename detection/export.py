@@ -44,7 +44,7 @@ class DetectorGraph(nn.Module):
     def __init__(self, detector: TwoStageDetector) -> None:
         super().__init__()
         self.detector = detector.eval()
-        if getattr(detector.roi_heads, "features_per_region", False):
+        if not detector.generation.exportable:
             raise ExportError("R-CNN is not exported: it warps every selective-search region and runs "
                               "the CNN once per region, with SVM scoring; use a Fast R-CNN (proposals as an "
                               "input) or a Faster R-CNN")

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 from torchvision.ops import clip_boxes_to_image, remove_small_boxes
 
 from detection.anchors import AnchorGenerator
 from detection.fpn import BackboneWithFPN
+from detection.generation import GENERATIONS, RCNN, Generation, generation_of
 from detection.proposals import ProposalConfig, build_proposal_source
 from detection.rcnn import ImageInput, RCNNConfig, RCNNHeads, RegionCNN, SVMPredictor, WarpedRegions
-from detection.rcnn_stages import run_stages
 from detection.roi_heads import (
     BoxPredictor,
     ConvFCHead,
@@ -71,8 +69,10 @@ class TwoStageDetector(nn.Module):
         backbone: nn.Module,
         proposal_generator: nn.Module,
         roi_heads: RoIHeads,
+        generation: Generation,
     ) -> None:
         super().__init__()
+        self.generation = generation  # what this detector can do (detection.generation), from its arch
         self.transform = transform
         self.backbone = backbone
         self.proposal_generator = proposal_generator
@@ -122,22 +122,6 @@ class TwoStageDetector(nn.Module):
         detections = heads.postprocess(*outputs, boxes, batch.image_sizes, thresholds)
         (detections,) = self.transform.postprocess(detections, batch)
         return Inspection(batch, stages, class_boxes, class_scores, detections, thresholds)
-
-    @property
-    def has_later_stages(self) -> bool:
-        """Whether training continues after the gradient-descent loop (R-CNN's SVMs and box regressors)."""
-        return isinstance(self.roi_heads, RCNNHeads)
-
-    def train_later_stages(self, dataset: Dataset, stage_dir: Path, cfg: RCNNConfig,
-                           log: Callable[[str], None] = print, *, workers: int = 0,
-                           worker_init_fn: Callable[[int], None] | None = None) -> None:
-        """R-CNN's stages after fine-tuning (detection.rcnn_stages: features, SVMs with hard negative
-        mining, ridge box regression) over ``dataset`` (items ``(image, target)``, not augmented, with their
-        ``proposals``; read by ``workers`` DataLoader processes), each kept under ``stage_dir`` so an
-        interrupted run continues; the results are loaded into this model."""
-        if not self.has_later_stages:
-            raise ValueError("this detector has no training stages after the training loop")
-        run_stages(self, dataset, stage_dir, cfg, log, workers=workers, worker_init_fn=worker_init_fn)
 
 
 @dataclass
@@ -302,7 +286,7 @@ class DetectorConfig:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     fpn_channels: int = 256
-    rpn: RPNConfig = field(default_factory=RPNConfig)
+    rpn: RPNConfig | None = None  # faster_rcnn_* only: the RPN (None: RPNConfig's defaults)
     roi: RoIConfig = field(default_factory=RoIConfig)
     proposals: ProposalConfig | None = None  # fast_rcnn_*, rcnn_*: where proposals come from (none given)
     rcnn: RCNNConfig | None = None  # rcnn_* only: warping, SVMs, box regression (None: the paper's defaults)
@@ -322,8 +306,8 @@ _BODIES = {
     "vgg16": _Body("vgg16", "vgg"),
 }
 _RCNN_NETWORKS = {"vgg16": "vgg16", **{f"r{d}": f"resnet{d}" for d in (18, 34, 50, 101)}}
-DETECTOR_ARCHS = (*(f"{kind}_{body}" for kind in ("faster_rcnn", "fast_rcnn") for body in _BODIES),
-                  *(f"rcnn_{name}" for name in _RCNN_NETWORKS))
+DETECTOR_ARCHS = tuple(f"{g.prefix}_{body}" for g in GENERATIONS
+                       for body in (_RCNN_NETWORKS if g.features_per_region else _BODIES))
 _RPN_STRIDES = {"fpn": [4, 8, 16, 32, 64], "c4": [16], "vgg": [16]}  # of the maps the RPN reads
 _LAYOUT_DEFAULTS = {  # anchor sizes, pooler, pooled size
     "fpn": ([[32], [64], [128], [256], [512]], "multiscale", 7),
@@ -332,26 +316,24 @@ _LAYOUT_DEFAULTS = {  # anchor sizes, pooler, pooled size
 }
 
 
-def split_arch(arch: str) -> tuple[str, str]:
-    """``arch`` -> (generation "faster", "fast" or "rcnn", body); ValueError for an unknown one."""
+def split_arch(arch: str) -> tuple[Generation, str]:
+    """``arch`` -> (its Generation, body); ValueError for an unknown one."""
     if arch not in DETECTOR_ARCHS:
         raise ValueError(f"unknown detector arch {arch!r}; choose one of {', '.join(DETECTOR_ARCHS)}")
-    if arch.startswith("rcnn_"):
-        return "rcnn", arch[len("rcnn_"):]
-    kind, body = arch.split("_rcnn_")
-    return kind, body
+    generation = generation_of(arch)
+    return generation, arch[len(generation.prefix) + 1:]
 
 
 def unused_sections(cfg: DetectorConfig) -> list[str]:
     """The sections of ``cfg`` its architecture would ignore: ``rpn`` (set to anything but the defaults)
     without an RPN, ``proposals`` with one, ``rcnn`` outside R-CNN."""
-    kind, _ = split_arch(cfg.arch)
+    generation, _ = split_arch(cfg.arch)
     unused = []
-    if kind != "faster" and cfg.rpn != RPNConfig():
+    if not generation.learned_proposals and cfg.rpn not in (None, RPNConfig()):
         unused.append("rpn")
-    if kind == "faster" and cfg.proposals is not None:
+    if generation.learned_proposals and cfg.proposals is not None:
         unused.append("proposals")
-    if kind != "rcnn" and cfg.rcnn is not None:
+    if not generation.features_per_region and cfg.rcnn is not None:
         unused.append("rcnn")
     return unused
 
@@ -375,9 +357,9 @@ def without_unused_sections(model: dict[str, Any]) -> dict[str, Any]:
     arch = model.get("arch")
     if not isinstance(arch, str) or arch not in DETECTOR_ARCHS:
         return model
-    kind, _ = split_arch(arch)
-    drop = {"rpn"} if kind != "faster" else {"proposals"}
-    if kind != "rcnn":
+    generation, _ = split_arch(arch)
+    drop = {"proposals"} if generation.learned_proposals else {"rpn"}
+    if not generation.features_per_region:
         drop.add("rcnn")
     return {key: value for key, value in model.items() if key not in drop}
 
@@ -385,32 +367,34 @@ def without_unused_sections(model: dict[str, Any]) -> dict[str, Any]:
 def rpn_levels(cfg: DetectorConfig) -> tuple[list[list[float]], list[int]]:
     """The anchor sizes the RPN of ``cfg`` uses per level (the architecture's default for None or "auto")
     and the stride of each level, without building the model."""
-    kind, body = split_arch(cfg.arch)
-    if kind == "rcnn":
+    generation, body = split_arch(cfg.arch)
+    if not generation.learned_proposals:
         raise ValueError(f"{cfg.arch} has no RPN")
     layout = _BODIES[body].layout
-    sizes = cfg.rpn.anchor_sizes if isinstance(cfg.rpn.anchor_sizes, list) else _LAYOUT_DEFAULTS[layout][0]
+    rpn = cfg.rpn or RPNConfig()
+    sizes = rpn.anchor_sizes if isinstance(rpn.anchor_sizes, list) else _LAYOUT_DEFAULTS[layout][0]
     return [list(s) for s in sizes], list(_RPN_STRIDES[layout])
 
 
 def build_detector(cfg: DetectorConfig, *, load_pretrained: bool = True) -> TwoStageDetector:
     """The detector ``cfg`` describes. ``load_pretrained=False`` reads no backbone weights (the caller
     loads a checkpoint next)."""
-    kind, body_name = split_arch(cfg.arch)
+    generation, body_name = split_arch(cfg.arch)
     if cfg.num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {cfg.num_classes}")
     check_sections(cfg)
-    if kind == "rcnn":
+    if generation.features_per_region:
         return _build_rcnn(cfg, _RCNN_NETWORKS[body_name], load_pretrained)
     body = _BODIES[body_name]
     if body.layout != "fpn" and (cfg.roi.norm is not None or cfg.roi.mlp_dropout):
         raise ValueError(f"roi.norm and roi.mlp_dropout are options of the FPN box heads; {cfg.arch}'s head "
                          "has no place for them (roi.dropout is the VGG head's)")
-    if "auto" in (cfg.rpn.anchor_sizes, cfg.rpn.aspect_ratios):
+    rpn = cfg.rpn or RPNConfig()
+    if "auto" in (rpn.anchor_sizes, rpn.aspect_ratios):
         raise ValueError("rpn.anchor_sizes / rpn.aspect_ratios 'auto' are fitted to the training data when "
                          "training starts; give numbers to build a model outside training")
     anchor_sizes, pooler_kind, pooled = _LAYOUT_DEFAULTS[body.layout]
-    anchor_sizes = cfg.rpn.anchor_sizes or anchor_sizes
+    anchor_sizes = rpn.anchor_sizes or anchor_sizes
     pooler_kind = cfg.roi.pooler or pooler_kind
     pooled = cfg.roi.output_size or pooled
 
@@ -435,14 +419,15 @@ def build_detector(cfg: DetectorConfig, *, load_pretrained: bool = True) -> TwoS
         detections_per_img=cfg.roi.detections_per_img,
         ignore_iof_thresh=cfg.roi.ignore_iof_thresh,
     )
-    if kind == "faster":
-        proposal_generator: nn.Module = _build_rpn(cfg, backbone, anchor_sizes)
+    if generation.learned_proposals:
+        proposal_generator: nn.Module = _build_rpn(cfg, rpn, backbone, anchor_sizes)
     else:
         source = build_proposal_source(cfg.proposals) if cfg.proposals is not None else None
         proposal_generator = ExternalProposals(source, max_proposals=cfg.roi.max_proposals)
     transform = DetectionTransform(cfg.min_size, cfg.max_size, cfg.mean, cfg.std, cfg.size_divisible)
     return TwoStageDetector(
-        transform=transform, backbone=backbone, proposal_generator=proposal_generator, roi_heads=roi_heads
+        transform=transform, backbone=backbone, proposal_generator=proposal_generator, roi_heads=roi_heads,
+        generation=generation,
     )
 
 
@@ -492,11 +477,11 @@ def _build_rcnn(cfg: DetectorConfig, network: str, load_pretrained: bool) -> Two
     # at its own size, without padding
     transform = DetectionTransform(None, cfg.max_size, cfg.mean, cfg.std, size_divisible=1)
     return TwoStageDetector(transform=transform, backbone=ImageInput(), proposal_generator=proposal_generator,
-                            roi_heads=roi_heads)
+                            roi_heads=roi_heads, generation=RCNN)
 
 
 def _build_rpn(
-    cfg: DetectorConfig, backbone: nn.Module, anchor_sizes: list[list[float]]
+    cfg: DetectorConfig, r: RPNConfig, backbone: nn.Module, anchor_sizes: list[list[float]]
 ) -> RegionProposalNetwork:
     names = list(backbone.feature_info)
     if len(anchor_sizes) != len(names):
@@ -504,12 +489,10 @@ def _build_rpn(
             f"rpn.anchor_sizes has {len(anchor_sizes)} levels but {cfg.arch} gives the RPN {len(names)} "
             f"feature maps ({', '.join(names)})"
         )
-    anchors = AnchorGenerator(anchor_sizes, [cfg.rpn.aspect_ratios])
+    anchors = AnchorGenerator(anchor_sizes, [r.aspect_ratios])
     channels = {backbone.feature_info[n].channels for n in names}
-    conv_depth = cfg.rpn.conv_depth or (2 if cfg.arch.endswith("_v2") else 1)
-    head = RPNHead(channels.pop(), anchors.num_anchors_per_location()[0], conv_depth=conv_depth,
-                   norm=cfg.rpn.norm)
-    r = cfg.rpn
+    conv_depth = r.conv_depth or (2 if cfg.arch.endswith("_v2") else 1)
+    head = RPNHead(channels.pop(), anchors.num_anchors_per_location()[0], conv_depth=conv_depth, norm=r.norm)
     return RegionProposalNetwork(
         anchors,
         head,

@@ -13,8 +13,8 @@ Test time, per image (the paper's figure 1), with the skeleton's parts:
 
 Training has stages, each kept on disk (detection.rcnn_stages): fine-tune the CNN on warped regions (the
 detector's forward with targets: IoU >= 0.5 foreground, 32 foreground + 96 background per batch of 128
-drawn over all images of the batch), cache features, train the SVMs with hard negative mining
-(``train_svm_hard_negatives``) and fit the box regressors (``fit_box_regressor``). The CNN parts (backbone,
+drawn over all images of the batch), then ``RCNNHeads.train_later_stages``: cache features, train the SVMs
+with hard negative mining and fit the box regressors. The CNN parts (backbone,
 fc6/fc7 head) and the box coding, matching, sampling and post-processing are the ones Fast and Faster
 R-CNN use.
 
@@ -24,49 +24,26 @@ size, S the warped input side.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 from torchvision.ops import box_iou
 
 from detection.boxes import FOREGROUND, BalancedPositiveNegativeSampler, BoxCoder, Matcher, ignore_crowd
+from detection.rcnn_stages import BoxRegressionConfig, SVMConfig, run_stages
 from detection.roi_heads import RoIPooler, detections_from_scores
 from detection.structures import Detections, Thresholds
 from detection.warp import warp_regions
 from vision.backbones import FeatureInfo
 
-__all__ = ["SVMConfig", "BoxRegressionConfig", "RCNNConfig", "ImageInput", "WarpedRegions", "RegionCNN",
-           "SVMPredictor", "RCNNHeads", "SVMResult", "train_svm_hard_negatives", "fit_box_regressor",
-           "feature_scale", "upgrade_rcnn_checkpoint"]
-
-
-@dataclass
-class SVMConfig:
-    """One-vs-rest linear SVMs on cached features (R-CNN section 2.3 and its released code)."""
-
-    C: float = 0.001  # liblinear's cost
-    positive_weight: float = 2.0  # positives are few: their hinge loss counts twice
-    negative_iou: float = 0.3  # negatives: proposals below this IoU with every object of the class
-    hard_threshold: float = -1.0001  # a negative scoring above this (inside the margin) is "hard"
-    easy_threshold: float = -1.2  # after retraining, cached negatives scoring below this are dropped
-    retrain_every: int = 2000  # new hard negatives collected before the SVM is retrained
-    epochs: int = 1  # passes of hard negative mining over the training images
-    feature_norm: float = 20.0  # features are scaled so their mean L2 norm is this
-
-
-@dataclass
-class BoxRegressionConfig:
-    """Class-specific ridge regression of box deltas (R-CNN appendix C)."""
-
-    enabled: bool = True
-    alpha: float = 1000.0  # ridge penalty (lambda in the paper)
-    min_iou: float = 0.6  # proposals overlapping their object by at least this are training pairs
-    features: Literal["pool", "fc7"] = "pool"  # the paper regresses from pool5
+__all__ = ["RCNNConfig", "ImageInput", "WarpedRegions", "RegionCNN", "SVMPredictor", "RCNNHeads",
+           "upgrade_rcnn_checkpoint"]
 
 
 @dataclass
@@ -219,8 +196,6 @@ class RCNNHeads(nn.Module):
     ``region_batch`` at a time; boxes moved by the class's regressor; per-class NMS.
     """
 
-    features_per_region = True  # what detection.explain tells the generations apart by
-
     def __init__(self, warp: WarpedRegions, cnn: RegionCNN, predictor: SVMPredictor, *,
                  fg_iou_thresh: float = 0.5, batch_size: int = 128, positive_fraction: float = 0.25,
                  ignore_iof_thresh: float = 0.5, region_batch: int = 64, score_thresh: float = 0.05,
@@ -294,6 +269,19 @@ class RCNNHeads(nn.Module):
         return [detections_from_scores(b, s, size, thresholds) if len(b) else Detections.empty(b.device)
                 for b, s, size in zip(per_box, per_score, image_sizes, strict=True)]
 
+    def train_later_stages(self, detector: nn.Module, dataset: Dataset, stage_dir: Path, cfg: RCNNConfig,
+                           log: Callable[[str], None] = print, *, workers: int = 0,
+                           worker_init_fn: Callable[[int], None] | None = None) -> None:
+        """R-CNN's stages after fine-tuning (detection.rcnn_stages: features, SVMs with hard negative mining,
+        ridge box regression) over ``dataset`` (items ``(image, target)``, not augmented, with their
+        ``proposals``; read by ``workers`` DataLoader processes) through ``detector`` (whose heads these
+        are); each stage is kept under ``stage_dir`` so an interrupted run continues, and the results are
+        loaded into this head's SVMPredictor."""
+        if detector.roi_heads is not self:
+            raise ValueError("train_later_stages needs the detector these heads belong to")
+        run_stages(detector, dataset, stage_dir, cfg.svm, cfg.bbox, log, workers=workers,
+                   worker_init_fn=worker_init_fn)
+
     def finetune_loss(self, features: dict[str, Tensor], proposals: list[Tensor],
                       image_sizes: list[tuple[int, int]], targets: list[dict[str, Tensor]]
                       ) -> dict[str, Tensor]:
@@ -323,103 +311,6 @@ class RCNNHeads(nn.Module):
         regions = self.warp(features, [all_boxes[sel] for sel in per_image], image_sizes)
         _, fc7 = self.cnn(regions)
         return {"loss_classifier": F.cross_entropy(cls_score(fc7), all_labels[torch.cat(per_image)])}
-
-
-# ---- the later training stages: pure functions on feature tensors ------------------------------------------
-
-
-def feature_scale(features: Tensor, target_norm: float) -> float:
-    """The factor that makes the mean L2 norm of ``features`` [N, D] equal ``target_norm`` (R-CNN's code
-    uses 20): SVM and ridge penalties then mean the same for any CNN."""
-    mean_norm = float(features.norm(dim=1).mean()) if len(features) else 0.0
-    return target_norm / mean_norm if mean_norm > 0 else 1.0
-
-
-@dataclass
-class SVMResult:
-    """A trained one-vs-rest SVM: score = features @ weight + bias; ``negatives`` = (batch, row) pairs in the
-    final hard-negative cache; ``history`` = one entry per retraining (cache size, added, evicted)."""
-
-    weight: Tensor
-    bias: float
-    negatives: set[tuple[int, int]]
-    history: list[dict[str, int]]
-
-
-def train_svm_hard_negatives(positives: Tensor, negative_batches: Sequence[Tensor], cfg: SVMConfig
-                             ) -> SVMResult:
-    """Train a linear SVM with hard negative mining (Felzenszwalb et al.'s bootstrapping, as in R-CNN).
-
-    Args:
-        positives: [N_pos, D] features of the class's ground-truth boxes (already scaled).
-        negative_batches: per image, [N_i, D] features of its negatives (IoU < ``cfg.negative_iou``).
-
-    The SVM starts at zero, so every negative of the first images is hard; whenever ``retrain_every`` new
-    hard negatives (score > ``hard_threshold``) have been cached the SVM is retrained (scikit-learn's
-    LinearSVC: liblinear, L2-regularised hinge loss) and easy ones (score < ``easy_threshold``) are dropped.
-    """
-    from sklearn.svm import LinearSVC
-
-    dim = positives.shape[1]
-    weight, bias = torch.zeros(dim, dtype=torch.float64), 0.0
-    cache: dict[tuple[int, int], Tensor] = {}
-    history: list[dict[str, int]] = []
-    added_since = 0
-    if len(positives) == 0:  # a class never seen in training: never fires
-        return SVMResult(weight.float(), -10.0, set(), history)
-
-    def retrain(added: int) -> None:
-        nonlocal weight, bias
-        if not cache:
-            return
-        negatives = torch.stack(list(cache.values())).double()
-        x = torch.cat([positives.double(), negatives]).numpy()
-        y = np.r_[np.ones(len(positives)), -np.ones(len(negatives))]
-        svm = LinearSVC(C=cfg.C, class_weight={1: cfg.positive_weight, -1: 1.0}, loss="hinge", dual=True,
-                        intercept_scaling=10.0, max_iter=100_000, random_state=0)
-        svm.fit(x, y)
-        weight, bias = torch.from_numpy(svm.coef_[0].copy()), float(svm.intercept_[0])
-        scores = negatives @ weight + bias
-        easy = [key for key, s in zip(list(cache), scores.tolist(), strict=True) if s < cfg.easy_threshold]
-        for key in easy:
-            del cache[key]
-        history.append({"cached": len(cache) + len(easy), "added": added, "evicted": len(easy)})
-
-    for _ in range(cfg.epochs):
-        for b, negatives in enumerate(negative_batches):
-            if len(negatives) == 0:
-                continue
-            scores = negatives.double() @ weight + bias
-            for row in torch.where(scores > cfg.hard_threshold)[0].tolist():
-                if (b, row) not in cache:
-                    cache[(b, row)] = negatives[row].double()
-                    added_since += 1
-            if added_since >= cfg.retrain_every:
-                retrain(added_since)
-                added_since = 0
-    if added_since or not history:
-        retrain(added_since)
-    return SVMResult(weight.float(), bias, set(cache), history)
-
-
-def fit_box_regressor(features: Tensor, targets: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """Ridge regression of box deltas (R-CNN appendix C) with scikit-learn's Ridge.
-
-    features [N, D] (scaled), targets [N, 4] deltas from ``BoxCoder((1, 1, 1, 1)).encode``. Targets are
-    standardised before fitting, as the released code does, so one ``alpha`` suits all four coordinates; the
-    result maps raw features to raw deltas: ``deltas = features @ weight.T + bias``, weight [4, D], bias [4].
-    """
-    from sklearn.linear_model import Ridge
-
-    if len(features) == 0:
-        return torch.zeros(4, features.shape[1]), torch.zeros(4)
-    t = targets.double()
-    mean = t.mean(dim=0)
-    std = t.std(dim=0, unbiased=False).clamp(min=1e-6)
-    ridge = Ridge(alpha=alpha).fit(features.double().numpy(), ((t - mean) / std).numpy())
-    weight = torch.from_numpy(ridge.coef_) * std[:, None]
-    bias = torch.from_numpy(np.asarray(ridge.intercept_)) * std + mean
-    return weight.float(), bias.float()
 
 
 # ---- checkpoints of the former R-CNN module ----------------------------------------------------------------

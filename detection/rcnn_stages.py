@@ -8,16 +8,20 @@
 3. SVMs: one per class with hard negative mining, ``<stage_dir>/svm_<label>.pt`` per class;
 4. box regression: one ridge regressor per class, ``<stage_dir>/bbox.pt``.
 
-``run_stages(detector, dataset, stage_dir)`` runs 2-4 on a fine-tuned R-CNN (a TwoStageDetector whose
-roi_heads are RCNNHeads) and loads the results into its SVMPredictor.
+``run_stages(detector, dataset, stage_dir, svm, bbox)`` runs 2-4 on a fine-tuned R-CNN (a TwoStageDetector
+whose roi_heads are RCNNHeads: ``RCNNHeads.train_later_stages`` calls it) and loads the results into its
+SVMPredictor. The SVMs (hard negative mining, ``train_svm_hard_negatives``) and the ridge box regressors
+(``fit_box_regressor``) are pure functions on feature tensors, with their config sections.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -25,12 +29,137 @@ from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from detection.boxes import BoxCoder, box_iof
-from detection.rcnn import RCNNConfig, RCNNHeads, feature_scale, fit_box_regressor, train_svm_hard_negatives
 from vision.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["run_stages", "extract_features", "train_svms", "fit_box_regressors", "class_overlaps"]
+__all__ = ["SVMConfig", "BoxRegressionConfig", "run_stages", "extract_features", "train_svms",
+           "fit_box_regressors", "class_overlaps", "feature_scale", "SVMResult", "train_svm_hard_negatives",
+           "fit_box_regressor"]
 
 Log = Callable[[str], None]
+
+
+@dataclass
+class SVMConfig:
+    """One-vs-rest linear SVMs on cached features (R-CNN section 2.3 and its released code)."""
+
+    C: float = 0.001  # liblinear's cost
+    positive_weight: float = 2.0  # positives are few: their hinge loss counts twice
+    negative_iou: float = 0.3  # negatives: proposals below this IoU with every object of the class
+    hard_threshold: float = -1.0001  # a negative scoring above this (inside the margin) is "hard"
+    easy_threshold: float = -1.2  # after retraining, cached negatives scoring below this are dropped
+    retrain_every: int = 2000  # new hard negatives collected before the SVM is retrained
+    epochs: int = 1  # passes of hard negative mining over the training images
+    feature_norm: float = 20.0  # features are scaled so their mean L2 norm is this
+
+
+@dataclass
+class BoxRegressionConfig:
+    """Class-specific ridge regression of box deltas (R-CNN appendix C)."""
+
+    enabled: bool = True
+    alpha: float = 1000.0  # ridge penalty (lambda in the paper)
+    min_iou: float = 0.6  # proposals overlapping their object by at least this are training pairs
+    features: Literal["pool", "fc7"] = "pool"  # the paper regresses from pool5
+
+
+# ---- the later training stages: pure functions on feature tensors ------------------------------------------
+
+
+def feature_scale(features: Tensor, target_norm: float) -> float:
+    """The factor that makes the mean L2 norm of ``features`` [N, D] equal ``target_norm`` (R-CNN's code
+    uses 20): SVM and ridge penalties then mean the same for any CNN."""
+    mean_norm = float(features.norm(dim=1).mean()) if len(features) else 0.0
+    return target_norm / mean_norm if mean_norm > 0 else 1.0
+
+
+@dataclass
+class SVMResult:
+    """A trained one-vs-rest SVM: score = features @ weight + bias; ``negatives`` = (batch, row) pairs in the
+    final hard-negative cache; ``history`` = one entry per retraining (cache size, added, evicted)."""
+
+    weight: Tensor
+    bias: float
+    negatives: set[tuple[int, int]]
+    history: list[dict[str, int]]
+
+
+def train_svm_hard_negatives(positives: Tensor, negative_batches: Sequence[Tensor], cfg: SVMConfig
+                             ) -> SVMResult:
+    """Train a linear SVM with hard negative mining (Felzenszwalb et al.'s bootstrapping, as in R-CNN).
+
+    Args:
+        positives: [N_pos, D] features of the class's ground-truth boxes (already scaled).
+        negative_batches: per image, [N_i, D] features of its negatives (IoU < ``cfg.negative_iou``).
+
+    The SVM starts at zero, so every negative of the first images is hard; whenever ``retrain_every`` new
+    hard negatives (score > ``hard_threshold``) have been cached the SVM is retrained (scikit-learn's
+    LinearSVC: liblinear, L2-regularised hinge loss) and easy ones (score < ``easy_threshold``) are dropped.
+    """
+    from sklearn.svm import LinearSVC
+
+    dim = positives.shape[1]
+    weight, bias = torch.zeros(dim, dtype=torch.float64), 0.0
+    cache: dict[tuple[int, int], Tensor] = {}
+    history: list[dict[str, int]] = []
+    added_since = 0
+    if len(positives) == 0:  # a class never seen in training: never fires
+        return SVMResult(weight.float(), -10.0, set(), history)
+
+    def retrain(added: int) -> None:
+        nonlocal weight, bias
+        if not cache:
+            return
+        negatives = torch.stack(list(cache.values())).double()
+        x = torch.cat([positives.double(), negatives]).numpy()
+        y = np.r_[np.ones(len(positives)), -np.ones(len(negatives))]
+        svm = LinearSVC(C=cfg.C, class_weight={1: cfg.positive_weight, -1: 1.0}, loss="hinge", dual=True,
+                        intercept_scaling=10.0, max_iter=100_000, random_state=0)
+        svm.fit(x, y)
+        weight, bias = torch.from_numpy(svm.coef_[0].copy()), float(svm.intercept_[0])
+        scores = negatives @ weight + bias
+        easy = [key for key, s in zip(list(cache), scores.tolist(), strict=True) if s < cfg.easy_threshold]
+        for key in easy:
+            del cache[key]
+        history.append({"cached": len(cache) + len(easy), "added": added, "evicted": len(easy)})
+
+    for _ in range(cfg.epochs):
+        for b, negatives in enumerate(negative_batches):
+            if len(negatives) == 0:
+                continue
+            scores = negatives.double() @ weight + bias
+            for row in torch.where(scores > cfg.hard_threshold)[0].tolist():
+                if (b, row) not in cache:
+                    cache[(b, row)] = negatives[row].double()
+                    added_since += 1
+            if added_since >= cfg.retrain_every:
+                retrain(added_since)
+                added_since = 0
+    if added_since or not history:
+        retrain(added_since)
+    return SVMResult(weight.float(), bias, set(cache), history)
+
+
+def fit_box_regressor(features: Tensor, targets: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """Ridge regression of box deltas (R-CNN appendix C) with scikit-learn's Ridge.
+
+    features [N, D] (scaled), targets [N, 4] deltas from ``BoxCoder((1, 1, 1, 1)).encode``. Targets are
+    standardised before fitting, as the released code does, so one ``alpha`` suits all four coordinates; the
+    result maps raw features to raw deltas: ``deltas = features @ weight.T + bias``, weight [4, D], bias [4].
+    """
+    from sklearn.linear_model import Ridge
+
+    if len(features) == 0:
+        return torch.zeros(4, features.shape[1]), torch.zeros(4)
+    t = targets.double()
+    mean = t.mean(dim=0)
+    std = t.std(dim=0, unbiased=False).clamp(min=1e-6)
+    ridge = Ridge(alpha=alpha).fit(features.double().numpy(), ((t - mean) / std).numpy())
+    weight = torch.from_numpy(ridge.coef_) * std[:, None]
+    bias = torch.from_numpy(np.asarray(ridge.intercept_)) * std + mean
+    return weight.float(), bias.float()
+
+
+# ---- the stages, on a detector ----------------------------------------------------------------------------
 
 
 def class_overlaps(boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_classes: int) -> Tensor:
@@ -43,11 +172,12 @@ def class_overlaps(boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_class
     return out
 
 
-def _heads(detector: nn.Module) -> RCNNHeads:
-    heads = getattr(detector, "roi_heads", None)
-    if not isinstance(heads, RCNNHeads):
-        raise TypeError(f"R-CNN's later stages need RCNNHeads, got {type(heads).__name__}")
-    return heads
+def _heads(detector: nn.Module) -> nn.Module:
+    generation = getattr(detector, "generation", None)
+    if generation is None or not generation.later_stages:
+        raise TypeError(f"{generation or type(detector).__name__} has no training stages after the training "
+                        "loop (R-CNN's SVMs and box regressors)")
+    return detector.roi_heads
 
 
 def _item(items: list[Any]) -> Any:
@@ -55,8 +185,9 @@ def _item(items: list[Any]) -> Any:
 
 
 @torch.no_grad()
-def extract_features(detector: nn.Module, dataset: Dataset, out_dir: Path, cfg: RCNNConfig, log: Log = print,
-                     *, workers: int = 0, worker_init_fn: Callable[[int], None] | None = None) -> list[Path]:
+def extract_features(detector: nn.Module, dataset: Dataset, out_dir: Path, bbox: BoxRegressionConfig,
+                     log: Log = print, *, workers: int = 0,
+                     worker_init_fn: Callable[[int], None] | None = None) -> list[Path]:
     """Stage 2: one file per training image with, for its ground-truth boxes then its proposals:
     ``fc7`` [B, D] (float16), ``labels`` [B] (class of ground-truth rows, 0 for proposals), ``overlaps``
     [B, K], ``ignored`` [B] (proposals at least ``ignore_iof_thresh`` inside a crowd region: never an SVM
@@ -106,11 +237,11 @@ def extract_features(detector: nn.Module, dataset: Dataset, out_dir: Path, cfg: 
         if len(gt_boxes) and len(proposals):
             iou = box_iou(proposals, gt_boxes)
             best, matched = iou.max(dim=1)
-            reg = torch.where(best >= cfg.bbox.min_iou)[0]
+            reg = torch.where(best >= bbox.min_iou)[0]
             reg_targets = coder.encode(gt_boxes[matched[reg]], proposals[reg]).cpu()
             reg_labels = gt_labels[matched[reg]].cpu()
             reg = reg.cpu() + len(gt_boxes)
-        reg_feats = pool if cfg.bbox.features == "pool" else fc7
+        reg_feats = pool if bbox.features == "pool" else fc7
         record.update(reg_features=reg_feats.cpu()[reg].half(), reg_targets=reg_targets,
                       reg_labels=reg_labels)
         save_checkpoint(record, paths[i])
@@ -136,7 +267,7 @@ class _Negatives(Sequence):
         return record["fc7"][rows].float() * self.scale
 
 
-def train_svms(detector: nn.Module, paths: Sequence[Path], stage_dir: Path, cfg: RCNNConfig, log: Log = print
+def train_svms(detector: nn.Module, paths: Sequence[Path], stage_dir: Path, svm: SVMConfig, log: Log = print
                ) -> None:
     """Stage 3: one SVM per class (positives: ground-truth boxes; negatives: IoU < ``svm.negative_iou``),
     saved per class so a restart skips the classes already trained; loads them into the detector."""
@@ -146,7 +277,7 @@ def train_svms(detector: nn.Module, paths: Sequence[Path], stage_dir: Path, cfg:
         scale = float(load_checkpoint(scale_path)["scale"])
     else:
         sample = torch.cat([load_checkpoint(p)["fc7"].float() for p in paths[:50]])
-        scale = feature_scale(sample, cfg.svm.feature_norm)
+        scale = feature_scale(sample, svm.feature_norm)
         save_checkpoint({"scale": scale}, scale_path)
     weights, biases = [], []
     for label in range(1, predictor.num_classes + 1):
@@ -156,21 +287,21 @@ def train_svms(detector: nn.Module, paths: Sequence[Path], stage_dir: Path, cfg:
             for p in paths:
                 record = load_checkpoint(p)
                 positives.append(record["fc7"][record["labels"] == label].float() * scale)
-            negatives = _Negatives(paths, label, cfg.svm.negative_iou, scale)
-            result = train_svm_hard_negatives(torch.cat(positives), negatives, cfg.svm)
+            negatives = _Negatives(paths, label, svm.negative_iou, scale)
+            result = train_svm_hard_negatives(torch.cat(positives), negatives, svm)
             save_checkpoint({"weight": result.weight, "bias": result.bias, "history": result.history}, path)
             rounds = ", ".join(f"{h['cached']} cached/{h['added']} added/{h['evicted']} evicted"
                                for h in result.history)
             count = sum(len(x) for x in positives)
             log(f"rcnn svm class {label}: {count} positives; mining rounds: {rounds}")
-        svm = load_checkpoint(path)
-        weights.append(svm["weight"])
-        biases.append(float(svm["bias"]))
+        trained = load_checkpoint(path)
+        weights.append(trained["weight"])
+        biases.append(float(trained["bias"]))
     predictor.set_svms(torch.stack(weights), torch.tensor(biases), scale)
 
 
-def fit_box_regressors(detector: nn.Module, paths: Sequence[Path], stage_dir: Path, cfg: RCNNConfig,
-                       log: Log = print) -> None:
+def fit_box_regressors(detector: nn.Module, paths: Sequence[Path], stage_dir: Path, svm: SVMConfig,
+                       bbox: BoxRegressionConfig, log: Log = print) -> None:
     """Stage 4: ridge regression per class on the pairs stage 2 kept; loads the result into the detector."""
     predictor = _heads(detector).predictor
     path = stage_dir / "bbox.pt"
@@ -179,11 +310,11 @@ def fit_box_regressors(detector: nn.Module, paths: Sequence[Path], stage_dir: Pa
         feats = torch.cat([r["reg_features"].float() for r in records])
         targets = torch.cat([r["reg_targets"] for r in records])
         labels = torch.cat([r["reg_labels"] for r in records])
-        scale = feature_scale(feats, cfg.svm.feature_norm)
+        scale = feature_scale(feats, svm.feature_norm)
         weights, biases, counts = [], [], []
         for label in range(1, predictor.num_classes + 1):
             rows = labels == label
-            w, b = fit_box_regressor(feats[rows] * scale, targets[rows], cfg.bbox.alpha)
+            w, b = fit_box_regressor(feats[rows] * scale, targets[rows], bbox.alpha)
             weights.append(w)
             biases.append(b)
             counts.append(int(rows.sum()))
@@ -193,13 +324,14 @@ def fit_box_regressors(detector: nn.Module, paths: Sequence[Path], stage_dir: Pa
     predictor.set_box_regressors(fitted["weight"], fitted["bias"], float(fitted["scale"]))
 
 
-def run_stages(detector: nn.Module, dataset: Dataset, stage_dir: Path, cfg: RCNNConfig, log: Log = print,
-               *, workers: int = 0, worker_init_fn: Callable[[int], None] | None = None) -> nn.Module:
+def run_stages(detector: nn.Module, dataset: Dataset, stage_dir: Path, svm: SVMConfig,
+               bbox: BoxRegressionConfig, log: Log = print, *, workers: int = 0,
+               worker_init_fn: Callable[[int], None] | None = None) -> nn.Module:
     """Stages 2-4 on a fine-tuned R-CNN over ``dataset`` (items ``(image, target)``, no augmentation, with
     ``proposals`` in the targets; see :func:`extract_features`)."""
-    paths = extract_features(detector, dataset, stage_dir / "features", cfg, log, workers=workers,
+    paths = extract_features(detector, dataset, stage_dir / "features", bbox, log, workers=workers,
                              worker_init_fn=worker_init_fn)
-    train_svms(detector, paths, stage_dir, cfg, log)
-    if cfg.bbox.enabled:
-        fit_box_regressors(detector, paths, stage_dir, cfg, log)
+    train_svms(detector, paths, stage_dir, svm, log)
+    if bbox.enabled:
+        fit_box_regressors(detector, paths, stage_dir, svm, bbox, log)
     return detector

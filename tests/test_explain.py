@@ -6,7 +6,8 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from detection.explain import detector_kind, explain
+from detection.explain import explain
+from detection.generation import FAST_RCNN, FASTER_RCNN, RCNN
 from detection.proposals import ProposalSource
 from detection.structures import Thresholds
 
@@ -30,7 +31,7 @@ def test_anchors_at_position_by_hand(faster, image):
     # Original (20.5, 11.5) is (41, 23) in the 128 px input. p2 (stride 4): cell (row 6, col 10), centre
     # (40, 24); p3 (stride 8): cell (3, 5), centre (40, 24) too. FPN sizes 32 / 64, ratios 0.5, 1, 2.
     e = explain(faster, image, position=(20.5, 11.5), top_n=10)
-    assert e.kind == "faster_rcnn" and e.input_size == (128, 128)
+    assert e.generation is FASTER_RCNN and e.input_size == (128, 128)
     assert e.position == (20.0, 12.0)
     assert len(e.anchors.boxes) == 5 * 3
     by_name = dict(zip(e.anchors.names, e.anchors.boxes.tolist(), strict=True))
@@ -76,7 +77,7 @@ def test_rpn_stages_match_the_models_proposals_and_detections(faster, image):
 
 def test_fast_rcnn_with_given_proposals(image, tiny_detector):
     model = tiny_detector("fast_rcnn_r18_fpn", **SMALL, roi={"score_thresh": 0.0, "nms_thresh": 0.3}).eval()
-    assert detector_kind(model) == "fast_rcnn"
+    assert model.generation is FAST_RCNN
     torch.manual_seed(2)
     xy = torch.rand(40, 2) * 40
     proposals = torch.cat([xy, xy + 8 + torch.rand(40, 2) * 16], dim=1)
@@ -116,7 +117,7 @@ def test_rcnn_stages_and_detections(tiny_detector):
     e = explain(model, image, top_n=2)
     with torch.inference_mode():
         detections, _ = model([image])
-    assert e.kind == "rcnn" and e.proposals_source.total == 3 and len(e.proposals_source.boxes) == 2
+    assert e.generation is RCNN and e.proposals_source.total == 3 and len(e.proposals_source.boxes) == 2
     assert e.before_nms.total == 3 and len(e.before_nms.boxes) == 2
     assert e.input_size == (64, 64) and e.nms_threshold == 0.3  # its own size; the model's NMS
     assert torch.equal(e.detections.boxes, detections[0].boxes)

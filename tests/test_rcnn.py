@@ -4,21 +4,17 @@ TwoStageDetector with R-CNN's parts), its staged training, and checkpoints of th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from detection.boxes import BoxCoder
+from detection.generation import RCNN
 from detection.models import DetectorConfig, TwoStageDetector, build_detector
 from detection.proposals import ProposalSource
-from detection.rcnn import (
-    RCNNConfig,
-    RCNNHeads,
-    SVMConfig,
-    feature_scale,
-    fit_box_regressor,
-    train_svm_hard_negatives,
-)
+from detection.rcnn import RCNNConfig, RCNNHeads
+from detection.rcnn_stages import SVMConfig, feature_scale, fit_box_regressor, train_svm_hard_negatives
 from detection.structures import Thresholds
 from detection.warp import context_boxes, warp_regions
 
@@ -163,7 +159,11 @@ def tiny_rcnn(tiny_detector):
 def test_rcnn_is_a_two_stage_detector_with_its_own_parts(tiny_rcnn):
     model = tiny_rcnn()
     assert isinstance(model, TwoStageDetector) and isinstance(model.roi_heads, RCNNHeads)
-    assert model.has_later_stages and model.thresholds == Thresholds(0.05, 0.3, 100)
+    assert model.generation is RCNN and model.generation.later_stages
+    assert model.thresholds == Thresholds(0.05, 0.3, 100)
+    # the later stages are the R-CNN heads', run on the detector they belong to
+    with pytest.raises(ValueError, match="the detector these heads belong to"):
+        model.roi_heads.train_later_stages(tiny_rcnn(), [], Path("unused"), RCNNConfig())
     # nothing is computed over the whole image: the "backbone" passes the normalised pixels through
     assert list(model.backbone.parameters()) == []
     # the image keeps its size (no resize), so boxes need no mapping back
@@ -285,7 +285,6 @@ def test_the_shipped_rcnn_checkpoint_of_the_former_task_gives_the_same_detection
     # weights/rcnn_shapes.pt was saved by the former R-CNN module (task "rcnn"); it loads as a detector of
     # the detection task and answers as before (tests/data/rcnn_shapes_reference.pt: its detections on the
     # example scenes, recorded with that module)
-    from pathlib import Path
 
     from apps.tasks import load_model, upgrade_checkpoint
     from vision.checkpoint import load_checkpoint

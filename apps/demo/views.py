@@ -136,7 +136,7 @@ def explanation_text(e: Explanation, kept: int, threshold: float) -> dict[str, A
     """Panel titles and a paragraph on what happened, with this image's counts."""
     shown = lambda s: min(len(s.boxes), s.total)  # noqa: E731
     h, w = e.input_size
-    if e.kind == "faster_rcnn":
+    if e.generation.learned_proposals:
         x, y = e.position
         first = f"1 · {len(e.anchors.boxes)} anchors at ({x:.0f}, {y:.0f})"
         body = (
@@ -155,12 +155,12 @@ def explanation_text(e: Explanation, kept: int, threshold: float) -> dict[str, A
         how = ("warps every proposal (with 16 px of context) to a fixed size and runs the whole CNN on each "
                "one; a linear SVM per class scores the region's features and a ridge regressor per class "
                "moves its box (R-CNN)"
-               if e.kind == "rcnn" else
+               if e.generation.features_per_region else
                f"runs the CNN once on the image resized to {w}×{h}, pools each proposal's features from it "
                f"(RoI pooling), then one softmax scores every class and a regression layer refines the box "
                f"per class (Fast R-CNN)")
         body = (
-            f"**{'R-CNN' if e.kind == 'rcnn' else 'Fast R-CNN'}.** No anchors: selective search groups "
+            f"**{e.generation.title}.** No anchors: selective search groups "
             f"similar neighbouring pixels into {source.total} candidate boxes (panel 1). The detector "
             f"{how}. Panel 2: the "
             f"{shown(e.before_nms)} best-scored regions (each with its most likely class) before "

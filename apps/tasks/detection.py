@@ -2,7 +2,7 @@
 
 One task for the three generations (``model.arch``: faster_rcnn_*, fast_rcnn_*, rcnn_*). R-CNN trains in
 stages: the engine's loop fine-tunes its CNN, then ``finish_training`` runs the model's later stages
-(``TwoStageDetector.train_later_stages``: features, SVMs, box regressors, each kept under
+(``RCNNHeads.train_later_stages``: features, SVMs, box regressors, each kept under
 ``<run>/rcnn/`` so an interrupted run continues) and writes ``<run>/final.pt``, the complete detector.
 
 Data, per split: ``images`` (folder) + ``annotations`` (COCO instances JSON). Images keep their own sizes
@@ -53,6 +53,7 @@ from detection.evaluation import (
     load_ground_truth,
     load_results,
 )
+from detection.generation import generation_of
 from detection.models import DetectorConfig, build_detector, check_sections, split_arch
 from detection.proposal_data import EXTRA_BOXES, ProposalDataset
 from detection.proposals import ProposalConfig, ProposalError, build_proposal_source, default_cache_dir
@@ -109,7 +110,7 @@ class DetectionTask(Task):
         """``model.rpn.anchor_sizes`` / ``aspect_ratios`` "auto": fitted to the training boxes as the RPN
         sees them (detection/anchor_fit.py); the run's config and checkpoints keep the numbers."""
         rpn = exp.model.rpn
-        if "auto" not in (rpn.anchor_sizes, rpn.aspect_ratios):
+        if rpn is None or "auto" not in (rpn.anchor_sizes, rpn.aspect_ratios):
             return exp, []
         with open(exp.data.train.annotations, encoding="utf-8") as f:  # (read once already: it is valid)
             boxes, image_hw = coco_boxes(json.load(f))
@@ -322,7 +323,7 @@ class DetectionTask(Task):
                         log: Callable[[str], None] = print) -> dict[str, float]:
         """R-CNN: the later stages on the fine-tuned CNN, then ``<run_dir>/final.pt`` (the complete
         detector, scored on the validation split); returns its metrics. Nothing for Fast/Faster R-CNN."""
-        if split_arch(exp.model.arch)[0] != "rcnn":  # (the arch was checked when the model was built)
+        if not generation_of(exp.model.arch).later_stages:  # (the arch was checked when the model was built)
             return {}
         finetuned = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
         loaded = load_model(finetuned, device, ema=True)
@@ -333,8 +334,9 @@ class DetectionTask(Task):
         train = self._with_proposals(exp.data.train, "data.train", None, False, exp.data.options,
                                      self.proposal_config(exp.model), self._max_proposals(exp.model),
                                      default=False)
-        model.train_later_stages(train, run_dir / "rcnn", exp.model.rcnn or RCNNConfig(), log,
-                                 workers=exp.data.workers, worker_init_fn=parent_bound_init())
+        stages = exp.model.rcnn or RCNNConfig()
+        model.roi_heads.train_later_stages(model, train, run_dir / "rcnn", stages, log,
+                                           workers=exp.data.workers, worker_init_fn=parent_bound_init())
         metrics: dict[str, float] = {}
         if exp.data.val is not None:
             val = self.build_eval_dataset(exp.data.val, loaded)
@@ -382,7 +384,7 @@ def _score(parts: list[list[ImageDetections]], dataset: Any, classes: list[dict[
 def _external_proposals(model_cfg: DetectorConfig) -> bool:
     """Fast R-CNN and R-CNN classify proposals from outside the network."""
     try:
-        return split_arch(model_cfg.arch)[0] in ("fast", "rcnn")
+        return not split_arch(model_cfg.arch)[0].learned_proposals
     except ValueError as exc:  # an unknown arch
         raise ConfigError(f"model: {exc}") from exc
 

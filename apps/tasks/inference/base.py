@@ -47,7 +47,7 @@ class ModelDescription:
 
     arch: str
     nms_thresh: float | None = None  # detectors: the per-class NMS IoU the model was trained with
-    generation: int = 0  # detectors: 0 Faster R-CNN, 1 Fast R-CNN, 2 R-CNN (the demo lists newest first)
+    generation: int = 0  # detectors: Generation.newness, 0 for Faster R-CNN (the demo lists newest first)
     has_anchors: bool = False  # what the demo's "how it works" tab can show at a clicked position
 
 

@@ -24,6 +24,7 @@ from apps.tasks.inference.base import (
     rows_or_blank,
 )
 from detection.export import detector_spec
+from detection.generation import generation_of
 from detection.structures import Thresholds
 from vision import visualize
 
@@ -162,12 +163,14 @@ class DetectionInference(Inference):
 
     @classmethod
     def describe(cls, model_cfg: dict[str, Any]) -> ModelDescription:
-        # the three generations share one config: arch rcnn_*, fast_rcnn_* or faster_rcnn_* (defaults as in
-        # DetectorConfig)
+        # the three generations share one config (defaults as in DetectorConfig); the arch names one
         arch = str(model_cfg.get("arch", "?"))
         nms = float((model_cfg.get("roi") or {}).get("nms_thresh", 0.5))
-        generation = 2 if arch.startswith("rcnn_") else 1 if arch.startswith("fast_rcnn") else 0
-        return ModelDescription(arch, nms, generation, has_anchors=generation == 0)
+        try:
+            generation = generation_of(arch)
+        except ValueError:  # (loading it will say what is wrong)
+            return ModelDescription(arch, nms)
+        return ModelDescription(arch, nms, generation.newness, has_anchors=generation.learned_proposals)
 
     @classmethod
     def export_spec(cls, loaded: Any, model: Any, metadata: dict[str, Any]) -> Any:
