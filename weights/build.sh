@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped default weights and example images with the project's own commands:
 # synthetic shapes data (`visiondet synth`), training with the shipped small CPU configs (`visiondet train`),
-# then weights/export.py (drops the resume state, stores float16, checks the export against the original).
+# then weights/slim.py (drops the resume state, stores float16, checks the slim copy against the original).
 #
 #   bash weights/build.sh classifier|segmenter|faster_rcnn|fast_rcnn|rcnn|examples ...   (or: all)
 #
@@ -28,7 +28,7 @@ classifier() {
   run "$VD" synth --task classification --out "$OUT/shapes_cls" --num-images 4000 --seed 0
   run "$VD" train configs/classification/resnet18_shapes.yaml data.train.root="$OUT/shapes_cls/train" \
     data.val.root="$OUT/shapes_cls/val" output_dir="$OUT/classifier" device=cpu "${EXTRA[@]}"
-  run "$PY" weights/export.py "$OUT/classifier/best.pt" weights/classifier_shapes.pt --check-images "$OUT/shapes_cls/val"
+  run "$PY" weights/slim.py "$OUT/classifier/best.pt" weights/classifier_shapes.pt --check-images "$OUT/shapes_cls/val"
 }
 
 segmenter() {
@@ -37,28 +37,28 @@ segmenter() {
     data.train.images="$OUT/shapes_seg/train/images" data.train.annotations="$OUT/shapes_seg/train/annotations.json" \
     data.val.images="$OUT/shapes_seg/val/images" data.val.annotations="$OUT/shapes_seg/val/annotations.json" \
     output_dir="$OUT/segmenter" device=cpu "${EXTRA[@]}"
-  run "$PY" weights/export.py "$OUT/segmenter/best.pt" weights/deeplabv3plus_shapes.pt --check-images "$OUT/shapes_seg/val/images"
+  run "$PY" weights/slim.py "$OUT/segmenter/best.pt" weights/deeplabv3plus_shapes.pt --check-images "$OUT/shapes_seg/val/images"
 }
 
 faster_rcnn() {
   det_data
   run "$VD" train configs/detection/faster_rcnn_r18_fpn_shapes.yaml "${det_paths[@]}" output_dir="$OUT/faster_rcnn" \
     device=cpu "${EXTRA[@]}"
-  run "$PY" weights/export.py "$OUT/faster_rcnn/best.pt" weights/faster_rcnn_shapes.pt --check-images "$OUT/shapes_det/val/images"
+  run "$PY" weights/slim.py "$OUT/faster_rcnn/best.pt" weights/faster_rcnn_shapes.pt --check-images "$OUT/shapes_det/val/images"
 }
 
 fast_rcnn() {
   det_data
   run "$VD" train configs/detection/fast_rcnn_r18_fpn_shapes.yaml "${det_paths[@]}" output_dir="$OUT/fast_rcnn" \
     model.proposals.cache_dir="$OUT/proposal_cache" device=cpu "${EXTRA[@]}"
-  run "$PY" weights/export.py "$OUT/fast_rcnn/best.pt" weights/fast_rcnn_shapes.pt --check-images "$OUT/shapes_det/val/images"
+  run "$PY" weights/slim.py "$OUT/fast_rcnn/best.pt" weights/fast_rcnn_shapes.pt --check-images "$OUT/shapes_det/val/images"
 }
 
 rcnn() {
   det_data
   run "$VD" train configs/detection/rcnn_r18_shapes.yaml "${det_paths[@]}" output_dir="$OUT/rcnn" \
     model.proposals.cache_dir="$OUT/proposal_cache" device=cpu "${EXTRA[@]}"
-  run "$PY" weights/export.py "$OUT/rcnn/final.pt" weights/rcnn_shapes.pt --check-images "$OUT/shapes_det/val/images"
+  run "$PY" weights/slim.py "$OUT/rcnn/final.pt" weights/rcnn_shapes.pt --check-images "$OUT/shapes_det/val/images"
 }
 
 examples() {  # a few scenes the detectors have never seen (another seed), plus two single shapes

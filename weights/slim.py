@@ -1,6 +1,6 @@
-"""Export a training checkpoint as a small shipped one: no resume state, float16 weights, then checked.
+"""Slim a training checkpoint into a small shipped one: no resume state, float16 weights, then checked.
 
-    python weights/export.py runs/default_weights/classifier/best.pt weights/classifier_shapes.pt \
+    python weights/slim.py runs/default_weights/classifier/best.pt weights/classifier_shapes.pt \
         --check-images runs/default_weights/shapes_cls/val
 
 What changes: ``train_state`` (optimizer, scheduler, RNG: only for resuming) is removed; the weights the run
@@ -10,10 +10,10 @@ cache folder (``model.proposals.cache_dir``, a training convenience) is switched
 ``apps.tasks.load_model`` reads the result like any checkpoint: ``load_state_dict`` copies each float16
 tensor into the float32 parameter it belongs to, so the loaded model runs in float32 as before.
 
-What is checked: the export loads through ``load_model`` and, on ``--check-images``, gives the same answers
+What is checked: the slim copy loads through ``load_model`` and, on ``--check-images``, gives the same answers
 as the original within float16 rounding (detection: the same boxes within 1 px at matching labels among the
 confident ones; classification: the same top-1; segmentation: at least 99.5% of pixels equal). The figures
-are printed; a failed check exits with status 1 and removes the export.
+are printed; a failed check exits with status 1 and removes the slim copy.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-def export(src: Path, dst: Path) -> dict:
+def slim(src: Path, dst: Path) -> dict:
     """Write the slim float16 copy of ``src`` to ``dst``; returns it."""
     from vision.checkpoint import CheckpointError, is_visiondet_checkpoint, load_checkpoint, save_checkpoint
 
@@ -36,16 +36,17 @@ def export(src: Path, dst: Path) -> dict:
     if not is_visiondet_checkpoint(ckpt):
         raise CheckpointError(f"{src}: not a visiondet checkpoint")
     state = ckpt.get("ema_state_dict") or ckpt["state_dict"]
-    slim = {k: v for k, v in ckpt.items() if k not in ("train_state", "ema_state_dict", "state_dict")}
-    slim["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    proposals = (slim.get("model") or {}).get("proposals")
+    out = {k: v for k, v in ckpt.items() if k not in ("train_state", "ema_state_dict", "state_dict")}
+    out["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    proposals = (out.get("model") or {}).get("proposals")
     if isinstance(proposals, dict) and proposals.get("cache_dir"):
         # A shipped detector must not write a proposal file per image it sees into the training run's cache
         # folder (relative to wherever it is used): selective search runs afresh instead.
-        slim["model"] = {**slim["model"], "proposals": {**proposals, "cache_dir": None}}
-    slim["exported_from"] = {"file": src.name, "dtype": "float16", "note": "train_state and EMA copy removed"}
-    save_checkpoint(slim, dst)
-    return slim
+        out["model"] = {**out["model"], "proposals": {**proposals, "cache_dir": None}}
+    # the key the shipped files already carry (this step was once called "export")
+    out["exported_from"] = {"file": src.name, "dtype": "float16", "note": "train_state and EMA copy removed"}
+    save_checkpoint(out, dst)
+    return out
 
 
 def compare(src: Path, dst: Path, images: list[Path]) -> tuple[bool, str]:
@@ -90,12 +91,12 @@ def main() -> int:
     parser.add_argument("--check-images", type=Path, metavar="DIR",
                         help="folder of images to compare the two on (searched recursively)")
     parser.add_argument("--limit", type=int, default=40, help="images compared at most (default 40)")
-    parser.add_argument("--max-mb", type=float, default=25.0, help="refuse a bigger export (default 25)")
+    parser.add_argument("--max-mb", type=float, default=25.0, help="refuse a bigger copy (default 25)")
     args = parser.parse_args()
 
     from apps.tasks import load_model
 
-    export(args.src, args.dst)
+    slim(args.src, args.dst)
     size_mb = args.dst.stat().st_size / 1e6
     load_model(args.dst, "cpu")  # raises CheckpointError if load_model cannot rebuild it
     was_mb = args.src.stat().st_size / 1e6
@@ -109,7 +110,7 @@ def main() -> int:
         ok, line = compare(args.src, args.dst, images[: args.limit])
         print(f"float32 vs float16: {line}")
         if not ok:
-            print("error: the float16 export answers differently", file=sys.stderr)
+            print("error: the float16 copy answers differently", file=sys.stderr)
             args.dst.unlink()
             return 1
     return 0
