@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vision.backbones import build_backbone
+from vision.export import GraphSpec, compare_dense, sample_images
 from vision.layers import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from vision.weights import LoadReport, load_weights
 
-__all__ = ["Classifier", "ClassifierConfig"]
+__all__ = ["Classifier", "ClassifierConfig", "ClassifierGraph", "classifier_spec"]
 
 
 @dataclass
@@ -131,3 +133,28 @@ class Classifier(nn.Module):
                                  f"got {tuple(targets.shape)}")
             losses["loss_cls"] = F.cross_entropy(logits, targets)
         return (None if self.training else logits), losses
+
+
+# ---- export (vision/export.py traces and checks what these describe) -------------------------------------
+
+
+class ClassifierGraph(nn.Module):
+    """images [N, 3, S, S] in [0, 1] (resized and centre-cropped as the metadata's preprocessing says)
+    -> logits [N, K]."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)[0]
+
+
+def classifier_spec(model: nn.Module, size: int, metadata: dict[str, Any]) -> GraphSpec:
+    """Classification: dynamic batch at the fixed input side ``size``; logits compared."""
+    images = sample_images([(size, size)] * 3, seed=1)
+    return GraphSpec(
+        ClassifierGraph(model), ["images"], ["logits"],
+        {"images": {0: "batch"}, "logits": {0: "batch"}},
+        [(images[0][None],), (torch.stack(images),)], compare_dense(atol=1e-3, rtol=1e-3), metadata,
+    )

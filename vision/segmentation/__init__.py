@@ -3,7 +3,7 @@ the import of torchvision's segmentation weights.
 
 Files: ``model.py`` (config, model, builder, ``predict_mask``), ``heads.py`` (FCN head, ASPP, pyramid
 pooling), ``fcn_vgg.py`` (Long et al.'s skip architecture), ``metrics.py`` (confusion matrix, mIoU ...),
-``convert.py`` (torchvision state dicts).
+``convert.py`` (torchvision state dicts), ``export.py`` (the export graph).
 """
 
 from vision.segmentation.convert import (

@@ -11,8 +11,8 @@ from torch import Tensor
 
 from apps.tasks.inference.base import Inference, Result, Size, Transform, csv_head, hwc_to_chw, rows_or_blank
 from vision import visualize
+from vision.classification import classifier_spec
 from vision.data.transforms import build_transforms
-from vision.export import classifier_spec
 
 __all__ = ["ClassificationInference", "ClassificationResult"]
 

@@ -28,7 +28,7 @@ from apps.tasks.inference.base import (
 )
 from vision import visualize
 from vision.data.transforms import PAD_VALUE
-from vision.export import segmenter_spec
+from vision.segmentation.export import segmenter_spec
 
 __all__ = ["SegmentationInference", "SegmentationResult"]
 
