@@ -75,23 +75,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apps import datasets
+    from apps.data import run as jobs
     from vision.data.cocofile import AnnotationError
     from vision.data.convert import ConversionError
     from vision.data.images import ImageError
 
     if args.data_command == "check":
-        job = partial(datasets.run_check, datasets.CheckOptions(
+        job = partial(jobs.run_check, jobs.CheckOptions(
             args.annotations, args.images, root=args.root, masks=args.masks, classes=args.classes,
             json=args.json, headers_only=args.headers_only,
             workers=args.workers, config=args.config, anchors=not args.no_anchors))
     elif args.data_command == "convert":
-        job = partial(datasets.run_convert, datasets.ConvertOptions(
+        job = partial(jobs.run_convert, jobs.ConvertOptions(
             args.source, args.out, target=args.target, annotations=args.annotations, images=args.images,
             labels=args.labels, names=args.names, split=args.split))
     else:
         kind = args.task or ("classification" if args.root else "detection")  # the data pipeline's kind
-        job = partial(datasets.run_preview, datasets.PreviewOptions(
+        job = partial(jobs.run_preview, jobs.PreviewOptions(
             args.out, kind, annotations=args.annotations, images=args.images, root=args.root,
             transforms=args.transforms, size=args.size, train=not args.eval, num=args.num, seed=args.seed))
     try:

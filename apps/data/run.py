@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from apps.data_anchors import anchor_check, anchor_report_dict, detector_config, format_anchor_report
+from apps.data.anchors import anchor_check, anchor_report_dict, detector_config, format_anchor_report
 from vision.data import convert
 from vision.data.check import check_dataset
 from vision.data.check_folders import check_image_folder, check_mask_folder
