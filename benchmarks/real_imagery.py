@@ -177,32 +177,43 @@ def run_reference(data: Path, minutes: float, seed: int) -> dict[str, float]:
 
 
 def start_visiondet(
-    data: Path, minutes: float, out: Path, threads: int, extra: list[str]
+    data: Path, minutes: float, out: Path, threads: int, extra: list[str], *, config: Path = CONFIG,
+    data_overrides: list[str] | None = None,
 ) -> subprocess.Popen:
-    """``visiondet train`` with the recipe, the training data and the budget, in its own process."""
+    """``visiondet train`` with the recipe, the training data and the budget, in its own process.
+    ``data_overrides``: the data keys of another task's recipe (default: the detection set's)."""
+    if data_overrides is None:
+        data_overrides = [
+            f"data.train.images={data / 'train' / 'images'}",
+            f"data.train.annotations={data / 'train' / 'annotations.json'}",
+        ]
     overrides = [
-        f"data.train.images={data / 'train' / 'images'}",
-        f"data.train.annotations={data / 'train' / 'annotations.json'}",
+        *data_overrides,
         "data.val=null",  # scored below by the same code as the reference, which validates nothing either
         f"train.time_budget={minutes:g}m",
         f"output_dir={out}",
         *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    return subprocess.Popen([sys.executable, "-m", "apps.cli", "train", str(CONFIG), *overrides],
+    return subprocess.Popen([sys.executable, "-m", "apps.cli", "train", str(config), *overrides],
                             cwd=ROOT, env=env)
 
 
-def finish_visiondet(process: subprocess.Popen, data: Path, out: Path, start: float) -> dict[str, float]:
+def wait_visiondet(process: subprocess.Popen, out: Path, start: float) -> tuple[dict, int, float]:
+    """Once ``visiondet train`` has ended: its ``last.pt`` (loaded), optimizer steps and training minutes
+    (the trainer's own clock, start-up excluded as for the reference; the wall time if it kept none)."""
     import torch
 
     if process.wait() != 0:
         raise SystemExit(f"visiondet train failed (exit code {process.returncode}); its log is above")
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    steps = int(ckpt["train_state"]["step"])
-    # the trainer's own clock (start-up excluded, as for the reference); the wall time if it kept none
     budget = ckpt["train_state"].get("time_budget") or {}
     trained = (float(budget["elapsed"]) if "elapsed" in budget else time.perf_counter() - start) / 60
+    return ckpt, int(ckpt["train_state"]["step"]), trained
+
+
+def finish_visiondet(process: subprocess.Popen, data: Path, out: Path, start: float) -> dict[str, float]:
+    ckpt, steps, trained = wait_visiondet(process, out, start)
     batch = int(ckpt["config"]["train"]["batch_size"])
     metrics = score_checkpoint(out / "last.pt", data)
     return {**metrics, "steps": steps, "images": steps * batch, "minutes": trained}

@@ -25,7 +25,7 @@ from apps.demo.models import DemoInputError, ModelCache, fit_size, read_upload
 from apps.predict.predictor import Predictor
 from apps.predict.results import threshold_hint
 from apps.tasks.inference.base import Inference
-from apps.tasks.inference.classification import ClassificationInference
+from apps.tasks.inference.classification import NONE_OF_THESE, ClassificationInference
 from apps.tasks.inference.detection import DetectionInference
 from apps.tasks.inference.segmentation import SegmentationInference
 from detection.explain import explain
@@ -197,16 +197,23 @@ class DemoHandlers:
         return views.draw_result(small, result), rows, info
 
     @_page_errors
-    def classify(self, image: Any, label: str) -> tuple[dict[str, float], str]:
-        """-> ({class name: probability} of the top 5, text with the timing)."""
+    def classify(self, image: Any, label: str) -> tuple[dict[str, float] | str, str]:
+        """-> ({class name: probability} of the top 5, or "none of these"; text with the timing and, for
+        "none of these", the top classes and why they were not taken)."""
         _, small, _ = self._image(image)
         predictor = self._predictor(label, ClassificationInference, top_k=5)
         start = time.perf_counter()
         result = predictor.predict([small])[0]
         elapsed = time.perf_counter() - start
-        top = result.top()
         note = self.cache.checkpoint(label).result_note()
-        return top, f"Inference {_ms(elapsed)} on {self.cache.device.type} · {label}.{note}"
+        info = f"Inference {_ms(elapsed)} on {self.cache.device.type} · {label}.{note}"
+        if not result.none_of_these:
+            return result.top(), info
+        ranked = ", ".join(f"{name} {p:.2f}" for name, p in result.top().items())
+        best = result.quiet_best()
+        why = (threshold_hint(best, float(result.threshold), None, what="class") if best is not None
+               else "the model's most likely answer is its class of images with none of the others")
+        return NONE_OF_THESE, f"{info}  \n**None of these**: {why}. Most likely: {ranked}."
 
     # ---- how it works --------------------------------------------------------------------------------------
 

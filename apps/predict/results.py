@@ -16,12 +16,18 @@ from apps.tasks.inference.base import Result
 __all__ = ["Prediction", "error_kind", "threshold_hint"]
 
 
-def threshold_hint(best_below: float, threshold: float, control: str, *, images: int | None = None,
-                   where: str | None = None) -> str:
-    """The line for detections that all scored under the threshold: the highest score seen (and, for a
-    folder, how many images and which one had it), and ``control``, the way to lower the threshold."""
-    subject = "no detection" if images is None else f"{images} image(s) had no detection"
+def threshold_hint(best_below: float, threshold: float, control: str | None, *, images: int | None = None,
+                   where: str | None = None, what: str = "detection") -> str:
+    """The line for results that all scored under the threshold: the highest score seen (and, for a
+    folder, how many images and which one had it), and ``control``, the way to lower the threshold.
+
+    Detections: ``what="detection"`` with the control that lowers the threshold. A classifier's calibrated
+    "none of these": ``what="class"`` and no control (the threshold is the checkpoint's)."""
+    subject = f"no {what}" if images is None else f"{images} image(s) had no {what}"
     highest = f"highest {best_below:.2f}" + (f", in {where}" if where else "")
+    if control is None:
+        return (f"{subject} scoring {threshold:.2f} or more ({highest}): answered \"none of these\" (the "
+                "model's threshold, calibrated on held-out images with none of its classes)")
     return (f"{subject} scoring {threshold:.2f} or more, but some scoring less ({highest}): lower {control} "
             "to see them")
 

@@ -303,5 +303,8 @@ def _finish(
     quiet = sum(r.get("quiet", 0) for r in per_rank)
     if quiet:
         best, name = max(r["quiet_best"] for r in per_rank if r.get("quiet_best"))
-        _warn(threshold_hint(best, opts.score_threshold, "--score-threshold", images=quiet, where=name))
+        inference = predictor.inference
+        control = "--score-threshold" if inference.takes_thresholds else None  # a classifier's is calibrated
+        _warn(threshold_hint(best, inference.quiet_threshold, control, images=quiet, where=name,
+                             what=inference.quiet_what))
     return 0

@@ -3,32 +3,76 @@
 Data: ``data.train.root`` / ``data.val.root`` are ImageFolder trees (one sub-folder per class; the
 sorted folder names are the classes). Validation folders are matched to the training classes by name, so
 a validation set may lack a class but may not add one. ``data.options.size`` is the network input side.
+
+"None of these": ``data.options.none_class`` names the class whose images show none of the others (a
+``background`` folder). Predict and the demo then answer "none of these" when that class is the most likely
+one, or when the most likely class scores under a threshold calibrated after training on the validation
+split (held out from training): the lowest threshold under which at most ``data.options.false_accept`` of
+the validation images of the none class get a label of another class (:func:`choose_none_threshold`).
+The threshold and its figures are written into the run's checkpoints (``preprocess``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from apps.config import ConfigError, Experiment, SplitConfig
 from apps.engine.distributed import all_reduce_sum
+from apps.engine.loader import eval_loader
+from apps.tasks import load_model
 from apps.tasks.base import Datasets, Relabelled, Task, class_positions
 from apps.tasks.inference.classification import ClassificationInference
+from vision.checkpoint import load_checkpoint, save_checkpoint
 from vision.classification import Classifier, ClassifierConfig
 from vision.data.folder import ImageFolderDataset
 from vision.data.transforms import build_transforms
 
-__all__ = ["ClassificationOptions", "ClassificationTask", "classification_metrics"]
+__all__ = ["ClassificationOptions", "ClassificationTask", "choose_none_threshold", "classification_metrics"]
 
 
 @dataclass
 class ClassificationOptions:
     size: int = 224  # input side; evaluation resizes the short side to size / 0.875 and centre-crops
+    none_class: str | None = None  # the class folder meaning "none of these" (e.g. background)
+    false_accept: float = 0.05  # the share of the none class's validation images allowed another label
+
+
+def choose_none_threshold(probs: Tensor, labels: Tensor, none_label: int, false_accept: float
+                          ) -> dict[str, float]:
+    """The lowest top-probability threshold under which at most ``false_accept`` of the images labelled
+    ``none_label`` get another class's label, and what it does on these images.
+
+    An image gets the label of its most likely class when that is not ``none_label`` and scores at least
+    the threshold; otherwise "none of these". probs: [N, K] softmax; labels: [N] true labels.
+
+    Returns ``threshold``, ``false_accept`` (the share of none images labelled at it), ``known_kept`` (the
+    share of the other images that keep a label), ``known_right`` (... and the right one) and the counts.
+    """
+    top, guess = probs.max(dim=1)
+    none, known = labels == none_label, labels != none_label
+    # a none image's score: the top probability when it names another class (it is "none" otherwise)
+    scores = torch.where(guess != none_label, top, torch.zeros_like(top))[none].sort(descending=True).values
+    allowed = int(false_accept * len(scores))
+    threshold = 0.0
+    if allowed < len(scores) and scores[allowed] > 0:
+        # just above the first score that must not pass (above 1 when that score is 1: nothing passes)
+        threshold = float(torch.nextafter(scores[allowed], torch.tensor(float("inf"))))
+    answered = (guess != none_label) & (top >= threshold)
+    return {
+        "threshold": threshold,
+        "false_accept": float(answered[none].float().mean()) if none.any() else 0.0,
+        "known_kept": float(answered[known].float().mean()) if known.any() else 0.0,
+        "known_right": float((answered & (guess == labels))[known].float().mean()) if known.any() else 0.0,
+        "none_images": int(none.sum()),
+        "known_images": int(known.sum()),
+    }
 
 
 def _align(dataset: Any, classes: list[dict[str, Any]], where: str) -> Dataset:
@@ -80,6 +124,11 @@ class ClassificationTask(Task):
         except (FileNotFoundError, ValueError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
 
+    def check_config(self, exp: Experiment) -> None:
+        super().check_config(exp)
+        if not 0.0 <= exp.data.options.false_accept < 1.0:
+            raise ConfigError(f"data.options.false_accept: {exp.data.options.false_accept} is not in [0, 1)")
+
     def build_datasets(self, exp: Experiment) -> Datasets:
         size = exp.data.options.size
         train = self._dataset(exp.data.train.root, exp.data.train.transforms, size, True, "data.train.root")
@@ -87,6 +136,10 @@ class ClassificationTask(Task):
         if len(classes) < 2:
             raise ConfigError(f"data.train.root: {exp.data.train.root}: {len(classes)} class folder(s); "
                               "classification needs at least 2")
+        none_class = exp.data.options.none_class
+        if none_class is not None and none_class not in [c["name"] for c in classes]:
+            raise ConfigError(f"data.options.none_class: {none_class!r} is not one of the class folders of "
+                              f"{exp.data.train.root} ({', '.join(c['name'] for c in classes)})")
         val = None
         if exp.data.val is not None:
             folder = self._dataset(exp.data.val.root, exp.data.val.transforms, size, False, "data.val.root")
@@ -140,4 +193,51 @@ class ClassificationTask(Task):
         return "\n".join(lines)
 
     def preprocess(self, exp: Experiment) -> dict[str, Any]:
-        return {"size": int(exp.data.options.size)}
+        none_class = exp.data.options.none_class
+        return {"size": int(exp.data.options.size), **({"none_class": none_class} if none_class else {})}
+
+    # ---- after training: the "none of these" threshold -------------------------------------------------
+
+    def finish_training(self, exp: Experiment, run_dir: Path, device: torch.device,
+                        log: Callable[[str], None] = print) -> dict[str, float]:
+        """With ``data.options.none_class`` and a validation split: each of the run's checkpoints gets the
+        threshold calibrated on its own model's validation probabilities (``preprocess.reject_below``)."""
+        none_class = exp.data.options.none_class
+        if none_class is None or exp.data.val is None:
+            return {}
+        found: dict[str, float] = {}
+        for name in ("last.pt", "best.pt"):  # best.pt's figures are the run's (last.pt's when it has none)
+            path = run_dir / name
+            if not path.is_file():
+                continue
+            loaded = load_model(path, device)
+            probs, labels = self.probabilities(loaded.model, exp.data.val, loaded, exp.train.batch_size,
+                                               exp.data.workers, device)
+            none_label = [c["name"] for c in loaded.classes].index(none_class)
+            found = choose_none_threshold(probs, labels, none_label, exp.data.options.false_accept)
+            ckpt = load_checkpoint(path)
+            calibration = {**found, "target_false_accept": exp.data.options.false_accept,
+                           "split": str(exp.data.val.root)}
+            ckpt["preprocess"] = {**ckpt.get("preprocess", {}), "reject_below": found["threshold"],
+                                  "calibration": calibration}
+            save_checkpoint(ckpt, path)
+            log(f"none of these: {path.name} answers under top probability {found['threshold']:.3f} "
+                f"(validation: {found['false_accept']:.1%} of {found['none_images']} {none_class} images "
+                f"labelled, {found['known_kept']:.1%} of {found['known_images']} others keep a label, "
+                f"{found['known_right']:.1%} the right one)")
+        return {f"none/{k}": float(v) for k, v in found.items()}
+
+    def probabilities(self, model: nn.Module, split: SplitConfig, loaded: Any, batch_size: int, workers: int,
+                      device: torch.device) -> tuple[Tensor, Tensor]:
+        """Softmax probabilities [N, K] of ``model`` over ``split`` and the true labels [N]."""
+        loader = eval_loader(self.build_eval_dataset(split, loaded), self.collate, batch_size=batch_size,
+                             workers=workers)
+        probs, labels = [], []
+        model.eval()
+        with torch.inference_mode():
+            for batch in loader:
+                images, truth = self.move_batch(batch, device)
+                logits, _ = model(images)
+                probs.append(logits.float().softmax(1).cpu())
+                labels.append(truth.cpu())
+        return torch.cat(probs), torch.cat(labels)

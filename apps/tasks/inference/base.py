@@ -117,6 +117,7 @@ class Inference(ABC):
     one_image_per_forward: ClassVar[bool] = False
     coco_results: ClassVar[bool] = False  # results can be written as COCO results (image ids needed)
     takes_thresholds: ClassVar[bool] = False
+    quiet_what: ClassVar[str] = "detection"  # what a result under the threshold lacks (the hint's words)
 
     def __init__(self, classes: Sequence[dict[str, Any]], preprocess: dict[str, Any], *,
                  score_threshold: float = 0.5, nms_threshold: float | None = None,
@@ -148,6 +149,11 @@ class Inference(ABC):
                 raise ValueError(f"class {w!r} is not one of the checkpoint's classes ({known})")
             allowed[index + offset] = True
         return allowed
+
+    @property
+    def quiet_threshold(self) -> float:
+        """The threshold :meth:`Result.quiet_best` scores fell under (the hint names it)."""
+        return self.score_threshold
 
     def names_and_ids(self, labels: Sequence[int]) -> tuple[list[str], list[int]]:
         """The classes' names and dataset ids of model labels."""
