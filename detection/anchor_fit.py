@@ -42,6 +42,8 @@ __all__ = [
     "resolve_auto_anchors",
 ]
 
+_CHUNK = 65_536  # boxes per block of IoUs: [_CHUNK, A] float64 stays a few MB
+
 
 @dataclass
 class AnchorLayout:
@@ -155,7 +157,9 @@ def best_possible_recall(boxes: np.ndarray, padded_hw: np.ndarray, layout: Ancho
     """Fraction of boxes whose best anchor reaches each IoU threshold (1.0 for no boxes)."""
     if not len(boxes):
         return {t: 1.0 for t in thresholds}
-    best = _ious(boxes, padded_hw, layout, placement).max(axis=1)
+    # in chunks of boxes: the [M, A] IoU matrix of a COCO-sized set alone would be about 100 MB
+    best = np.concatenate([_ious(boxes[i:i + _CHUNK], padded_hw[i:i + _CHUNK], layout, placement).max(axis=1)
+                           for i in range(0, len(boxes), _CHUNK)])
     return {t: float((best >= t).mean()) for t in thresholds}
 
 

@@ -169,6 +169,7 @@ def test_auto_anchors_are_fitted_when_training_starts_and_kept_in_the_checkpoint
     from apps.config import build_experiment
     from apps.engine.trainer import train
     from apps.tasks import load_model
+    from vision.data.coco import CocoDetection
     from vision.data.synthetic import make_shapes
 
     shapes = make_shapes("detection", tmp_path / "data", num_images=4, seed=0, image_size=(64, 96),
@@ -185,8 +186,8 @@ def test_auto_anchors_are_fitted_when_training_starts_and_kept_in_the_checkpoint
     train(exp)
     model = load_model(tmp_path / "run" / "last.pt").model  # rebuilt from the checkpoint alone
     generator = model.proposal_generator.anchor_generator
-    with open(shapes["train"] / "annotations.json") as f:
-        boxes, hw = coco_boxes(json.load(f))
+    train = CocoDetection(shapes["train"] / "images", shapes["train"] / "annotations.json")
+    boxes, hw = train.instance_boxes()
     fitted_cfg, _ = resolve_auto_anchors(exp.model, boxes, hw)
     assert [list(s) for s in generator.sizes] == fitted_cfg.rpn.anchor_sizes
     assert list(generator.aspect_ratios[0]) == fitted_cfg.rpn.aspect_ratios

@@ -24,7 +24,6 @@ out of the ground truth and counted): ``AP`` (AP@[.5:.95], the primary metric),
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -38,13 +37,13 @@ from torch.utils.data import Dataset
 
 from apps.config import ConfigError, Experiment, SplitConfig, from_dict
 from apps.engine.checkpointing import make_checkpoint
-from apps.engine.distributed import broadcast_object, gather_object
+from apps.engine.distributed import broadcast_object, gather_object, is_main
 from apps.engine.loader import eval_loader, parent_bound_init
 from apps.predict.writers import PREDICTIONS, match_by_file_name
 from apps.tasks import load_model
 from apps.tasks.base import Datasets, Task
 from apps.tasks.inference.detection import DetectionInference
-from detection.anchor_fit import coco_boxes, resolve_auto_anchors
+from detection.anchor_fit import resolve_auto_anchors
 from detection.evaluation import (
     EvaluationError,
     detections_to_coco,
@@ -108,21 +107,16 @@ class DetectionTask(Task):
 
     def fit_to_data(self, exp: Experiment, data: Datasets) -> tuple[Experiment, list[str]]:
         """``model.rpn.anchor_sizes`` / ``aspect_ratios`` "auto": fitted to the training boxes as the RPN
-        sees them (detection/anchor_fit.py); the run's config and checkpoints keep the numbers."""
+        sees them (detection/anchor_fit.py); the run's config and checkpoints keep the numbers. The boxes come
+        from the training dataset's arrays (no second reading of the file); rank 0 fits, the other ranks
+        receive its answer."""
         rpn = exp.model.rpn
         if rpn is None or "auto" not in (rpn.anchor_sizes, rpn.aspect_ratios):
             return exp, []
-        with open(exp.data.train.annotations, encoding="utf-8") as f:  # (read once already: it is valid)
-            boxes, image_hw = coco_boxes(json.load(f))
-        try:
-            model, report = resolve_auto_anchors(exp.model, boxes, image_hw)
-        except ValueError as exc:
-            raise ConfigError(f"model.{exc} ({exp.data.train.annotations})") from exc
-        fmt = lambda recall: "/".join(f"{v:.3f}" for v in recall.values())  # noqa: E731
-        line = (f"anchors fitted to {report.num_boxes} training boxes: model.rpn.anchor_sizes="
-                f"{model.rpn.anchor_sizes} model.rpn.aspect_ratios={model.rpn.aspect_ratios}; best possible "
-                f"recall on the RPN's grid at IoU 0.5/0.7: {fmt(report.configured_grid)} before fitting, "
-                f"{fmt(report.fitted_grid)} fitted")
+        outcome = _fit_anchors(exp, data) if is_main() else None
+        model, line = broadcast_object(outcome)  # every rank the same model (or the same error)
+        if model is None:
+            raise ConfigError(line)
         return replace(exp, model=model), [line]
 
     def build_model(
@@ -351,6 +345,23 @@ class DetectionTask(Task):
         save_checkpoint(ckpt, run_dir / "final.pt")
         log(f"rcnn: the complete detector is {run_dir / 'final.pt'}")
         return metrics
+
+
+def _fit_anchors(exp: Experiment, data: Datasets) -> tuple[DetectorConfig | None, str]:
+    """(the model config with fitted anchors, the log line), or (None, the error)."""
+    base = _unwrap(data.train)
+    if not hasattr(base, "instance_boxes"):
+        return None, f"model.rpn: anchors 'auto' need a COCO training set, got {type(base).__name__}"
+    boxes, image_hw = base.instance_boxes()
+    try:
+        model, report = resolve_auto_anchors(exp.model, boxes, image_hw)
+    except ValueError as exc:
+        return None, f"model.{exc} ({exp.data.train.annotations})"
+    fmt = lambda recall: "/".join(f"{v:.3f}" for v in recall.values())  # noqa: E731
+    return model, (f"anchors fitted to {report.num_boxes} training boxes: model.rpn.anchor_sizes="
+                   f"{model.rpn.anchor_sizes} model.rpn.aspect_ratios={model.rpn.aspect_ratios}; best "
+                   f"possible recall on the RPN's grid at IoU 0.5/0.7: {fmt(report.configured_grid)} before "
+                   f"fitting, {fmt(report.fitted_grid)} fitted")
 
 
 class ImageDetections(NamedTuple):

@@ -169,6 +169,11 @@ class _CocoBase(Dataset):
         table = self._table
         return (table.widths[self._index] / table.heights[self._index]).tolist()
 
+    def instance_boxes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Non-crowd boxes [M, 4] xyxy of this dataset's images and their image's (height, width) [M, 2],
+        from the table (``CocoTable.instance_boxes``; no file is read)."""
+        return self._table.instance_boxes(self._index)
+
     def file_name_of(self, image_id: int) -> str | None:
         """The JSON's ``file_name`` of an image id (relative to the image folder); None if not listed."""
         ids = self._table.image_ids

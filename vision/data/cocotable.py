@@ -100,6 +100,20 @@ class CocoTable:
             raise ValueError("segmentations were not kept (read_coco_table(..., keep_segmentations=False))")
         return pickle.loads(self.segmentations[row])
 
+    def instance_boxes(self, images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes [M, 4] float64 xyxy (clipped, at least 1 px) of every non-crowd annotation of the images
+        ``images`` (table indices; None: all) and their image's (height, width) [M, 2] float64, from the
+        arrays alone: what anchor fitting reads, with no second parse of the file."""
+        image_of_row = np.repeat(np.arange(len(self)), np.diff(self.first))
+        keep = ~self.crowd
+        if images is not None:
+            chosen = np.zeros(len(self), dtype=bool)
+            chosen[images] = True
+            keep &= chosen[image_of_row]
+        rows = image_of_row[keep]
+        hw = np.stack([self.heights[rows], self.widths[rows]], axis=1).astype(np.float64)
+        return self.boxes[keep].astype(np.float64), hw
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the arrays (what each process keeps, shared by forked workers)."""
