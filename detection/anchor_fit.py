@@ -90,12 +90,19 @@ def boxes_at_model_scale(boxes: np.ndarray, image_hw: np.ndarray, min_size: int 
     """
     options = [min_size] if isinstance(min_size, int | float) else list(min_size)
     out_boxes, out_hw = [], []
-    for target in options:
+    for target in options:  # (in place where it can: a COCO-sized set has close to a million boxes)
         scale = np.minimum(target / image_hw.min(axis=1), max_size / image_hw.max(axis=1))
         new_hw = np.floor(image_hw * scale[:, None])
-        ratio = new_hw / image_hw  # (h, w)
-        out_boxes.append(boxes * np.stack([ratio[:, 1], ratio[:, 0], ratio[:, 1], ratio[:, 0]], axis=1))
-        out_hw.append(np.ceil(new_hw / size_divisible) * size_divisible)
+        del scale
+        scaled = boxes.copy()
+        scaled[:, 0::2] *= (new_hw[:, 1] / image_hw[:, 1])[:, None]
+        scaled[:, 1::2] *= (new_hw[:, 0] / image_hw[:, 0])[:, None]
+        np.ceil(np.divide(new_hw, size_divisible, out=new_hw), out=new_hw)
+        new_hw *= size_divisible
+        out_boxes.append(scaled)
+        out_hw.append(new_hw)
+    if len(options) == 1:
+        return out_boxes[0], out_hw[0]
     return np.concatenate(out_boxes), np.concatenate(out_hw)
 
 

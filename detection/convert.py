@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -192,13 +194,33 @@ def torchvision_coco_title(path: str | os.PathLike) -> str | None:
     return entry[1] if entry else None
 
 
+def conversion_fallback_dir() -> Path:
+    """Where conversions go when torch's hub folder cannot be written (a read-only ``$TORCH_HOME``, e.g. a
+    shared or mounted model store): ``$XDG_CACHE_HOME/visiondet/torchvision`` (``~/.cache/...``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "visiondet" / "torchvision"
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be created in ``folder`` (made if missing): tried, since permission bits say nothing
+    on a read-only mount or to root."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError:
+        return False
+    return True
+
+
 def resolve_torchvision_coco(path: str | os.PathLike,
                              folders: Sequence[str | os.PathLike] = ()) -> Path | None:
     """A visiondet checkpoint for torchvision COCO file ``path``, converted on first use; None if ``path`` is
     not one of :data:`TORCHVISION_COCO_FILES`.
 
     A bare file name is looked up in ``folders`` and the hub cache. The conversion is cached next to the hub's
-    files (``visiondet/<name>.pt``) and redone only when the source file is newer than it.
+    files (``visiondet/<name>.pt``), or in :func:`conversion_fallback_dir` when that folder cannot be written
+    (a warning says where), and redone only when the source file is newer than it.
     """
     path = Path(path)
     if path.name not in TORCHVISION_COCO_FILES:
@@ -210,7 +232,18 @@ def resolve_torchvision_coco(path: str | os.PathLike,
                 f"{path}: not found; put torchvision's file in {hub_checkpoint_dir()} or weights/ "
                 "(visiondet downloads nothing)")
         path = candidates[0]
-    cached = hub_checkpoint_dir() / "visiondet" / f"{path.stem}.pt"
-    if not cached.is_file() or cached.stat().st_mtime < path.stat().st_mtime:
-        convert_checkpoint(path, cached, TORCHVISION_COCO_FILES[path.name][0])
+    beside_hub, fallback = hub_checkpoint_dir() / "visiondet", conversion_fallback_dir()
+    for folder in (beside_hub, fallback):  # an up-to-date conversion wherever an earlier run put it
+        cached = folder / f"{path.stem}.pt"
+        if cached.is_file() and cached.stat().st_mtime >= path.stat().st_mtime:
+            return cached
+    folder = beside_hub if _writable(beside_hub) else fallback
+    if folder == fallback:
+        if not _writable(fallback):
+            raise CheckpointError(f"{path}: cannot write its conversion to {beside_hub} or {fallback}; "
+                                  "make one of them writable (or set XDG_CACHE_HOME)")
+        warnings.warn(f"{beside_hub} cannot be written ($TORCH_HOME read-only?); converting {path.name} "
+                      f"into {fallback} instead", stacklevel=2)
+    cached = folder / f"{path.stem}.pt"
+    convert_checkpoint(path, cached, TORCHVISION_COCO_FILES[path.name][0])
     return cached

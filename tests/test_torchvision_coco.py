@@ -4,6 +4,7 @@ random-init torchvision model saved under the real file name in a temporary TORC
 downloaded."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -77,3 +78,20 @@ def test_a_missing_file_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "nothing-here"))
     with pytest.raises(CheckpointError, match="put torchvision's file in .*nothing-here.*downloads nothing"):
         load_model(NAME)
+
+
+def test_a_read_only_torch_home_converts_into_visiondets_cache_and_says_where(torch_home, tmp_path,
+                                                                             monkeypatch):
+    # hub/checkpoints/visiondet cannot be made (a file stands in its place: unwritable even to root, as a
+    # read-only mount is); the conversion goes to $XDG_CACHE_HOME/visiondet/torchvision instead
+    (hub_checkpoint_dir() / "visiondet").write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fallback = tmp_path / "cache" / "visiondet" / "torchvision"
+    with pytest.warns(UserWarning, match=f"cannot be written.*into {fallback}"):
+        cached = resolve_torchvision_coco(NAME)
+    assert cached == fallback / "fasterrcnn_resnet50_fpn_coco-258fb6c6.pt" and cached.is_file()
+    stamp = cached.stat().st_mtime_ns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # found there next time: no second conversion, no warning
+        assert load_model(NAME).path == cached
+    assert cached.stat().st_mtime_ns == stamp

@@ -33,7 +33,7 @@ from .cococache import AUTO_CACHE_BYTES, cached_coco_table, default_cache_dir
 from .cocofile import AnnotationError, format_ids, load_coco, safe_join, segmentation_rle
 from .cocotable import read_coco_table
 from .images import ImageHeader, apply_orientation, exif_for_size, read_raw
-from .memory import pin_mmap_threshold
+from .memory import pin_for_workers
 from .mosaic import find_mosaic, mosaic_partners
 from .segfolder import MaskFolderSegmentation
 from .transforms import IGNORE_INDEX, augment, to_tensor
@@ -133,7 +133,7 @@ class _CocoBase(Dataset):
     """The annotations live in a ``CocoTable`` (flat numpy arrays, see ``cocotable``): building it costs
     less than ``pycocotools.coco.COCO()`` does, and forked DataLoader workers share its pages instead of
     copying them. There is no pycocotools ``COCO`` here; evaluation reads ``annotations_path``.
-    Constructing one also pins glibc's mmap threshold (``memory.pin_mmap_threshold``), so the workers
+    Constructing one also pins glibc's mmap threshold (``memory.pin_for_workers``; optional), so the workers
     forked afterwards return their image buffers to the system instead of growing a fragmented heap."""
 
     def __init__(self, images: str | os.PathLike, annotations: str | os.PathLike, transforms: Any,
@@ -141,7 +141,7 @@ class _CocoBase(Dataset):
         self.root = Path(images)
         self.annotations_path = Path(annotations)
         self.transforms = transforms
-        pin_mmap_threshold()  # before the DataLoader forks its workers: see vision.data.memory
+        pin_for_workers()  # before the DataLoader forks its workers: see vision.data.memory
         cache_dir = _cache_dir(cache, self.annotations_path)
         if cache_dir is None:
             self._table = read_coco_table(self.annotations_path, self.root,

@@ -8,6 +8,11 @@ images): the processes' total PSS grew by about 260 MB within the first 400 batc
 threshold and by 0 MB with the threshold pinned at its default 128 KiB, the setting PyTorch users reach
 for as ``MALLOC_MMAP_THRESHOLD_=131072``. Pinning it from Python does the same for the processes a
 DataLoader forks afterwards (they inherit the setting).
+
+The setting is process-wide and glibc cannot hand it back, so it is optional: building a COCO dataset
+calls :func:`pin_for_workers`, which does nothing when ``VISIONDET_MMAP_THRESHOLD=off`` (the process keeps
+glibc's dynamic threshold) or when ``MALLOC_MMAP_THRESHOLD_`` is set (glibc applied the user's own value
+at start-up); ``VISIONDET_MMAP_THRESHOLD=<bytes>`` pins another value.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 
-__all__ = ["pin_mmap_threshold"]
+__all__ = ["pin_mmap_threshold", "pin_for_workers"]
+
+ENV = "VISIONDET_MMAP_THRESHOLD"
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
 _DEFAULT_THRESHOLD = 128 * 1024
@@ -34,3 +42,20 @@ def pin_mmap_threshold(nbytes: int = _DEFAULT_THRESHOLD) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(_M_MMAP_THRESHOLD, nbytes))
+
+
+def pin_for_workers() -> bool:
+    """What a dataset calls before DataLoader workers fork: :func:`pin_mmap_threshold` unless the environment
+    says otherwise (see the module's docstring). Returns whether the threshold was pinned here.
+
+    Raises:
+        ValueError: ``VISIONDET_MMAP_THRESHOLD`` is neither ``off`` nor a whole number of bytes.
+    """
+    choice = os.environ.get(ENV, "").strip().lower()
+    if choice in ("off", "0", "false", "no") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    if not choice:
+        return pin_mmap_threshold()
+    if not choice.isdigit():
+        raise ValueError(f"{ENV}={os.environ[ENV]!r}: expected 'off' or a number of bytes (default 131072)")
+    return pin_mmap_threshold(int(choice))
