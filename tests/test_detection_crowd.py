@@ -16,15 +16,16 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torchvision.ops import box_iou
 
 from apps.tasks.detection import DetectionTask
 from detection.anchors import AnchorGenerator
 from detection.boxes import BACKGROUND, FOREGROUND, IGNORE, box_iof, ignore_crowd
-from detection.rcnn_stages import _Negatives
+from detection.rcnn_stages import BoxRegressionConfig, _Negatives, extract_features
 from detection.roi_heads import BoxPredictor, RoIHeads
 from detection.rpn import RegionProposalNetwork, RPNHead
 from detection.transform import DetectionTransform
-from vision.checkpoint import save_checkpoint
+from vision.checkpoint import load_checkpoint
 from vision.data.transforms import augment_detection, build_transforms
 
 CROWD = torch.tensor([[0.0, 0.0, 40.0, 40.0]])
@@ -116,13 +117,31 @@ def test_rcnn_finetuning_ignores_background_regions_inside_crowds(tiny_detector)
     assert seen == [4, 6]  # b1 + gt + b3 + b4; without the crowd b0 and b2 too
 
 
-def test_svm_negatives_leave_out_crowd_regions(tmp_path):
-    record = {"fc7": torch.arange(8.0).reshape(4, 2).half(), "labels": torch.tensor([1, 0, 0, 0]),
-              "overlaps": torch.tensor([[1.0], [0.0], [0.1], [0.0]]).half(),
-              "ignored": torch.tensor([False, True, False, False])}
-    save_checkpoint(record, tmp_path / "0.pt")
-    negatives = _Negatives([tmp_path / "0.pt"], label=1, max_iou=0.3, scale=1.0)
-    assert negatives[0].tolist() == [[4.0, 5.0], [6.0, 7.0]]  # row 1 lies in a crowd: not a negative
+def test_svm_negatives_leave_out_crowd_regions(tmp_path, tiny_detector):
+    # the features stage computes each proposal's crowd flag; the expected negatives come from the boxes here
+    torch.manual_seed(0)
+    model = tiny_detector("rcnn_r18", frozen_bn=False, freeze_at=0,
+                          rcnn={"feature_map": "c4", "input_size": 32, "context_padding": 4},
+                          roi={"output_size": 2, "representation_size": 8})
+    target = {"boxes": GT, "labels": torch.tensor([2]), "crowd_boxes": CROWD, "proposals": BOXES}
+    image = torch.rand(3, 80, 80)
+    (path,) = extract_features(model, [(image, target)], tmp_path, BoxRegressionConfig(), lambda _: None)
+    record = load_checkpoint(path)
+    corner = torch.maximum(BOXES[:, None, :2], CROWD[None, :, :2])
+    far = torch.minimum(BOXES[:, None, 2:], CROWD[None, :, 2:])
+    inside = (far - corner).clamp(min=0).prod(dim=2).max(dim=1).values  # area in a crowd region
+    own = (BOXES[:, 2:] - BOXES[:, :2]).prod(dim=1)
+    iou = box_iou(BOXES, GT[:1]).max(dim=1).values
+    expected = [i for i in range(len(BOXES)) if iou[i] < 0.3 and inside[i] / own[i] < 0.5]
+    assert expected == [3, 4]  # b0 and b2 lie in the crowd region; b1 overlaps the object
+    negatives = _Negatives([path], label=2, max_iou=0.3, scale=1.0)
+    rows = [len(GT) + i for i in expected]  # the file's rows: ground truth first, then the proposals
+    assert torch.equal(negatives[0], record["fc7"][rows].float())
+    # class 1 has no object here: every row is background to it, and the proposals in the crowd region (b1
+    # too: the crowd may hide unoutlined objects of any class) are left out
+    outside = [len(GT) + i for i in range(len(BOXES)) if inside[i] / own[i] < 0.5]
+    class_1 = _Negatives([path], label=1, max_iou=0.3, scale=1.0)[0]
+    assert torch.equal(class_1, record["fc7"][[0, *outside]].float())
 
 
 def test_detection_transform_scales_crowd_boxes_and_proposals():
@@ -173,3 +192,36 @@ def test_move_batch_hands_crowd_boxes_and_proposals_to_the_model():
     _, (moved,) = DetectionTask().move_batch(([torch.rand(3, 8, 8)], [target]), torch.device("cpu"))
     assert set(moved) == {"boxes", "labels", "crowd_boxes", "proposals"}
     assert torch.equal(moved["crowd_boxes"], CROWD)
+
+
+def test_a_crowd_region_does_not_steer_the_box_safe_crop_of_a_coco_dataset(tmp_path):
+    # Faster R-CNN's path: crowd regions ride in CocoDetection's own box list. The crowd box sits in a corner
+    # that most crops around the object leave out; were it steering, every crop would keep it whole.
+    import json
+
+    from PIL import Image
+
+    from vision.data.coco import CocoDetection
+
+    Image.fromarray(np.zeros((50, 100, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "a.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 50}],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [60, 20, 20, 10], "iscrowd": 0, "area": 200},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "iscrowd": 1, "area": 100}]}))
+    for name in ("BBoxSafeRandomCrop", "RandomSizedBBoxSafeCrop"):
+        params = {"height": 40, "width": 40} if name.startswith("RandomSized") else {}
+        spec = [{"name": name, "erosion_rate": 0.0, "p": 1.0, **params}]
+        dataset = CocoDetection(tmp_path, tmp_path / "a.json", cache=None,
+                                transforms=build_transforms(spec, "detection", True))
+        crowds = []
+        for seed in range(12):
+            torch.manual_seed(seed)
+            image, target = dataset[0]
+            assert len(target["boxes"]) == 1, (name, seed)
+            if not params:  # a crop without resize: the object whole, 20 x 10 px
+                box = target["boxes"][0]
+                assert torch.allclose(box[2:] - box[:2], torch.tensor([20.0, 10.0]), atol=1e-3), seed
+            crowds.append(len(target["crowd_boxes"]))
+        assert 0 in crowds, name  # some crops leave the crowd region out: it did not steer them

@@ -36,7 +36,7 @@ from .images import ImageHeader, apply_orientation, exif_for_size, read_raw
 from .memory import pin_for_workers
 from .mosaic import find_mosaic, mosaic_partners
 from .segfolder import MaskFolderSegmentation
-from .transforms import IGNORE_INDEX, augment, to_tensor
+from .transforms import IGNORE_INDEX, SAFE_CROP_INDICES, augment, to_tensor
 
 __all__ = [
     "AnnotationError",
@@ -372,6 +372,8 @@ class CocoDetection(_CocoBase):
             data[self._mosaic.metadata_key] = partners.items
             all_labels = np.concatenate([all_labels, partners.labels])
             instance = np.concatenate([instance, partners.instance])
+        if not instance.all():  # crowd regions ride along, but box-safe crops keep only the objects whole
+            data[SAFE_CROP_INDICES] = np.flatnonzero(instance)
         out = augment(self.transforms, **data)
         # albumentations hands label fields back as floats
         kept = np.asarray(out["indices"], dtype=np.int64).reshape(-1)

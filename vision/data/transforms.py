@@ -37,6 +37,10 @@ from .mosaic import find_mosaic
 # so per-instance masks and crowd flags can follow the boxes that survive a crop.
 BOX_LABEL_FIELDS = ("labels", "indices")
 
+# Data key: the "indices" values of the boxes that box-safe crops keep whole (absent: every box).
+# CocoDetection names its objects, so crowd regions, which ride in the same box list, never steer the crop.
+SAFE_CROP_INDICES = "safe_crop_indices"
+
 IGNORE_INDEX = 255  # segmentation: pixels that count for nothing (crowd regions, padding)
 PAD_VALUE = 128  # image padding: the same neutral grey transparent pixels get in images.py
 
@@ -170,7 +174,7 @@ def _detection_pipeline(train: bool, s: dict[str, Any]) -> list[A.BasicTransform
         return resize
     return resize + [
         # Crops that keep every box whole; after the detector's resize this is a random zoom-in.
-        A.BBoxSafeRandomCrop(erosion_rate=0.0, p=0.5),
+        BBoxSafeRandomCrop(erosion_rate=0.0, p=0.5),
         A.HorizontalFlip(p=0.5),
         A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.8),
     ]
@@ -232,6 +236,34 @@ KINDS: dict[str, PipelineKind] = {
 TASKS = tuple(KINDS)  # the kinds' names (the name ``build_transforms``'s ``task`` argument has always had)
 
 
+class _ObjectsOnly:
+    """A box-safe crop that keeps whole only the boxes whose index is in ``data[SAFE_CROP_INDICES]``.
+
+    albumentations chooses such a crop from every box of ``bboxes``; the objects are told apart by the
+    ``indices`` label field (a column after the four coordinates: label fields are appended in order and
+    numeric values are kept as they are)."""
+
+    _column = 4 + BOX_LABEL_FIELDS.index("indices")
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        keep, boxes = data.get(SAFE_CROP_INDICES), data.get("bboxes")
+        if keep is not None and boxes is not None and len(boxes) and boxes.shape[1] > self._column:
+            data = {**data, "bboxes": boxes[np.isin(boxes[:, self._column], keep)]}
+        return super().get_params_dependent_on_data(params, data)  # type: ignore[misc]
+
+
+class BBoxSafeRandomCrop(_ObjectsOnly, A.BBoxSafeRandomCrop):
+    """albumentations' BBoxSafeRandomCrop, steered by the objects alone (see ``_ObjectsOnly``)."""
+
+
+class RandomSizedBBoxSafeCrop(_ObjectsOnly, A.RandomSizedBBoxSafeCrop):
+    """albumentations' RandomSizedBBoxSafeCrop, steered by the objects alone (see ``_ObjectsOnly``)."""
+
+
+# names in a config that build the steered crops above instead of albumentations' own
+_STEERED = {"BBoxSafeRandomCrop": BBoxSafeRandomCrop, "RandomSizedBBoxSafeCrop": RandomSizedBBoxSafeCrop}
+
+
 def _from_spec(spec: Sequence[Mapping[str, Any]], where: str) -> list[A.BasicTransform | A.BaseCompose]:
     if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence):
         raise ValueError(f"{where}: expected a list of transforms, got {type(spec).__name__}")
@@ -250,7 +282,7 @@ def _one_transform(item: Mapping[str, Any], where: str) -> A.BasicTransform | A.
         cls = _COMPOSES[name]
         _check_params(cls, params, name, where, skip=("transforms",))
         return cls(children, **params)
-    cls = getattr(A, str(name), None)
+    cls = _STEERED.get(str(name)) or getattr(A, str(name), None)
     if not (inspect.isclass(cls) and issubclass(cls, A.BasicTransform)):
         raise ValueError(f"{where}: unknown transform {name!r}{_suggest(str(name), _transform_names())}")
     _check_params(cls, params, name, where)
