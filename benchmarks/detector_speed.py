@@ -1,6 +1,6 @@
 """Faster R-CNN R50-FPN speed: ours against torchvision's fasterrcnn_resnet50_fpn, same weights and input.
 
-    python benchmarks/detector_speed.py                      # 800 and 512 px inference, one training step
+    python benchmarks/detector_speed.py                      # 800 and 512 px inference
     python benchmarks/detector_speed.py --sizes 512 --repeats 3
 
 Both models are built as torchvision builds its COCO model (frozen batch norm, conv1 and res2 frozen),
@@ -13,7 +13,8 @@ shared machine slows them alike; the medians and their ratios are printed. Then,
 detections are compared with torchvision's (count, classes, largest box and score differences), next to
 torchvision's own difference between two thread counts (the float rounding noise floor). The random
 model's frozen batch norms are first given the statistics of their inputs on the image (see
-``like_trained``). The training step is forward + backward + SGD step on two images.
+``like_trained``). The training step, ONNX Runtime and int8 are in benchmarks/efficiency.py, which imports
+this file's helpers.
 """
 
 from __future__ import annotations
@@ -126,7 +127,6 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[800, 512])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--skip-train", action="store_true")
     parser.add_argument(
         "--compile", action="store_true", help="also time the prepared model with torch.compile(backbone)"
     )
@@ -179,46 +179,6 @@ def main() -> None:
             label = f"torchvision, 1 vs {threads} threads:"
             print(f"    {label:40s}{compare(theirs, _as_ours(other))}", flush=True)
         set_postprocess(models.values(), 0.05, 100)
-    if not args.skip_train:
-        t, o = train_step_times(tv, ours, image, args.repeats)
-        cell = f"{o:.3f} ({o / t:.2f}x)"
-        print(f"{'train step 2 x 512 px':24s}{t:22.3f}{cell:>22s}", flush=True)
-
-
-def train_step_times(tv: FasterRCNN, ours, image: torch.Tensor, repeats: int) -> tuple[float, float]:
-    set_size((tv, ours), 512)
-    images = [image, image.flip(-1)]
-    boxes = torch.tensor([[100.0, 80.0, 300.0, 350.0], [350.0, 40.0, 600.0, 200.0]])
-    targets = [
-        {"boxes": boxes, "labels": torch.tensor([1, 18])},
-        {"boxes": boxes[:1], "labels": torch.tensor([3])},
-    ]
-    # our labels are contiguous: COCO ids 1, 18, 3 are labels 1, 17, 3
-    ours_targets = [
-        {"boxes": boxes, "labels": torch.tensor([1, 17])},
-        {"boxes": boxes[:1], "labels": torch.tensor([3])},
-    ]
-    opt_tv = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
-    opt_ours = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
-    tv.train()
-    ours.train()
-
-    def step_tv():
-        opt_tv.zero_grad()
-        sum(tv(images, targets).values()).backward()
-        opt_tv.step()
-
-    def step_ours():
-        opt_ours.zero_grad()
-        sum(ours(images, ours_targets)[1].values()).backward()
-        opt_ours.step()
-
-    step_tv(), step_ours()  # warm-up
-    runs_tv, runs_ours = [], []
-    for _ in range(repeats):
-        runs_tv.append(timed(step_tv))
-        runs_ours.append(timed(step_ours))
-    return statistics.median(runs_tv), statistics.median(runs_ours)
 
 
 def _as_ours(output: dict) -> Detections:

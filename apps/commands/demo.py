@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cached on first use) on the CPU (pip install 'visiondet[export]')")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="model runs at the same time; other requests queue (default 1)")
+    parser.add_argument("--int8", default=None, metavar="DIR",
+                        help="run Faster R-CNN models from their ONNX export quantised to int8, calibrated "
+                             "on the images in DIR (use training images); implies --backend onnxruntime")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         weights=list(args.weights), default_weights=not args.no_default_weights, host=args.host,
         port=args.port, share=args.share, device=args.device, max_side=args.max_side or DEFAULT_MAX_SIDE,
         max_pixels=int(args.max_megapixels * 1e6) if args.max_megapixels else DEFAULT_MAX_PIXELS,
-        backend=args.backend, concurrency=args.concurrency,
+        backend="onnxruntime" if args.int8 else args.backend, int8=args.int8, concurrency=args.concurrency,
     )
     try:
         return run_demo(opts)

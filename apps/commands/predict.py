@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
                         help="pytorch, or onnxruntime: the checkpoint exported to ONNX (checked against "
                              "PyTorch, cached on first use) run on the CPU (pip install 'visiondet[export]')")
+    parser.add_argument("--int8", default=None, metavar="DIR",
+                        help="run the ONNX export quantised to int8 (Faster R-CNN), calibrated on the images "
+                             "in DIR (use training images); implies --backend onnxruntime")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers, device=args.device, save_images=args.save_images, formats=args.formats or [],
         coco_ids=args.coco_ids, resume=args.resume, overwrite=args.overwrite,
         allow_inside_source=args.allow_inside_source, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-        progress=not args.no_progress, backend=args.backend,
+        progress=not args.no_progress, backend="onnxruntime" if args.int8 else args.backend, int8=args.int8,
     )
     try:
         return run_predict(opts)

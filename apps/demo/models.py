@@ -225,6 +225,7 @@ class ModelCache:
         self.checkpoints = {c.label: c for c in checkpoints}
         self.device = torch.device(device)
         self.backend = backend  # "onnxruntime": models run from their exported files (apps.export)
+        self.int8: str | None = None  # calibration images: Faster R-CNN files quantised to int8
         self.loads: dict[str, int] = {}
         self._models: dict[str, LoadedModel] = {}
         self._loading = threading.Lock()
@@ -258,8 +259,14 @@ class ModelCache:
 
     def _exported(self, label: str, loaded: LoadedModel) -> LoadedModel:
         """``loaded`` run by ONNX Runtime from its exported file (exported, checked and cached on first
-        use); a model that cannot be exported (R-CNN) stays on PyTorch, and the console says so."""
+        use; with ``int8``, Faster R-CNN files quantised to int8, the others float); a model that cannot be
+        exported (R-CNN) stays on PyTorch, and the console says so."""
         try:
+            if self.int8 is not None:
+                try:
+                    return exported_backend(loaded, int8=self.int8)
+                except ExportError as exc:  # not a Faster R-CNN: its float file
+                    print(f"visiondet demo: {label} runs in float32: {exc}", file=sys.stderr)
             return exported_backend(loaded)
         except ExportError as exc:
             print(f"visiondet demo: {label} runs on PyTorch: {exc}", file=sys.stderr)

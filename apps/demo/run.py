@@ -27,6 +27,7 @@ class DemoOptions:
     max_side: int = DEFAULT_MAX_SIDE
     max_pixels: int = DEFAULT_MAX_PIXELS
     backend: str = "pytorch"  # or "onnxruntime": each model's exported file (apps.export)
+    int8: str | None = None  # calibration images: Faster R-CNN files quantised to int8 (onnxruntime backend)
     concurrency: int = 1
 
 
@@ -63,7 +64,14 @@ def run_demo(opts: DemoOptions) -> int:
         except ExportError as exc:
             demo.close()
             raise ValueError(f"--backend onnxruntime: {exc}") from None
+        if opts.int8 is not None and not Path(opts.int8).is_dir():
+            demo.close()
+            raise ValueError(f"--int8 {opts.int8}: no such folder of calibration images")
         demo.cache.backend = opts.backend
+        demo.cache.int8 = opts.int8
+    elif opts.int8 is not None:
+        demo.close()
+        raise ValueError("--int8 runs the quantised ONNX export: use it with --backend onnxruntime")
     found = len(demo.cache.checkpoints)
     try:
         url = demo.start(opts.host, opts.port or None, share=opts.share)

@@ -111,6 +111,7 @@ class Predictor:
         top_k: int = 5,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         backend: str = "pytorch",
+        int8: str | os.PathLike | None = None,
     ):
         self.device = resolve_device(str(device))
         if isinstance(weights, str | os.PathLike):
@@ -124,9 +125,11 @@ class Predictor:
         self.inference: Inference = self.loaded.task.inference(
             self.loaded.classes, self.loaded.preprocess, score_threshold=score_threshold,
             nms_threshold=nms_threshold, only=classes, top_k=top_k)
+        if int8 is not None and backend != "onnxruntime":
+            raise ValueError("int8 runs the quantised ONNX export: use it with the onnxruntime backend")
         if backend == "onnxruntime":  # the seam: an object with the model's call signature, on the CPU
             self.device = torch.device("cpu")
-            self.loaded = exported_backend(self.loaded, score_threshold)
+            self.loaded = exported_backend(self.loaded, score_threshold, int8=int8)
         elif backend != "pytorch":
             raise ValueError(f"unknown backend {backend!r}; choose pytorch or onnxruntime")
         self.task: str = self.inference.kind  # what run.json and summary.json call it

@@ -73,6 +73,7 @@ class PredictOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
     backend: str = "pytorch"  # or "onnxruntime": the checkpoint's exported file (apps.export)
+    int8: str | None = None  # calibration images: the onnxruntime file quantised to int8
 
 
 def _warn(message: str) -> None:
@@ -171,7 +172,7 @@ def run_predict(opts: PredictOptions) -> int:
         check_output_location(output, scan.folders, allow_inside_source=opts.allow_inside_source)
         predictor = Predictor(opts.weights, dist.device, score_threshold=opts.score_threshold,
                               nms_threshold=opts.nms_threshold, classes=opts.classes, top_k=opts.top_k,
-                              max_pixels=opts.max_pixels, backend=opts.backend)
+                              max_pixels=opts.max_pixels, backend=opts.backend, int8=opts.int8)
         task, coco = predictor.task, predictor.inference.coco_results
         # the COCO results always come with a detector: --format adds exports, it never takes that one away
         formats = list(dict.fromkeys((["coco"] if coco else ["jsonl"]) + list(opts.formats)))
