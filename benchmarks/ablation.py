@@ -92,7 +92,7 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
             f"data.train.root={crops / 'train'}", f"data.val.root={crops / 'val'}",
             f"train.time_budget={seconds * arm.pretrain_share:.1f}s", f"seed={spec['seed']}",
             f"output_dir={run_dir / 'pretrain'}"]))
-        left = seconds - (time.perf_counter() - clock0)
+        left = max(seconds - (time.perf_counter() - clock0), 1.0)  # (an overrun leaves the detector 1 s)
         overrides = [o if not o.startswith("train.time_budget=") else f"train.time_budget={left:.1f}s"
                      for o in overrides] + [f"model.backbone_weights={run_dir / 'pretrain' / 'last.pt'}"]
     result = train(load_config(CONFIG, overrides))

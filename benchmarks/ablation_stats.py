@@ -89,7 +89,8 @@ def study_table(records: list[dict[str, Any]], arms: Sequence[str], baseline: st
     kinds = set()
     for name in arms:
         if name not in runs:
-            lines.append(f"| {name} | — | not yet run | " + " | ".join("—" for _ in head[3:]) + " |")
+            shown = name + (" (baseline)" if name == baseline else "")
+            lines.append(f"| {shown} | — | not yet run | " + " | ".join("—" for _ in head[3:]) + " |")
             continue
         seeds = runs[name]
         cells = [name + (" (baseline)" if name == baseline else ""), ",".join(str(s) for s in sorted(seeds))]
@@ -164,7 +165,10 @@ def plot_study(records: list[dict[str, Any]], arms: Sequence[str], title: str, o
     ax.set_xlabel("wall-clock minutes since the run started")
     ax.set_ylabel("validation AP (0.5:0.95)")
     ax.set_ylim(bottom=0.0)
-    ax.set_title(title, fontsize="medium")
+    budgets = sorted({f"{r['budget_s'] / 60:.3g}" for r in records if "budget_s" in r})
+    budget = f"\n(budget {', '.join(budgets)} min per run)" if budgets else ""
+    ax.set_title(title + budget, fontsize="medium")
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     out.parent.mkdir(parents=True, exist_ok=True)
