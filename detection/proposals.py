@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
@@ -342,8 +343,12 @@ class CachedSource(ProposalSource):
     """Wrap ``source`` with an on-disk cache: one ``.npy`` per (image pixels, source settings).
 
     The key is the image as decoded (its pixels, before any augmentation) and the source's settings, so the
-    same picture finds its entry from any run, model or file name. At most ``max_entries`` files are kept:
-    past that the least recently used tenth is deleted (a hit refreshes an entry's time).
+    same picture finds its entry from any run, model or file name. At most ``max_entries`` files are kept
+    (over all the processes sharing the folder): past that the least recently used tenth is deleted. "Used"
+    is a file's modification time, which every write and every hit sets from the clock in nanoseconds
+    (``os.utime``: the kernel's own file times are a timer tick coarse, too coarse to order entries written
+    in a burst). The files are counted on disk, again after every hundredth of ``max_entries`` written here,
+    so DataLoader workers writing at once overshoot by that much at most.
     ``hits`` and ``misses`` count what happened, so a caller (or a test) can see that nothing was recomputed.
     Writes are atomic, so several data-loader workers may share one cache folder.
     """
@@ -359,24 +364,26 @@ class CachedSource(ProposalSource):
         self.settings_sha1 = hashlib.sha1(settings.encode()).hexdigest()
         self.hits = 0
         self.misses = 0
-        self._entries: int | None = None  # counted on the first write, then tracked
+        self._recount_every = max(1, max_entries // 100)
+        self._written = 0  # by this process since the folder was last counted
 
     def _files(self) -> list[Path]:
         return list(self.cache_dir.glob("??/*.npy"))
 
     def _prune(self) -> None:
-        """Delete the least recently used entries down to 90% of ``max_entries``."""
+        """Count the entries on disk; past ``max_entries``, delete the least recently used down to 90%."""
         dated = []
         for path in self._files():
             try:
                 dated.append((path.stat().st_mtime_ns, path))
             except FileNotFoundError:  # another worker pruned it
                 continue
+        self._written = 0
+        if len(dated) <= self.max_entries:
+            return
         dated.sort()
-        excess = len(dated) - int(self.max_entries * 0.9)
-        for _, path in dated[: max(excess, 0)]:
+        for _, path in dated[: len(dated) - int(self.max_entries * 0.9)]:
             path.unlink(missing_ok=True)
-        self._entries = len(dated) - max(excess, 0)
 
     def settings(self) -> dict[str, Any]:
         return self.source.settings()
@@ -392,23 +399,28 @@ class CachedSource(ProposalSource):
             try:
                 boxes = np.load(path, allow_pickle=False)
                 self.hits += 1
-                os.utime(path)  # recently used: the last to be pruned
+                _touch(path)  # recently used: the last to be pruned
                 return torch.from_numpy(boxes.astype(np.float32).reshape(-1, 4))
             except (OSError, ValueError):
                 pass  # a damaged entry (disk full, killed writer on a non-atomic FS) is simply recomputed
         boxes = self.source.propose(image, image_id)
         self.misses += 1
         path.parent.mkdir(parents=True, exist_ok=True)
-        if self._entries is None:
-            self._entries = len(self._files())
         fd, tmp = tempfile.mkstemp(prefix=".", suffix=".npy", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             np.save(f, boxes.numpy().astype(np.float32))
+        _touch(tmp)
         os.replace(tmp, path)
-        self._entries += 1
-        if self._entries > self.max_entries:
+        self._written += 1
+        if self._written >= self._recount_every:
             self._prune()
         return boxes
+
+
+def _touch(path: str | os.PathLike) -> None:
+    """Stamp ``path`` as used now, to the nanosecond (see CachedSource)."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
 
 
 @dataclass

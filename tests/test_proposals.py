@@ -146,6 +146,40 @@ def test_cache_hit_avoids_recompute(tmp_path, photo):
     assert torch.equal(cached.propose(photo), first) and inner.calls == 3
 
 
+def test_the_cache_evicts_the_least_recently_used_entries_first(tmp_path):
+    # a burst of writes and hits, as fast as a worker goes: entries are ordered by use, not by creation or
+    # by the kernel's coarse file times
+    image = lambda i: np.full((8, 8, 3), i, np.uint8)  # noqa: E731
+    cached = CachedSource(CountingSource(), tmp_path, max_entries=5)
+    for i in range(5):  # 0..4: the cache is full
+        cached.propose(image(i))
+    cached.propose(image(0))  # hits: 0 and 1 used again, after 2, 3 and 4
+    cached.propose(image(1))
+    cached.propose(image(5))  # a sixth entry: down to 4, the two least recently used (2 and 3) go
+    kept = {i for i in range(6) if cached.path_for(image(i)).is_file()}
+    assert kept == {0, 1, 4, 5}
+    cached.propose(image(4))
+    cached.propose(image(2))  # recomputed (a miss) and written: 5 entries, no eviction yet
+    cached.propose(image(6))  # 6 again: 0 and 1 are now the least recently used
+    assert {i for i in range(7) if cached.path_for(image(i)).is_file()} == {2, 4, 5, 6}
+    assert (cached.hits, cached.misses) == (3, 8)
+
+
+def test_two_processes_sharing_a_cache_folder_keep_it_bounded(tmp_path):
+    # each worker has its own CachedSource: the bound holds for the folder, not per worker
+    image = lambda i: np.full((8, 8, 3), i, np.uint8)  # noqa: E731
+    workers = [CachedSource(CountingSource(), tmp_path, max_entries=4) for _ in range(2)]
+    for i in range(12):
+        workers[i % 2].propose(image(i))
+        assert len(list(tmp_path.glob("??/*.npy"))) <= 4
+    # the newest survive, whichever worker wrote them (at 5 entries the oldest two went, down to 3)
+    assert cached_ids(workers[0], image, range(12)) == {8, 9, 10, 11}
+
+
+def cached_ids(cached, image, ids) -> set[int]:
+    return {i for i in ids if cached.path_for(image(i)).is_file()}
+
+
 def test_cached_selective_search_is_repeatable(tmp_path, photo):
     # OpenCV ranks regions randomly; the cache is what makes a second epoch see the same order
     cached = CachedSource(SelectiveSearch(mode="fast", max_boxes=100), tmp_path)
