@@ -1,11 +1,10 @@
 """Checkpoints to exported files, and exported files as models the Predictor can call.
 
-``export_checkpoint`` builds the export graph of any task from a checkpoint (the task's inference says how:
-vision.export for classification and segmentation, detection.export for Fast/Faster R-CNN), writes and
-checks the file, and stores classes and preprocessing in it. ``cached_export`` does that once per
-checkpoint into a cache folder (``$VISIONDET_CACHE`` or ``~/.cache/visiondet``), for
-``predict``/``demo --backend onnxruntime``. With ``int8`` (a folder of calibration images) a Faster R-CNN file
-is then quantised to int8 by ``vision.quantize`` (``export --int8 DIR``, ``predict``/``demo --int8 DIR``).
+``export_checkpoint`` builds the export graph of any task from a checkpoint (the task's inference says how;
+each graph lives beside its model), writes and checks the file, and stores classes and preprocessing in it.
+``cached_export`` does that once per checkpoint into the cache's ``export/`` folder (vision/cache.py), for
+``predict``/``demo --backend onnxruntime``. With ``int8`` (a folder of calibration images) a Faster R-CNN
+file is then quantised to int8 by ``vision.quantize`` (``export --int8 DIR``, ``predict``/``demo --int8``).
 ``ExportedModel`` wraps the exported file behind the model interface the Predictor already uses
 (``model(inputs) -> (outputs, {})``), which is the whole backend seam.
 """
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from apps.tasks import LoadedModel, load_model
 from detection.structures import Detections
+from vision.cache import cache_dir
 from vision.data.images import IMAGE_EXTENSIONS, ImageError, read_image
 from vision.export import SUFFIXES, ExportError, ExportReport, GraphSpec, Runner, export_graph
 from vision.layers import prepare_for_inference
@@ -126,10 +126,6 @@ def run_export(opts: ExportOptions) -> int:
     return 0
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("VISIONDET_CACHE") or Path.home() / ".cache" / "visiondet") / "export"
-
-
 def cached_export(weights: str | os.PathLike, fmt: str = "onnx",
                   int8: str | os.PathLike | None = None) -> Path:
     """The exported file of ``weights``, written (and checked) on first use (see ``cache_path``)."""
@@ -160,7 +156,7 @@ def cache_path(weights: str | os.PathLike, fmt: str = "onnx", int8: str | os.Pat
         text += f"|int8|{folder}|" + "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
                                              for p in files if p.is_file())
     key = hashlib.sha1(text.encode()).hexdigest()[:12]
-    return cache_dir() / f"{path.stem}-{key}{'-int8' if int8 is not None else ''}{SUFFIXES[fmt]}"
+    return cache_dir("export") / f"{path.stem}-{key}{'-int8' if int8 is not None else ''}{SUFFIXES[fmt]}"
 
 
 class ExportedModel:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from detection.models import DetectorConfig, build_detector
+from vision.cache import cache_dir
 from vision.checkpoint import (
     FORMAT,
     VERSION,
@@ -196,9 +197,8 @@ def torchvision_coco_title(path: str | os.PathLike) -> str | None:
 
 def conversion_fallback_dir() -> Path:
     """Where conversions go when torch's hub folder cannot be written (a read-only ``$TORCH_HOME``, e.g. a
-    shared or mounted model store): ``$XDG_CACHE_HOME/visiondet/torchvision`` (``~/.cache/...``)."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "visiondet" / "torchvision"
+    shared or mounted model store): the cache's ``torchvision/`` folder (vision/cache.py)."""
+    return cache_dir("torchvision")
 
 
 def _writable(folder: Path) -> bool:
@@ -241,7 +241,7 @@ def resolve_torchvision_coco(path: str | os.PathLike,
     if folder == fallback:
         if not _writable(fallback):
             raise CheckpointError(f"{path}: cannot write its conversion to {beside_hub} or {fallback}; "
-                                  "make one of them writable (or set XDG_CACHE_HOME)")
+                                  "make one of them writable (or set VISIONDET_CACHE)")
         warnings.warn(f"{beside_hub} cannot be written ($TORCH_HOME read-only?); converting {path.name} "
                       f"into {fallback} instead", stacklevel=2)
     cached = folder / f"{path.stem}.pt"

@@ -48,7 +48,6 @@ __all__ = [
     "write_proposal_file",
     "ProposalConfig",
     "build_proposal_source",
-    "default_cache_dir",
     "RPNProposals",
 ]
 
@@ -332,13 +331,6 @@ class ProposalFile(ProposalSource):
 DEFAULT_CACHE_ENTRIES = 200_000  # about 16 KB each at 2000 boxes: a few GB at most
 
 
-def default_cache_dir() -> Path:
-    """Where proposals are cached when a config names no folder: ``$XDG_CACHE_HOME/visiondet/proposals``
-    (``~/.cache/visiondet/proposals``), beside the caches of torch hub and Hugging Face."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "visiondet" / "proposals"
-
-
 class CachedSource(ProposalSource):
     """Wrap ``source`` with an on-disk cache: one ``.npy`` per (image pixels, source settings).
 
@@ -429,7 +421,7 @@ class ProposalConfig:
 
     method: "selective_search" (``mode``, ``max_boxes``, ``min_size``, ``max_side``) or "file" (``file``,
     ``max_boxes``). ``cache_dir``: store computed proposals there (a second epoch, model or run reuses
-    them); training data caches selective search in ``default_cache_dir()`` when it is None.
+    them); training data caches selective search in ``vision.cache.cache_dir("proposals")`` when it is None.
     ``cache_max_entries`` bounds the folder (least recently used entries go first).
     """
 

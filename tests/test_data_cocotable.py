@@ -168,6 +168,7 @@ def test_cache_is_built_once_and_mapped_by_every_process(tmp_path, monkeypatch):
 
 
 def test_auto_cache_only_for_large_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("VISIONDET_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     path = write_random_coco(tmp_path, 20, seed=5)
     with warnings.catch_warnings():
@@ -177,3 +178,9 @@ def test_auto_cache_only_for_large_files(tmp_path, monkeypatch):
         monkeypatch.setattr("vision.data.coco.AUTO_CACHE_BYTES", 1)
         CocoDetection(tmp_path, path)
     assert len(list((tmp_path / "xdg" / "visiondet" / "coco").glob("random20-*/meta.json"))) == 1
+    # $VISIONDET_CACHE, when set, is the root of every cache (vision/cache.py)
+    monkeypatch.setenv("VISIONDET_CACHE", str(tmp_path / "mine"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        CocoDetection(tmp_path, path)
+    assert len(list((tmp_path / "mine" / "coco").glob("random20-*/meta.json"))) == 1

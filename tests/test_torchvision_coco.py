@@ -83,8 +83,9 @@ def test_a_missing_file_says_where_to_put_it(tmp_path, monkeypatch):
 def test_a_read_only_torch_home_converts_into_visiondets_cache_and_says_where(torch_home, tmp_path,
                                                                              monkeypatch):
     # hub/checkpoints/visiondet cannot be made (a file stands in its place: unwritable even to root, as a
-    # read-only mount is); the conversion goes to $XDG_CACHE_HOME/visiondet/torchvision instead
+    # read-only mount is); the conversion goes to the cache's torchvision/ folder instead
     (hub_checkpoint_dir() / "visiondet").write_text("not a folder")
+    monkeypatch.delenv("VISIONDET_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     fallback = tmp_path / "cache" / "visiondet" / "torchvision"
     with pytest.warns(UserWarning, match=f"cannot be written.*into {fallback}"):

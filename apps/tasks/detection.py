@@ -55,9 +55,10 @@ from detection.evaluation import (
 from detection.generation import generation_of
 from detection.models import DetectorConfig, build_detector, check_sections, split_arch
 from detection.proposal_data import EXTRA_BOXES, ProposalDataset
-from detection.proposals import ProposalConfig, ProposalError, build_proposal_source, default_cache_dir
+from detection.proposals import ProposalConfig, ProposalError, build_proposal_source
 from detection.rcnn import RCNNConfig
 from detection.structures import Detections
+from vision.cache import cache_dir
 from vision.checkpoint import save_checkpoint
 from vision.data.coco import CocoDetection
 from vision.data.collate import detection_collate
@@ -143,7 +144,7 @@ class DetectionTask(Task):
     def _proposal_source(self, cfg: ProposalConfig) -> Any:
         if cfg.method == "selective_search" and not cfg.cache_dir:
             # selective search must run once per image, not once per epoch: always through a disk cache
-            cfg = replace(cfg, cache_dir=str(default_cache_dir()))
+            cfg = replace(cfg, cache_dir=str(cache_dir("proposals")))
         try:
             return build_proposal_source(cfg)
         except (ProposalError, ImportError, ValueError) as exc:

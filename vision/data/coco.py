@@ -29,7 +29,9 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 from torchvision.ops import box_convert
 
-from .cococache import AUTO_CACHE_BYTES, cached_coco_table, default_cache_dir
+from vision.cache import cache_dir
+
+from .cococache import AUTO_CACHE_BYTES, cached_coco_table
 from .cocofile import AnnotationError, format_ids, load_coco, safe_join, segmentation_rle
 from .cocotable import read_coco_table
 from .images import ImageHeader, apply_orientation, exif_for_size, read_raw
@@ -142,12 +144,12 @@ class _CocoBase(Dataset):
         self.annotations_path = Path(annotations)
         self.transforms = transforms
         pin_for_workers()  # before the DataLoader forks its workers: see vision.data.memory
-        cache_dir = _cache_dir(cache, self.annotations_path)
-        if cache_dir is None:
+        folder = _cache_dir(cache, self.annotations_path)
+        if folder is None:
             self._table = read_coco_table(self.annotations_path, self.root,
                                           keep_segmentations=keep_segmentations)
         else:
-            self._table = cached_coco_table(self.annotations_path, self.root, cache_dir,
+            self._table = cached_coco_table(self.annotations_path, self.root, folder,
                                             keep_segmentations=keep_segmentations)
         self.category_map = CategoryMap.from_categories(self._table.categories)
         self.classes = self.category_map.classes
@@ -241,7 +243,7 @@ class _CocoBase(Dataset):
 
 def _cache_dir(cache: str | os.PathLike | None, annotations: Path) -> Path | None:
     """Where the table is cached (see cococache): ``"auto"`` caches files of ``AUTO_CACHE_BYTES`` and more
-    in ``default_cache_dir()``; None never caches; a path caches there whatever the size."""
+    in ``vision.cache.cache_dir("coco")``; None never caches; a path caches there whatever the size."""
     if cache is None:
         return None
     if str(cache) != "auto":
@@ -250,7 +252,7 @@ def _cache_dir(cache: str | os.PathLike | None, annotations: Path) -> Path | Non
         big = annotations.stat().st_size >= AUTO_CACHE_BYTES
     except OSError:
         return None  # read_coco_table reports the missing file
-    return default_cache_dir() if big else None
+    return cache_dir("coco") if big else None
 
 
 def _more(items: Sequence[Any], shown: int) -> str:
@@ -274,7 +276,7 @@ class CocoDetection(_CocoBase):
         with_masks: also return per-instance masks (polygons or RLE are required).
         num_classes: K when the config overrides it (at least the number of categories).
         cache: where the parsed annotations are kept for the other processes and later runs (see
-            ``cococache``): ``"auto"`` (files from 32 MB, in ``~/.cache/visiondet/coco``), a folder, or None.
+            ``cococache``): ``"auto"`` (files from 32 MB, in the cache's ``coco/`` folder), a folder, or None.
     """
 
     def __init__(

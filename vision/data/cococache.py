@@ -29,19 +29,13 @@ try:
 except ImportError:  # Windows: no flock; each process builds its own table (still correct)
     fcntl = None
 
-__all__ = ["AUTO_CACHE_BYTES", "cached_coco_table", "default_cache_dir"]
+__all__ = ["AUTO_CACHE_BYTES", "cached_coco_table"]
 
 FORMAT = 1  # bump when CocoTable's fields change
 AUTO_CACHE_BYTES = 32 * 2**20  # "auto": annotation files from this size (parsing them takes seconds)
 _ARRAYS = ("image_ids", "widths", "heights", "first", "boxes", "labels", "ann_ids", "crowd",
            "segmentation_ok")
 _PACKED = ("file_names", "segmentations")
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/visiondet/coco`` (``~/.cache/visiondet/coco``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "visiondet" / "coco"
 
 
 def cached_coco_table(
