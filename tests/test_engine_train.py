@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import warnings
 
 import pytest
 import torch
@@ -279,3 +280,22 @@ def test_checkpoints_name_the_training_data_for_the_demo(tmp_path):
 ])
 def test_the_training_data_name_is_the_dataset_folder_and_split(split, name):
     assert training_data_name(DataConfig(train=SplitConfig(**split))) == name
+
+
+def test_warnings_while_reading_are_one_line_per_epoch_not_one_per_image(tmp_path, monkeypatch):
+    plain = ToyDataset.__getitem__
+
+    def warning(self, i):
+        warnings.warn(f"/data/{i:03d}.png: image is 8x8 but the JSON says 9x9; boxes are clipped",
+                      stacklevel=2)
+        return plain(self, i)
+
+    monkeypatch.setattr(ToyDataset, "__getitem__", warning)
+    with warnings.catch_warnings(record=True) as shown:  # nothing reaches Python's own warning output
+        warnings.simplefilter("always")
+        run(tmp_path, epochs=2)
+    assert not [w for w in shown if "boxes are clipped" in str(w.message)]
+    log = [line for line in (tmp_path / "run" / "train.log").read_text().splitlines() if "clipped" in line]
+    assert len(log) == 4, log  # two epochs of training and two validations: one line each
+    assert "epoch 1: 16 warnings like this one while reading the data: /data/" in log[0]
+    assert "validation: " in log[1] and "warnings like this one" in log[1]
