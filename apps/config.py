@@ -97,7 +97,9 @@ class TrainConfig:
     pct_start: float = 0.3  # onecycle: the share of the run spent rising from lr / 25 to lr
     warmup_iters: int = 0  # linear warm-up over this many optimizer steps
     warmup_factor: float = 0.001  # warm-up starts at lr * warmup_factor
-    amp: bool = False  # mixed precision (autocast) in amp_dtype, on CUDA or the CPU
+    # mixed precision (autocast) in amp_dtype, on CUDA or the CPU; auto: bfloat16 where the processor
+    # computes it natively, else float32 (apps/engine/precision.py)
+    amp: bool | Literal["auto"] = False
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 uses a gradient scaler
     grad_clip: float | None = None  # max global L2 norm of the gradients
     accum_steps: int = 1  # batches whose gradients are summed before one optimizer step

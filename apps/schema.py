@@ -34,6 +34,10 @@ def _type_name(tp: Any) -> str:
         return "null"
     if isinstance(tp, type) and not get_args(tp):
         return tp.__name__
+    if get_origin(tp) in (typing.Union, types.UnionType):  # "bool or 'auto'", not "Union[...]"
+        return " or ".join(_type_name(arg) for arg in get_args(tp))
+    if get_origin(tp) is Literal:
+        return " or ".join(repr(v) for v in get_args(tp))
     return str(tp).replace("typing.", "")
 
 

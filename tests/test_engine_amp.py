@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from apps.config import build_experiment
+from apps.engine import precision
 from apps.engine.trainer import train
 from apps.tasks import TASKS, get_task
 from apps.tasks.base import Datasets
@@ -201,3 +202,67 @@ def test_a_float16_overflow_skips_its_step_lowers_the_scale_and_the_run_goes_on(
     assert [r["grad_scale"] for r in rows_logged if r["kind"] == "train"] == [32768.0, 32768.0]
     log = (tmp_path / "run" / "train.log").read_text()
     assert "float16 autocast on cpu with a gradient scaler" in log and "non-finite loss" not in log
+
+
+# ---- train.amp: auto: bfloat16 where the processor computes it natively ----------------------------------
+
+
+def test_cpu_flags_are_read_from_x86_and_arm_cpuinfo(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\n"
+                   "flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n")
+    assert {"avx512_bf16", "avx2"} <= precision.cpu_flags(x86) and "bf16" in precision.cpu_flags(arm)
+    assert precision.cpu_flags(tmp_path / "missing") == set()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx2", "avx512f", "avx512_bf16"}, "CPU flags avx512_bf16"),
+    ({"avx512f", "amx_tile", "amx_bf16", "avx512_bf16"}, "CPU flags amx_bf16, avx512_bf16"),
+    ({"asimd", "bf16"}, "CPU flags bf16"),
+    ({"avx2", "avx512f"}, None),  # AVX-512 without BF16: bfloat16 would be emulated, slower than float32
+    (set(), None),
+])
+def test_native_bfloat16_on_the_cpu_follows_its_flags(flags, expected, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    assert precision.native_bfloat16(torch.device("cpu")) == expected
+
+
+@pytest.mark.parametrize("native, capability, expected", [
+    (True, (8, 0), "GPU of compute capability 8.0"), (False, (7, 5), None)])
+def test_native_bfloat16_on_a_gpu_excludes_emulation(native, capability, expected, monkeypatch):
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return native or including_emulation  # a Turing GPU emulates bfloat16
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert precision.native_bfloat16(torch.device("cuda", 0)) == expected and asked == [False]
+
+
+@pytest.mark.parametrize("flags, dtype", [({"avx512_bf16"}, torch.bfloat16), ({"avx2"}, torch.float32)])
+def test_amp_auto_trains_in_bfloat16_only_where_native_and_says_so(flags, dtype, tmp_path, monkeypatch):
+    monkeypatch.setitem(TASKS, "toy", "test_engine_support:ToyTask")
+    register_toy_task()
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    dtypes: list[torch.dtype] = []
+    build = ToyTask.build_model
+
+    def recording_build(self, *args, **kwargs):
+        model = build(self, *args, **kwargs)
+        model.backbone[0].register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        return model
+
+    monkeypatch.setattr(ToyTask, "build_model", recording_build)
+    cfg = toy_config(tmp_path, epochs=1, amp="auto")
+    cfg["data"]["val"] = None
+    train(build_experiment(cfg))
+    assert dtypes and set(dtypes) == {dtype}
+    log = (tmp_path / "run" / "train.log").read_text()
+    said = ("mixed precision: train.amp=auto: bfloat16 autocast on cpu (CPU flags avx512_bf16)"
+            if dtype == torch.bfloat16 else "mixed precision: train.amp=auto: float32 (this cpu computes no "
+            "bfloat16 natively)")
+    assert said in log

@@ -166,4 +166,26 @@ def test_a_budget_shortens_its_warm_up_without_a_warning(tmp_path, clock):
     lines = (tmp_path / "quiet" / "train.log").read_text().splitlines()
     said = [line for line in lines if "warm-up shortened" in line]
     assert len(said) == 1 and " INFO " in said[0]
-    assert not [line for line in lines if "WARNING" in line]
+    assert not [line for line in lines if "WARNING" in line and "warm" in line]
+
+
+def test_the_progress_line_of_a_budget_shows_the_plan_s_epochs_and_the_budget_left(tmp_path, clock):
+    # the fake clock: 1 s a batch, 3 s an evaluation. The plan is laid at step 3 (46 steps: 11.5 epochs of
+    # 4 steps) and after the first evaluation (32 steps: 8.0 epochs); until step 3 nothing is planned yet
+    train(build_experiment(budget_config(tmp_path, "progress")))
+    lines = [line.split(" INFO ", 1)[1] for line in (tmp_path / "progress" / "train.log").read_text().splitlines()
+             if " it " in line]
+    assert lines[0].startswith("epoch 1/?  it 1/4  ") and lines[0].endswith("  budget left 0:00:59")
+    assert lines[3].startswith("epoch 1/11.5  it 4/4  ") and lines[3].endswith("  budget left 0:00:56")
+    # epoch 2's first batch: 4 batches, an evaluation and this batch spent (8 s)
+    assert lines[4].startswith("epoch 2/8.0  it 1/4  ") and lines[4].endswith("  budget left 0:00:52")
+    assert lines[-1].startswith("epoch 8/8.0  it 4/4  ") and not [line for line in lines if " eta " in line]
+
+
+def test_the_progress_line_of_a_fixed_run_shows_its_epochs_and_eta(tmp_path, clock):
+    cfg = budget_config(tmp_path, "fixed")
+    cfg["train"].update(time_budget=None, epochs=3)
+    train(build_experiment(cfg))
+    lines = [line for line in (tmp_path / "fixed" / "train.log").read_text().splitlines() if " it " in line]
+    assert len(lines) == 12 and all(" eta " in line and "budget" not in line for line in lines)
+    assert " epoch 3/3  it 4/4  " in lines[-1]

@@ -21,7 +21,16 @@ import torch
 import yaml
 from torch import nn
 
-from apps.config import ConfigError, Experiment, build_experiment, to_dict, training_data_name
+from apps.config import (
+    ConfigError,
+    Experiment,
+    build_experiment,
+    resolve_output_dir,
+    to_dict,
+    training_data_name,
+)
+from apps.engine import distributed as dist_utils
+from apps.engine.ema import ModelEMA
 from apps.schema import migrate_renamed
 from apps.tasks import TASKS, get_task
 from vision.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint, save_checkpoint
@@ -39,6 +48,9 @@ __all__ = [
     "resume_changes",
     "FinetuneReport",
     "load_finetune_weights",
+    "make_run_dir",
+    "Counters",
+    "RunCheckpoints",
 ]
 
 
@@ -249,3 +261,129 @@ def load_finetune_weights(model: nn.Module, path: str | Path) -> FinetuneReport:
         raise CheckpointError(f"{path}: no tensor of this checkpoint fits the model (another architecture?)")
     model.load_state_dict(usable, strict=False)
     return report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One run's folder and checkpoints
+
+
+def make_run_dir(exp: Experiment, resume_path: Path | None, runs_root: Path, info: dist_utils.DistInfo
+                 ) -> Path:
+    """The run folder, made by rank 0 and broadcast: a resumed run's own, ``output_dir`` (refused when it
+    already holds a run), or the next free ``runs/<task>/expN``."""
+    path: Path | None = None
+    if info.is_main:
+        if resume_path is not None:
+            path = resume_path.parent
+            remove_stale_temporaries(path)
+        elif exp.output_dir is not None:
+            path = Path(exp.output_dir)
+            if (path / "last.pt").exists():
+                raise ConfigError(f"output_dir: {path} already holds a run; continue it with resume=true "
+                                  "or choose another output_dir")
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            while path is None:  # two runs started together must not share a folder
+                candidate = resolve_output_dir(exp, runs_root)
+                try:
+                    candidate.mkdir(parents=True)
+                    path = candidate
+                except FileExistsError:
+                    continue
+    return Path(dist_utils.broadcast_object(str(path) if path else None))
+
+
+@dataclass
+class Counters:
+    """Where a run stands; last.pt keeps it (``train_state``) with the last evaluation's metrics."""
+
+    epoch: int = 0  # epochs finished
+    batch_in_epoch: int = 0  # batches of the current epoch done
+    step: int = 0  # optimizer steps done
+    best: float | None = None  # best primary metric so far
+    bad_evals: int = 0  # evaluations since it last improved
+    metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation
+
+
+class RunCheckpoints:
+    """``last.pt`` and ``best.pt`` of one run: what they hold, when ``last.pt`` is due, and resuming.
+
+    Saving gathers every rank's random state, so every process calls :meth:`save_last` and :meth:`due`;
+    only rank 0 writes. ``budget_state`` gives the time budget's state to keep (None without one).
+    """
+
+    def __init__(self, run_dir: Path, *, exp: Experiment, model_cfg: Any, classes: list[dict[str, Any]],
+                 preprocess: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, scaler: torch.amp.GradScaler, ema: ModelEMA | None, counters: Counters,
+                 info: dist_utils.DistInfo, checkpoint_every: int, checkpoint_minutes: float,
+                 budget_state: Callable[[], dict[str, float] | None]) -> None:
+        self.run_dir, self.exp, self.model_cfg, self.classes = run_dir, exp, model_cfg, classes
+        self.preprocess, self.model, self.optimizer, self.scheduler = preprocess, model, optimizer, scheduler
+        self.scaler, self.ema, self.counters, self.info = scaler, ema, counters, info
+        self.every, self.minutes, self.budget_state = checkpoint_every, checkpoint_minutes, budget_state
+        self.saved_at = time.monotonic()  # of the last last.pt (train.checkpoint_minutes)
+
+    def build(self, metrics: dict[str, float], *, resumable: bool) -> dict[str, Any]:
+        c = self.counters
+        train_state = None
+        rngs = dist_utils.all_gather_object(capture_rng()) if resumable else None
+        if resumable:
+            train_state = {
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "epoch": c.epoch, "batch_in_epoch": c.batch_in_epoch, "step": c.step,
+                "best": c.best, "bad_evals": c.bad_evals,
+                "time_budget": self.budget_state(),
+                "ema_updates": self.ema.updates if self.ema is not None else 0, "rng": rngs,
+            }
+        return make_checkpoint(
+            exp=self.exp, model_cfg=self.model_cfg, classes=self.classes, preprocess=self.preprocess,
+            model=self.model, ema_state=self.ema.state_dict() if self.ema is not None else None,
+            metrics=metrics, train_state=train_state)
+
+    def save_last(self) -> None:
+        ckpt = self.build(self.counters.metrics, resumable=True)  # every rank: RNG states are gathered
+        if self.info.is_main:
+            save(ckpt, self.run_dir / "last.pt")
+        self.saved_at = time.monotonic()
+
+    def save_best(self, metrics: dict[str, float]) -> Path:
+        best = self.build(metrics, resumable=False)
+        if self.info.is_main:
+            save(best, self.run_dir / "best.pt")
+        return self.run_dir / "best.pt"
+
+    def due(self) -> bool:
+        """After an optimizer step: ``train.checkpoint_every`` steps or ``train.checkpoint_minutes`` since the
+        last save (rank 0's clock decides for all ranks: saving gathers every rank's random state)."""
+        due = bool(self.every) and self.counters.step % self.every == 0
+        due = due or (self.minutes > 0 and time.monotonic() - self.saved_at >= self.minutes * 60)
+        return bool(dist_utils.broadcast_object(due)) if self.info.world_size > 1 else due
+
+    def restore(self, path: Path, log: Callable[[str], None], warn: Callable[[str], None]
+                ) -> tuple[dict[str, Any], dict[str, float] | None]:
+        """Load ``path`` (a last.pt) into the model, EMA, optimizer, scheduler, scaler and counters.
+        Returns this rank's random state (to restore last, see the trainer) and the time budget's state."""
+        ckpt = load_checkpoint(path, map_location="cpu")
+        state = ckpt.get("train_state")
+        if not state:
+            raise ConfigError(f"resume: {path}: has no train_state (best.pt cannot be resumed; use last.pt)")
+        if ckpt.get("task") != self.exp.task or ckpt.get("classes") != self.classes:
+            raise ConfigError(f"resume: {path}: task or classes differ from this run's data")
+        self.model.load_state_dict(ckpt["state_dict"])
+        if self.ema is not None and ckpt.get("ema_state_dict"):
+            self.ema.load_state_dict(ckpt["ema_state_dict"], state["ema_updates"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        c = self.counters
+        c.epoch, c.batch_in_epoch, c.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        c.best, c.bad_evals = state["best"], state["bad_evals"]
+        c.metrics = dict(ckpt.get("metrics") or {})
+        log(f"resuming {path} at epoch {c.epoch + 1}, batch {c.batch_in_epoch}, step {c.step}")
+        ranks = state["rng"]
+        if len(ranks) != self.info.world_size:
+            warn(f"resume: saved by {len(ranks)} process(es), now {self.info.world_size}: "
+                 "random streams will differ from an uninterrupted run")
+        return ranks[self.info.rank % len(ranks)], state.get("time_budget")

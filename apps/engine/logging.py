@@ -16,11 +16,15 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
 from tqdm import tqdm
 
-__all__ = ["RunLogger", "Progress", "DataWait", "plot_curves", "run_log"]
+from apps.engine.distributed import all_reduce_sum
+
+__all__ = ["RunLogger", "Progress", "BudgetView", "DataWait", "TrainRecords", "close_run", "plot_curves",
+           "run_log"]
 
 LOGGER_NAME = "visiondet.train"
 
@@ -73,12 +77,27 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+class BudgetView(NamedTuple):
+    """A time-budgeted run as the progress line shows it: the plan's length in epochs (None until the first
+    steps are timed) and the seconds left in the budget."""
+
+    epochs: float | None
+    left_s: float
+
+
 class Progress:
-    """One epoch's progress: a tqdm bar on a terminal, else a plain line every ``log_every`` updates."""
+    """One epoch's progress: a tqdm bar on a terminal, else a plain line every ``log_every`` updates.
+
+    A run of fixed length shows ``epoch 2/12`` and the epoch's ETA; a time-budgeted one (``budget``, asked
+    at every update since the plan changes as the run goes) the plan's epochs, ``epoch 2/5.1``, and the time
+    left in the budget instead of an ETA that would only cover the epoch.
+    """
 
     def __init__(self, *, epoch: int, epochs: int, total: int, start: int, log_every: int, enabled: bool,
-                 tty: bool, log: logging.Logger, data_wait: DataWait | None = None) -> None:
-        self.desc = f"epoch {epoch + 1}/{epochs}"
+                 tty: bool, log: logging.Logger, data_wait: DataWait | None = None,
+                 budget: Callable[[], BudgetView] | None = None) -> None:
+        self.epoch, self.epochs, self.budget = epoch, epochs, budget
+        self.desc = self._describe(budget() if budget is not None else None)
         self.total, self.done, self.log_every, self.log = total, start, log_every, log
         self.start_done, self.start_time = start, time.perf_counter()
         self.enabled = enabled
@@ -88,14 +107,24 @@ class Progress:
         self.bar = (tqdm(total=total, initial=start, desc=self.desc, file=sys.stderr, dynamic_ncols=True,
                          unit="it", leave=True) if enabled and tty else None)
 
+    def _describe(self, view: BudgetView | None) -> str:
+        if view is None:
+            return f"epoch {self.epoch + 1}/{self.epochs}"
+        return f"epoch {self.epoch + 1}/{'?' if view.epochs is None else f'{view.epochs:.1f}'}"
+
     def update(self, n: int, values: dict[str, float]) -> None:
         self.done += n
         if not self.enabled:
             return
+        view = self.budget() if self.budget is not None else None
         if self.bar is not None:
             if self.data_wait is not None:
                 values = {**values, "data_wait": self.data_wait.share(self.epoch_mark)}
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+            postfix = {k: f"{v:.4g}" for k, v in values.items()}
+            if view is not None:
+                self.bar.set_description(self._describe(view), refresh=False)
+                postfix["budget_left"] = _format_eta(view.left_s)
+            self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(n)
         elif self.done % self.log_every == 0 or self.done == self.total:
             rate = (self.done - self.start_done) / max(time.perf_counter() - self.start_time, 1e-9)
@@ -104,8 +133,9 @@ class Progress:
                 values = {**values, "data_wait": self.data_wait.share(self.line_mark)}
                 self.line_mark = self.data_wait.mark()
             figures = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
-            self.log.info(f"{self.desc}  it {self.done}/{self.total}  {figures}  {rate:.2f} it/s  "
-                          f"eta {_format_eta(eta)}")
+            left = f"eta {_format_eta(eta)}" if view is None else f"budget left {_format_eta(view.left_s)}"
+            self.log.info(f"{self._describe(view)}  it {self.done}/{self.total}  {figures}  {rate:.2f} it/s  "
+                          f"{left}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -147,9 +177,10 @@ class RunLogger:
         self.log.error(f"ERROR: {message}")
 
     def progress(self, *, epoch: int, epochs: int, total: int, start: int, log_every: int,
-                 data_wait: DataWait | None = None) -> Progress:
+                 data_wait: DataWait | None = None, budget: Callable[[], BudgetView] | None = None
+                 ) -> Progress:
         return Progress(epoch=epoch, epochs=epochs, total=total, start=start, log_every=log_every,
-                        enabled=self.enabled, tty=self.tty, log=self.log, data_wait=data_wait)
+                        enabled=self.enabled, tty=self.tty, log=self.log, data_wait=data_wait, budget=budget)
 
     def record(self, kind: str, *, step: int, epoch: int, values: dict[str, float]) -> None:
         """One metrics.jsonl line ``{"kind", "step", "epoch", "time", **values}`` and TensorBoard scalars."""
@@ -242,3 +273,78 @@ def run_log(run_dir: Path) -> Callable[[str], None]:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} INFO {message}\n")
 
     return log
+
+
+class TrainRecords:
+    """The ``train`` records of metrics.jsonl: each loss averaged over the batches since the previous record
+    (of this epoch) and over every process, with the lr, the data-wait share and the gradient scale. The
+    first record whose steps waited for data more than a third of the time also gives one warning saying
+    which settings to change."""
+
+    def __init__(self, log: RunLogger, *, data: Any, device: torch.device, world_size: int,
+                 log_every: int) -> None:
+        self.log, self.data, self.device = log, data, device
+        self.world_size, self.log_every = world_size, log_every
+        self.warned = False
+        self.start(None)
+
+    def start(self, loader: DataWait | None) -> None:
+        """A new epoch: its records measure the data wait of ``loader``."""
+        self.loader, self.sums, self.count = loader, {}, 0
+        self.mark = loader.mark() if loader is not None else (0.0, 0.0)
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        """One batch with finite losses."""
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        self.count += 1
+
+    def write(self, *, step: int, epoch: int, lr: float, grad_scale: float | None) -> None:
+        """The record after optimizer step ``step`` (every process calls it: the sums are reduced)."""
+        keys = sorted(self.sums)
+        data_wait = self.loader.share(self.mark) if self.loader is not None else 0.0
+        totals = torch.stack([torch.as_tensor(self.sums[k], device=self.device) for k in keys]
+                             + [torch.tensor(float(self.count), device=self.device),
+                                torch.tensor(data_wait, device=self.device)])
+        totals = all_reduce_sum(totals).tolist()
+        values = {k: v / max(totals[-2], 1.0) for k, v in zip(keys, totals[:-2], strict=True)}
+        values["loss"] = sum(values.values())
+        values["lr"] = lr
+        values["data_wait"] = totals[-1] / self.world_size  # the mean over the ranks
+        if grad_scale is not None:
+            values["grad_scale"] = grad_scale
+        self.log.record("train", step=step, epoch=epoch + 1, values=values)
+        # not on the run's first record: it also holds the workers' start and the first CUDA calls
+        if values["data_wait"] > 1 / 3 and step > self.log_every and not self.warned:
+            self.warned = True
+            self.log.warning(self._data_wait_advice(values["data_wait"], step))
+        self.sums, self.count = {}, 0
+        self.mark = self.loader.mark() if self.loader is not None else (0.0, 0.0)
+
+    def _data_wait_advice(self, share: float, step: int) -> str:
+        data = self.data
+        cuda = self.device.type == "cuda"
+        # each setting with its state now; a data.* key is suggested only where this config has it
+        pin, persistent = getattr(data, "pin_memory", None), getattr(data, "persistent_workers", None)
+        pin = cuda if pin is None else pin
+        pin_text = f"pin_memory is {'on' if pin else 'off'}" + (
+            ": set data.pin_memory=true" if cuda and not pin and hasattr(data, "pin_memory") else "")
+        persistent_text = "persistent workers are " + (
+            "on" if persistent else "off (workers start again every epoch)"
+            + (": set data.persistent_workers=true" if persistent is not None else ""))
+        first = max(step - self.log_every, 0) + 1
+        return (f"steps {first}-{step} waited for data {share:.0%} of the time: the model is starved. "
+                f"Raise data.workers (now {data.workers}; up to the CPU cores per process); {pin_text}; "
+                f"{persistent_text}; or make the transforms cheaper")
+
+
+def close_run(log: RunLogger, run_dir: Path, is_main: bool) -> None:
+    """Close the run's logs; rank 0 draws curves.png from metrics.jsonl (a failure there is a warning:
+    a plotting problem must not lose a finished run)."""
+    log.close()
+    metrics_path = run_dir / "metrics.jsonl"
+    if is_main and metrics_path.is_file():
+        try:
+            plot_curves(metrics_path, run_dir / "curves.png")
+        except Exception as exc:
+            print(f"warning: could not draw {run_dir / 'curves.png'}: {exc}")
