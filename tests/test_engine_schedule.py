@@ -173,8 +173,8 @@ def test_the_progress_line_of_a_budget_shows_the_plan_s_epochs_and_the_budget_le
     # the fake clock: 1 s a batch, 3 s an evaluation. The plan is laid at step 3 (46 steps: 11.5 epochs of
     # 4 steps) and after the first evaluation (32 steps: 8.0 epochs); until step 3 nothing is planned yet
     train(build_experiment(budget_config(tmp_path, "progress")))
-    lines = [line.split(" INFO ", 1)[1] for line in (tmp_path / "progress" / "train.log").read_text().splitlines()
-             if " it " in line]
+    log = (tmp_path / "progress" / "train.log").read_text()
+    lines = [line.split(" INFO ", 1)[1] for line in log.splitlines() if " it " in line]
     assert lines[0].startswith("epoch 1/?  it 1/4  ") and lines[0].endswith("  budget left 0:00:59")
     assert lines[3].startswith("epoch 1/11.5  it 4/4  ") and lines[3].endswith("  budget left 0:00:56")
     # epoch 2's first batch: 4 batches, an evaluation and this batch spent (8 s)
