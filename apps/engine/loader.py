@@ -21,20 +21,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import os
 import random
 import re
-import shutil
 import signal
 import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -45,8 +42,7 @@ from apps.engine.distributed import ShardSampler
 from vision.data.images import ImageError
 
 __all__ = ["SeededItems", "IndexedCollate", "FixedBatches", "epoch_batches", "make_loader", "eval_loader",
-           "DataWarnings", "Unreadable", "UnreadableImageError", "tie_to_parent", "parent_bound_init",
-           "unreadable_hint", "SkippedFiles", "after_unreadable"]
+           "DataWarnings", "Unreadable", "UnreadableImageError", "tie_to_parent", "parent_bound_init"]
 
 # How many following items a training item may try in place of an unreadable one before giving up.
 _MAX_SUBSTITUTES = 16
@@ -381,63 +377,3 @@ def eval_loader(dataset: Dataset, collate: Callable[[list[Any]], Any], *, batch_
                          skip_unreadable=skip_unreadable, hint=hint, with_indices=False, on_skip=on_skip,
                          data_warnings=data_warnings)
 
-
-# ---- a run's unreadable files -----------------------------------------------------------------------------
-
-
-def unreadable_hint(split: Any) -> str:
-    """What to do about an unreadable file of ``split`` (the end of the error line)."""
-    check = "visiondet data check"
-    if getattr(split, "annotations", None) and getattr(split, "images", None):
-        check += f" --annotations {split.annotations} --images {split.images}"
-    return f"find every such file with `{check}`, or set data.skip_unreadable=true to skip them"
-
-
-class SkippedFiles:
-    """``data.skip_unreadable``: each skipped file listed once in ``skipped_images.txt`` (path, tab, reason;
-    a resumed run keeps the list) and warned about. Call it with the files a loader skipped (``on_skip``)."""
-
-    def __init__(self, run_dir: Path, warn: Callable[[str], None]) -> None:
-        self.path, self.warn = run_dir / "skipped_images.txt", warn
-        self.listed = self.read()  # files skipped so far
-
-    def read(self) -> set[str]:
-        if not self.path.is_file():
-            return set()
-        return {line.split("\t", 1)[0] for line in self.path.read_text(encoding="utf-8").splitlines() if line}
-
-    def __call__(self, files: list[Unreadable]) -> None:
-        new = [f for f in dict.fromkeys(files) if f.path not in self.listed]
-        if not new:
-            return
-        with open(self.path, "a", encoding="utf-8") as out:  # every rank appends
-            for f in new:
-                self.listed.add(f.path)
-                out.write(f"{f.path}\t{f.reason}\n")
-                self.warn(f"skipped unreadable image {f.path}: {f.reason}")
-
-
-# what a run writes into its folder, removed when an unreadable file ends it before any checkpoint
-_RUN_FILES = ("config.yaml", "train.log", "metrics.jsonl", "curves.png", "skipped_images.txt", "tensorboard")
-
-
-def after_unreadable(exc: UnreadableImageError, run_dir: Path, is_main: bool) -> UnreadableImageError:
-    """An unreadable file ended the run: a run folder with no checkpoint is removed (it holds nothing to
-    resume); one with a checkpoint keeps the error line at the end of train.log, and the error says how to
-    continue."""
-    if not is_main:
-        return exc
-    if not any(run_dir.glob("*.pt")):
-        # only what this run wrote: an output_dir given by the user may hold other files
-        for name in _RUN_FILES:
-            path = run_dir / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            run_dir.rmdir()  # when nothing else is left
-        return exc
-    hint = (f"continue with `visiondet train --resume {run_dir} data.skip_unreadable=true` or after "
-            f"fixing the file; {exc.hint}")
-    exc = UnreadableImageError(exc.path, exc.reason, hint)
-    with open(run_dir / "train.log", "a", encoding="utf-8") as log:
-        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR ERROR: {exc}\n")
-    return exc

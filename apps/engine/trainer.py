@@ -35,21 +35,13 @@ from apps.engine import distributed as dist_utils
 from apps.engine.budget import RunBudget
 from apps.engine.ema import ModelEMA
 from apps.engine.evaluation import Validation
-from apps.engine.loader import (
-    DataWarnings,
-    SeededItems,
-    SkippedFiles,
-    UnreadableImageError,
-    after_unreadable,
-    epoch_batches,
-    make_loader,
-    unreadable_hint,
-)
+from apps.engine.loader import DataWarnings, SeededItems, UnreadableImageError, epoch_batches, make_loader
 from apps.engine.logging import DataWait, RunLogger, TrainRecords, close_run, run_log
 from apps.engine.optim import build_optimizer
 from apps.engine.precision import autocast_dtype
 from apps.engine.schedule import LrPlan, build_scheduler
 from apps.engine.step import Stepper, TrainingError
+from apps.engine.unreadable import SkippedFiles, after_unreadable, unreadable_hint
 from apps.tasks import get_task
 
 __all__ = ["train", "TrainResult", "TrainingError"]
