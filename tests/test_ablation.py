@@ -1,5 +1,6 @@
-"""benchmarks/ablation.py: the table's arithmetic by hand, the run order and resuming, every arm of every
-study a valid config that builds, and the smoke study end to end (2 arms, 2 seeds, 20 s each)."""
+"""benchmarks/ablation.py: the table's arithmetic by hand, the run order and resuming (with stand-in runs),
+every arm of every study a valid config that builds, and the smoke study end to end (2 arms, 2 seeds, 20 s
+each)."""
 
 from __future__ import annotations
 
@@ -129,3 +130,57 @@ def test_a_results_file_of_another_budget_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="another budget or data set"):
         main(["--smoke", "--out", str(out)])
     assert Path(out / "results.jsonl").read_text().count("\n") == 1
+
+
+class FakeRun:
+    """Stands in for a run's child process: writes the run's result line at once (or fails)."""
+
+    started: list[tuple[str, int, str]] = []
+    failing: set[tuple[str, int]] = set()
+
+    def __init__(self, args, *, cwd, env, stdout, stderr):
+        spec = json.loads(Path(args[-1]).read_text())
+        key = (spec["arm"], spec["seed"])
+        FakeRun.started.append((*key, env["OMP_NUM_THREADS"]))
+        self.returncode = None
+        self.code = 1 if key in FakeRun.failing else 0
+        if not self.code:
+            record = {"study": spec["study"], "arm": spec["arm"], "seed": spec["seed"],
+                      "budget_s": spec["seconds"], "data": spec["data"], "AP": 0.1 * spec["seed"],
+                      "AP50": 0.2, "steps": 10, "wall_s": 1.0}
+            (Path(spec["run_dir"]) / "result.json").write_text(json.dumps(record))
+
+    def poll(self):
+        self.returncode = self.code
+        return self.code
+
+
+def test_a_study_resumes_skipping_finished_runs_and_restarting_cut_ones(tmp_path, monkeypatch):
+    import benchmarks.ablation as ablation
+
+    monkeypatch.setattr(ablation, "_commit", lambda: "abc1234")  # (git runs through Popen too)
+    monkeypatch.setattr(ablation.subprocess, "Popen", FakeRun)
+    monkeypatch.setattr(ablation.time, "sleep", lambda seconds: None)
+    FakeRun.started, FakeRun.failing = [], {("float32", 2)}
+    out, data = tmp_path / "study", tmp_path / "data"
+    out.mkdir()
+    done = {"study": "precision", "arm": "float32", "seed": 0, "budget_s": 60.0, "data": str(data), "AP": 0.5}
+    (out / "results.jsonl").write_text(json.dumps(done) + "\n")
+    cut = out / "runs" / "bfloat16" / "seed0"  # a run cut short: its folder holds a half-written run
+    cut.mkdir(parents=True)
+    (cut / "stale.txt").write_text("from the run that was cut short")
+    study = STUDIES["precision"]
+    with pytest.raises(SystemExit, match="float32 / seed 2: exit code 1"):
+        ablation.run_study(study, seeds=[0, 1, 2], seconds=60.0, data=data, out=out, parallel=2, threads=1,
+                           eval_every=1, crops=None)
+    assert FakeRun.started == [("bfloat16", 0, "1"), ("float32", 1, "1"), ("bfloat16", 1, "1"),
+                               ("float32", 2, "1"), ("bfloat16", 2, "1")]
+    assert not (cut / "stale.txt").exists() and (cut / "job.json").is_file()
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["arm"], r["seed"]) for r in lines] == [("float32", 0), ("bfloat16", 0), ("float32", 1),
+                                                      ("bfloat16", 1), ("bfloat16", 2)]
+    # started again, only the failed run is left to do
+    FakeRun.started, FakeRun.failing = [], set()
+    records = ablation.run_study(study, seeds=[0, 1, 2], seconds=60.0, data=data, out=out, parallel=2,
+                                 threads=1, eval_every=1, crops=None)
+    assert FakeRun.started == [("float32", 2, "1")] and len(records) == 6
