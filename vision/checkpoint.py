@@ -97,3 +97,38 @@ def _exported_file(path: Path, head: bytes) -> str | None:
 
 def is_visiondet_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT and "state_dict" in obj
+
+
+# A slim checkpoint may store its larger conv and linear weights as int8, one scale per output channel
+# (weights/slim.py --int8): ``int8_scales`` maps each such tensor's name to its scales, and
+# :func:`checkpoint_weights` multiplies them back. A ResNet-18 is then about 11 MB instead of 22 in float16.
+INT8_SCALES = "int8_scales"
+
+
+def quantize_int8(state: dict[str, torch.Tensor], *, min_numel: int = 4096
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``state`` with every floating-point tensor of 2+ dims and at least ``min_numel`` values (conv and
+    linear weights) as int8, symmetric per output channel (dim 0), and those tensors' float32 scales."""
+    out, scales = dict(state), {}
+    for name, value in state.items():
+        if not value.is_floating_point() or value.dim() < 2 or value.numel() < min_numel:
+            continue
+        flat = value.float().flatten(1)
+        scale = flat.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        out[name] = (flat / scale[:, None]).round().clamp(-127, 127).to(torch.int8).reshape(value.shape)
+        scales[name] = scale
+    return out, scales
+
+
+def checkpoint_weights(ckpt: dict[str, Any], *, ema: bool = True) -> dict[str, torch.Tensor]:
+    """A visiondet checkpoint's weights as the model takes them: the EMA copy when ``ema`` and present,
+    int8-stored tensors (see :func:`quantize_int8`) multiplied back by their scales into float32."""
+    state = ckpt.get("ema_state_dict") if ema and ckpt.get("ema_state_dict") else ckpt["state_dict"]
+    scales = ckpt.get(INT8_SCALES) or {}
+    if not scales:
+        return state
+    out = dict(state)
+    for name, scale in scales.items():
+        q = state[name]
+        out[name] = q.float() * scale.float().reshape(-1, *([1] * (q.dim() - 1)))
+    return out

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from vision.checkpoint import CheckpointError, is_visiondet_checkpoint, load_checkpoint
+from vision.checkpoint import CheckpointError, checkpoint_weights, is_visiondet_checkpoint, load_checkpoint
 from vision.layers import FrozenBatchNorm2d
 
 __all__ = ["WEIGHT_SOURCES", "LoadReport", "WeightSource", "WeightsError", "load_state_dict_file",
@@ -190,7 +190,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     except CheckpointError as exc:
         raise WeightsError(str(exc)) from exc
     if is_visiondet_checkpoint(obj):
-        obj = obj["state_dict"]
+        obj = checkpoint_weights(obj, ema=False)
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: not a state dict (expected a mapping of names to tensors, "
                            f"or a visiondet checkpoint with a state_dict)")

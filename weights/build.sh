@@ -4,6 +4,12 @@
 # then weights/slim.py (drops the resume state, stores float16, checks the slim copy against the original).
 #
 #   bash weights/build.sh classifier|segmenter|faster_rcnn|fast_rcnn|rcnn|examples ...   (or: all)
+#   bash weights/build.sh classifier_real|segmenter_real|faster_rcnn_real ...           (or: real)
+#
+# The *_real models train on the real-imagery sets (benchmarks/realset.py, seed 0: package-bundled
+# photographs) with the CPU recipes for REAL_BUDGET each (default 60m, a time budget: the schedule is laid
+# over the steps that fit), and are stored with int8 conv/linear weights (weights/slim.py --int8) to stay
+# under 15 MB. The classifier's "none of these" threshold is calibrated on its validation split at the end.
 #
 # Everything intermediate goes to runs/default_weights/ (git-ignored). Each training run is niced and uses the
 # CPU; extra `key=value` overrides for every `visiondet train` can be given in TRAIN_OVERRIDES.
@@ -61,16 +67,56 @@ rcnn() {
   run "$PY" weights/slim.py "$OUT/rcnn/final.pt" weights/rcnn_shapes.pt --check-images "$OUT/shapes_det/val/images"
 }
 
+real_data() {  # the real-imagery scenes: images, COCO boxes and index masks in one tree; classification crops
+  [ -f "$OUT/realset/val/annotations.json" ] && [ -d "$OUT/realset/val/masks" ] ||
+    run "$PY" -m benchmarks.realset --task segmentation --out "$OUT/realset" --seed 0
+  [ -d "$OUT/realset_cls/val" ] || run "$PY" -m benchmarks.realset --task classification --out "$OUT/realset_cls" --seed 0
+}
+REAL_BUDGET="${REAL_BUDGET:-60m}"
+
+classifier_real() {
+  real_data
+  run "$VD" train configs/classification/resnet18_real_cpu.yaml data.train.root="$OUT/realset_cls/train" \
+    data.val.root="$OUT/realset_cls/val" data.name="real-imagery crops (benchmarks/realset.py)" \
+    train.time_budget="$REAL_BUDGET" output_dir="$OUT/classifier_real" device=cpu "${EXTRA[@]}"
+  run "$PY" weights/slim.py "$OUT/classifier_real/best.pt" weights/classifier_real.pt --int8 --max-mb 15 \
+    --check-images "$OUT/realset_cls/val" --limit 200
+}
+
+segmenter_real() {
+  real_data
+  run "$VD" train configs/segmentation/deeplabv3plus_r18_real_cpu.yaml \
+    data.train.images="$OUT/realset/train/images" data.train.masks="$OUT/realset/train/masks" \
+    data.val.images="$OUT/realset/val/images" data.val.masks="$OUT/realset/val/masks" \
+    data.name="real-imagery scenes (benchmarks/realset.py)" train.time_budget="$REAL_BUDGET" \
+    output_dir="$OUT/segmenter_real" device=cpu "${EXTRA[@]}"
+  run "$PY" weights/slim.py "$OUT/segmenter_real/best.pt" weights/deeplabv3plus_real.pt --int8 --max-mb 15 \
+    --check-images "$OUT/realset/val/images"
+}
+
+faster_rcnn_real() {
+  real_data
+  run "$VD" train configs/detection/faster_rcnn_r18_fpn_cpu.yaml \
+    data.train.images="$OUT/realset/train/images" data.train.annotations="$OUT/realset/train/annotations.json" \
+    data.val.images="$OUT/realset/val/images" data.val.annotations="$OUT/realset/val/annotations.json" \
+    data.name="real-imagery scenes (benchmarks/realset.py)" train.time_budget="$REAL_BUDGET" \
+    output_dir="$OUT/faster_rcnn_real" device=cpu "${EXTRA[@]}"
+  run "$PY" weights/slim.py "$OUT/faster_rcnn_real/best.pt" weights/faster_rcnn_real.pt --int8 --max-mb 15 \
+    --check-images "$OUT/realset/val/images"
+}
+
 examples() {  # a few scenes the detectors have never seen (another seed), plus two single shapes
   run "$VD" synth --task detection --out "$OUT/examples_det" --num-images 12 --image-size 192 256 --seed 2024
   run "$VD" synth --task classification --out "$OUT/examples_cls" --num-images 6 --image-size 96 --seed 2024
   run "$PY" weights/pick_examples.py "$OUT/examples_det" "$OUT/examples_cls" weights/examples
 }
 
-[ $# -gt 0 ] || { echo "usage: bash weights/build.sh classifier|segmenter|faster_rcnn|fast_rcnn|rcnn|examples|all" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash weights/build.sh classifier|segmenter|faster_rcnn|fast_rcnn|rcnn|examples|all|classifier_real|segmenter_real|faster_rcnn_real|real" >&2; exit 2; }
 for part in "$@"; do
   if [ "$part" = all ]; then
     classifier; segmenter; faster_rcnn; fast_rcnn; rcnn; examples
+  elif [ "$part" = real ]; then
+    classifier_real; segmenter_real; faster_rcnn_real
   else
     "$part"
   fi

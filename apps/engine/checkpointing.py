@@ -33,7 +33,14 @@ from apps.engine import distributed as dist_utils
 from apps.engine.ema import ModelEMA
 from apps.schema import migrate_renamed
 from apps.tasks import TASKS, get_task
-from vision.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from vision.checkpoint import (
+    FORMAT,
+    VERSION,
+    CheckpointError,
+    checkpoint_weights,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = [
     "seed_everything",
@@ -240,7 +247,7 @@ def load_finetune_weights(model: nn.Module, path: str | Path) -> FinetuneReport:
     """
     ckpt = load_checkpoint(path, map_location="cpu")
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
-        state = ckpt.get("ema_state_dict") or ckpt["state_dict"]
+        state = checkpoint_weights(ckpt)
     elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         state = ckpt
     else:

@@ -19,7 +19,7 @@ from apps.schema import ConfigError, from_dict
 from detection.convert import resolve_torchvision_coco
 from detection.models import without_unused_sections
 from detection.rcnn import upgrade_rcnn_checkpoint
-from vision.checkpoint import CheckpointError, is_visiondet_checkpoint, load_checkpoint
+from vision.checkpoint import CheckpointError, checkpoint_weights, is_visiondet_checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
     from apps.tasks.base import Task
@@ -93,7 +93,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, ema: boo
     except ConfigError as exc:
         raise CheckpointError(f"{path}: model config does not fit this version of visiondet: {exc}") from None
     model = task.build_model(model_cfg, ckpt["classes"], load_pretrained=False)
-    state = ckpt.get("ema_state_dict") if ema and ckpt.get("ema_state_dict") else ckpt["state_dict"]
+    state = checkpoint_weights(ckpt, ema=ema)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
