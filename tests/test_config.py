@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,25 @@ def test_known_synonyms_and_old_spellings_are_suggested_before_the_closest_spell
         assert "model.freeze_at: 2" in error("model.trainable_backbone_layers=3")
     # what no table knows still gets the closest spelling
     assert error("train.epoch=3").endswith("did you mean 'train.epochs'?")
+
+
+def test_the_override_examples_of_train_help_are_keys_of_a_detection_config(capsys):
+    # the help once showed data.train.root (a classification key) to everyone; each example must apply to
+    # the tour's detection config as it stands
+    from apps.cli import build_parser
+    from apps.config import build_experiment, deep_merge, load_yaml_with_bases
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    examples = [e for e in re.findall(r"\b([a-z_]+(?:\.[a-z_]+)*=[^\s,)\]]+)", capsys.readouterr().out)
+                if e != "key=value"]  # (the usage line's metavar)
+    assert "train.time_budget=20m" in examples and len(examples) >= 5, examples
+    config = Path(__file__).resolve().parents[1] / "configs/detection/faster_rcnn_r18_fpn_shapes_quick.yaml"
+    exp = build_experiment(deep_merge(load_yaml_with_bases(config), parse_overrides(examples)))
+    assert exp.task == "detection" and exp.train.time_budget == "20m"
+    # SplitConfig has every task's fields: a split key must be one the detection task reads
+    from apps.tasks import get_task
+
+    split_fields = [e.split("=")[0].split(".")[2] for e in examples
+                    if e.startswith(("data.train.", "data.val."))]
+    assert split_fields and set(split_fields) <= set(get_task("detection").split_keys), split_fields
