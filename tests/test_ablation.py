@@ -158,7 +158,9 @@ class FakeRun:
 def test_a_study_resumes_skipping_finished_runs_and_restarting_cut_ones(tmp_path, monkeypatch):
     import benchmarks.ablation as ablation
 
-    monkeypatch.setattr(ablation, "_commit", lambda: "abc1234")  # (git runs through Popen too)
+    # git and platform.processor() run through Popen too
+    monkeypatch.setattr(ablation, "_commit", lambda: "abc1234")
+    monkeypatch.setattr(ablation, "_machine", lambda: {"host": "test"})
     monkeypatch.setattr(ablation.subprocess, "Popen", FakeRun)
     monkeypatch.setattr(ablation.time, "sleep", lambda seconds: None)
     FakeRun.started, FakeRun.failing = [], {("float32", 2)}
