@@ -1,11 +1,11 @@
-"""Typed dataclasses from plain mappings (YAML sections, checkpoint dicts) and back, and the renamed keys.
+"""Typed dataclasses from plain mappings (YAML sections, checkpoint dicts) and back.
 
 ``from_dict`` checks every key and value type, so an error names the key and suggests the valid one: first
 from ``SYNONYMS`` (other libraries' names and old spellings, ``learning_rate`` -> ``lr``, with the value
 translated where the meaning differs: ``freeze_backbone: true`` -> ``freeze_at: 5``), then the closest
-spelling. Keys renamed since a release (``RENAMED_KEYS``) are migrated silently here, so old checkpoints,
-whose model config is a plain dict, keep loading; a config file or override that still spells one gets a
-one-line ConfigError from ``check_renamed`` instead, so people learn the new spelling.
+spelling. Keys renamed since a release (``apps.migrations.RENAMED_KEYS``) are migrated silently here, so old
+checkpoints, whose model config is a plain dict, keep loading; a config file or override that still spells
+one gets a one-line ConfigError from ``check_renamed`` instead, so people learn the new spelling.
 
 Below ``apps.config`` (which needs the task registry) and ``apps.tasks`` (which load checkpoints).
 """
@@ -17,11 +17,23 @@ import difflib
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-__all__ = ["ConfigError", "RENAMED_KEYS", "Rename", "SYNONYMS", "check_renamed", "convert_value", "from_dict",
-           "migrate_renamed", "suggest_key", "to_dict"]
+from apps.migrations import (
+    FLAG_NOTE,
+    FREEZE_NOTE,
+    TRAINABLE_NOTE,
+    WEIGHTS_NOTE,
+    Rename,
+    freeze_at_from_flag,
+    freeze_at_from_trainable,
+    migrate_renamed,
+    renamed_keys,
+    same,
+    weights_from_flag,
+)
+
+__all__ = ["ConfigError", "SYNONYMS", "check_renamed", "convert_value", "from_dict", "suggest_key", "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -147,54 +159,7 @@ def to_dict(obj: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Renamed keys
-
-
-@dataclass(frozen=True)
-class Rename:
-    """An old key's replacement: the new key, how an old value becomes a new one, and what to tell people."""
-
-    new: str
-    convert: Callable[[Any], Any]
-    note: str
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-def _freeze_at_from_trainable(value: Any) -> Any:
-    # of the 5 stages, trainable_backbone_layers counted from the top; freeze_at counts from the input
-    return 5 - value if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-def _freeze_at_from_flag(value: Any) -> Any:
-    # freeze_backbone froze the whole trunk: all 5 stages (ResNet stem + res2..res5, VGG blocks 1..5)
-    return (5 if value else 0) if isinstance(value, bool) else value
-
-
-def _weights_from_flag(value: Any) -> Any:
-    # pretrained: true (torchvision's flag) meant ImageNet weights; a string was already a source or a path
-    return ("imagenet" if value else None) if isinstance(value, bool) else value
-
-
-_WEIGHTS_NOTE = "the one key for backbone weights: a named source such as imagenet, a path, or null"
-_FREEZE_NOTE = "stages frozen from the input, 0 = train everything"
-_TRAINABLE_NOTE = f"{_FREEZE_NOTE}; freeze_at = 5 - trainable_backbone_layers"
-_FLAG_NOTE = f"{_FREEZE_NOTE}; freeze_backbone: true = freeze_at: 5, false = freeze_at: 0"
-
-# config dataclass name -> old key -> Rename. An entry acts only while the class has the new key and not
-# the old one, so it can be written before the field itself is renamed.
-RENAMED_KEYS: dict[str, dict[str, Rename]] = {
-    "ClassifierConfig": {
-        "pretrained": Rename("backbone_weights", _weights_from_flag, _WEIGHTS_NOTE),
-        "freeze_backbone": Rename("freeze_at", _freeze_at_from_flag,
-                                  _FLAG_NOTE),
-    },
-    "DetectorConfig": {
-        "trainable_backbone_layers": Rename("freeze_at", _freeze_at_from_trainable, _TRAINABLE_NOTE),
-    },
-}
+# Other names for a key: synonyms (suggested in errors) and renamed keys (an error in a config file)
 
 
 def _freeze_at_from_frozen_stages(value: Any) -> Any:
@@ -203,7 +168,7 @@ def _freeze_at_from_frozen_stages(value: Any) -> Any:
 
 
 
-def _synonyms(new: str, olds: str, convert: Callable[[Any], Any] = _same,
+def _synonyms(new: str, olds: str, convert: Callable[[Any], Any] = same,
               note: str = "") -> dict[str, Rename]:
     return {old: Rename(new, convert, note) for old in olds.split()}
 
@@ -218,12 +183,12 @@ SYNONYMS: dict[str, Rename] = {
                               "per_device_train_batch_size"),
     **_synonyms("workers", "num_workers workers_per_gpu dataloader_num_workers"),
     **_synonyms("backbone_weights", "pretrained pretrained_backbone weights_backbone backbone_pretrained "
-                                    "pretrained_weights", _weights_from_flag, _WEIGHTS_NOTE),
-    **_synonyms("freeze_at", "freeze_backbone", _freeze_at_from_flag, _FLAG_NOTE),
-    **_synonyms("freeze_at", "trainable_backbone_layers trainable_layers", _freeze_at_from_trainable,
-                _TRAINABLE_NOTE),
+                                    "pretrained_weights", weights_from_flag, WEIGHTS_NOTE),
+    **_synonyms("freeze_at", "freeze_backbone", freeze_at_from_flag, FLAG_NOTE),
+    **_synonyms("freeze_at", "trainable_backbone_layers trainable_layers", freeze_at_from_trainable,
+                TRAINABLE_NOTE),
     **_synonyms("freeze_at", "frozen_stages", _freeze_at_from_frozen_stages,
-                f"{_FREEZE_NOTE}; freeze_at = frozen_stages + 1"),
+                f"{FREEZE_NOTE}; freeze_at = frozen_stages + 1"),
     **_synonyms("warmup_iters", "warmup warmup_steps warmup_iterations warmup_iter"),
     **_synonyms("weight_decay", "wd decay"),
     **_synonyms("grad_clip", "clip_grad clip_grad_norm max_grad_norm gradient_clip_val clip_norm"),
@@ -256,35 +221,16 @@ def _suggest(key: str, value: Any, fields: list[str], prefix: str) -> str:
     if synonym.new not in fields:  # the closest spelling would be a wrong turn (freeze_backbone -> frozen_bn)
         return (f"; its name here would be {dotted(synonym.new)!r}, which this section does not have; "
                 f"valid keys: {', '.join(sorted(dotted(name) for name in fields))}")
-    if synonym.convert is _same:
+    if synonym.convert is same:
         return f"; did you mean {dotted(synonym.new)!r}?"
     new_value = synonym.convert(value)
     return f"; did you mean '{dotted(synonym.new)}: {_yaml_value(new_value)}'? ({synonym.note})"
 
 
-def _renames(cls: type) -> dict[str, Rename]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {old: rename for old, rename in RENAMED_KEYS.get(cls.__name__, {}).items()
-            if old not in names and rename.new in names}
-
-
 def check_renamed(cls: type, data: dict[str, Any], prefix: str = "") -> None:
     """A ConfigError for the first key of ``data`` that ``cls`` has renamed (config files, overrides)."""
-    for old, rename in _renames(cls).items():
+    for old, rename in renamed_keys(cls).items():
         if old in data:
             dotted = f"{prefix}." if prefix else ""
-            value = "" if rename.convert is _same else f": {_yaml_value(rename.convert(data[old]))}"
+            value = "" if rename.convert is same else f": {_yaml_value(rename.convert(data[old]))}"
             raise ConfigError(f"{dotted}{old} was renamed: use {dotted}{rename.new}{value} ({rename.note})")
-
-
-def migrate_renamed(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with the keys ``cls`` has renamed under their new names and values (checkpoints, saved run
-    configs); where both spellings are present the new one is kept."""
-    renames = _renames(cls)
-    if not any(old in data for old in renames):
-        return data
-    out = {k: v for k, v in data.items() if k not in renames}
-    for old, rename in renames.items():
-        if old in data and rename.new not in data:
-            out[rename.new] = rename.convert(data[old])
-    return out

@@ -286,7 +286,8 @@ def test_the_shipped_rcnn_checkpoint_of_the_former_task_gives_the_same_detection
     # the detection task and answers as before (tests/data/rcnn_shapes_reference.pt: its detections on the
     # example scenes, recorded with that module)
 
-    from apps.tasks import load_model, upgrade_checkpoint
+    from apps.migrations import upgrade_checkpoint
+    from apps.tasks import load_model
     from vision.checkpoint import load_checkpoint
     from vision.data.images import read_image
 

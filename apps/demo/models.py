@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from apps.export import exported_backend
-from apps.tasks import LoadedModel, get_task, load_model, upgrade_checkpoint
+from apps.migrations import upgrade_checkpoint
+from apps.tasks import LoadedModel, get_task, load_model
 from apps.tasks.inference.base import Inference, ModelDescription
 from detection.convert import (
     COCO_CLASSES,

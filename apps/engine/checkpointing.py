@@ -31,7 +31,7 @@ from apps.config import (
 )
 from apps.engine import distributed as dist_utils
 from apps.engine.ema import ModelEMA
-from apps.schema import migrate_renamed
+from apps.migrations import migrate_renamed
 from apps.tasks import TASKS, get_task
 from vision.checkpoint import (
     FORMAT,

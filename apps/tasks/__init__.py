@@ -15,16 +15,15 @@ import torch
 from torch import nn
 
 from apps import WEIGHTS_DIR
+from apps.migrations import upgrade_checkpoint
 from apps.schema import ConfigError, from_dict
 from detection.convert import resolve_torchvision_coco
-from detection.models import without_unused_sections
-from detection.rcnn import upgrade_rcnn_checkpoint
 from vision.checkpoint import CheckpointError, checkpoint_weights, is_visiondet_checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
     from apps.tasks.base import Task
 
-__all__ = ["TASKS", "RETIRED_TASKS", "get_task", "LoadedModel", "load_model", "upgrade_checkpoint"]
+__all__ = ["TASKS", "RETIRED_TASKS", "get_task", "LoadedModel", "load_model"]
 
 # task name -> "module:class"
 TASKS: dict[str, str] = {
@@ -100,18 +99,3 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, ema: boo
         raise CheckpointError(f"{path}: weights do not fit the model: {exc}") from None
     model.to(device).eval()
     return LoadedModel(task, model, list(ckpt["classes"]), dict(ckpt.get("preprocess") or {}), ckpt, path)
-
-
-def upgrade_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint dict in today's layout: files of the former "rcnn" task (R-CNN, now a detector of the
-    detection task with ``arch: rcnn_<network>``) get the detection task, a DetectorConfig model dict and
-    the new parameter names; detectors lose the config sections their arch ignores (``rpn`` of
-    fast_rcnn_* files); anything else is returned as it is. For readers of raw checkpoints (the
-    demo's model list) as much as for ``load_model``."""
-    if ckpt.get("task") == "detection" and isinstance(ckpt.get("model"), dict):
-        return {**ckpt, "model": without_unused_sections(ckpt["model"])}
-    if ckpt.get("task") != "rcnn":
-        return ckpt
-    states = [ckpt.get("state_dict") or {}, ckpt.get("ema_state_dict") or {}]
-    model, (state, ema) = upgrade_rcnn_checkpoint(dict(ckpt["model"]), states)
-    return {**ckpt, "task": "detection", "model": model, "state_dict": state, "ema_state_dict": ema or None}
