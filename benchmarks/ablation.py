@@ -290,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = ("python -m benchmarks.ablation --smoke" if args.smoke else
                f"python -m benchmarks.ablation {study.name} --minutes {args.minutes:g} --seeds {seeds} "
-               f"--parallel {parallel} --threads {threads}")
+               f"--parallel {parallel} --threads {threads}"
+               + (f" --eval-every {args.eval_every}" if args.eval_every != 1 else "")
+               + (f" --data {args.data}" if args.data != ROOT / "runs" / "realset" else "")
+               + (f" --out {args.out}" if args.out else ""))
     if args.no_run:
         records = [r for r in read_results(out / "results.jsonl") if r["study"] == study.name]
     else:
