@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "runs" / "realset_cls",
                         help="the classification set (built when absent)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "real_classification",
-                        help="visiondet's run")
+                        help="visiondet's runs (one dated sub-folder each)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, each recipe")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference-size", type=int, default=96,
@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     rows: dict[str, dict[str, float]] = {}
     ours = args.only in (None, "visiondet")
+    args.out = args.out / time.strftime("%Y%m%d-%H%M%S")  # train refuses a used folder: a fresh one each run
     data_keys = [f"data.train.root={args.data / 'train'}"]
     process, start = None, time.perf_counter()
     if ours and args.parallel:  # both train at once, so a busy machine slows both alike

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "runs" / "realset_seg",
                         help="the segmentation set (built when absent)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "real_segmentation",
-                        help="visiondet's run")
+                        help="visiondet's runs (one dated sub-folder each)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, each recipe")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference-crop", type=int, default=256, help="the reference's crop (its own: 480)")
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     rows: dict[str, dict[str, float]] = {}
     ours = args.only in (None, "visiondet")
+    args.out = args.out / time.strftime("%Y%m%d-%H%M%S")  # train refuses a used folder: a fresh one each run
     data_keys = [f"data.train.images={args.data / 'train' / 'images'}",
                  f"data.train.masks={args.data / 'train' / 'masks'}"]
     process, start = None, time.perf_counter()

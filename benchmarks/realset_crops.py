@@ -34,7 +34,7 @@ CROP_SIZE = 96  # px
 CONTEXT = (1.5, 2.2)  # a crop's side over its object's longest side
 
 
-def _square(rng: np.random.Generator, box: list[float], size: tuple[int, int]) -> tuple[int, int, int] | None:
+def _square(rng: np.random.Generator, box: list[float], size: tuple[int, int]) -> tuple[int, int, int]:
     """A square (x, y, side) around ``box`` with context (CONTEXT times its longest side), its centre moved
     a little at random, inside an image of ``size`` (H, W)."""
     x0, y0, x1, y1 = box
