@@ -74,7 +74,8 @@ class AnchorGenerator(nn.Module):
         ]
 
     def _grid_anchors(self, level: int, image_size: tuple[int, int], size: tuple[int, int], device) -> Tensor:
-        grid_h, grid_w = int(size[0]), int(size[1])
+        # sizes are ints, or 0-d tensors while traced for export: no int() here, so they stay in the graph
+        grid_h, grid_w = size
         stride_h, stride_w = image_size[0] // grid_h, image_size[1] // grid_w
         ys = torch.arange(grid_h, dtype=torch.float32, device=device) * stride_h
         xs = torch.arange(grid_w, dtype=torch.float32, device=device) * stride_w

@@ -198,3 +198,17 @@ def ignore_crowd(labels: Tensor, boxes: Tensor, crowd_boxes: Tensor | None, iof_
     labels = labels.clone()
     labels[covered & (labels == BACKGROUND)] = IGNORE
     return labels
+
+
+def as_size(size: Sequence[int] | Sequence[Tensor]) -> Tensor:
+    """An image size ``(h, w)`` as an int64 tensor [2]. The sizes a detector reads from shapes are ints when
+    it runs eagerly and 0-d tensors while it is traced for export; this keeps the latter in the graph (as the
+    shape they came from) where ``torch.tensor(size)`` would freeze them into constants."""
+    return torch.stack([torch.as_tensor(side) for side in size])
+
+
+def clip_boxes(boxes: Tensor, size: Sequence[int] | Sequence[Tensor]) -> Tensor:
+    """Boxes [..., 4] xyxy clipped to an image of ``size`` (h, w): the values of torchvision's
+    ``clip_boxes_to_image``, with the size kept traceable (``as_size``)."""
+    height, width = as_size(size).to(boxes)
+    return torch.minimum(boxes.clamp(min=0), torch.stack((width, height, width, height)))

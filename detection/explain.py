@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from detection.generation import Generation
+from detection.interfaces import detections_from_scores
 from detection.models import TwoStageDetector
-from detection.roi_heads import detections_from_scores
 from detection.rpn import RegionProposalNetwork, RPNPredictions
 from detection.structures import Detections, Thresholds
 from detection.transform import ImageBatch, scale_boxes

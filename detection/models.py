@@ -18,11 +18,13 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import remove_small_boxes
 
 from detection.anchors import AnchorGenerator
+from detection.boxes import clip_boxes
 from detection.fpn import BackboneWithFPN
 from detection.generation import GENERATIONS, RCNN, Generation, generation_of
+from detection.interfaces import ProposalGenerator, RegionHeads
 from detection.proposals import ProposalConfig, build_proposal_source
 from detection.rcnn import ImageInput, RCNNConfig, RCNNHeads, RegionCNN, SVMPredictor, WarpedRegions
 from detection.roi_heads import (
@@ -54,12 +56,13 @@ class TwoStageDetector(nn.Module):
     ``inspect(image)`` runs the same parts on one image and keeps every intermediate result.
 
     Parts: ``transform`` (DetectionTransform), ``backbone`` (``forward(x) -> {name: map}`` with
-    ``feature_info``), ``proposal_generator`` (any module ``forward(batch, features, targets, proposals)
-    -> (N Proposals: boxes [P_i, 4] in the batch's resized pixels and their scores, {loss_*})`` with an
-    ``inspect(batch, features, proposals) -> ProposalStages``: RegionProposalNetwork or ExternalProposals),
-    ``roi_heads`` (RoIHeads: pooler, box head, predictor, sampling, post-processing; or R-CNN's RCNNHeads:
-    warped regions, a CNN per region, SVMs; both with ``predict``, ``class_boxes_and_scores``,
-    ``postprocess`` and ``thresholds``).
+    ``feature_info``), ``proposal_generator`` (a detection.interfaces.ProposalGenerator:
+    RegionProposalNetwork or ExternalProposals), ``roi_heads`` (a detection.interfaces.RegionHeads: RoIHeads,
+    pooling regions from the backbone's maps, or R-CNN's RCNNHeads, a CNN per warped region), and the
+    ``generation`` its arch names (detection.generation: what this detector can do).
+
+    The same forward runs eagerly and traced for export (detection.export): sizes are read from shapes and
+    never turned into Python numbers on the test-time path, so a traced graph takes any image size.
     """
 
     def __init__(
@@ -67,8 +70,8 @@ class TwoStageDetector(nn.Module):
         *,
         transform: DetectionTransform,
         backbone: nn.Module,
-        proposal_generator: nn.Module,
-        roi_heads: RoIHeads,
+        proposal_generator: ProposalGenerator,
+        roi_heads: RegionHeads,
         generation: Generation,
     ) -> None:
         super().__init__()
@@ -117,9 +120,8 @@ class TwoStageDetector(nn.Module):
         features = self.backbone(batch.tensors)
         stages = self.proposal_generator.inspect(batch, features, given)
         boxes, heads = [p.boxes for p in stages.proposals], self.roi_heads
-        outputs = heads.predict(features, boxes, batch.image_sizes)  # e.g. class logits and box deltas
-        (class_boxes,), (class_scores,) = heads.class_boxes_and_scores(*outputs, boxes)
-        detections = heads.postprocess(*outputs, boxes, batch.image_sizes, thresholds)
+        class_boxes, class_scores = heads.predict(features, boxes, batch.image_sizes)
+        detections = heads.postprocess(class_boxes, class_scores, boxes, batch.image_sizes, thresholds)
         (detections,) = self.transform.postprocess(detections, batch)
         return Inspection(batch, stages, class_boxes, class_scores, detections, thresholds)
 
@@ -143,7 +145,7 @@ class Inspection:
     thresholds: Thresholds
 
 
-class ExternalProposals(nn.Module):
+class ExternalProposals(ProposalGenerator):
     """Proposals from outside the network (Fast R-CNN): the ``proposals`` given to the detector (or carried
     by its targets: in training they must be, attached to each sample before augmentation), or, when none
     are given to a model in eval mode, ``source(image)`` for each input image (e.g. detection.proposals'
@@ -196,7 +198,7 @@ class ExternalProposals(nn.Module):
             ]
         out = []
         for boxes, size in zip(proposals, batch.image_sizes, strict=True):
-            boxes = clip_boxes_to_image(boxes.to(batch.tensors), size)
+            boxes = clip_boxes(boxes.to(batch.tensors), size)
             out.append(Proposals(boxes[remove_small_boxes(boxes, self.min_box_size)][: self.max_proposals]))
         return out, {}
 

@@ -9,7 +9,7 @@ Test time, per image (the paper's figure 1), with the skeleton's parts:
         WarpedRegions   each proposal + 16 px of context warped to the CNN's input size  (detection.warp)
         RegionCNN       the CNN on every warped region: pool5 -> fc6 -> fc7
         SVMPredictor    one linear SVM per class on fc7; ridge box regression on pool5 (or fc7), per class
-        then per-class NMS                                    (roi_heads.detections_from_scores)
+        then per-class NMS                              (interfaces.detections_from_scores)
 
 Training has stages, each kept on disk (detection.rcnn_stages): fine-tune the CNN on warped regions (the
 detector's forward with targets: IoU >= 0.5 foreground, 32 foreground + 96 background per batch of 128
@@ -36,9 +36,9 @@ from torch.utils.data import Dataset
 from torchvision.ops import box_iou
 
 from detection.boxes import FOREGROUND, BalancedPositiveNegativeSampler, BoxCoder, Matcher, ignore_crowd
+from detection.interfaces import RegionHeads
 from detection.rcnn_stages import BoxRegressionConfig, SVMConfig, run_stages
-from detection.roi_heads import RoIPooler, detections_from_scores
-from detection.structures import Detections, Thresholds
+from detection.roi_heads import RoIPooler
 from detection.warp import warp_regions
 from vision.backbones import FeatureInfo
 
@@ -185,9 +185,9 @@ class SVMPredictor(nn.Module):
         self.bbox_trained.fill_(True)
 
 
-class RCNNHeads(nn.Module):
-    """R-CNN's per-region half, with the interface of RoIHeads (``forward``, ``predict``,
-    ``class_boxes_and_scores``, ``postprocess``, ``thresholds``) so TwoStageDetector runs it unchanged.
+class RCNNHeads(RegionHeads):
+    """R-CNN's per-region half (detection.interfaces.RegionHeads, as RoIHeads): TwoStageDetector runs it as
+    it runs Fast R-CNN's, and its training stages after fine-tuning are ``train_later_stages``.
 
     Fine-tuning (targets given): the proposals and ground-truth boxes of all images, matched by IoU
     (foreground at >= ``fg_iou_thresh``, everything else background unless at least ``ignore_iof_thresh``
@@ -213,20 +213,6 @@ class RCNNHeads(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
 
-    @property
-    def thresholds(self) -> Thresholds:
-        """The configured test-time thresholds, used when a call gives none."""
-        return Thresholds(self.score_thresh, self.nms_thresh, self.detections_per_img)
-
-    def forward(self, features: dict[str, Tensor], proposals: list[Tensor],
-                image_sizes: list[tuple[int, int]], targets: list[dict[str, Tensor]] | None = None,
-                thresholds: Thresholds | None = None) -> tuple[list[Detections] | None, dict[str, Tensor]]:
-        losses = self.finetune_loss(features, proposals, image_sizes, targets) if targets is not None else {}
-        if self.training:
-            return None, losses
-        scores, boxes = self.predict(features, proposals, image_sizes)
-        return self.postprocess(scores, boxes, proposals, image_sizes, thresholds), losses
-
     def region_features(self, features: dict[str, Tensor], boxes: list[Tensor],
                         image_sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
         """(pool5 [R, C s^2], fc7 [R, D]) of every region, warped and run ``region_batch`` at a time."""
@@ -243,31 +229,17 @@ class RCNNHeads(nn.Module):
 
     def predict(self, features: dict[str, Tensor], regions: list[Tensor], image_sizes: list[tuple[int, int]]
                 ) -> tuple[Tensor, Tensor]:
-        """N tensors [P_i, 4] -> class scores [R, K] and class-specific boxes [R, K, 4] (the regions
-        themselves before the box regressors are fitted)."""
+        """N tensors [P_i, 4] -> class-specific boxes [R, K, 4] (the regions themselves before the box
+        regressors are fitted) and class scores [R, K] (the SVMs', or fc8's softmax before them)."""
         pool, fc7 = self.region_features(features, regions, image_sizes)
         scores = self.predictor.class_scores(fc7)
         boxes = torch.cat(regions) if regions else pool.new_zeros((0, 4))
         deltas = self.predictor.box_deltas(pool, fc7)
         k = self.predictor.num_classes
         if deltas is None:
-            return scores, boxes[:, None, :].expand(-1, k, -1)
+            return boxes[:, None, :].expand(-1, k, -1), scores
         decoded = self.box_coder.decode(deltas.reshape(len(boxes), 4 * k), boxes)
-        return scores, decoded.reshape(-1, k, 4)
-
-    def class_boxes_and_scores(self, scores: Tensor, boxes: Tensor, proposals: list[Tensor]
-                               ) -> tuple[list[Tensor], list[Tensor]]:
-        """``predict``'s outputs split per image: boxes [P_i, K, 4], scores [P_i, K]."""
-        counts = [len(p) for p in proposals]
-        return list(boxes.split(counts)), list(scores.split(counts))
-
-    def postprocess(self, scores: Tensor, boxes: Tensor, proposals: list[Tensor],
-                    image_sizes: list[tuple[int, int]], thresholds: Thresholds | None = None
-                    ) -> list[Detections]:
-        thresholds = thresholds or self.thresholds
-        per_box, per_score = self.class_boxes_and_scores(scores, boxes, proposals)
-        return [detections_from_scores(b, s, size, thresholds) if len(b) else Detections.empty(b.device)
-                for b, s, size in zip(per_box, per_score, image_sizes, strict=True)]
+        return decoded.reshape(-1, k, 4), scores
 
     def train_later_stages(self, detector: nn.Module, dataset: Dataset, stage_dir: Path, cfg: RCNNConfig,
                            log: Callable[[str], None] = print, *, workers: int = 0,
@@ -282,7 +254,7 @@ class RCNNHeads(nn.Module):
         run_stages(detector, dataset, stage_dir, cfg.svm, cfg.bbox, log, workers=workers,
                    worker_init_fn=worker_init_fn)
 
-    def finetune_loss(self, features: dict[str, Tensor], proposals: list[Tensor],
+    def losses(self, features: dict[str, Tensor], proposals: list[Tensor],
                       image_sizes: list[tuple[int, int]], targets: list[dict[str, Tensor]]
                       ) -> dict[str, Tensor]:
         """Softmax loss on ``batch_size`` warped regions sampled over all images (25% foreground)."""

@@ -13,18 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import (
-    batched_nms,
     box_area,
     box_iou,
-    clip_boxes_to_image,
-    remove_small_boxes,
     roi_align,
     roi_pool,
 )
 
 from detection.boxes import BalancedPositiveNegativeSampler, BoxCoder, Matcher, ignore_crowd
+from detection.interfaces import RegionHeads
 from detection.rpn import box_regression_loss
-from detection.structures import Detections, Thresholds
 from vision.layers import group_norm
 
 POOLER_KINDS = ("pool", "align", "multiscale")
@@ -259,33 +256,7 @@ def fast_rcnn_loss(
     return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 
 
-def detections_from_scores(
-    boxes: Tensor,
-    scores: Tensor,
-    image_size: tuple[int, int],
-    thresholds: Thresholds | None = None,
-    *,
-    min_box_size: float = 1e-2,
-) -> Detections:
-    """Turn per-class boxes [P, K, 4] and scores [P, K] (foreground classes only; column k is label k + 1)
-    into Detections: clip to ``image_size`` (h, w), keep scores > ``thresholds.score_thresh``, drop boxes
-    under ``min_box_size`` px, NMS per class at ``thresholds.nms_thresh``, keep the
-    ``thresholds.detections_per_img`` best (None: ``Thresholds()``'s defaults). A pure function of its
-    inputs: used with softmax scores by Fast/Faster R-CNN and with SVM scores by R-CNN."""
-    thresholds = thresholds or Thresholds()
-    num_classes = scores.shape[1]
-    boxes = clip_boxes_to_image(boxes, image_size).reshape(-1, 4)
-    labels = torch.arange(1, num_classes + 1, device=scores.device).expand(scores.shape[0], -1).reshape(-1)
-    scores = scores.reshape(-1)
-    keep = torch.where(scores > thresholds.score_thresh)[0]
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    keep = remove_small_boxes(boxes, min_box_size)
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    keep = batched_nms(boxes, scores, labels, thresholds.nms_thresh)[: thresholds.detections_per_img]
-    return Detections(boxes[keep], scores[keep], labels[keep])
-
-
-class RoIHeads(nn.Module):
+class RoIHeads(RegionHeads):
     """Regions -> class scores and refined boxes (the Fast R-CNN detector on shared features).
 
     Training regions: the proposals plus the ground-truth boxes, matched by IoU: foreground at
@@ -329,36 +300,28 @@ class RoIHeads(nn.Module):
         self.add_gt_as_proposals = add_gt_as_proposals
         self.ignore_iof_thresh = ignore_iof_thresh
 
-    def forward(
-        self,
-        features: dict[str, Tensor],
-        proposals: list[Tensor],
-        image_sizes: list[tuple[int, int]],
-        targets: list[dict[str, Tensor]] | None = None,
-        thresholds: Thresholds | None = None,
-    ) -> tuple[list[Detections] | None, dict[str, Tensor]]:
-        """proposals: N tensors [P_i, 4] -> (Detections per image unless training, losses if targets);
-        ``thresholds`` None: the defaults (``self.thresholds``)."""
-        losses: dict[str, Tensor] = {}
-        if targets is not None:
-            regions, labels, box_targets = self.sample_regions(proposals, targets)
-            class_logits, box_deltas = self.predict(features, regions, image_sizes)
-            losses = fast_rcnn_loss(class_logits, box_deltas, labels, box_targets, self.smooth_l1_beta)
-        if self.training:
-            return None, losses
-        class_logits, box_deltas = self.predict(features, proposals, image_sizes)
-        return self.postprocess(class_logits, box_deltas, proposals, image_sizes, thresholds), losses
+    def losses(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
+               targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The multi-task loss (``fast_rcnn_loss``) on regions sampled from the proposals and the targets."""
+        regions, labels, box_targets = self.sample_regions(proposals, targets)
+        class_logits, box_deltas = self.logits_and_deltas(features, regions, image_sizes)
+        return fast_rcnn_loss(class_logits, box_deltas, labels, box_targets, self.smooth_l1_beta)
 
-    @property
-    def thresholds(self) -> Thresholds:
-        """The configured test-time thresholds, used when a call gives none."""
-        return Thresholds(self.score_thresh, self.nms_thresh, self.detections_per_img)
+    def logits_and_deltas(
+        self, features: dict[str, Tensor], regions: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor]:
+        """Pool, box head, predictor: N tensors [P_i, 4] -> logits [R, K + 1 + V], deltas [R, 4 (K + 1)]."""
+        return self.box_predictor(self.box_head(self.pooler(features, regions, image_sizes)))
 
     def predict(
         self, features: dict[str, Tensor], regions: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> tuple[Tensor, Tensor]:
-        """Pool, box head, predictor: N tensors [P_i, 4] -> logits [R, K + 1], deltas [R, 4 (K + 1)]."""
-        return self.box_predictor(self.box_head(self.pooler(features, regions, image_sizes)))
+        """Every region's class-specific decoded boxes [R, K, 4] and softmax scores [R, K] (background and
+        void classes left out): what NMS chooses from."""
+        class_logits, box_deltas = self.logits_and_deltas(features, regions, image_sizes)
+        boxes = self.box_coder.decode(box_deltas, torch.cat(regions)).reshape(box_deltas.shape[0], -1, 4)
+        scores = F.softmax(class_logits, dim=-1)[:, : boxes.shape[1]]  # void classes are never predicted
+        return boxes[:, 1:], scores[:, 1:]
 
     @torch.no_grad()
     def sample_regions(
@@ -383,29 +346,3 @@ class RoIHeads(nn.Module):
             labels.append(region_labels)
             box_targets.append(region_targets)
         return regions, torch.cat(labels), torch.cat(box_targets)
-
-    def class_boxes_and_scores(
-        self, class_logits: Tensor, box_deltas: Tensor, proposals: list[Tensor]
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """Per image, every region's class-specific decoded boxes [P_i, K, 4] and softmax scores [P_i, K]
-        (background and void classes left out): what NMS chooses from."""
-        counts = [p.shape[0] for p in proposals]
-        boxes = self.box_coder.decode(box_deltas, torch.cat(proposals)).reshape(box_deltas.shape[0], -1, 4)
-        scores = F.softmax(class_logits, dim=-1)[:, : boxes.shape[1]]  # void classes are never predicted
-        return list(boxes[:, 1:].split(counts)), list(scores[:, 1:].split(counts))
-
-    def postprocess(
-        self,
-        class_logits: Tensor,
-        box_deltas: Tensor,
-        proposals: list[Tensor],
-        image_sizes: list[tuple[int, int]],
-        thresholds: Thresholds | None = None,
-    ) -> list[Detections]:
-        """Softmax scores and class-specific decoded boxes -> Detections per image (resized coordinates)."""
-        thresholds = thresholds or self.thresholds
-        boxes, scores = self.class_boxes_and_scores(class_logits, box_deltas, proposals)
-        return [
-            detections_from_scores(b, s, size, thresholds)
-            for b, s, size in zip(boxes, scores, image_sizes, strict=True)
-        ]

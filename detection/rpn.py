@@ -12,10 +12,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import batched_nms, box_iou, remove_small_boxes
 
 from detection.anchors import AnchorGenerator
-from detection.boxes import FOREGROUND, BalancedPositiveNegativeSampler, BoxCoder, Matcher, ignore_crowd
+from detection.boxes import (
+    FOREGROUND,
+    BalancedPositiveNegativeSampler,
+    BoxCoder,
+    Matcher,
+    clip_boxes,
+    ignore_crowd,
+)
+from detection.interfaces import ProposalGenerator
 from detection.structures import Proposals, ProposalStages
 from detection.transform import ImageBatch
 from vision.layers import group_norm
@@ -66,23 +74,33 @@ def flatten_predictions(objectness: Tensor, deltas: Tensor) -> tuple[Tensor, Ten
 
 @dataclass
 class RPNPredictions:
-    """The RPN head's outputs for a batch: objectness logits [N, R] and deltas [N, R, 4] over all levels, the
-    anchors [R_l, 4] of each level (in AnchorGenerator's order) and each level's grid (H_l, W_l)."""
+    """The RPN head's outputs for a batch, per level: objectness logits L x [N, R_l] and deltas
+    L x [N, R_l, 4], the anchors [R_l, 4] of each level (in AnchorGenerator's order) and each level's grid
+    (H_l, W_l); ``objectness`` [N, R] and ``deltas`` [N, R, 4] are all levels in one tensor."""
 
-    objectness: Tensor
-    deltas: Tensor
+    level_objectness: list[Tensor]
+    level_deltas: list[Tensor]
     anchors: list[Tensor]
     grid_sizes: list[tuple[int, int]]
+
+    @property
+    def objectness(self) -> Tensor:
+        return torch.cat(self.level_objectness, dim=1)
+
+    @property
+    def deltas(self) -> Tensor:
+        return torch.cat(self.level_deltas, dim=1)
 
     @property
     def num_per_level(self) -> list[int]:
         return [a.shape[0] for a in self.anchors]
 
     def detach(self) -> RPNPredictions:
-        return RPNPredictions(self.objectness.detach(), self.deltas.detach(), self.anchors, self.grid_sizes)
+        return RPNPredictions([o.detach() for o in self.level_objectness],
+                              [d.detach() for d in self.level_deltas], self.anchors, self.grid_sizes)
 
 
-class RegionProposalNetwork(nn.Module):
+class RegionProposalNetwork(ProposalGenerator):
     """Anchors + RPNHead -> proposals per image, and the RPN losses when targets are given.
 
     A proposal source for TwoStageDetector: ``forward(batch, features, targets, proposals)`` returns
@@ -165,12 +183,11 @@ class RegionProposalNetwork(nn.Module):
         """The head on every level, and the anchors its outputs refer to."""
         maps = [features[name] for name in self.in_features]
         objectness_maps, delta_maps = self.head(maps)
-        grid_sizes = [(int(m.shape[-2]), int(m.shape[-1])) for m in maps]
+        # sizes as the shapes give them: ints, or 0-d tensors while traced (the anchors follow the input)
+        grid_sizes = [tuple(m.shape[-2:]) for m in maps]
         anchors = self.anchor_generator(tuple(batch.tensors.shape[-2:]), grid_sizes, device=maps[0].device)
         flat = [flatten_predictions(o, d) for o, d in zip(objectness_maps, delta_maps, strict=True)]
-        objectness = torch.cat([o for o, _ in flat], dim=1)
-        deltas = torch.cat([d for _, d in flat], dim=1)
-        return RPNPredictions(objectness, deltas, anchors, grid_sizes)
+        return RPNPredictions([o for o, _ in flat], [d for _, d in flat], anchors, grid_sizes)
 
     def select_proposals(self, predictions: RPNPredictions, batch: ImageBatch) -> list[Proposals]:
         """The proposals of each image, best first, with their objectness."""
@@ -179,26 +196,24 @@ class RegionProposalNetwork(nn.Module):
     def candidates(self, predictions: RPNPredictions, batch: ImageBatch) -> list[Proposals]:
         """Per image, the ``pre_nms_top_n`` best anchors of each level moved by their deltas, clipped, with
         boxes under ``min_box_size`` px and scores under ``score_thresh`` dropped (NMS not yet run)."""
-        objectness, deltas = predictions.objectness, predictions.deltas
-        anchors = torch.cat(predictions.anchors)  # [R, 4]
         pre_n = self.pre_nms_top_n[self.training]
         # top-k per level first, so only the kept anchors are decoded (the others could never be proposals)
-        top_idx, level_ids, start = [], [], 0
-        for level, count in enumerate(predictions.num_per_level):
-            k = min(pre_n, count)
-            idx = objectness[:, start : start + count].topk(k, dim=1).indices + start
-            top_idx.append(idx)
-            level_ids.append(torch.full((k,), level, dtype=torch.int64, device=objectness.device))
-            start += count
-        top_idx = torch.cat(top_idx, dim=1)  # [N, K]
-        levels = torch.cat(level_ids)  # [K]
-        rows = torch.arange(objectness.shape[0], device=objectness.device)[:, None]
-        scores = torch.sigmoid(objectness[rows, top_idx])
-        chosen_deltas = deltas[rows, top_idx]  # [N, K, 4]
+        scores, chosen_deltas, chosen_anchors, level_ids = [], [], [], []
+        for level, (objectness, deltas, anchors) in enumerate(
+            zip(predictions.level_objectness, predictions.level_deltas, predictions.anchors, strict=True)
+        ):
+            k = torch._shape_as_tensor(objectness)[1].clamp(max=pre_n)  # a tensor: traced, it stays dynamic
+            idx = objectness.topk(k, dim=1).indices  # [N, k]
+            rows = torch.arange(objectness.shape[0], device=objectness.device)[:, None]
+            scores.append(torch.sigmoid(objectness[rows, idx]))
+            chosen_deltas.append(deltas[rows, idx])
+            chosen_anchors.append(anchors[idx])
+            level_ids.append(torch.full_like(idx[0], level))
+        scores, levels = torch.cat(scores, dim=1), torch.cat(level_ids)  # [N, K], [K]
+        chosen_deltas, chosen_anchors = torch.cat(chosen_deltas, dim=1), torch.cat(chosen_anchors, dim=1)
         out = []
         for i, image_size in enumerate(batch.image_sizes):
-            boxes = self.box_coder.decode(chosen_deltas[i], anchors[top_idx[i]])
-            boxes = clip_boxes_to_image(boxes, image_size)
+            boxes = clip_boxes(self.box_coder.decode(chosen_deltas[i], chosen_anchors[i]), image_size)
             keep = remove_small_boxes(boxes, self.min_box_size)
             keep = keep[scores[i, keep] >= self.score_thresh]
             out.append(Proposals(boxes[keep], scores[i, keep], levels[keep]))

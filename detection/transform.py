@@ -5,7 +5,6 @@ Legend: N images, M boxes in an image, H x W an image's size.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detection.boxes import as_size
 from detection.structures import Detections
 from vision.layers import IMAGENET_MEAN, IMAGENET_STD
 
@@ -27,7 +27,9 @@ class ImageBatch:
 
     tensors: [N, 3, H_pad, W_pad] normalised; image_sizes: (h, w) of each image after resizing, before
     padding; original_sizes: (h, w) of each input image; inputs: the input images themselves ([3, h, w] in
-    [0, 1]), for proposal sources that work on the picture (selective search).
+    [0, 1]), for proposal sources that work on the picture (selective search). Sizes are read from shapes:
+    ints when the detector runs, 0-d tensors while it is traced for export (detection.export), so that
+    every size computed from them stays in the exported graph.
     """
 
     tensors: Tensor
@@ -40,11 +42,24 @@ class ImageBatch:
 
 
 def scale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> Tensor:
-    """Boxes [M, 4] xyxy in an image of ``from_size`` (h, w) to the same image resized to ``to_size``."""
-    ratio_h = torch.tensor(to_size[0], dtype=torch.float32) / torch.tensor(from_size[0], dtype=torch.float32)
-    ratio_w = torch.tensor(to_size[1], dtype=torch.float32) / torch.tensor(from_size[1], dtype=torch.float32)
-    ratios = torch.stack((ratio_w, ratio_h, ratio_w, ratio_h)).to(boxes.device)
-    return boxes * ratios
+    """Boxes [M, 4] xyxy in an image of ``from_size`` (h, w) to the same image resized to ``to_size``
+    (float32 ratios; sizes as ints or traced 0-d tensors, see ImageBatch)."""
+    ratio = as_size(to_size).to(torch.float32) / as_size(from_size).to(torch.float32)
+    return boxes * torch.stack((ratio[1], ratio[0], ratio[1], ratio[0])).to(boxes.device)
+
+
+def resized_size(size: Tensor, short_side: int, max_size: int) -> Tensor:
+    """The size [2] int64 an image of ``size`` [2] (h, w) is resized to: short side ``short_side`` unless
+    the long side would pass ``max_size``, each side floor(side * scale) (what ``F.interpolate``'s
+    ``recompute_scale_factor`` gives, so converted torchvision models see the same pixels).
+
+    In float64 throughout, as Python computes the scale: one 1-D float64 division, because the ONNX exporter
+    turns a Python number (or a 0-d tensor) divided by a float64 tensor into float32 arithmetic, and
+    floor(500 * 0.32) would become 159 instead of 160."""
+    sides = size.to(torch.float64)
+    limits = sides.new_tensor([float(short_side), float(max_size)])
+    scale = (limits / torch.stack((sides.min(), sides.max()))).min()
+    return torch.floor(sides * scale).to(torch.int64)
 
 
 class DetectionTransform(nn.Module):
@@ -93,18 +108,18 @@ class DetectionTransform(nn.Module):
         resized: list[Tensor] = []
         out_targets = [dict(t) for t in targets] if targets is not None else None
         out_proposals = list(proposals) if proposals is not None else None
-        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        original_sizes = [_size(img) for img in images]
         for i, image in enumerate(images):
             image = self.resize(self.normalize(image))
             resized.append(image)
-            new_size = (int(image.shape[-2]), int(image.shape[-1]))
+            new_size = _size(image)
             if out_targets is not None:
                 for key in BOX_KEYS:
                     if key in out_targets[i]:
                         out_targets[i][key] = scale_boxes(out_targets[i][key], original_sizes[i], new_size)
             if out_proposals is not None:
                 out_proposals[i] = scale_boxes(out_proposals[i], original_sizes[i], new_size)
-        image_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in resized]
+        image_sizes = [_size(img) for img in resized]
         batch = ImageBatch(self.pad(resized), image_sizes, original_sizes, list(images))
         return batch, out_targets, out_proposals
 
@@ -119,23 +134,19 @@ class DetectionTransform(nn.Module):
             target = self.min_size[int(torch.randint(len(self.min_size), ()).item())]
         else:
             target = self.min_size[-1]
-        h, w = image.shape[-2:]
-        scale = min(target / min(h, w), self.max_size / max(h, w))
-        # recompute_scale_factor: the output size is floor(H * scale), and the sampling grid follows that
-        # size exactly (as torchvision does, so converted models see the same pixels).
-        return F.interpolate(
-            image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
-        )[0]
+        # the sampling grid follows the output size exactly (torchvision's recompute_scale_factor)
+        size = resized_size(torch._shape_as_tensor(image)[-2:], target, self.max_size)
+        return F.interpolate(image[None], size=(size[0], size[1]), mode="bilinear", align_corners=False)[0]
 
     def pad(self, images: list[Tensor]) -> Tensor:
-        """Zero-pad (after normalisation, i.e. the mean colour) on the bottom/right to a common size."""
+        """Zero-pad (after normalisation, i.e. the mean colour) on the bottom/right to a common size, a
+        multiple of ``size_divisible`` (sizes as tensors: traced, they stay the input's)."""
         div = self.size_divisible
-        height = int(math.ceil(max(img.shape[-2] for img in images) / div) * div)
-        width = int(math.ceil(max(img.shape[-1] for img in images) / div) * div)
-        batch = images[0].new_zeros((len(images), images[0].shape[0], height, width))
-        for i, img in enumerate(images):
-            batch[i, :, : img.shape[-2], : img.shape[-1]].copy_(img)
-        return batch
+        sizes = torch.stack([torch._shape_as_tensor(img)[-2:] for img in images])
+        padded = torch.div(sizes.max(dim=0).values + (div - 1), div, rounding_mode="floor") * div
+        extra = padded - sizes
+        out = [F.pad(img, (0, extra[i, 1], 0, extra[i, 0])) for i, img in enumerate(images)]
+        return out[0][None] if len(out) == 1 else torch.stack(out)
 
     def postprocess(self, detections: list[Detections], batch: ImageBatch) -> list[Detections]:
         """Map each image's boxes from its resized size back to its original size."""
@@ -143,6 +154,12 @@ class DetectionTransform(nn.Module):
             Detections(scale_boxes(det.boxes, size, original), det.scores, det.labels)
             for det, size, original in zip(detections, batch.image_sizes, batch.original_sizes, strict=True)
         ]
+
+
+def _size(image: Tensor) -> tuple[int, int]:
+    """(h, w) of an image [..., H, W], as its shape gives them (ints; 0-d tensors while traced)."""
+    height, width = image.shape[-2:]
+    return height, width
 
 
 def check_inputs(

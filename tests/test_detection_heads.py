@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from detection.anchors import AnchorGenerator
+from detection.interfaces import detections_from_scores
 from detection.roi_heads import (
     BoxPredictor,
     RoIHeads,
     RoIPooler,
     TwoMLPHead,
-    detections_from_scores,
     fast_rcnn_loss,
     fpn_levels,
 )
