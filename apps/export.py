@@ -200,18 +200,18 @@ class ExportedModel:
         return self.runner(images.float().cpu())[0], {}
 
 
-def exported_backend(loaded: LoadedModel, score_threshold: float | None = None,
+def exported_backend(loaded: LoadedModel, score_thresh: float | None = None,
                      int8: str | os.PathLike | None = None) -> LoadedModel:
     """``loaded`` with its model replaced by the ONNX Runtime run of its exported file (exported, checked
     and cached on first use; with ``int8``, the file quantised to int8 on those calibration images). The
-    file's thresholds are fixed: a detection ``score_threshold`` below the one exported is refused rather
+    file's thresholds are fixed: a detection ``score_thresh`` below the one exported is refused rather
     than silently not honoured."""
     model = loaded.model
     cuts = getattr(model, "thresholds", None)  # a detector's configured cuts: what the export keeps
     cut = getattr(cuts, "score_thresh", None)
-    if score_threshold is not None and cut is not None and score_threshold < cut:
+    if score_thresh is not None and cut is not None and score_thresh < cut:
         raise ValueError(f"the onnxruntime backend keeps detections scoring {cut} or more (the threshold it "
-                         f"is exported with); --score-threshold {score_threshold} needs --backend pytorch")
+                         f"is exported with); --score-threshold {score_thresh} needs --backend pytorch")
     source = getattr(getattr(model, "proposal_generator", None), "source", None)
     runner = ExportedModel(cached_export(loaded.path, "onnx", int8=int8), proposal_source=source,
                            pytorch_model=model,

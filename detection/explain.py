@@ -76,7 +76,7 @@ class Explanation:
     after_nms: Stage
     detections: Detections
     position: tuple[float, float] | None = None
-    nms_threshold: float = 0.0
+    nms_thresh: float = 0.0
 
 
 @torch.inference_mode()

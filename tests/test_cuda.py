@@ -194,8 +194,8 @@ def test_predict_runs_on_cuda(gpu_run, shapes, tmp_path):
     from apps.predict.predictor import Predictor
 
     image = np.array(Image.open(next((shapes["val"] / "images").iterdir())).convert("RGB"))
-    on_gpu = Predictor(str(gpu_run / "best.pt"), DEVICE, score_threshold=0.0).predict([image])[0]
-    on_cpu = Predictor(str(gpu_run / "best.pt"), "cpu", score_threshold=0.0).predict([image])[0]
+    on_gpu = Predictor(str(gpu_run / "best.pt"), DEVICE, score_thresh=0.0).predict([image])[0]
+    on_cpu = Predictor(str(gpu_run / "best.pt"), "cpu", score_thresh=0.0).predict([image])[0]
     assert len(on_gpu.scores) > 0 and abs(len(on_gpu.scores) - len(on_cpu.scores)) <= 2
     assert abs(float(on_gpu.scores.max()) - float(on_cpu.scores.max())) <= 1e-2
 
@@ -232,7 +232,7 @@ def test_a_gpu_trained_run_resumes_and_predicts_on_the_cpu(gpu_run, shapes, tmp_
     loaded = load_model(gpu_run / "best.pt", "cpu")
     assert all(p.device.type == "cpu" for p in loaded.model.parameters())
     image = np.array(Image.open(next((shapes["val"] / "images").iterdir())).convert("RGB"))
-    result = Predictor(str(gpu_run / "best.pt"), "cpu", score_threshold=0.0).predict([image])[0]
+    result = Predictor(str(gpu_run / "best.pt"), "cpu", score_thresh=0.0).predict([image])[0]
     assert result.boxes.shape[1] == 4 and np.isfinite(result.boxes).all()
 
 

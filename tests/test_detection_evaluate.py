@@ -60,7 +60,7 @@ def test_evaluate_finds_what_predict_finds_on_the_same_images(shapes, loaded):
         found = loaded.task.detect(loaded.model, loader, torch.device("cpu"))
     evaluated = {d.image_id: d for d in found}
     # predict, one image per pass, at the model's own score cut (evaluation keeps every box above it)
-    predictor = Predictor(loaded, "cpu", score_threshold=loaded.model.thresholds.score_thresh)
+    predictor = Predictor(loaded, "cpu", score_thresh=loaded.model.thresholds.score_thresh)
     predicted = {id_of[p.file.name]: p.result
                  for p in predictor.predict_source(shapes / "images", batch_size=4, workers=0)}
     assert sorted(predicted) == sorted(evaluated) and len(evaluated) == 6

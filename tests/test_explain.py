@@ -119,13 +119,13 @@ def test_rcnn_stages_and_detections(tiny_detector):
         detections, _ = model([image])
     assert e.generation is RCNN and e.proposals_source.total == 3 and len(e.proposals_source.boxes) == 2
     assert e.before_nms.total == 3 and len(e.before_nms.boxes) == 2
-    assert e.input_size == (64, 64) and e.nms_threshold == 0.3  # its own size; the model's NMS
+    assert e.input_size == (64, 64) and e.nms_thresh == 0.3  # its own size; the model's NMS
     assert torch.equal(e.detections.boxes, detections[0].boxes)
     # the demo's NMS slider reaches R-CNN's own NMS (no second NMS after a fixed 0.3)
     loose = explain(model, image, top_n=2, thresholds=Thresholds(0.0, 0.95, 100))
     with torch.inference_mode():
         expected, _ = model([image], thresholds=Thresholds(0.0, 0.95, 100))
-    assert loose.nms_threshold == 0.95 and torch.equal(loose.detections.boxes, expected[0].boxes)
+    assert loose.nms_thresh == 0.95 and torch.equal(loose.detections.boxes, expected[0].boxes)
     assert len(expected[0]) >= len(detections[0])
 
 
@@ -154,7 +154,7 @@ def test_thresholds_of_the_call_reach_the_detections(image, tiny_detector):
     with torch.inference_mode():
         detections, _ = model([image], proposals=[proposals], thresholds=strict)
         default, _ = model([image], proposals=[proposals])
-    assert torch.equal(e.detections.boxes, detections[0].boxes) and e.nms_threshold == 0.2
+    assert torch.equal(e.detections.boxes, detections[0].boxes) and e.nms_thresh == 0.2
     assert len(detections[0]) == 5 and bool((detections[0].scores > 0.25).all())
     assert len(default[0]) > len(detections[0])  # the model's own thresholds were left as configured
     assert model.thresholds == Thresholds(0.0, 0.5, 100)

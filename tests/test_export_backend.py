@@ -64,7 +64,7 @@ def test_predictor_onnxruntime_classification_and_segmentation(name):
 
 def test_onnxruntime_refuses_a_score_threshold_below_the_exported_one():
     with pytest.raises(ValueError, match="needs --backend pytorch"):
-        Predictor(WEIGHTS_DIR / "faster_rcnn_shapes.pt", "cpu", score_threshold=0.01, backend="onnxruntime")
+        Predictor(WEIGHTS_DIR / "faster_rcnn_shapes.pt", "cpu", score_thresh=0.01, backend="onnxruntime")
 
 
 def test_demo_cache_runs_exported_models_and_keeps_rcnn_on_pytorch(capsys):

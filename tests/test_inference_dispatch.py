@@ -93,6 +93,6 @@ def test_a_new_task_predicts_and_writes_through_its_own_inference(tmp_path):
 def test_the_inference_checks_thresholds_and_class_filters_for_every_task():
     loaded = LoadedModel(BrightnessTask(), MeanModel(), [{"id": 1, "name": "level"}], {}, {}, Path("m.pt"))
     with pytest.raises(ValueError, match="score threshold 1.5 outside"):
-        Predictor(loaded, "cpu", score_threshold=1.5)
+        Predictor(loaded, "cpu", score_thresh=1.5)
     with pytest.raises(ValueError, match="'purple' is not one of the checkpoint's classes"):
         Predictor(loaded, "cpu", classes=["purple"])

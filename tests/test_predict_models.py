@@ -74,7 +74,7 @@ def red_square(h=40, w=60, box=(10, 5, 30, 25)) -> np.ndarray:
 
 
 def test_detection_boxes_in_original_pixels_with_ids_and_names():
-    predictor = Predictor(loaded("detection", RedBoxDetector()), "cpu", score_threshold=0.5)
+    predictor = Predictor(loaded("detection", RedBoxDetector()), "cpu", score_thresh=0.5)
     [result] = predictor.predict([red_square()])
     assert isinstance(result, DetectionResult)
     np.testing.assert_allclose(result.boxes, [[10, 5, 30, 25]])
@@ -88,11 +88,11 @@ def test_detection_boxes_in_original_pixels_with_ids_and_names():
 
 
 def test_detection_threshold_below_model_cut_and_class_filter():
-    low = Predictor(loaded("detection", RedBoxDetector()), "cpu", score_threshold=0.01, nms_threshold=0.3)
+    low = Predictor(loaded("detection", RedBoxDetector()), "cpu", score_thresh=0.01, nms_thresh=0.3)
     [result] = low.predict([red_square()])
     assert result.names == ["red", "green", "blue"]  # 0.04 box found: the model's 0.05 cut was lowered
     assert low.model.calls[-1] == Thresholds(score_thresh=0.01, nms_thresh=0.3)
-    only = Predictor(loaded("detection", RedBoxDetector()), "cpu", score_threshold=0.01,
+    only = Predictor(loaded("detection", RedBoxDetector()), "cpu", score_thresh=0.01,
                      classes=["green", 13])
     [result] = only.predict([red_square()])
     assert result.category_ids == [12, 13]
@@ -109,8 +109,8 @@ def test_detection_nms_override_without_model_support():
 
     model = NoThresholds()
     # IoU of the first two boxes: 90 / 110 = 0.818
-    [loose] = Predictor(loaded("detection", model), "cpu", nms_threshold=0.9).predict([red_square()])
-    [tight] = Predictor(loaded("detection", model), "cpu", nms_threshold=0.8).predict([red_square()])
+    [loose] = Predictor(loaded("detection", model), "cpu", nms_thresh=0.9).predict([red_square()])
+    [tight] = Predictor(loaded("detection", model), "cpu", nms_thresh=0.8).predict([red_square()])
     np.testing.assert_allclose(loose.scores, [0.9, 0.8, 0.7])
     np.testing.assert_allclose(tight.scores, [0.9, 0.7])  # same-class overlap removed, other class kept
 
@@ -210,7 +210,7 @@ def test_predictors_sharing_one_detector_keep_their_own_thresholds_when_run_at_o
     loaded = load_model(WEIGHTS_DIR / "faster_rcnn_shapes.pt")
     scenes = sorted(WEIGHTS_DIR.glob("examples/scene_*.png"))
     images = [np.array(Image.open(p).convert("RGB")) for p in scenes]
-    cuts = [dict(score_threshold=0.05, nms_threshold=0.9), dict(score_threshold=0.6, nms_threshold=0.2)]
+    cuts = [dict(score_thresh=0.05, nms_thresh=0.9), dict(score_thresh=0.6, nms_thresh=0.2)]
     predictors = [Predictor(loaded, "cpu", **cut) for cut in cuts]
 
     def answers(i: int) -> list:

@@ -83,7 +83,7 @@ def test_detection_coco_results_score_in_evaluation(tmp_path, tiny_detector_chec
     records = {r["file"]: r for r in lines(out / "predictions.jsonl")}
     assert set(records) == set(sizes)
     assert {n: r["image_id"] for n, r in records.items()} == {"x/a.png": 101, "x/a.jpg": None, "y/b.png": 102}
-    predictor = Predictor(weights, "cpu", score_threshold=0.2)
+    predictor = Predictor(weights, "cpu", score_thresh=0.2)
     total = 0
     for name, (h, w) in sizes.items():
         dets = records[name]["detections"]

@@ -29,10 +29,10 @@ def test_predict_names_the_highest_score_under_the_threshold(tmp_path, capsys, t
     for name, image in images.items():
         Image.fromarray(image).save(src / name)
 
-    everything = Predictor(weights, "cpu", score_threshold=0.0).predict(list(images.values()))
+    everything = Predictor(weights, "cpu", score_thresh=0.0).predict(list(images.values()))
     best = max(float(r.scores.max()) for r in everything)
     assert 0.05 < best < 0.5  # (random weights: the case this test needs)
-    [one] = Predictor(weights, "cpu", score_threshold=0.5).predict([images["a.png"]])
+    [one] = Predictor(weights, "cpu", score_thresh=0.5).predict([images["a.png"]])
     assert not len(one.labels) and one.best_below == float(everything[0].scores.max())
 
     args = ["predict", "--weights", str(weights), "--source", str(src), "--no-progress"]
@@ -58,7 +58,7 @@ def test_the_demo_says_it_under_the_picture(tmp_path, tiny_detector_checkpoint):
     assert not problems
     handlers = DemoHandlers(ModelCache(found, "cpu"), max_pixels=10_000_000, max_side=640,
                             files_dir=tmp_path / "files")
-    best = float(Predictor(weights, "cpu", score_threshold=0.0).predict([image])[0].scores.max())
+    best = float(Predictor(weights, "cpu", score_thresh=0.0).predict([image])[0].scores.max())
     _, rows, _, info = handlers.detect(str(tmp_path / "a.png"), found[0].label, 0.5, 0.5, None)
     assert not rows and threshold_hint(best, 0.5, "the Score threshold slider") in info
     _, rows, _, info = handlers.detect(str(tmp_path / "a.png"), found[0].label, 0.0, 0.5, None)

@@ -74,8 +74,8 @@ def compare(src: Path, dst: Path, images: list[Path], agreement: float = 1.0) ->
     from apps.predict.predictor import Predictor
     from vision.data.images import read_image
 
-    a = Predictor(src, "cpu", score_threshold=0.5)
-    b = Predictor(dst, "cpu", score_threshold=0.5)
+    a = Predictor(src, "cpu", score_thresh=0.5)
+    b = Predictor(dst, "cpu", score_thresh=0.5)
     arrays = [read_image(p) for p in images]
     same, total, worst = 0, 0, 0.0
     for image in arrays:

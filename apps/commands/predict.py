@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
         print("visiondet predict: error: --workers must be 0 or more", file=sys.stderr)
         return 2
     opts = PredictOptions(
-        weights=args.weights, sources=args.source, output=args.output, score_threshold=args.score_threshold,
-        nms_threshold=args.nms_threshold, classes=args.classes, top_k=args.top_k, batch_size=args.batch_size,
+        weights=args.weights, sources=args.source, output=args.output, score_thresh=args.score_threshold,
+        nms_thresh=args.nms_threshold, classes=args.classes, top_k=args.top_k, batch_size=args.batch_size,
         workers=args.workers, device=args.device, save_images=args.save_images, formats=args.formats or [],
         coco_ids=args.coco_ids, resume=args.resume, overwrite=args.overwrite,
         allow_inside_source=args.allow_inside_source, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,

@@ -158,8 +158,8 @@ class DemoHandlers:
                ) -> tuple[np.ndarray, list[list[Any]], str, str]:
         """-> (annotated picture, table rows, JSON file path, text with the timing)."""
         original, small, scale = self._image(image)
-        predictor = self._predictor(label, DetectionInference, score_threshold=float(score),
-                                    nms_threshold=float(nms), classes=list(classes or []) or None)
+        predictor = self._predictor(label, DetectionInference, score_thresh=float(score),
+                                    nms_thresh=float(nms), classes=list(classes or []) or None)
         start = time.perf_counter()
         result = predictor.predict([small])[0]
         elapsed = time.perf_counter() - start
@@ -223,7 +223,7 @@ class DemoHandlers:
         """-> four pictures (each with its title) and a paragraph on this image's stages."""
         _, small, _ = self._image(image)
         # checks the model gives detections, loads it once; its inference keeps what scores ``score``
-        predictor = self._predictor(label, DetectionInference, score_threshold=float(score))
+        predictor = self._predictor(label, DetectionInference, score_thresh=float(score))
         model = getattr(predictor.model, "pytorch_model", predictor.model)  # stages need PyTorch's model
         height, width = small.shape[:2]
         position = (float(x_pct) / 100.0 * (width - 1), float(y_pct) / 100.0 * (height - 1))

@@ -144,7 +144,7 @@ def explanation_text(e: Explanation, kept: int, threshold: float) -> dict[str, A
             f"At every position of every map the region proposal network scores a fixed set of reference "
             f"boxes, the *anchors* (panel 1: those at the cross; click the picture to move it), and predicts "
             f"how to move each one onto an object. The best {e.before_nms.total} moved anchors (the top of "
-            f"each level) go to non-maximum suppression at IoU {e.nms_threshold:g} (panel 2 shows the "
+            f"each level) go to non-maximum suppression at IoU {e.nms_thresh:g} (panel 2 shows the "
             f"{shown(e.before_nms)} best), which leaves {e.after_nms.total} *proposals* (panel 3). The "
             f"Fast R-CNN head pools each proposal's features, classifies it and refines its box: "
             f"{kept} detections score at least {threshold:.2f} (panel 4)."
@@ -164,7 +164,7 @@ def explanation_text(e: Explanation, kept: int, threshold: float) -> dict[str, A
             f"similar neighbouring pixels into {source.total} candidate boxes (panel 1). The detector "
             f"{how}. Panel 2: the "
             f"{shown(e.before_nms)} best-scored regions (each with its most likely class) before "
-            f"non-maximum suppression; panel 3: after per-class NMS at IoU {e.nms_threshold:g} "
+            f"non-maximum suppression; panel 3: after per-class NMS at IoU {e.nms_thresh:g} "
             f"({e.after_nms.total} boxes remain); panel 4: the {kept} detections scoring at least "
             f"{threshold:.2f}."
         )

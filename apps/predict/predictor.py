@@ -1,6 +1,6 @@
 """Prediction with any visiondet checkpoint: one typed result per image, for arrays or streamed from files.
 
-    predictor = Predictor("weights/detector.pt", device="auto", score_threshold=0.5)
+    predictor = Predictor("weights/detector.pt", device="auto", score_thresh=0.5)
     results = predictor.predict([image])                 # (H, W, 3) uint8 RGB arrays -> list[Result]
     for item in predictor.predict_source(["photos/"], batch_size=8, workers=2):
         item.file.name, item.result or item.error         # files decoded by DataLoader worker processes
@@ -90,8 +90,8 @@ class Predictor:
     Args:
         weights: a checkpoint path, or a model already loaded by ``apps.tasks.load_model``.
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``.
-        score_threshold: detection: keep boxes scoring at least this.
-        nms_threshold: detection: IoU threshold of the per-class NMS; None keeps the model's own.
+        score_thresh: detection: keep boxes scoring at least this.
+        nms_thresh: detection: IoU threshold of the per-class NMS; None keeps the model's own.
         classes: keep only these classes (names or dataset category ids); None keeps all. Detection drops
             other boxes, classification ranks only these, segmentation chooses among them and background.
         top_k: classification: how many classes each result lists (at most the number of classes).
@@ -105,8 +105,8 @@ class Predictor:
         weights: str | os.PathLike | Any,
         device: str | torch.device = "auto",
         *,
-        score_threshold: float = 0.5,
-        nms_threshold: float | None = None,
+        score_thresh: float = 0.5,
+        nms_thresh: float | None = None,
         classes: Sequence[str | int] | None = None,
         top_k: int = 5,
         max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -123,20 +123,20 @@ class Predictor:
             self.loaded.model.to(self.device).eval()
         # the task's inference checks the thresholds and the class filter before any export below
         self.inference: Inference = self.loaded.task.inference(
-            self.loaded.classes, self.loaded.preprocess, score_threshold=score_threshold,
-            nms_threshold=nms_threshold, only=classes, top_k=top_k)
+            self.loaded.classes, self.loaded.preprocess, score_thresh=score_thresh,
+            nms_thresh=nms_thresh, only=classes, top_k=top_k)
         if int8 is not None and backend != "onnxruntime":
             raise ValueError("int8 runs the quantised ONNX export: use it with the onnxruntime backend")
         if backend == "onnxruntime":  # the seam: an object with the model's call signature, on the CPU
             self.device = torch.device("cpu")
-            self.loaded = exported_backend(self.loaded, score_threshold, int8=int8)
+            self.loaded = exported_backend(self.loaded, score_thresh, int8=int8)
         elif backend != "pytorch":
             raise ValueError(f"unknown backend {backend!r}; choose pytorch or onnxruntime")
         self.task: str = self.inference.kind  # what run.json and summary.json call it
         self.classes: list[dict[str, Any]] = self.loaded.classes
         self.model = self.loaded.model
-        self.score_threshold = score_threshold
-        self.nms_threshold = nms_threshold
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
         self.max_pixels = max_pixels
         self.transform = self.inference.transform
 

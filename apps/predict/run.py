@@ -57,8 +57,8 @@ class PredictOptions:
     weights: str
     sources: list[str]
     output: Path
-    score_threshold: float = 0.5
-    nms_threshold: float | None = None
+    score_thresh: float = 0.5
+    nms_thresh: float | None = None
     classes: list[str] | None = None
     top_k: int = 5
     batch_size: int = 8
@@ -170,8 +170,8 @@ def run_predict(opts: PredictOptions) -> int:
     try:
         scan = find_images(opts.sources, exclude=output)
         check_output_location(output, scan.folders, allow_inside_source=opts.allow_inside_source)
-        predictor = Predictor(opts.weights, dist.device, score_threshold=opts.score_threshold,
-                              nms_threshold=opts.nms_threshold, classes=opts.classes, top_k=opts.top_k,
+        predictor = Predictor(opts.weights, dist.device, score_thresh=opts.score_thresh,
+                              nms_thresh=opts.nms_thresh, classes=opts.classes, top_k=opts.top_k,
                               max_pixels=opts.max_pixels, backend=opts.backend, int8=opts.int8)
         task, coco = predictor.task, predictor.inference.coco_results
         # the COCO results always come with a detector: --format adds exports, it never takes that one away
@@ -191,7 +191,7 @@ def run_predict(opts: PredictOptions) -> int:
         ids = image_ids(scan.files, coco_ids) if coco else None
         run_info = {
             "weights": str(Path(opts.weights).resolve()), "task": task,
-            "score_threshold": opts.score_threshold, "nms_threshold": opts.nms_threshold,
+            "score_threshold": opts.score_thresh, "nms_threshold": opts.nms_thresh,
             "classes": opts.classes, "top_k": opts.top_k,
             "max_pixels": opts.max_pixels, "sources": [os.path.abspath(s) for s in opts.sources],
             "formats": formats, "save_images": opts.save_images, "coco_ids": coco_ids,
@@ -287,7 +287,7 @@ def _finish(
         "images_per_second": round(processed / slowest, 3) if slowest > 0 else None,
         "wall_time_s": round(wall, 3),
         "processes": per_rank if dist.world_size > 1 else None,
-        "score_threshold": opts.score_threshold if predictor.inference.takes_thresholds else None,
+        "score_threshold": opts.score_thresh if predictor.inference.takes_thresholds else None,
         "outputs": written,
         **extra,
     }

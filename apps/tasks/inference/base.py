@@ -105,7 +105,7 @@ class Inference(ABC):
     Args:
         classes: the checkpoint's ``[{"id", "name"}, ...]`` in label order.
         preprocess: the checkpoint's ``preprocess`` entry.
-        score_threshold, nms_threshold: detection: keep boxes scoring at least this; the IoU of the
+        score_thresh, nms_thresh: detection: keep boxes scoring at least this; the IoU of the
             per-class NMS (None keeps the model's own).
         only: keep only these classes (names or dataset ids); None keeps all.
         top_k: classification: classes per result.
@@ -120,15 +120,15 @@ class Inference(ABC):
     quiet_what: ClassVar[str] = "detection"  # what a result under the threshold lacks (the hint's words)
 
     def __init__(self, classes: Sequence[dict[str, Any]], preprocess: dict[str, Any], *,
-                 score_threshold: float = 0.5, nms_threshold: float | None = None,
+                 score_thresh: float = 0.5, nms_thresh: float | None = None,
                  only: Sequence[str | int] | None = None, top_k: int = 5) -> None:
-        if not 0.0 <= score_threshold <= 1.0:
-            raise ValueError(f"score threshold {score_threshold} outside [0, 1]")
-        if nms_threshold is not None and not 0.0 < nms_threshold <= 1.0:
-            raise ValueError(f"NMS threshold {nms_threshold} outside (0, 1]")
+        if not 0.0 <= score_thresh <= 1.0:
+            raise ValueError(f"score threshold {score_thresh} outside [0, 1]")
+        if nms_thresh is not None and not 0.0 < nms_thresh <= 1.0:
+            raise ValueError(f"NMS threshold {nms_thresh} outside (0, 1]")
         self.classes = list(classes)
-        self.score_threshold = score_threshold
-        self.nms_threshold = nms_threshold
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
         self.top_k = max(1, min(top_k, len(self.classes)))
         self.allowed = self._class_mask(only)
         self.transform: Transform = self.input_transform(preprocess)
@@ -153,7 +153,7 @@ class Inference(ABC):
     @property
     def quiet_threshold(self) -> float:
         """The threshold :meth:`Result.quiet_best` scores fell under (the hint names it)."""
-        return self.score_threshold
+        return self.score_thresh
 
     def names_and_ids(self, labels: Sequence[int]) -> tuple[list[str], list[int]]:
         """The classes' names and dataset ids of model labels."""

@@ -118,13 +118,13 @@ class DetectionInference(Inference):
 
     def thresholds_for(self, model: Any) -> Thresholds | None:
         """This call's cuts for ``model``: its own score cut lowered to ours (the box head drops boxes under
-        it before NMS, so a lower ``score_threshold`` needs it lowered too) and our NMS IoU. None for a model
+        it before NMS, so a lower ``score_thresh`` needs it lowered too) and our NMS IoU. None for a model
         that takes none (an exported file: its cuts were fixed at export)."""
         defaults = getattr(model, "thresholds", None)
         if not isinstance(defaults, Thresholds):
             return None
-        nms = defaults.nms_thresh if self.nms_threshold is None else self.nms_threshold
-        return dataclasses.replace(defaults, score_thresh=min(defaults.score_thresh, self.score_threshold),
+        nms = defaults.nms_thresh if self.nms_thresh is None else self.nms_thresh
+        return dataclasses.replace(defaults, score_thresh=min(defaults.score_thresh, self.score_thresh),
                                    nms_thresh=nms)
 
     def run(self, model: Any, inputs: list[Tensor], valid: list[Size], sizes: list[Size],
@@ -144,15 +144,15 @@ class DetectionInference(Inference):
         """``det``: a ``detection.structures.Detections`` in the original pixels; boxes under the score
         threshold and of other classes dropped, and our NMS applied here when the model could not take it
         (``nms_in_model=False``: an exported file)."""
-        keep = det.scores >= self.score_threshold
+        keep = det.scores >= self.score_thresh
         if self.allowed is not None:
             allowed = self.allowed.to(det.labels.device)[det.labels]
             below, keep = det.scores[allowed & ~keep], keep & allowed
         else:
             below = det.scores[~keep]
         boxes, scores, labels = det.boxes[keep], det.scores[keep], det.labels[keep]
-        if self.nms_threshold is not None and not nms_in_model:
-            order = batched_nms(boxes.float(), scores.float(), labels, self.nms_threshold)
+        if self.nms_thresh is not None and not nms_in_model:
+            order = batched_nms(boxes.float(), scores.float(), labels, self.nms_thresh)
             boxes, scores, labels = boxes[order], scores[order], labels[order]
         names, ids = self.names_and_ids(labels.tolist())
         return DetectionResult(
