@@ -39,7 +39,7 @@ def build_spec(loaded: LoadedModel) -> GraphSpec:
     inference = loaded.task.inference
     model = prepare_for_inference(loaded.model).to(memory_format=torch.contiguous_format)
     metadata: dict[str, Any] = {
-        "version": METADATA_VERSION, "task": inference.kind, "checkpoint": loaded.path.name,
+        "version": METADATA_VERSION, "task": inference.task, "checkpoint": loaded.path.name,
         "classes": loaded.classes,
     }
     return inference.export_spec(loaded, model, metadata)

@@ -43,7 +43,7 @@ class BrightnessResult(Result):
 
 
 class BrightnessInference(Inference):
-    kind = "brightness"
+    task = "brightness"
     result_type = BrightnessResult
     label_offset = 0
 

@@ -117,12 +117,12 @@ class DemoHandlers:
         small, scale = fit_size(image, self.max_side)
         return image, small, scale
 
-    def _predictor(self, label: str, kind: type[Inference], **settings: Any) -> Predictor:
-        """A predictor of ``label``'s model, which must give results of ``kind`` (the tab's)."""
+    def _predictor(self, label: str, inference_type: type[Inference], **settings: Any) -> Predictor:
+        """A predictor of ``label``'s model, which must give results of ``inference_type`` (the tab's)."""
         entry = self.cache.checkpoint(label)
-        if not entry.is_a(kind):
+        if not entry.is_a(inference_type):
             raise DemoInputError(f"{label} is a {entry.task} model; pick one of: "
-                                 f"{', '.join(self.cache.labels(kind)) or 'none available'}.")
+                                 f"{', '.join(self.cache.labels(inference_type)) or 'none available'}.")
         loaded = self.cache.get(label)
         try:
             return Predictor(loaded, self.cache.device, **settings)

@@ -56,7 +56,7 @@ class DemoInputError(ValueError):
 @dataclass
 class Checkpoint:
     """A checkpoint the page offers: ``label`` in the model pickers; its task's ``inference`` decides which
-    tabs (a tab offers the checkpoints whose inference is its kind: R-CNN's is detection's)."""
+    tabs (a tab offers the checkpoints whose inference is its own: R-CNN's is detection's)."""
 
     label: str
     path: Path
@@ -83,9 +83,9 @@ class Checkpoint:
         """Faster R-CNN's proposals come from anchors; R-CNN's and Fast R-CNN's from selective search."""
         return self.description.has_anchors
 
-    def is_a(self, kind: type[Inference]) -> bool:
-        """Whether this checkpoint's results are of ``kind`` (a tab's inference class)."""
-        return issubclass(self.inference, kind)
+    def is_a(self, inference_type: type[Inference]) -> bool:
+        """Whether this checkpoint's results are of ``inference_type`` (a tab's inference class)."""
+        return issubclass(self.inference, inference_type)
 
     def expectations(self) -> str:
         """One line for every tab: what the model was trained on and the classes it can answer with."""
@@ -231,9 +231,9 @@ class ModelCache:
         self._models: dict[str, LoadedModel] = {}
         self._loading = threading.Lock()
 
-    def labels(self, kind: type[Inference]) -> list[str]:
-        """Labels of the checkpoints whose results are of ``kind``, in discovery order."""
-        return [label for label, c in self.checkpoints.items() if c.is_a(kind)]
+    def labels(self, inference_type: type[Inference]) -> list[str]:
+        """Labels of the checkpoints whose results are of ``inference_type``, in discovery order."""
+        return [label for label, c in self.checkpoints.items() if c.is_a(inference_type)]
 
     def checkpoint(self, label: str | None) -> Checkpoint:
         if not label or label not in self.checkpoints:

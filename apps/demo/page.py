@@ -169,9 +169,9 @@ class Demo:
         self.blocks = blocks
         return blocks
 
-    def _picker(self, gr: Any, kind: type[Inference], label: str) -> Any:
-        """A dropdown of the checkpoints whose results are of ``kind`` (the tab's)."""
-        choices = self.cache.labels(kind)
+    def _picker(self, gr: Any, inference_type: type[Inference], label: str) -> Any:
+        """A dropdown of the checkpoints whose results are of ``inference_type`` (the tab's)."""
+        choices = self.cache.labels(inference_type)
         return gr.Dropdown(choices=choices, value=choices[0] if choices else None, label=label,
                            interactive=True)
 
@@ -181,12 +181,12 @@ class Demo:
         model.change(h.about, [model], [info], api_visibility="private", queue=False)
         return info
 
-    def _inputs(self, gr: Any, h: Any, kind: type[Inference], label: str, prefix: str, verb: str,
+    def _inputs(self, gr: Any, h: Any, inference_type: type[Inference], label: str, prefix: str, verb: str,
                 alt_text: str, paths: Sequence[str], *, follow_model: bool = True) -> tuple[Any, ...]:
         """The top of a tab's left column: model picker and its two lines, image, button, examples (all in
         view without scrolling at 1366x900). ``follow_model=False`` leaves updating the lines to the tab.
         Returns (model, info, image, button, examples)."""
-        model = self._picker(gr, kind, label)
+        model = self._picker(gr, inference_type, label)
         if follow_model:
             info = self._model_info(gr, h, model, f"{prefix}-model")
         else:

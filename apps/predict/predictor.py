@@ -132,7 +132,7 @@ class Predictor:
             self.loaded = exported_backend(self.loaded, score_thresh, int8=int8)
         elif backend != "pytorch":
             raise ValueError(f"unknown backend {backend!r}; choose pytorch or onnxruntime")
-        self.task: str = self.inference.kind  # what run.json and summary.json call it
+        self.task: str = self.inference.task  # what run.json and summary.json call it
         self.classes: list[dict[str, Any]] = self.loaded.classes
         self.model = self.loaded.model
         self.score_thresh = score_thresh

@@ -1,4 +1,4 @@
-"""The inference side of a task: one :class:`Inference` subclass and one :class:`Result` type per output kind.
+"""The inference side of a task: one :class:`Inference` subclass and one :class:`Result` type per task.
 
 An ``Inference`` is made per use (a predictor, a demo request) with the checkpoint's classes and
 preprocess entry and the caller's choices (thresholds, class filter, top-k). It turns a decoded image into
@@ -7,8 +7,8 @@ each output into a :class:`Result`. A result draws itself, gives its predictions
 class reads those records back for the CSV export and the per-class counts (a resumed run only has the
 records).
 
-Adding a task with a new kind of output means one ``Inference`` subclass with its ``Result`` type; a task
-whose output is an existing kind (R-CNN: detection) reuses that kind's inference.
+Adding a task with a new sort of output means one ``Inference`` subclass with its ``Result`` type; a task
+whose output is an existing task's (R-CNN: detection) reuses that task's inference.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class Inference(ABC):
         top_k: classification: classes per result.
     """
 
-    kind: ClassVar[str]  # the output kind written into run.json / summary.json ("detection", ...)
+    task: ClassVar[str]  # the task whose results these are, as run.json / summary.json say ("detection" ...)
     result_type: ClassVar[type[Result]]  # what :meth:`result` returns; it also reads the journal back
     label_offset: ClassVar[int] = 1  # model label of ``classes[0]`` (0 is background)
     one_image_per_forward: ClassVar[bool] = False
@@ -160,7 +160,7 @@ class Inference(ABC):
         entries = [self.classes[k - self.label_offset] for k in labels]
         return [c["name"] for c in entries], [c["id"] for c in entries]
 
-    # ---- per kind ------------------------------------------------------------------------------------------
+    # ---- per task ------------------------------------------------------------------------------------------
 
     @abstractmethod
     def input_transform(self, preprocess: dict[str, Any]) -> Transform:
@@ -203,7 +203,7 @@ class Inference(ABC):
     @classmethod
     def describe(cls, model_cfg: dict[str, Any]) -> ModelDescription:
         """The checkpoint's architecture (and detector settings) from its stored model config."""
-        return ModelDescription(str(model_cfg.get("arch") or model_cfg.get("backbone") or cls.kind))
+        return ModelDescription(str(model_cfg.get("arch") or model_cfg.get("backbone") or cls.task))
 
     @classmethod
     @abstractmethod

@@ -76,7 +76,7 @@ class ClassificationResult(Result):
 
 
 class ClassificationInference(Inference):
-    kind = "classification"
+    task = "classification"
     result_type = ClassificationResult
     label_offset = 0  # classification labels are 0..K-1: there is no background
     quiet_what = "class"

@@ -107,7 +107,7 @@ def box_convert_np(boxes: np.ndarray) -> np.ndarray:
 
 
 class DetectionInference(Inference):
-    kind = "detection"
+    task = "detection"
     result_type = DetectionResult
     one_image_per_forward = True
     coco_results = True

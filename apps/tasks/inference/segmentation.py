@@ -92,7 +92,7 @@ class SegmentationResult(Result):
 
 
 class SegmentationInference(Inference):
-    kind = "segmentation"
+    task = "segmentation"
     result_type = SegmentationResult
 
     def input_transform(self, preprocess: dict[str, Any]) -> Transform:
