@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from detection.models import TwoStageDetector
-from vision.export import ExportError, GraphSpec, compare_detections, sample_images
+from vision.export import ExportError, GraphSpec, compare_detections, sample_images, some_detections
 
 
 class DetectorGraph(nn.Module):
@@ -71,4 +71,4 @@ def detector_spec(model: TwoStageDetector, metadata: dict[str, Any], *, num_prop
     axes = {"image": {1: "height", 2: "width"}, **({"proposals": {0: "proposals"}} if graph.external else {}),
             **{name: {0: "detections"} for name in ("boxes", "labels", "scores")}}
     return GraphSpec(graph, inputs, ["boxes", "labels", "scores"], axes, samples, compare_detections(),
-                     metadata)
+                     metadata, informative=some_detections)

@@ -53,6 +53,8 @@ def eager(model: nn.Module, image: Tensor, proposals: Tensor | None = None):
 def test_faster_rcnn_export_any_image_size(tmp_path, fmt, exportable):
     model = exportable()
     spec = detector_spec(model, {"classes": ["a", "b", "c"]})
+    with torch.no_grad():  # every check image has detections to compare (empty against empty proves nothing)
+        assert all(len(spec.module(*sample)[0]) for sample in spec.samples)
     report = export_graph(spec, tmp_path / f"det.{fmt}", fmt)
     assert len(report.checks) == 3 and report.path.is_file()
     runner = load_runner(report.path)
@@ -66,9 +68,22 @@ def test_faster_rcnn_export_any_image_size(tmp_path, fmt, exportable):
         assert float(boxes[:, 2].max()) <= image.shape[2] and float(boxes[:, 3].max()) <= image.shape[1]
 
 
+def test_an_export_whose_check_images_give_no_detection_fails(tmp_path, exportable):
+    # a file that finds nothing would match a model that finds nothing: such a check is refused
+    model = exportable()
+    model.roi_heads.box_predictor.cls_score.bias.data[0] = 50.0  # background wins everywhere
+    spec = detector_spec(model, {})
+    with pytest.raises(ExportError, match="compared nothing: PyTorch finds no detection on any of the 3"):
+        export_graph(spec, tmp_path / "none.onnx", "onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_fast_rcnn_export_takes_proposals(tmp_path, exportable):
     model = exportable("fast_rcnn_r18_fpn")
-    report = export_graph(detector_spec(model, {}), tmp_path / "fast.onnx", "onnx")
+    spec = detector_spec(model, {})
+    with torch.no_grad():
+        assert all(len(spec.module(*sample)[0]) for sample in spec.samples)
+    report = export_graph(spec, tmp_path / "fast.onnx", "onnx")
     runner = load_runner(report.path)
     assert runner.input_names == ["image", "proposals"]
     image = sample_images([(70, 110)], seed=3)[0]
@@ -136,8 +151,12 @@ def test_cli_exports_shipped_classifier_and_segmenter_with_metadata(tmp_path, ca
     assert main(["export", "--weights", str(WEIGHTS_DIR / "deeplabv3plus_shapes.pt"), "--format",
                  "torchscript", "--out", str(seg_out)]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("checked against PyTorch") == 5
+    assert printed.count("checked against PyTorch") == 6  # three image sizes each
     meta = read_metadata(cls_out)
+    classifier = load_runner(cls_out)
+    for h, w in ((64, 64), (48, 64), (96, 80)):  # the three sizes the export checked
+        assert f"input 1x3x{h}x{w}" in printed or f"input 3x3x{h}x{w}" in printed
+    assert classifier(sample_images([(70, 90)])[0][None])[0].shape == (1, 3)  # and any other
     assert meta["task"] == "classification" and [c["name"] for c in meta["classes"]] == [
         "circle", "square", "triangle"]
     assert "centre crop of 64 x 64" in meta["preprocess"]["input"]

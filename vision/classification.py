@@ -139,8 +139,8 @@ class Classifier(nn.Module):
 
 
 class ClassifierGraph(nn.Module):
-    """images [N, 3, S, S] in [0, 1] (resized and centre-cropped as the metadata's preprocessing says)
-    -> logits [N, K]."""
+    """images [N, 3, H, W] in [0, 1] (the preprocessing resizes and centre-crops to the metadata's size; the
+    network's global pooling takes any size from 32 px) -> logits [N, K]."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -151,10 +151,13 @@ class ClassifierGraph(nn.Module):
 
 
 def classifier_spec(model: nn.Module, size: int, metadata: dict[str, Any]) -> GraphSpec:
-    """Classification: dynamic batch at the fixed input side ``size``; logits compared."""
-    images = sample_images([(size, size)] * 3, seed=1)
+    """Classification: dynamic batch and image size; logits compared at three sizes (the preprocessing's
+    ``size`` square, a portrait and a landscape one), one of them a batch of three."""
+    sizes = [(size, size), (max(32, size * 3 // 4), size), (size + 32, max(32, size * 5 // 4))]
+    first, second, third = (sample_images([hw] * 3, seed=1 + i) for i, hw in enumerate(sizes))
     return GraphSpec(
         ClassifierGraph(model), ["images"], ["logits"],
-        {"images": {0: "batch"}, "logits": {0: "batch"}},
-        [(images[0][None],), (torch.stack(images),)], compare_dense(atol=1e-3, rtol=1e-3), metadata,
+        {"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
+        [(first[0][None],), (torch.stack(second),), (third[0][None],)], compare_dense(atol=1e-3, rtol=1e-3),
+        metadata,
     )

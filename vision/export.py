@@ -75,6 +75,14 @@ def compare_dense(atol: float = 1e-4, rtol: float = 1e-4) -> Compare:
     return compare
 
 
+def some_detections(outputs: list[tuple[Tensor, ...]]) -> str | None:
+    """``GraphSpec.informative`` of detectors: at least one detection (boxes first) over the check images."""
+    if any(len(out[0]) for out in outputs):
+        return None
+    return (f"PyTorch finds no detection on any of the {len(outputs)} check images (boxes that are not there "
+            "cannot be compared)")
+
+
 def compare_detections(box_atol: float = 0.05, score_atol: float = 1e-3, edge_atol: float = 2e-3) -> Compare:
     """(boxes [D, 4], labels [D], scores [D]): the same detections, each with the same label, its box within
     ``box_atol`` pixels and its score within ``score_atol``. Matched one to one rather than by position:
@@ -121,6 +129,9 @@ class GraphSpec:
     samples: list[tuple[Tensor, ...]]
     compare: Compare
     metadata: dict[str, Any] = field(default_factory=dict)
+    # what PyTorch's outputs over all samples must show for the check to mean something (None when they do,
+    # else why not), e.g. detectors: at least one detection, or files that find nothing would pass
+    informative: Callable[[list[tuple[Tensor, ...]]], str | None] | None = None
 
 
 @dataclass
@@ -158,11 +169,12 @@ def export_graph(spec: GraphSpec, out: str | os.PathLike, fmt: str) -> ExportRep
                 torch.jit.save(traced, str(tmp), _extra_files={EXTRA_FILE: json.dumps(spec.metadata)})
         seconds = time.perf_counter() - start
         runner = load_runner(tmp, fmt=fmt)
-        checks = []
+        checks, outputs_seen = [], []
         for i, sample in enumerate(spec.samples):
             with torch.no_grad():
                 expected = spec.module(*sample)
             expected = (expected,) if isinstance(expected, Tensor) else tuple(expected)
+            outputs_seen.append(expected)
             got = runner(*sample)
             reason = spec.compare(got, expected)
             if reason is not None:
@@ -170,6 +182,9 @@ def export_graph(spec: GraphSpec, out: str | os.PathLike, fmt: str) -> ExportRep
                                   f"({_shapes(sample)}): {reason}; no file written")
             outputs = ", ".join(_shapes([t]) for t in expected)
             checks.append(f"input {_shapes(sample)}: outputs {outputs} match")
+        reason = spec.informative(outputs_seen) if spec.informative is not None else None
+        if reason is not None:
+            raise ExportError(f"{out}: the {fmt} check compared nothing: {reason}; no file written")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
