@@ -288,10 +288,16 @@ class DetectorConfig:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     fpn_channels: int = 256
-    rpn: RPNConfig | None = None  # faster_rcnn_* only: the RPN (None: RPNConfig's defaults)
+    rpn: RPNConfig | None = None  # faster_rcnn_* only: the RPN (RPNConfig's defaults when not given)
     roi: RoIConfig = field(default_factory=RoIConfig)
     proposals: ProposalConfig | None = None  # fast_rcnn_*, rcnn_*: where proposals come from (none given)
     rcnn: RCNNConfig | None = None  # rcnn_* only: warping, SVMs, box regression (None: the paper's defaults)
+
+    def __post_init__(self) -> None:
+        # An arch with an RPN always has its section (the defaults when none is given), so code may set
+        # ``cfg.rpn.<field>`` on any Faster R-CNN config; the other archs keep None (an error if set).
+        if self.rpn is None and self.arch in DETECTOR_ARCHS and generation_of(self.arch).learned_proposals:
+            self.rpn = RPNConfig()
 
 
 @dataclass(frozen=True)
