@@ -90,9 +90,9 @@ def run(args: argparse.Namespace) -> int:
             args.source, args.out, target=args.target, annotations=args.annotations, images=args.images,
             labels=args.labels, names=args.names, split=args.split))
     else:
-        kind = args.task or ("classification" if args.root else "detection")  # the data pipeline's kind
+        task = args.task or ("classification" if args.root else "detection")  # the pipeline's targets
         job = partial(jobs.run_preview, jobs.PreviewOptions(
-            args.out, kind, annotations=args.annotations, images=args.images, root=args.root,
+            args.out, task, annotations=args.annotations, images=args.images, root=args.root,
             transforms=args.transforms, size=args.size, train=not args.eval, num=args.num, seed=args.seed))
     try:
         return job()

@@ -148,11 +148,11 @@ def run_convert(opts: ConvertOptions) -> int:
 @dataclass
 class PreviewOptions:
     out: str
-    kind: str  # the data pipeline's kind: detection, segmentation or classification
+    task: str  # the data pipeline's task: detection, segmentation or classification
     annotations: str | None = None
     images: str | None = None
     root: str | None = None  # an ImageFolder tree (classification)
-    transforms: str | None = None  # YAML file with a transform list (None: the kind's default pipeline)
+    transforms: str | None = None  # YAML file with a transform list (None: the task's default pipeline)
     size: int | None = None  # the pipeline's size setting
     train: bool = True  # the training pipeline (else the evaluation one)
     num: int = 16
@@ -165,8 +165,8 @@ def run_preview(opts: PreviewOptions) -> int:
     if opts.transforms:
         spec = yaml.safe_load(Path(opts.transforms).read_text(encoding="utf-8"))
     settings = {"size": opts.size} if opts.size else {}
-    pipeline = build_transforms(spec, opts.kind, train=opts.train, **settings)
-    dataset = preview_dataset(opts.kind, pipeline, images=opts.images, annotations=opts.annotations,
+    pipeline = build_transforms(spec, opts.task, train=opts.train, **settings)
+    dataset = preview_dataset(opts.task, pipeline, images=opts.images, annotations=opts.annotations,
                               root=opts.root)
     path = make_preview(dataset, opts.out, num_samples=opts.num, seed=opts.seed)
     print(f"wrote {path} ({min(opts.num, len(dataset))} samples of {len(dataset)})")

@@ -26,18 +26,18 @@ __all__ = ["make_preview", "preview_dataset", "render_sample"]
 _BACKGROUND = (40, 40, 40)
 
 
-def preview_dataset(kind: str, pipeline: Any, *, images: str | None = None, annotations: str | None = None,
+def preview_dataset(task: str, pipeline: Any, *, images: str | None = None, annotations: str | None = None,
                     root: str | None = None) -> Any:
-    """The dataset ``data preview`` draws for a pipeline of ``kind`` (as ``build_transforms`` takes it):
+    """The dataset ``data preview`` draws for a pipeline of ``task`` (as ``build_transforms`` takes it):
     an ImageFolder tree (``root``) for classification, else a COCO file with its images (detection draws
     instance masks too when every annotation has one)."""
-    if kind == "classification":
+    if task == "classification":
         if not root:
             raise ValueError("classification preview needs --root (an ImageFolder tree)")
         return ImageFolderDataset(root, transforms=pipeline)
     if not (annotations and images):
-        raise ValueError(f"{kind} preview needs --annotations and --images")
-    if kind == "segmentation":
+        raise ValueError(f"{task} preview needs --annotations and --images")
+    if task == "segmentation":
         return CocoSegmentation(images, annotations, transforms=pipeline)
     try:
         return CocoDetection(images, annotations, transforms=pipeline, with_masks=True)

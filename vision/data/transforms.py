@@ -80,7 +80,7 @@ def build_transforms(
         extra_boxes: detection only: names of further box lists that follow the image's geometry like the
             boxes but take no part in box-safe crops (e.g. ``crowd_boxes``, ``proposals``). Such a pipeline
             is called through ``augment_detection``, not with label fields.
-        **defaults: per-kind settings, see ``KINDS`` (detection: ``size``, ``min_visibility``;
+        **defaults: the task's settings, see ``PIPELINES`` (detection: ``size``, ``min_visibility``;
             segmentation: ``size``, ``scale``; classification: ``size``). Unknown names are an error.
 
     Returns:
@@ -90,29 +90,29 @@ def build_transforms(
         (albumentations joins label fields to one box list only) and each extra list is a box target of its
         own, clipped and filtered the same way.
     """
-    if task not in KINDS:
+    if task not in PIPELINES:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    kind = KINDS[task]
-    unknown = sorted(set(defaults) - set(kind.defaults))
+    recipe = PIPELINES[task]
+    unknown = sorted(set(defaults) - set(recipe.defaults))
     if unknown:
-        hints = _suggest(unknown[0], kind.defaults)
+        hints = _suggest(unknown[0], recipe.defaults)
         raise ValueError(
             f"unknown transform setting {unknown[0]!r} for {task}{hints}; "
-            f"accepted: {', '.join(kind.defaults)}"
+            f"accepted: {', '.join(recipe.defaults)}"
         )
-    settings = {**kind.defaults, **defaults}
+    settings = {**recipe.defaults, **defaults}
     if spec is None:
-        transforms = kind.default_pipeline(train, settings)
+        transforms = recipe.default_pipeline(train, settings)
     else:
         transforms = _from_spec(spec, "transforms")
-    if extra_boxes and not kind.boxes:
+    if extra_boxes and not recipe.boxes:
         raise ValueError(f"extra_boxes is for detection pipelines, not {task}")
-    if find_mosaic(transforms) is not None and (extra_boxes or not kind.boxes):
+    if find_mosaic(transforms) is not None and (extra_boxes or not recipe.boxes):
         # its other images come from CocoDetection (vision.data.mosaic); nothing else supplies them
         raise ValueError("Mosaic composes COCO detection samples with their boxes; it cannot carry "
                          + (f"{', '.join(extra_boxes)}" if extra_boxes else f"{task} targets"))
     bbox_params = None
-    if kind.boxes:
+    if recipe.boxes:
         bbox_params = A.BboxParams(
             format="pascal_voc",
             label_fields=[] if extra_boxes else list(BOX_LABEL_FIELDS),
@@ -213,27 +213,27 @@ def _classification_pipeline(train: bool, s: dict[str, Any]) -> list[A.BasicTran
 
 
 @dataclass(frozen=True)
-class PipelineKind:
-    """What a kind of pipeline does: its keyword settings (name -> default), its default transforms for
-    training or evaluation, and whether boxes travel with the image. The kind is the data's (what the
-    targets are), chosen by the caller; nothing here knows the task that trains on it."""
+class TaskPipeline:
+    """What a task's pipeline does: its keyword settings (name -> default), its default transforms for
+    training or evaluation, and whether boxes travel with the image. Named by the targets it carries
+    (detection, segmentation, classification), chosen by the caller."""
 
     defaults: dict[str, Any]
     default_pipeline: Callable[[bool, dict[str, Any]], list[A.BasicTransform]]
     boxes: bool = False
 
 
-KINDS: dict[str, PipelineKind] = {
+PIPELINES: dict[str, TaskPipeline] = {
     # size: longest image side (None keeps the size; the detector resizes anyway).
     # min_visibility: a box keeps its label only if this fraction of its area survives a crop.
-    "detection": PipelineKind({"size": None, "min_visibility": 0.1}, _detection_pipeline, boxes=True),
+    "detection": TaskPipeline({"size": None, "min_visibility": 0.1}, _detection_pipeline, boxes=True),
     # size: training crop side and evaluation longest side (padded to a square of this size).
     # scale: range of the random rescale applied before cropping.
-    "segmentation": PipelineKind({"size": 512, "scale": (0.5, 2.0)}, _segmentation_pipeline),
+    "segmentation": TaskPipeline({"size": 512, "scale": (0.5, 2.0)}, _segmentation_pipeline),
     # size: network input side; evaluation resizes the short side to size / 0.875, then centre-crops.
-    "classification": PipelineKind({"size": 224}, _classification_pipeline),
+    "classification": TaskPipeline({"size": 224}, _classification_pipeline),
 }
-TASKS = tuple(KINDS)  # the kinds' names (the name ``build_transforms``'s ``task`` argument has always had)
+TASKS = tuple(PIPELINES)  # what ``build_transforms``'s ``task`` argument accepts
 
 
 class _ObjectsOnly:
