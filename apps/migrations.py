@@ -8,18 +8,19 @@
   config sections their arch ignores. ``apps.tasks.load_model`` and the demo's model list call it on every
   file they read, so the shipped ``weights/*.pt`` and users' older files keep working without being rewritten.
 
-The apps layer holds all of it: the model packages know only today's layout.
+The apps layer holds all of it, the R-CNN rewrite and the unused sections included: the model packages know
+only today's layout.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from detection.models import without_unused_sections
-from detection.rcnn import upgrade_rcnn_checkpoint
+from detection.generation import generation_of
+from detection.models import DETECTOR_ARCHS
 
 __all__ = ["RENAMED_KEYS", "Rename", "migrate_renamed", "renamed_keys", "upgrade_checkpoint"]
 
@@ -109,5 +110,59 @@ def upgrade_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
     if ckpt.get("task") != "rcnn":
         return ckpt
     states = [ckpt.get("state_dict") or {}, ckpt.get("ema_state_dict") or {}]
-    model, (state, ema) = upgrade_rcnn_checkpoint(dict(ckpt["model"]), states)
+    model, (state, ema) = _upgrade_rcnn(dict(ckpt["model"]), states)
     return {**ckpt, "task": "detection", "model": model, "state_dict": state, "ema_state_dict": ema or None}
+
+
+def without_unused_sections(model: dict[str, Any]) -> dict[str, Any]:
+    """A stored DetectorConfig dict without the sections its arch ignores: checkpoints saved before an
+    unused section became an error carry an ``rpn`` section whatever their arch; their arch never read
+    it, so dropping it changes nothing."""
+    arch = model.get("arch")
+    if not isinstance(arch, str) or arch not in DETECTOR_ARCHS:
+        return model
+    generation = generation_of(arch)
+    drop = {"proposals"} if generation.learned_proposals else {"rpn"}
+    if not generation.features_per_region:
+        drop.add("rcnn")
+    return {key: value for key, value in model.items() if key not in drop}
+
+
+# state-dict prefixes of the former detection.rcnn.RCNN module -> the TwoStageDetector's parts
+_OLD_PREFIXES = (("backbone.", "roi_heads.cnn.backbone."), ("box_head.", "roi_heads.cnn.head."),
+                 ("cls_score.", "roi_heads.predictor.cls_score."), ("svm_", "roi_heads.predictor.svm_"),
+                 ("bbox_", "roi_heads.predictor.bbox_"))
+
+
+def _upgrade_rcnn(model: dict[str, Any], states: Sequence[dict[str, Any]]
+                            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A checkpoint of task "rcnn" (the former R-CNN module and its flat RCNNConfig) -> the model config
+    dict of a DetectorConfig with ``arch: rcnn_<body>`` and its state dicts with the new parameter names,
+    so old files load as detectors of task "detection" with the same weights and the same answers."""
+    backbone = str(model.get("backbone", "vgg16"))
+    body = {"vgg16": "vgg16", **{f"resnet{d}": f"r{d}" for d in (18, 34, 50, 101)}}.get(backbone, backbone)
+    rcnn = {key: model[key] for key in ("input_size", "context_padding", "feature_map", "head", "batch_size",
+                                        "region_batch", "svm", "bbox") if key in model}
+    roi = {"output_size": model.get("pool_size", 7),
+           "representation_size": model.get("representation_size", 1024),
+           **{key: model[key] for key in ("fg_iou_thresh", "positive_fraction", "ignore_iof_thresh",
+                                          "score_thresh", "detections_per_img") if key in model},
+           "nms_thresh": model.get("nms_thresh", 0.3)}
+    upgraded: dict[str, Any] = {"arch": f"rcnn_{body}", "num_classes": model.get("num_classes", 0),
+                                "backbone_weights": model.get("weights"), "frozen_bn": False,
+                                "freeze_at": model.get("freeze_at", 0), "roi": roi, "rcnn": rcnn,
+                                "proposals": model.get("proposals")}
+    for key in ("mean", "std"):
+        if key in model:
+            upgraded[key] = list(model[key])
+    renamed = []
+    for state in states:
+        new = {}
+        for key, value in state.items():
+            for old, now in _OLD_PREFIXES:
+                if key.startswith(old):
+                    key = now + key[len(old):]
+                    break
+            new[key] = value
+        renamed.append(new)
+    return upgraded, renamed

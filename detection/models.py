@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -356,20 +356,6 @@ def check_sections(cfg: DetectorConfig) -> None:
         listed = "; ".join(f"model.{name} ({why[name]})" for name in unused)
         raise ValueError(f"{cfg.arch} ignores {listed}: remove it, or set it to null where a base config "
                          "sets it")
-
-
-def without_unused_sections(model: dict[str, Any]) -> dict[str, Any]:
-    """A stored DetectorConfig dict without the sections its arch ignores: checkpoints saved before an
-    unused section became an error carry an ``rpn`` section whatever their arch; their arch never read
-    it, so dropping it changes nothing."""
-    arch = model.get("arch")
-    if not isinstance(arch, str) or arch not in DETECTOR_ARCHS:
-        return model
-    generation, _ = split_arch(arch)
-    drop = {"proposals"} if generation.learned_proposals else {"rpn"}
-    if not generation.features_per_region:
-        drop.add("rcnn")
-    return {key: value for key, value in model.items() if key not in drop}
 
 
 def rpn_levels(cfg: DetectorConfig) -> tuple[list[list[float]], list[int]]:

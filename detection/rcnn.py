@@ -24,10 +24,10 @@ size, S the warped input side.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +42,7 @@ from detection.roi_heads import RoIPooler
 from detection.warp import warp_regions
 from vision.backbones import FeatureInfo
 
-__all__ = ["RCNNConfig", "ImageInput", "WarpedRegions", "RegionCNN", "SVMPredictor", "RCNNHeads",
-           "upgrade_rcnn_checkpoint"]
+__all__ = ["RCNNConfig", "ImageInput", "WarpedRegions", "RegionCNN", "SVMPredictor", "RCNNHeads"]
 
 
 @dataclass
@@ -283,45 +282,3 @@ class RCNNHeads(RegionHeads):
         regions = self.warp(features, [all_boxes[sel] for sel in per_image], image_sizes)
         _, fc7 = self.cnn(regions)
         return {"loss_classifier": F.cross_entropy(cls_score(fc7), all_labels[torch.cat(per_image)])}
-
-
-# ---- checkpoints of the former R-CNN module ----------------------------------------------------------------
-
-# state-dict prefixes of the former detection.rcnn.RCNN module -> the TwoStageDetector's parts
-_OLD_PREFIXES = (("backbone.", "roi_heads.cnn.backbone."), ("box_head.", "roi_heads.cnn.head."),
-                 ("cls_score.", "roi_heads.predictor.cls_score."), ("svm_", "roi_heads.predictor.svm_"),
-                 ("bbox_", "roi_heads.predictor.bbox_"))
-
-
-def upgrade_rcnn_checkpoint(model: dict[str, Any], states: Sequence[dict[str, Any]]
-                            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A checkpoint of task "rcnn" (the former R-CNN module and its flat RCNNConfig) -> the model config
-    dict of a DetectorConfig with ``arch: rcnn_<body>`` and its state dicts with the new parameter names,
-    so old files load as detectors of task "detection" with the same weights and the same answers."""
-    backbone = str(model.get("backbone", "vgg16"))
-    body = {"vgg16": "vgg16", **{f"resnet{d}": f"r{d}" for d in (18, 34, 50, 101)}}.get(backbone, backbone)
-    rcnn = {key: model[key] for key in ("input_size", "context_padding", "feature_map", "head", "batch_size",
-                                        "region_batch", "svm", "bbox") if key in model}
-    roi = {"output_size": model.get("pool_size", 7),
-           "representation_size": model.get("representation_size", 1024),
-           **{key: model[key] for key in ("fg_iou_thresh", "positive_fraction", "ignore_iof_thresh",
-                                          "score_thresh", "detections_per_img") if key in model},
-           "nms_thresh": model.get("nms_thresh", 0.3)}
-    upgraded: dict[str, Any] = {"arch": f"rcnn_{body}", "num_classes": model.get("num_classes", 0),
-                                "backbone_weights": model.get("weights"), "frozen_bn": False,
-                                "freeze_at": model.get("freeze_at", 0), "roi": roi, "rcnn": rcnn,
-                                "proposals": model.get("proposals")}
-    for key in ("mean", "std"):
-        if key in model:
-            upgraded[key] = list(model[key])
-    renamed = []
-    for state in states:
-        new = {}
-        for key, value in state.items():
-            for old, now in _OLD_PREFIXES:
-                if key.startswith(old):
-                    key = now + key[len(old):]
-                    break
-            new[key] = value
-        renamed.append(new)
-    return upgraded, renamed
