@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is scripts beside the package, not 
 from benchmarks import real_classification, real_segmentation  # noqa: E402
 
 
+@pytest.mark.slow  # about 12 s of CPU each: the set is built, two processes start torch
 def test_classification_smoke(tmp_path, capsys):
     assert real_classification.main(["--smoke", "--threads", "1", "--json", str(tmp_path / "rows.json")]) == 0
     rows = json.loads((tmp_path / "rows.json").read_text())
@@ -27,6 +28,7 @@ def test_classification_smoke(tmp_path, capsys):
     assert "gain over chance" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_segmentation_smoke(tmp_path, capsys):
     assert real_segmentation.main(["--smoke", "--threads", "1", "--json", str(tmp_path / "rows.json")]) == 0
     rows = json.loads((tmp_path / "rows.json").read_text())
