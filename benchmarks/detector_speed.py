@@ -36,9 +36,9 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detection.convert import COCO_CATEGORIES, convert_torchvision_state_dict, torchvision_config
 from detection.models import build_detector, prepare_for_inference
 from detection.structures import Detections
+from detection.torchvision_weights import COCO_CATEGORIES, convert_torchvision_state_dict, torchvision_config
 
 COCO_IDS = torch.tensor([0] + [i for i, _ in COCO_CATEGORIES])
 # The usual post-processing (score > 0.05, at most 100 detections) for timing; the output comparison lifts

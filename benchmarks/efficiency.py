@@ -7,7 +7,7 @@ The full report takes about 20 minutes on a quiet 2-core machine (the lead's com
 picks some, ``--predict-images`` and ``--predict-size`` shrink the slowest row). Every row is a ratio of two
 medians measured in this run, the paths interleaved (A, B, A, B, ...) so that a busy machine slows them
 alike; the load average is printed before and after each section. Rows, all with random weights that are
-the same on both sides (torchvision's, converted by detection/convert.py):
+the same on both sides (torchvision's, converted by detection/torchvision_weights.py):
 
 - probes: 2048x2048 matrix products in float32, bfloat16 and int8 (fbgemm/x86 quantised linear): the
   machine's reachable GFLOP/s in each precision (benchmarks/efficiency_train.py);

@@ -19,10 +19,10 @@ from apps.tasks import load_model
 from benchmarks.detector_speed import COCO_IDS, COMPARE_MAX, compare, like_trained, set_postprocess
 from benchmarks.efficiency import Row, interleaved, load, rate, ratio_rows
 from benchmarks.efficiency_train import bf16_native, detector_pair
-from detection.convert import COCO_CLASSES, convert_torchvision_state_dict
 from detection.evaluation import evaluate_coco
 from detection.export import detector_spec
 from detection.structures import Detections
+from detection.torchvision_weights import COCO_CLASSES, convert_torchvision_state_dict
 from vision.checkpoint import save_checkpoint
 from vision.data.images import read_image
 from vision.export import ExportError, Runner, export_graph

@@ -19,8 +19,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from apps.config import load_config
 from apps.tasks import get_task
 from benchmarks.efficiency import Row, interleaved, load, rate, ratio_rows
-from detection.convert import convert_torchvision_state_dict
 from detection.models import DetectorConfig, RoIConfig, build_detector
+from detection.torchvision_weights import convert_torchvision_state_dict
 from vision.data.images import read_image
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,8 @@
     python benchmarks/gpu.py --section-seconds 60 --tests-seconds 120 --json gpu.json
 
 (a) training step time, ours against torchvision's ``fasterrcnn_resnet50_fpn`` with the same weights
-    (random, converted by detection/convert.py, both built like the COCO model: frozen batch norm, three
-    trainable stages), batch 8 at 800 px, in fp32, AMP fp16 (with a gradient scaler) and AMP bf16;
+    (random, imported by detection/torchvision_weights.py, both built like the COCO model: frozen batch norm,
+    three trainable stages), batch 8 at 800 px, in fp32, AMP fp16 (with a gradient scaler) and AMP bf16;
 (b) inference at 800 px, batch 1 and 8, fp32 and fp16 (autocast), channels-last: our model prepared for
     inference (batch norm folded, channels-last) against torchvision's model in channels-last;
 (c) `visiondet predict` over 500 generated JPEGs against a plain per-image loop (read one image, predict
@@ -52,13 +52,13 @@ from apps.cli import main as visiondet
 from apps.predict.predictor import Predictor
 from apps.predict.sources import find_images
 from benchmarks.predict import synthetic_images
-from detection.convert import (
+from detection.models import DetectorConfig, build_detector
+from detection.torchvision_weights import (
     COCO_CATEGORIES,
     COCO_CLASSES,
     convert_torchvision_state_dict,
     torchvision_config,
 )
-from detection.models import DetectorConfig, build_detector
 from vision.checkpoint import save_checkpoint
 from vision.data.images import read_image
 from vision.layers import prepare_for_inference

@@ -30,9 +30,9 @@ from apps.cli import main
 from apps.config import build_experiment
 from apps.engine.trainer import train
 from apps.tasks import get_task, load_model
-from detection.convert import load_torchvision_detector
 from detection.models import RoIConfig
 from detection.structures import Detections
+from detection.torchvision_weights import load_torchvision_detector
 from vision.checkpoint import load_checkpoint
 from vision.data.synthetic import make_shapes
 

@@ -15,7 +15,7 @@ from PIL import Image
 from apps.cli import main
 from apps.demo.models import find_checkpoints
 from apps.tasks import load_model
-from detection.convert import COCO_CATEGORIES, hub_checkpoint_dir, resolve_torchvision_coco
+from detection.torchvision_weights import COCO_CATEGORIES, hub_checkpoint_dir, resolve_torchvision_coco
 from vision.checkpoint import CheckpointError
 
 NAME = "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"

@@ -4,8 +4,8 @@ Root: ``$VISIONDET_CACHE`` when set, else ``$XDG_CACHE_HOME/visiondet``, else ``
 the caches of torch hub and Hugging Face). Under it: ``coco/`` (annotation files as mapped arrays,
 vision/data/cococache.py), ``proposals/`` (selective search boxes, detection/proposals.py), ``export/``
 (ONNX files for ``--backend onnxruntime``, apps/export.py) and ``torchvision/`` (torchvision's COCO
-detectors converted when torch's hub folder is read-only, detection/convert.py). Everything there can be
-deleted at any time; it is computed again when needed.
+detectors imported when torch's hub folder is read-only, detection/torchvision_weights.py). Everything there
+can be deleted at any time; it is computed again when needed.
 """
 
 from __future__ import annotations

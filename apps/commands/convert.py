@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from detection.convert import convert_checkpoint
+    from detection.torchvision_weights import convert_checkpoint
     from vision.checkpoint import CheckpointError
 
     try:

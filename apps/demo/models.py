@@ -23,7 +23,7 @@ from apps.export import exported_backend
 from apps.migrations import upgrade_checkpoint
 from apps.tasks import LoadedModel, get_task, load_model
 from apps.tasks.inference.base import Inference, ModelDescription
-from detection.convert import (
+from detection.torchvision_weights import (
     COCO_CLASSES,
     COCO_TRAINED_ON,
     TORCHVISION_COCO_FILES,

@@ -17,7 +17,7 @@ from torch import nn
 from apps import WEIGHTS_DIR
 from apps.migrations import upgrade_checkpoint
 from apps.schema import ConfigError, from_dict
-from detection.convert import resolve_torchvision_coco
+from detection.torchvision_weights import resolve_torchvision_coco
 from vision.checkpoint import CheckpointError, checkpoint_weights, is_visiondet_checkpoint, load_checkpoint
 
 if TYPE_CHECKING:

@@ -3,15 +3,9 @@ the import of torchvision's segmentation weights.
 
 Files: ``model.py`` (config, model, builder, ``predict_mask``), ``heads.py`` (FCN head, ASPP, pyramid
 pooling), ``fcn_vgg.py`` (Long et al.'s skip architecture), ``metrics.py`` (confusion matrix, mIoU ...),
-``convert.py`` (torchvision state dicts), ``export.py`` (the export graph).
+``torchvision_weights.py`` (torchvision's weights imported), ``export.py`` (the export graph).
 """
 
-from vision.segmentation.convert import (
-    TORCHVISION_ARCHS,
-    convert_torchvision_state_dict,
-    load_torchvision_segmentation,
-    save_torchvision_segmentation,
-)
 from vision.segmentation.metrics import (
     IGNORE_INDEX,
     SegmentationMetric,
@@ -25,6 +19,12 @@ from vision.segmentation.model import (
     build_segmentation_model,
     predict_mask,
     segmentation_loss,
+)
+from vision.segmentation.torchvision_weights import (
+    TORCHVISION_ARCHS,
+    convert_torchvision_state_dict,
+    load_torchvision_segmentation,
+    save_torchvision_segmentation,
 )
 
 __all__ = [

@@ -6,14 +6,14 @@ import torchvision
 
 from apps.cli import main as cli_main
 from apps.tasks import load_model
-from detection.convert import (
+from detection.models import build_detector
+from detection.torchvision_weights import (
     COCO_CATEGORIES,
     COCO_CLASSES,
     convert_torchvision_state_dict,
     load_torchvision_detector,
     torchvision_config,
 )
-from detection.models import build_detector
 from vision.checkpoint import CheckpointError, load_checkpoint
 
 COCO_IDS = torch.tensor([0] + [i for i, _ in COCO_CATEGORIES])
