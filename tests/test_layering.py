@@ -1,7 +1,9 @@
 """Layering of the first-party packages, read from the source with ``ast`` (nothing is imported).
 
 Rules (docs/ARCHITECTURE.md: dependencies point one way, ``apps -> detection -> vision``):
-- no import cycle between first-party modules through module-level imports;
+- no import cycle between first-party modules, hidden ones included: imports inside ``TYPE_CHECKING`` blocks
+  and functions count, and so do the modules a registry names in a string for ``importlib``
+  (``"apps.tasks.detection:DetectionTask"``), since the registry's module loads them;
 - ``vision`` imports neither ``detection`` nor ``apps``, and ``detection`` does not import ``apps``, at any
   level (function bodies and ``TYPE_CHECKING`` blocks included);
 - no function-local first-party import, except in the ``run`` function of a command module
@@ -11,6 +13,8 @@ Rules (docs/ARCHITECTURE.md: dependencies point one way, ``apps -> detection -> 
 from __future__ import annotations
 
 import ast
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +33,7 @@ class Import:
     line: int
     function: str | None  # enclosing function (dotted for nested ones), None at module level
     type_checking: bool  # inside ``if TYPE_CHECKING:``
+    registry: bool = False  # a module named in a string (``"pkg.mod"`` or ``"pkg.mod:Name"``), for importlib
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -45,6 +50,10 @@ def first_party_files(root: Path = ROOT) -> list[Path]:
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+# a string naming a first-party module, alone or with an attribute: what a registry hands to importlib
+_NAMED_MODULE = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?::[A-Za-z_]\w*)?$")
 
 
 def _targets(node: ast.Import | ast.ImportFrom, source: str, is_package: bool, known: set[str]) -> list[str]:
@@ -91,6 +100,11 @@ def file_imports(path: Path, root: Path, known: set[str]) -> list[Import]:
             elif isinstance(child, ast.Import | ast.ImportFrom):
                 for target in _targets(child, source, is_package, known):
                     found.append(Import(source, target, rel, child.lineno, function, type_checking))
+            elif isinstance(child, ast.Constant) and isinstance(child.value, str):
+                match = _NAMED_MODULE.match(child.value)
+                if match and match.group(1) in known:
+                    found.append(Import(source, match.group(1), rel, child.lineno, function, type_checking,
+                                        registry=True))
             else:
                 visit(child, function, type_checking)
 
@@ -139,17 +153,21 @@ def find_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
-def module_graph(imports: list[Import]) -> dict[str, set[str]]:
+def module_graph(imports: list[Import], *, hidden: bool = True) -> dict[str, set[str]]:
+    """Module -> the modules it imports. ``hidden=False`` keeps only what runs when the module is imported
+    (module level, outside ``TYPE_CHECKING``, no registry strings): the rule before, which let a circle
+    through a registry or a ``TYPE_CHECKING`` import pass."""
     edges: dict[str, set[str]] = {}
     for imp in imports:
-        if imp.function is None and not imp.type_checking and imp.target != imp.source:
+        seen = imp.function is None and not imp.type_checking and not imp.registry
+        if (hidden or seen) and imp.target != imp.source:
             edges.setdefault(imp.source, set()).add(imp.target)
     return edges
 
 
 def layer_violations(imports: list[Import]) -> list[str]:
-    return [f"{imp.path}:{imp.line}: {imp.source} imports {imp.target}" for imp in imports
-            if LAYER[imp.target.split(".")[0]] > LAYER[imp.source.split(".")[0]]]
+    return [f"{imp.path}:{imp.line}: {imp.source} {'names' if imp.registry else 'imports'} {imp.target}"
+            for imp in imports if LAYER[imp.target.split(".")[0]] > LAYER[imp.source.split(".")[0]]]
 
 
 def local_imports(imports: list[Import]) -> dict[str, list[str]]:
@@ -157,7 +175,7 @@ def local_imports(imports: list[Import]) -> dict[str, list[str]]:
     ``run``."""
     out: dict[str, list[str]] = {}
     for imp in imports:
-        if imp.function is None:
+        if imp.function is None or imp.registry:
             continue
         if imp.path.startswith("apps/commands/") and imp.function.split(".")[0] == "run":
             continue
@@ -216,10 +234,57 @@ def test_checks_catch_a_cycle_a_wrong_way_import_and_a_local_import(tmp_path):
     assert sorted(local_imports(imports)) == ["apps/commands/go.py:helper", "vision/c.py:f"]
 
 
-def test_type_checking_and_function_imports_make_no_cycle(tmp_path):
+def test_type_checking_function_and_registry_imports_count_in_cycles(tmp_path):
     imports = _tree(tmp_path, {
         "apps/x.py": "import apps.y\n",
-        "apps/y.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import apps.x\n"
-                     "def f():\n    import apps.x\n",
+        "apps/y.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import apps.x\n",
+        "apps/f.py": "import apps.g\n",
+        "apps/g.py": "def f():\n    import apps.f\n",
+        "apps/reg.py": "import importlib\nKINDS = {'a': 'apps.impl:Impl'}\n"
+                       "def get(name):\n    return importlib.import_module(KINDS[name].split(':')[0])\n",
+        "apps/impl.py": "from apps.reg import KINDS\n",
+        "apps/text.py": '"""apps.x is named in prose, not as a module string"""\nWHERE = "apps.x is here"\n',
     })
-    assert find_cycles(module_graph(imports)) == []
+    assert find_cycles(module_graph(imports)) == [["apps.f", "apps.g"], ["apps.impl", "apps.reg"],
+                                                  ["apps.x", "apps.y"]]
+    assert find_cycles(module_graph(imports, hidden=False)) == []  # what the rule before saw
+    assert not [imp for imp in imports if imp.source == "apps.text"]
+
+
+def _copy_of_the_tree(tmp_path: Path) -> Path:
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            target = tmp_path / path.relative_to(ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+    return tmp_path
+
+
+def _cycles_with(root: Path, path: str, addition: str, *, hidden: bool = True) -> list[list[str]]:
+    """The cycles of the tree at ``root`` with ``addition`` appended to its file ``path`` (then undone)."""
+    file = root / path
+    before = file.read_text()
+    file.write_text(before + addition)
+    try:
+        return find_cycles(module_graph(collect_imports(root), hidden=hidden))
+    finally:
+        file.write_text(before)
+
+
+def test_the_config_tasks_circle_fails_even_hidden_behind_the_registry_or_type_checking(tmp_path):
+    # the circle issue 27 item 4 untied, put back into a copy of this tree in the two ways it hid: the
+    # config loader reads the task registry, and a task module imports the loader's types again
+    root = _copy_of_the_tree(tmp_path)
+    assert find_cycles(module_graph(collect_imports(root))) == []
+    behind_type_checking = ("\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                            "    from apps.config import Experiment as _Experiment\n")
+    cycles = _cycles_with(root, "apps/tasks/base.py", behind_type_checking)
+    assert any({"apps.config", "apps.tasks", "apps.tasks.base"} <= set(c) for c in cycles), cycles
+    assert _cycles_with(root, "apps/tasks/base.py", behind_type_checking, hidden=False) == []
+
+    # a task module is reached only through the registry's string, so importing the loader from it at
+    # module level made a circle that no import statement showed
+    behind_the_registry = "\nfrom apps.config import ConfigError as _ConfigError\n"
+    cycles = _cycles_with(root, "apps/tasks/classification.py", behind_the_registry)
+    assert any({"apps.config", "apps.tasks", "apps.tasks.classification"} <= set(c) for c in cycles), cycles
+    assert _cycles_with(root, "apps/tasks/classification.py", behind_the_registry, hidden=False) == []

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     extra = [a for a in args.args if "=" not in a and a != config]
     try:
         from apps.config import load_config, parse_overrides
-        from apps.engine.checkpointing import saved_config
+        from apps.engine.resume import saved_config
 
         if extra:
             raise ConfigError(f"expected one CONFIG file and key=value overrides, got also {extra}")

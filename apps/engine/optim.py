@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from apps.config import TrainConfig
+from apps.experiment import TrainConfig
 
 __all__ = ["NORM_LAYERS", "param_groups", "build_optimizer"]
 

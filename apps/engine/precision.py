@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from apps.config import TrainConfig
 from apps.engine.logging import RunLogger
+from apps.experiment import TrainConfig
 
 __all__ = ["autocast_dtype", "native_bfloat16", "cpu_flags", "BF16_CPU_FLAGS"]
 

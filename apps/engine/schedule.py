@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from apps.config import TrainConfig
+from apps.experiment import TrainConfig
 
 __all__ = ["ONECYCLE_START", "lr_factor", "fitted_warmup", "LrPlan", "build_scheduler", "plan_total_steps",
            "TimeBudget"]

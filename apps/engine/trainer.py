@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from apps.config import ConfigError, Experiment, parse_duration, save_config
+from apps.config import save_config
 from apps.engine import checkpointing as ckpt_io
 from apps.engine import distributed as dist_utils
 from apps.engine.budget import RunBudget
@@ -39,9 +39,12 @@ from apps.engine.loader import DataWarnings, SeededItems, UnreadableImageError, 
 from apps.engine.logging import DataWait, RunLogger, TrainRecords, close_run, run_log
 from apps.engine.optim import build_optimizer
 from apps.engine.precision import autocast_dtype
+from apps.engine.resume import find_resume_checkpoint, resume_changes
 from apps.engine.schedule import LrPlan, build_scheduler
 from apps.engine.step import Stepper, TrainingError
 from apps.engine.unreadable import SkippedFiles, after_unreadable, unreadable_hint
+from apps.experiment import Experiment, parse_duration
+from apps.schema import ConfigError
 from apps.tasks import get_task
 
 __all__ = ["train", "TrainResult", "TrainingError"]
@@ -89,7 +92,7 @@ class _Trainer:
         self.exp, self.info, self.cfg = exp, info, exp.train
         self.task = task = get_task(exp.task)
         self.device = info.device
-        resume_path = (ckpt_io.find_resume_checkpoint(exp.resume, exp.output_dir, exp.task, runs_root)
+        resume_path = (find_resume_checkpoint(exp.resume, exp.output_dir, exp.task, runs_root)
                        if exp.resume else None)
         data = task.build_datasets(exp)  # bad data is an error before the run folder exists
         exp, fitted = task.fit_to_data(exp, data)  # e.g. anchors fitted to the training boxes
@@ -99,7 +102,7 @@ class _Trainer:
 
         exp = as_trained(exp)
         # a resumed run continues its config.yaml (as fitted): other data, model or schedule need resume_force
-        forced = (ckpt_io.resume_changes(resume_path.parent, exp, as_trained) if resume_path is not None
+        forced = (resume_changes(resume_path.parent, exp, as_trained) if resume_path is not None
                   else [])
         self.run_dir = run_dir = ckpt_io.make_run_dir(exp, resume_path, runs_root, info)
         # what the run folder keeps (config.yaml, checkpoints): this run, as a fresh run would describe it

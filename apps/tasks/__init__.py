@@ -1,27 +1,23 @@
 """The tasks the engine can train, and :func:`load_model`, which rebuilds any saved model from its checkpoint.
 
 Task modules are imported on first use, so a task whose module (or its dependencies) is missing does not
-break the others.
+break the others. The registry sits above them: a task module never imports this package's ``__init__``
+(tests/test_layering.py counts the modules named in ``TASKS`` as imports). What a task needs to rebuild a
+model of its own is apps/tasks/loading.py.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from apps import WEIGHTS_DIR
-from apps.migrations import upgrade_checkpoint
-from apps.schema import ConfigError, from_dict
+from apps.tasks.base import LoadedModel, Task
+from apps.tasks.loading import model_from_checkpoint, read_checkpoint
 from detection.torchvision_weights import resolve_torchvision_coco
-from vision.checkpoint import CheckpointError, checkpoint_weights, is_visiondet_checkpoint, load_checkpoint
-
-if TYPE_CHECKING:
-    from apps.tasks.base import Task
+from vision.checkpoint import CheckpointError
 
 __all__ = ["TASKS", "RETIRED_TASKS", "get_task", "LoadedModel", "load_model"]
 
@@ -54,18 +50,6 @@ def get_task(name: str) -> Task:
     return _instances[name]
 
 
-@dataclass
-class LoadedModel:
-    """A model rebuilt from a checkpoint, in eval mode on its device."""
-
-    task: Task
-    model: nn.Module
-    classes: list[dict[str, Any]]
-    preprocess: dict[str, Any]
-    checkpoint: dict[str, Any]  # the whole checkpoint (config, metrics, ...), weights included
-    path: Path
-
-
 def load_model(path: str | Path, device: str | torch.device = "cpu", *, ema: bool = True) -> LoadedModel:
     """Rebuild the model saved in ``path`` on ``device`` (any checkpoint loads on CPU).
 
@@ -75,27 +59,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, ema: boo
     Errors are CheckpointError naming the file and the reason.
     """
     path = resolve_torchvision_coco(path, [WEIGHTS_DIR]) or Path(path)
-    ckpt = load_checkpoint(path, map_location="cpu")
-    if not is_visiondet_checkpoint(ckpt):
-        raise CheckpointError(f"{path}: not a visiondet checkpoint (a bare state dict has no model config; "
-                              "use it as training weights=... instead)")
-    for key in ("task", "model", "classes"):
-        if key not in ckpt:
-            raise CheckpointError(f"{path}: checkpoint has no {key!r} entry")
-    ckpt = upgrade_checkpoint(ckpt)
+    ckpt = read_checkpoint(path)
     try:
         task = get_task(ckpt["task"])
     except KeyError as exc:
         raise CheckpointError(f"{path}: {exc.args[0]}") from None
-    try:
-        model_cfg = from_dict(task.model_config_type, ckpt["model"], "model")
-    except ConfigError as exc:
-        raise CheckpointError(f"{path}: model config does not fit this version of visiondet: {exc}") from None
-    model = task.build_model(model_cfg, ckpt["classes"], load_pretrained=False)
-    state = checkpoint_weights(ckpt, ema=ema)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the model: {exc}") from None
-    model.to(device).eval()
-    return LoadedModel(task, model, list(ckpt["classes"]), dict(ckpt.get("preprocess") or {}), ckpt, path)
+    return model_from_checkpoint(task, ckpt, path, device, ema=ema)

@@ -37,19 +37,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import BatchSampler, Dataset, Sampler, default_collate
 
-from apps.config import ConfigError, Experiment, SplitConfig
+from apps.experiment import Experiment, SplitConfig
+from apps.schema import ConfigError
 from apps.tasks.inference.base import Inference
 
-if TYPE_CHECKING:
-    from apps.tasks import LoadedModel
-
-__all__ = ["Task", "Datasets", "NoOptions"]
+__all__ = ["Task", "Datasets", "NoOptions", "LoadedModel"]
 
 
 @dataclass
@@ -209,3 +207,15 @@ class Task(ABC):
     def preprocess(self, exp: Experiment) -> dict[str, Any]:
         """Stored as checkpoint["preprocess"]: what prediction needs beyond the model (plain types only)."""
         return {}
+
+
+@dataclass
+class LoadedModel:
+    """A model rebuilt from a checkpoint, in eval mode on its device (apps.tasks.load_model)."""
+
+    task: Task
+    model: nn.Module
+    classes: list[dict[str, Any]]
+    preprocess: dict[str, Any]
+    checkpoint: dict[str, Any]  # the whole checkpoint (config, metrics, ...), weights included
+    path: Path

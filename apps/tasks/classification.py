@@ -23,12 +23,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from apps.config import ConfigError, Experiment, SplitConfig
 from apps.engine.distributed import all_reduce_sum
 from apps.engine.loader import eval_loader
-from apps.tasks import load_model
+from apps.experiment import Experiment, SplitConfig
+from apps.schema import ConfigError
 from apps.tasks.base import Datasets, Relabelled, Task, class_positions
 from apps.tasks.inference.classification import ClassificationInference
+from apps.tasks.loading import model_from_checkpoint, read_checkpoint
 from vision.checkpoint import load_checkpoint, save_checkpoint
 from vision.classification import Classifier, ClassifierConfig
 from vision.data.folder import ImageFolderDataset
@@ -210,7 +211,7 @@ class ClassificationTask(Task):
             path = run_dir / name
             if not path.is_file():
                 continue
-            loaded = load_model(path, device)
+            loaded = model_from_checkpoint(self, read_checkpoint(path), path, device)
             probs, labels = self.probabilities(loaded.model, exp.data.val, loaded, exp.train.batch_size,
                                                exp.data.workers, device)
             none_label = [c["name"] for c in loaded.classes].index(none_class)

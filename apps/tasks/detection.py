@@ -35,14 +35,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from apps.config import ConfigError, Experiment, SplitConfig, from_dict
 from apps.engine.checkpointing import make_checkpoint
 from apps.engine.distributed import broadcast_object, gather_object, is_main
 from apps.engine.loader import eval_loader, parent_bound_init
+from apps.experiment import Experiment, SplitConfig
 from apps.predict.writers import PREDICTIONS, match_by_file_name
-from apps.tasks import load_model
+from apps.schema import ConfigError, from_dict
 from apps.tasks.base import Datasets, Task
 from apps.tasks.inference.detection import DetectionInference
+from apps.tasks.loading import model_from_checkpoint, read_checkpoint
 from detection.anchor_fit import resolve_auto_anchors
 from detection.evaluation import (
     EvaluationError,
@@ -321,7 +322,7 @@ class DetectionTask(Task):
         if not generation_of(exp.model.arch).later_stages:  # (the arch was checked when the model was built)
             return {}
         finetuned = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
-        loaded = load_model(finetuned, device, ema=True)
+        loaded = model_from_checkpoint(self, read_checkpoint(finetuned), finetuned, device, ema=True)
         model = loaded.model
         log(f"rcnn: training SVMs and box regressors on the features of {finetuned}")
         # the stored training images with the proposals fine-tuning saw: the same lookup (a file by image id

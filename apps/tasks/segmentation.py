@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from apps.config import ConfigError, Experiment, SplitConfig
 from apps.engine.distributed import all_reduce_sum
+from apps.experiment import Experiment, SplitConfig
+from apps.schema import ConfigError
 from apps.tasks.base import Datasets, Relabelled, Task, class_positions
 from apps.tasks.inference.segmentation import SegmentationInference
 from vision.data.coco import CocoSegmentation, MaskFolderSegmentation
