@@ -187,7 +187,10 @@ class _Trainer:
                 self._train_epoch(epoch)
                 self.at.epoch, self.at.batch_in_epoch = epoch + 1, 0
                 stop = self._end_of_epoch(epoch)
-                self._timed(self.checkpoints.save_last, self.budget.saved if self.budget else None)
+                saving = _now()
+                self.checkpoints.save_last()
+                if self.budget is not None:  # the budget reserves this much for every save left
+                    self.budget.saved(_now() - saving)
                 if stop:
                     status = "early_stopped"
                     break
@@ -280,13 +283,6 @@ class _Trainer:
                            clock=_now)
         budget.start(self.at.step, self.resumed_budget)
         return budget
-
-    @staticmethod
-    def _timed(work, report) -> None:
-        started = _now()
-        work()
-        if report is not None:
-            report(_now() - started)
 
     def _batches(self, epoch: int) -> list[list[int]]:
         batches = epoch_batches(self.task, self.train_ds, batch_size=self.cfg.batch_size, seed=self.exp.seed,
