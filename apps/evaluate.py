@@ -148,8 +148,8 @@ def evaluate(opts: EvaluateOptions) -> tuple[str, dict[str, float], Path]:
             metrics = loaded.task.evaluate(loaded.model, WithProgress(loader, enabled=info.is_main),
                                            info.device, loaded.classes)
         every = DataWarnings()  # all processes' shares
-        for kinds in dist_utils.all_gather_object(data_warnings.kinds):
-            every.merge(kinds)
+        for patterns in dist_utils.all_gather_object(data_warnings.patterns):
+            every.merge(patterns)
         if info.is_main:
             for line in every.lines():
                 print(f"warning: {line}", file=sys.stderr)

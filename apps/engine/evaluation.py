@@ -48,7 +48,7 @@ class Validation:
                 raise
             metrics.update({f"{prefix}{k}": float(v) for k, v in result.items()})
         warnings = self.loader_args.get("data_warnings")
-        for line in warnings.lines() if warnings is not None else []:  # one line per kind, not per image
+        for line in warnings.lines() if warnings is not None else []:  # one line per pattern, not per image
             self.log.warning(f"validation: {line}")
         self.models[0][1].train()
         return metrics

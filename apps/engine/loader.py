@@ -14,7 +14,7 @@
   the next readable item of the dataset takes its place, so batches keep their size and DDP ranks stay in
   step; evaluation: it is dropped) and reported through ``on_skip``.
 * Warnings raised while an item is read (a size that differs from the JSON, say) travel with the item
-  and are counted by kind in :class:`DataWarnings`: one line per kind, with the count and the first
+  and are counted by pattern in :class:`DataWarnings`: one line per pattern, with the count and the first
   example, instead of one per image (and one per worker process).
 * Workers end with their parent process, even when it is killed with SIGKILL (:func:`tie_to_parent`).
 """
@@ -130,33 +130,33 @@ class UnreadableImageError(RuntimeError):
 
 
 class DataWarnings:
-    """Warnings raised while items were read, counted by kind (the message without its leading file name,
-    numbers left out): ``lines()`` gives one line per kind with the count and the first message."""
+    """Warnings raised while items were read, counted by pattern (the message without its leading file name,
+    numbers left out): ``lines()`` gives one line per pattern with the count and the first message."""
 
     def __init__(self) -> None:
-        self.kinds: dict[str, list[Any]] = {}  # kind -> [count, first message]
+        self.patterns: dict[str, list[Any]] = {}  # pattern -> [count, first message]
 
     @staticmethod
-    def kind(message: str) -> str:
+    def pattern(message: str) -> str:
         head, sep, rest = message.partition(": ")
         text = rest if sep and " " not in head else message  # "<file>: what is wrong" -> what is wrong
         return re.sub(r"\d+", "#", text)
 
     def add(self, messages: Sequence[str]) -> None:
         for message in messages:
-            entry = self.kinds.setdefault(self.kind(message), [0, message])
+            entry = self.patterns.setdefault(self.pattern(message), [0, message])
             entry[0] += 1
 
-    def merge(self, kinds: dict[str, list[Any]]) -> None:
-        """Add another process's ``kinds`` (DDP: each rank reads its own share)."""
-        for kind, (count, first) in kinds.items():
-            self.kinds.setdefault(kind, [0, first])[0] += count
+    def merge(self, patterns: dict[str, list[Any]]) -> None:
+        """Add another process's ``patterns`` (DDP: each rank reads its own share)."""
+        for pattern, (count, first) in patterns.items():
+            self.patterns.setdefault(pattern, [0, first])[0] += count
 
     def lines(self) -> list[str]:
-        """One line per kind, and forget them (the next call reports what came after)."""
+        """One line per pattern, and forget them (the next call reports what came after)."""
         out = [first if count == 1 else f"{count} warnings like this one while reading the data: {first}"
-               for count, first in self.kinds.values()]
-        self.kinds = {}
+               for count, first in self.patterns.values()]
+        self.patterns = {}
         return out
 
 
@@ -286,7 +286,7 @@ class GuardedLoader(DataLoader):
     :class:`UnreadableImageError` in the main process.
 
     Warnings raised while reading are counted in ``data_warnings``; without one given, the loader keeps its
-    own and warns once per kind (count and first example) when a pass over it ends."""
+    own and warns once per pattern (count and first example) when a pass over it ends."""
 
     def __init__(self, *args: Any, skip_unreadable: bool, hint: str, with_indices: bool,
                  on_skip: Callable[[list[Unreadable]], None] | None,

@@ -182,17 +182,18 @@ class RunLogger:
         return Progress(epoch=epoch, epochs=epochs, total=total, start=start, log_every=log_every,
                         enabled=self.enabled, tty=self.tty, log=self.log, data_wait=data_wait, budget=budget)
 
-    def record(self, kind: str, *, step: int, epoch: int, values: dict[str, float]) -> None:
-        """One metrics.jsonl line ``{"kind", "step", "epoch", "time", **values}`` and TensorBoard scalars."""
+    def record(self, split: str, *, step: int, epoch: int, values: dict[str, float]) -> None:
+        """One metrics.jsonl line ``{"kind": split, "step", "epoch", "time", **values}`` (``split``: "train"
+        or "val"; the file's key stays "kind") and TensorBoard scalars."""
         if self.jsonl is None:
             return
-        row = {"kind": kind, "step": step, "epoch": epoch, "time": round(time.time(), 3)}
+        row = {"kind": split, "step": step, "epoch": epoch, "time": round(time.time(), 3)}
         row.update({k: float(v) for k, v in values.items()})
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
             for key, value in values.items():
-                self.tb.add_scalar(f"{kind}/{key}", value, step)
+                self.tb.add_scalar(f"{split}/{key}", value, step)
 
     def close(self) -> None:
         if self.jsonl is not None:

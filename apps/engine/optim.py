@@ -79,5 +79,5 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 def _fusable(model: nn.Module) -> bool:
     """PyTorch's fused optimisers need every parameter floating point, on one CPU or CUDA device type."""
-    kinds = {(p.device.type, p.dtype.is_floating_point) for p in model.parameters()}
-    return len(kinds) == 1 and next(iter(kinds)) in {("cpu", True), ("cuda", True)}
+    placements = {(p.device.type, p.dtype.is_floating_point) for p in model.parameters()}
+    return len(placements) == 1 and next(iter(placements)) in {("cpu", True), ("cuda", True)}

@@ -134,7 +134,7 @@ class _Trainer:
                                log=log)
         self.items = SeededItems(self.train_ds, exp.seed, skip_unreadable=exp.data.skip_unreadable)
         self.skipped = SkippedFiles(run_dir, log.warning)
-        self.data_warnings = DataWarnings()  # warnings while reading items: one line per kind and pass
+        self.data_warnings = DataWarnings()  # warnings while reading items: one line per pattern and pass
 
         self.at = ckpt_io.Counters()
         self.budget: RunBudget | None = None
@@ -248,7 +248,7 @@ class _Trainer:
                     break
         finally:
             progress.close()
-        for line in self.data_warnings.lines():  # this process's share, one line per kind
+        for line in self.data_warnings.lines():  # this process's share, one line per pattern
             self.log.warning(f"epoch {epoch + 1}: {line}")
 
     def _end_of_epoch(self, epoch: int) -> bool:

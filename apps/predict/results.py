@@ -13,7 +13,7 @@ import numpy as np
 from apps.predict.sources import ImageFile
 from apps.tasks.inference.base import Result
 
-__all__ = ["Prediction", "error_kind", "threshold_hint"]
+__all__ = ["Prediction", "error_type", "threshold_hint"]
 
 
 def threshold_hint(best_below: float, threshold: float, control: str | None, *, images: int | None = None,
@@ -43,11 +43,11 @@ class Prediction:
     image: np.ndarray | None = None
 
 
-def error_kind(reason: str) -> str:
+def error_type(reason: str) -> str:
     """Short category of a read failure, for grouping errors.jsonl."""
     text = reason.lower()
-    for key, kind in (("empty", "empty"), ("truncated", "truncated"), ("over-size", "too many pixels"),
+    for key, name in (("empty", "empty"), ("truncated", "truncated"), ("over-size", "too many pixels"),
                       ("not an image", "not an image"), ("unsupported", "not an image")):
         if key in text:
-            return kind
+            return name
     return "unreadable"

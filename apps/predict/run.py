@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from apps.engine import distributed
 from apps.predict.predictor import Predictor
-from apps.predict.results import Prediction, error_kind, threshold_hint
+from apps.predict.results import Prediction, error_type, threshold_hint
 from apps.predict.sources import ImageFile, find_images, shard
 from apps.predict.writers import (
     COCO_RESULTS,
@@ -223,7 +223,7 @@ def run_predict(opts: PredictOptions) -> int:
                                                  keep_images=opts.save_images):
                 if item.error is not None:
                     errors.write({"file": item.file.name, "path": item.file.path,
-                                  "error": error_kind(item.error), "reason": item.error})
+                                  "error": error_type(item.error), "reason": item.error})
                     failed += 1
                     bar.set_postfix(failed=failed, refresh=False)
                 else:

@@ -153,9 +153,9 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
-def shard_journals(output: Path, kind: str = "predictions") -> list[Path]:
-    """The per-rank journals of a torchrun job (``.shards/predictions.rank3.jsonl``), in rank order."""
-    found = (output / SHARDS_DIR).glob(f"{kind}.rank*.jsonl")
+def shard_journals(output: Path, journal: str = "predictions") -> list[Path]:
+    """The per-rank ``journal`` files of a torchrun job (``.shards/predictions.rank3.jsonl``) by rank."""
+    found = (output / SHARDS_DIR).glob(f"{journal}.rank*.jsonl")
     return sorted(found, key=lambda p: int(p.name.split(".rank")[1].split(".")[0]))
 
 
@@ -197,12 +197,12 @@ def merge_shards(output: Path) -> None:
     if not shards_dir.is_dir():
         return
     seen = {record["file"] for record in read_jsonl(output / PREDICTIONS)}
-    for kind, target in (("predictions", PREDICTIONS), ("errors", ERRORS)):
+    for name, target in (("predictions", PREDICTIONS), ("errors", ERRORS)):
         with JsonlWriter(output / target) as out:
-            for journal in shard_journals(output, kind):
+            for journal in shard_journals(output, name):
                 repair_jsonl(journal)
                 for record in read_jsonl(journal):
-                    if kind == "predictions":
+                    if name == "predictions":
                         if record["file"] in seen:
                             continue
                         seen.add(record["file"])

@@ -80,7 +80,7 @@ class Relabelled(Dataset):
 
 
 def class_positions(own: list[dict[str, Any]], classes: list[dict[str, Any]], where: str,
-                    kind: str = "classes") -> list[int] | None:
+                    what: str = "classes") -> list[int] | None:
     """Index in ``classes`` (the model's order) of each of a dataset's ``own`` classes, matched by name;
     None when the two orders already agree. A class the model does not know is a ConfigError."""
     names = [c["name"] for c in classes]
@@ -89,7 +89,7 @@ def class_positions(own: list[dict[str, Any]], classes: list[dict[str, Any]], wh
         return None
     unknown = [n for n in mine if n not in names]
     if unknown:
-        raise ConfigError(f"{where}: {kind} {unknown} are not among the model's classes {names}")
+        raise ConfigError(f"{where}: {what} {unknown} are not among the model's classes {names}")
     return [names.index(n) for n in mine]
 
 
