@@ -387,15 +387,15 @@ def build_detector(cfg: DetectorConfig, *, load_pretrained: bool = True) -> TwoS
     if "auto" in (rpn.anchor_sizes, rpn.aspect_ratios):
         raise ValueError("rpn.anchor_sizes / rpn.aspect_ratios 'auto' are fitted to the training data when "
                          "training starts; give numbers to build a model outside training")
-    anchor_sizes, pooler_kind, pooled = _LAYOUT_DEFAULTS[body.layout]
+    anchor_sizes, pooler_method, pooled = _LAYOUT_DEFAULTS[body.layout]
     anchor_sizes = rpn.anchor_sizes or anchor_sizes
-    pooler_kind = cfg.roi.pooler or pooler_kind
+    pooler_method = cfg.roi.pooler or pooler_method
     pooled = cfg.roi.output_size or pooled
 
     backbone, box_head_factory, roi_features = _build_features(cfg, body, load_pretrained)
     strides = [backbone.feature_info[name].stride for name in roi_features]
     pooler = RoIPooler(
-        pooler_kind, roi_features, strides, output_size=pooled, sampling_ratio=cfg.roi.sampling_ratio
+        pooler_method, roi_features, strides, output_size=pooled, sampling_ratio=cfg.roi.sampling_ratio
     )
     box_head = box_head_factory(pooled)
     roi_heads = RoIHeads(

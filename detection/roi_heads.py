@@ -24,20 +24,20 @@ from detection.interfaces import RegionHeads
 from detection.rpn import box_regression_loss
 from vision.layers import group_norm
 
-POOLER_KINDS = ("pool", "align", "multiscale")
+POOLER_METHODS = ("pool", "align", "multiscale")
 
 
 class RoIPooler(nn.Module):
     """Pool every region to a fixed S x S grid of features.
 
-    kind "pool": RoIPool (max over bins, Fast R-CNN's layer) on one map; "align": RoIAlign (bilinear,
+    method "pool": RoIPool (max over bins, Fast R-CNN's layer) on one map; "align": RoIAlign (bilinear,
     ``sampling_ratio`` points per bin) on one map; "multiscale": FPN's level assignment (``fpn_levels``,
     clamped to the given levels) with RoIAlign on each level.
     """
 
     def __init__(
         self,
-        kind: str,
+        method: str,
         in_features: Sequence[str],
         strides: Sequence[int],
         *,
@@ -46,11 +46,11 @@ class RoIPooler(nn.Module):
         aligned: bool = False,
     ) -> None:
         super().__init__()
-        if kind not in POOLER_KINDS:
-            raise ValueError(f"unknown RoI pooler {kind!r}; choose one of {POOLER_KINDS}")
-        if kind != "multiscale" and len(in_features) != 1:
-            raise ValueError(f"RoI pooler {kind!r} works on one feature map, got {list(in_features)}")
-        self.kind = kind
+        if method not in POOLER_METHODS:
+            raise ValueError(f"unknown RoI pooler {method!r}; choose one of {POOLER_METHODS}")
+        if method != "multiscale" and len(in_features) != 1:
+            raise ValueError(f"RoI pooler {method!r} works on one feature map, got {list(in_features)}")
+        self.method = method
         self.in_features = list(in_features)
         self.strides = list(strides)
         self.output_size = output_size
@@ -59,7 +59,7 @@ class RoIPooler(nn.Module):
         # FPN levels of the maps, from their declared strides (4 -> P2 ...), never guessed from a batch
         self.levels = [int(round(math.log2(s))) for s in self.strides]
         consecutive = list(range(self.levels[0], self.levels[0] + len(self.levels)))
-        if kind == "multiscale" and self.levels != consecutive:
+        if method == "multiscale" and self.levels != consecutive:
             raise ValueError(f"multiscale pooling needs consecutive pyramid levels, got {self.strides}")
 
     def forward(
@@ -69,10 +69,10 @@ class RoIPooler(nn.Module):
         ``image_sizes`` is not read: every scale comes from the declared strides."""
         x = features[self.in_features[0]]
         boxes = [b.to(x.dtype) for b in boxes]
-        if self.kind == "multiscale":
+        if self.method == "multiscale":
             return self._multiscale(features, boxes)
         scale = 1.0 / self.strides[0]
-        if self.kind == "pool":
+        if self.method == "pool":
             return roi_pool(x, boxes, self.output_size, scale)
         return roi_align(x, boxes, self.output_size, scale, self.sampling_ratio, self.aligned)
 

@@ -121,7 +121,7 @@ def test_small_config_builds_the_documented_model(shapes):
     model = build_detector(exp.model)
     assert list(model.backbone.feature_info) == ["p2", "p3", "p4", "p5", "p6"]
     assert model.proposal_generator.anchor_generator.sizes[0] == (16.0,)
-    assert model.roi_heads.pooler.kind == "multiscale"
+    assert model.roi_heads.pooler.method == "multiscale"
 
 
 def test_bad_model_settings_are_config_errors(shapes, tmp_path):
