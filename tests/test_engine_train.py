@@ -201,7 +201,9 @@ def test_a_run_starved_of_data_says_so_in_every_record_and_warns_once(tmp_path, 
     slow = ToyDataset.__getitem__
 
     def sleepy(self, i):
-        time.sleep(0.05)  # 0.2 s per batch of 4 against a few ms of compute
+        # 0.48 s per batch of 4 against a few ms of compute: the share stays above half even when a loaded
+        # machine (load average ~20 on 2 cores) slows the step tenfold, where 0.05 s per item did not
+        time.sleep(0.12)
         return slow(self, i)
 
     monkeypatch.setattr(ToyDataset, "__getitem__", sleepy)
