@@ -149,7 +149,7 @@ def settings(args: argparse.Namespace) -> Settings:
                         probe_size=128, predict_images=4, predict_size=96, predict_chunks=2,
                         calibration_images=2, data=args.data, ap_weights=args.ap_weights,
                         threads=args.threads or 1, rois=16)
-    return Settings(repeats=args.repeats, train_sizes=(320, 480), depths=(18, 50), infer_size=800,
+    return Settings(repeats=args.repeats, train_sizes=(320, 480), depths=tuple(args.depths), infer_size=800,
                     infer_depth=50, probe_size=2048, predict_images=args.predict_images,
                     predict_size=args.predict_size, predict_chunks=5,
                     calibration_images=args.calibration_images, data=args.data, ap_weights=args.ap_weights,
@@ -165,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the real-imagery set (built there by benchmarks/realset.py when missing)")
     parser.add_argument("--ap-weights", type=Path, default=None,
                         help="a detector trained on the realset: AP of float32 and of the fastest path")
+    parser.add_argument("--depths", type=int, nargs="+", choices=(18, 50), default=[18, 50],
+                        help="the training rows' ResNet depths")
     parser.add_argument("--predict-images", type=int, default=200)
     parser.add_argument("--predict-size", type=int, default=800, help="the predict row's short side")
     parser.add_argument("--calibration-images", type=int, default=32)

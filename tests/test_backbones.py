@@ -246,3 +246,32 @@ def test_fold_conv_bn_vgg_bn_network():
     x = torch.rand(1, 3, 32, 32)
     with torch.inference_mode():
         assert max_diff(folded(x), net(x)) <= 1e-4
+
+
+def test_frozen_norm_applied_through_the_conv_keeps_values_and_gradients():
+    from vision.layers import conv_norm
+
+    torch.manual_seed(0)
+    conv, norm = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False), FrozenBatchNorm2d(16)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(norm, name).normal_()
+    norm.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 8, 12, 10)
+    fused = conv_norm(conv, norm, x)
+    (grad_fused,) = torch.autograd.grad(fused.square().sum(), conv.weight)
+    plain = norm(conv(x))
+    (grad_plain,) = torch.autograd.grad(plain.square().sum(), conv.weight)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_fused, grad_plain, rtol=1e-4, atol=1e-4)
+    bn = torch.nn.BatchNorm2d(16).eval()  # any other norm: called as it is
+    assert torch.equal(conv_norm(conv, bn, x), bn(conv(x)))
+
+
+def test_trunk_trains_channels_last_on_the_cpu_and_infers_as_before():
+    trunk = build_backbone("resnet18", frozen_bn=True, out_features=["c2", "c5"])
+    x = torch.rand(1, 3, 64, 64)
+    maps = trunk.train()(x)
+    assert all(m.is_contiguous(memory_format=torch.channels_last) for m in maps.values())
+    with torch.no_grad():
+        assert all(m.is_contiguous() for m in trunk(x).values())  # no autograd: as before
+    torch.testing.assert_close(maps["c5"].detach(), trunk.eval()(x)["c5"], rtol=1e-4, atol=1e-4)

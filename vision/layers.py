@@ -83,6 +83,20 @@ def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(groups, channels), channels)
 
 
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(conv(x))``. A FrozenBatchNorm2d is applied through the conv instead: weights ``w * scale`` and
+    bias ``shift``, computed afresh on every call from the parameters, so training sees the same function
+    and the same gradient for ``w`` (equal within float rounding), with one pass less over the feature
+    map forward and backward (benchmarks/efficiency.py: the R50 trunk's training step 0.96x alone, 0.71x
+    with channels-last input, in one run)."""
+    if not isinstance(norm, FrozenBatchNorm2d):
+        return norm(conv(x))
+    scale, shift = norm.scale_and_shift()
+    weight = conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    return conv._conv_forward(x, weight, bias.to(conv.weight.dtype))
+
+
 def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every ``nn.BatchNorm2d`` in ``module`` by a ``FrozenBatchNorm2d`` with its values.
 

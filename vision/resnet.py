@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from vision.layers import conv_norm
+
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
 NormLayer = Callable[[int], nn.Module]
@@ -47,8 +49,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = conv_norm(self.conv2, self.bn2, out)
         return self.relu(out + shortcut)
 
 
@@ -72,9 +74,9 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = self.relu(conv_norm(self.conv2, self.bn2, out))
+        out = conv_norm(self.conv3, self.bn3, out)
         return self.relu(out + shortcut)
 
 
@@ -154,7 +156,7 @@ class ResNet(nn.Module):
 
     def forward_stem(self, x: Tensor) -> Tensor:
         """[N, 3, H, W] -> [N, 64, H/4, W/4]."""
-        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
 
     def forward(self, x: Tensor) -> Tensor:
         """[N, 3, H, W] normalised images -> [N, num_classes] logits."""
