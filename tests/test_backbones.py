@@ -265,6 +265,8 @@ def test_frozen_norm_applied_through_the_conv_keeps_values_and_gradients():
     torch.testing.assert_close(grad_fused, grad_plain, rtol=1e-4, atol=1e-4)
     bn = torch.nn.BatchNorm2d(16).eval()  # any other norm: called as it is
     assert torch.equal(conv_norm(conv, bn, x), bn(conv(x)))
+    with torch.no_grad():  # evaluation: the norm after the conv, as before
+        assert torch.equal(conv_norm(conv, norm, x), norm(conv(x)))
 
 
 def test_trunk_trains_channels_last_on_the_cpu_and_infers_as_before():

@@ -88,8 +88,9 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     bias ``shift``, computed afresh on every call from the parameters, so training sees the same function
     and the same gradient for ``w`` (equal within float rounding), with one pass less over the feature
     map forward and backward (benchmarks/efficiency.py: the R50 trunk's training step 0.96x alone, 0.71x
-    with channels-last input, in one run)."""
-    if not isinstance(norm, FrozenBatchNorm2d):
+    with channels-last input, in one run). Only while training with autograd: evaluation keeps torchvision's
+    arithmetic (its models' detections are compared bit-close in tests/test_torchvision_weights.py)."""
+    if not (isinstance(norm, FrozenBatchNorm2d) and norm.training and torch.is_grad_enabled()):
         return norm(conv(x))
     scale, shift = norm.scale_and_shift()
     weight = conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
