@@ -215,7 +215,10 @@ def test_first_screen_results_legend_and_stale_outputs_as_a_person_sees_them(ser
     page.locator("#det-input input[type=file]").set_input_files(SCENE)
     page.click("#det-run")
     page.locator("#det-info").get_by_text("inference").wait_for(timeout=30_000)
-    assert page.locator("#det-table tbody tr").count() >= 1 and page.locator("#det-output img").is_visible()
+    # gradio fills the info, the table and the picture in separate updates: on a loaded machine the picture
+    # can arrive a moment after the text, so wait for it rather than sample it once
+    page.locator("#det-output img").wait_for(state="visible", timeout=10_000)
+    assert page.locator("#det-table tbody tr").count() >= 1
     for bad, message in ((broken, "broken.png: truncated or corrupt"), (big, "big.png: over-size image")):
         page.locator("#det-input input[type=file]").set_input_files(bad)
         page.click("#det-run")
