@@ -219,6 +219,27 @@ def finish_visiondet(process: subprocess.Popen, data: Path, out: Path, start: fl
     return {**metrics, "steps": steps, "images": steps * batch, "minutes": trained}
 
 
+
+def side_by_side(reference: Callable[[], dict] | None, start: Callable[[], subprocess.Popen] | None,
+                 finish: Callable[[subprocess.Popen, float], dict], *, parallel: bool,
+                 name: str) -> dict[str, dict]:
+    """The reference recipe in this process and visiondet's in a subprocess (``start``), at once when
+    ``parallel`` (a busy machine then slows both alike), else one after the other; either side may be None.
+    Returns the rows by recipe name, the reference's first."""
+    rows: dict[str, dict] = {}
+    process, began = None, time.perf_counter()
+    if start is not None and parallel:
+        process = start()
+    if reference is not None:
+        rows["torchvision reference"] = reference()
+        print(f"reference: {json.dumps(rows['torchvision reference'])}", flush=True)
+    if start is not None:
+        if process is None:
+            began, process = time.perf_counter(), start()
+        rows[name] = finish(process, began)
+    return rows
+
+
 def score_checkpoint(path: Path, data: Path) -> dict[str, float]:
     """A visiondet detector checkpoint scored on ``data``'s validation split by :func:`evaluate`."""
     import torch
@@ -325,20 +346,19 @@ def main() -> int:
     if args.step_cost:
         step_costs(args.data)
         return 0
-    rows = {}
-    ours = args.only in (None, "visiondet")
-    process = None
-    if ours and args.parallel:  # both train at once, so a busy machine slows both alike
-        start, process = time.perf_counter(), start_visiondet(
-            args.data, args.minutes, args.out, args.threads, args.overrides)
-    if args.only in (None, "reference"):
-        rows["torchvision reference"] = run_reference(args.data, args.minutes, args.seed)
-        print(f"reference: {json.dumps(rows['torchvision reference'])}", flush=True)
-    if ours:
-        if process is None:
-            start, process = time.perf_counter(), start_visiondet(
-                args.data, args.minutes, args.out, args.threads, args.overrides)
-        rows["visiondet " + CONFIG.stem] = finish_visiondet(process, args.data, args.out, start)
+    def reference() -> dict:
+        return run_reference(args.data, args.minutes, args.seed)
+
+    def ours() -> subprocess.Popen:
+        return start_visiondet(args.data, args.minutes, args.out, args.threads, args.overrides)
+
+    def finish(process: subprocess.Popen, start: float) -> dict:
+        return finish_visiondet(process, args.data, args.out, start)
+
+    rows = side_by_side(None if args.only == "visiondet" else reference,
+                        None if args.only == "reference" else ours,
+                        finish,
+                        parallel=args.parallel, name="visiondet " + CONFIG.stem)
 
     print(f"\n{'recipe':34s} {'AP50':>6s} {'AP':>6s} {'steps':>6s} {'images':>7s} {'minutes':>7s}")
     for name, r in rows.items():

@@ -32,6 +32,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script: the repository root, not benchmarks/, first on sys.path
     sys.path[0] = str(ROOT)
 
-from benchmarks.real_imagery import start_visiondet, wait_visiondet  # noqa: E402
+from benchmarks.real_imagery import side_by_side, start_visiondet, wait_visiondet  # noqa: E402
 from benchmarks.realset import segmentation_classes  # noqa: E402
 
 CONFIG = ROOT / "configs" / "segmentation" / "deeplabv3plus_r18_real_cpu.yaml"
@@ -231,25 +232,23 @@ def main(argv: list[str] | None = None) -> int:
         build_segmentation_set(args.data, seed=0, **(SMOKE_SCENES if args.smoke else {}))
     print(f"torch {torch.__version__}, {args.threads} threads, {args.minutes:g} min each; data {args.data}",
           flush=True)
-    rows: dict[str, dict[str, float]] = {}
-    ours = args.only in (None, "visiondet")
     args.out = args.out / time.strftime("%Y%m%d-%H%M%S")  # train refuses a used folder: a fresh one each run
     data_keys = [f"data.train.images={args.data / 'train' / 'images'}",
                  f"data.train.masks={args.data / 'train' / 'masks'}"]
-    process, start = None, time.perf_counter()
-    if ours and args.parallel:  # both train at once, so a busy machine slows both alike
-        process = start_visiondet(args.data, args.minutes, args.out, args.threads, args.overrides,
-                                  config=CONFIG, data_overrides=data_keys)
-    if args.only in (None, "reference"):
-        rows["torchvision reference"] = run_reference(args.data, args.minutes, args.seed, crop, batch,
-                                                      args.max_val)
-        print(f"reference: {json.dumps(rows['torchvision reference'])}", flush=True)
-    if ours:
-        if process is None:
-            start, process = time.perf_counter(), start_visiondet(
-                args.data, args.minutes, args.out, args.threads, args.overrides, config=CONFIG,
-                data_overrides=data_keys)
-        rows["visiondet " + CONFIG.stem] = finish_visiondet(process, args.data, args.out, start, args.max_val)
+    def reference() -> dict:
+        return run_reference(args.data, args.minutes, args.seed, crop, batch, args.max_val)
+
+    def ours() -> subprocess.Popen:
+        return start_visiondet(args.data, args.minutes, args.out, args.threads, args.overrides,
+                               config=CONFIG, data_overrides=data_keys)
+
+    def finish(process: subprocess.Popen, start: float) -> dict:
+        return finish_visiondet(process, args.data, args.out, start, args.max_val)
+
+    rows = side_by_side(None if args.only == "visiondet" else reference,
+                        None if args.only == "reference" else ours,
+                        finish,
+                        parallel=args.parallel, name="visiondet " + CONFIG.stem)
     report(rows, bool(args.overrides) and not args.smoke)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
