@@ -53,9 +53,13 @@ def same_weights(depth: int, size: int, image: torch.Tensor):
     tv = like_trained(tv.eval(), image)
     # Random weights score every class alike (about 1/91, under the 0.05 cut), so nothing would be detected:
     # no NMS work, an export check with nothing to compare (export refuses that) and empty agreement rows.
-    # One class made likely gives every path the detections a trained model would have to post-process.
+    # Logits spread as a trained model's are (std about 1, not 0.01) and one class made likely give every
+    # path detections to post-process, with distinct scores: near-ties at the top-k cut would let two
+    # correct float32 backends keep different boxes and fail the export check.
     with torch.no_grad():
-        tv.roi_heads.box_predictor.cls_score.bias[1] += 6.0
+        scores = tv.roi_heads.box_predictor.cls_score
+        scores.weight.mul_(100.0)
+        scores.bias[1] += 3.0
     ours.load_state_dict(convert_torchvision_state_dict(tv.state_dict(), f"faster_rcnn_r{depth}_fpn"))
     return tv, ours.eval()
 
