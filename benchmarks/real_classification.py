@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out / time.strftime("%Y%m%d-%H%M%S")  # train refuses a used folder: a fresh one each run
     data_keys = [f"data.train.root={args.data / 'train'}"]
     size, batch = (32, 8) if args.smoke else (args.reference_size, 32)
+
     def reference() -> dict:
         return run_reference(args.data, args.minutes, args.seed, size, batch_size=batch)
 

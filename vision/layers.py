@@ -87,8 +87,8 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     """``norm(conv(x))``. A FrozenBatchNorm2d is applied through the conv instead: weights ``w * scale`` and
     bias ``shift``, computed afresh on every call from the parameters, so training sees the same function
     and the same gradient for ``w`` (equal within float rounding), with one pass less over the feature
-    map forward and backward (benchmarks/efficiency.py: the R50 trunk's training step 0.96x alone, 0.71x
-    with channels-last input, in one run). Only while training with autograd: evaluation keeps torchvision's
+    map forward and backward (what it gains is measured by benchmarks/efficiency.py; the README gives the
+    figures with their load). Only while training with autograd: evaluation keeps torchvision's
     arithmetic (its models' detections are compared bit-close in tests/test_torchvision_weights.py)."""
     if not (isinstance(norm, FrozenBatchNorm2d) and norm.training and torch.is_grad_enabled()):
         return norm(conv(x))
