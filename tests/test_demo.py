@@ -33,8 +33,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
-    demo = Demo.from_weights([WEIGHTS_DIR], max_pixels=1_000_000, max_side=200)
+def server(tmp_path_factory):
+    # the shapes models only (links to them): these tests run them on the shapes scenes; the real-photo
+    # models and their gallery have tests/test_demo_real.py
+    shapes = tmp_path_factory.mktemp("weights")
+    for path in WEIGHTS_DIR.glob("*_shapes.pt"):
+        (shapes / path.name).symlink_to(path)
+    demo = Demo.from_weights([shapes], max_pixels=1_000_000, max_side=200)
     url = demo.start("127.0.0.1", free_port())
     yield demo, url
     temp_dir = demo.temp_dir

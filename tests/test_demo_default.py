@@ -17,6 +17,10 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 MINE = "exp1/best.pt · shapes_det (train)"
+# the shipped real-photo models, where weights/ has them, come before the shapes ones
+REAL_DETECTOR = [p.name for p in [WEIGHTS_DIR / "faster_rcnn_real.pt"] if p.is_file()]
+REAL_CLASSIFIER = [p.name for p in [WEIGHTS_DIR / "classifier_real.pt"] if p.is_file()]
+SHIPPED_DETECTORS = [*REAL_DETECTOR, "faster_rcnn_shapes.pt", "fast_rcnn_shapes.pt", "rcnn_shapes.pt"]
 
 
 def free_port() -> int:
@@ -41,8 +45,9 @@ def test_the_pickers_open_on_the_users_checkpoints(tmp_path):
     demo = Demo.from_weights(folders, chosen)
     try:
         detectors = demo.cache.labels(DetectionInference)
-        assert detectors == [MINE, "faster_rcnn_shapes.pt", "fast_rcnn_shapes.pt", "rcnn_shapes.pt"]
-        assert demo.cache.labels(ClassificationInference) == ["exp2/best.pt", "classifier_shapes.pt"]
+        assert detectors == [MINE, *SHIPPED_DETECTORS]
+        assert demo.cache.labels(ClassificationInference) == ["exp2/best.pt", *REAL_CLASSIFIER,
+                                                               "classifier_shapes.pt"]
         assert demo.cache.checkpoint(MINE).expectations().startswith("Trained on shapes_det (train);")
     finally:
         demo.close()
@@ -50,8 +55,8 @@ def test_the_pickers_open_on_the_users_checkpoints(tmp_path):
     folders, chosen = _sources(DemoOptions(weights=[str(WEIGHTS_DIR / "rcnn_shapes.pt")]))
     demo = Demo.from_weights(folders, chosen)
     try:
-        assert demo.cache.labels(DetectionInference) == ["weights/rcnn_shapes.pt", "faster_rcnn_shapes.pt",
-                                                         "fast_rcnn_shapes.pt"]
+        assert demo.cache.labels(DetectionInference) == ["weights/rcnn_shapes.pt", *REAL_DETECTOR,
+                                                         "faster_rcnn_shapes.pt", "fast_rcnn_shapes.pt"]
     finally:
         demo.close()
 
@@ -84,7 +89,7 @@ def test_browser_detects_with_the_users_model_by_default(page):
     options = page.get_by_role("option")
     options.first.wait_for(timeout=10_000)
     offered = [text.split("\n")[-1] for text in options.all_inner_texts()]  # (the picked one has a tick)
-    assert offered == [MINE, "faster_rcnn_shapes.pt", "fast_rcnn_shapes.pt", "rcnn_shapes.pt"]
+    assert offered == [MINE, *SHIPPED_DETECTORS]
     page.keyboard.press("Escape")
     page.locator("#det-input input[type=file]").set_input_files(EXAMPLES_DIR / "scene_1.png")
     page.click("#det-run")

@@ -108,7 +108,7 @@ def test_find_checkpoints_keeps_usable_ones_and_names_the_others(tmp_path):
     first = found[0]
     assert (first.task, first.arch, first.nms_thresh) == ("detection", "faster_rcnn_r18_fpn", 0.4)
     assert first.has_anchors and not found[2].has_anchors and found[3].nms_thresh == 0.3
-    assert first.summary() == "faster_rcnn_r18_fpn (2 classes: circle, square); val AP50 0.912, val AP 0.700"
+    assert first.summary() == "faster_rcnn_r18_fpn; val AP50 0.912, val AP 0.700"
     assert found[1].nms_thresh is None
     assert len(problems) == 2
     assert "b_bare.pt: not a visiondet checkpoint" in problems[0]
@@ -140,12 +140,17 @@ def test_demo_command_refuses_bad_arguments(tmp_path, capsys):
     assert main(["demo", "--concurrency", "0"]) == 2
 
 
-def test_every_shipped_model_says_it_knows_only_synthetic_shapes():
+def test_every_shipped_shapes_model_says_it_knows_only_synthetic_shapes():
     from apps import WEIGHTS_DIR
 
     found, problems = find_checkpoints([WEIGHTS_DIR])
-    assert problems == [] and len(found) == 5
-    for entry in found:
+    shapes = [entry for entry in found if entry.path.name.endswith("_shapes.pt")]
+    assert problems == [] and len(shapes) == 5
+    for entry in found[: len(found) - len(shapes)]:  # the real-photo models (weights/*_real.pt), first
+        assert not entry.synthetic and entry.result_note() == "", entry.label
+        line = entry.expectations()
+        assert "real-imagery" in line and "learned from a single photograph" in line, line
+    for entry in shapes:
         assert entry.synthetic, entry.label
         line = entry.expectations()
         assert "synthetic shapes" in line and "3 classes: circle, square, triangle" in line

@@ -81,7 +81,9 @@ def test_the_readme_tour_runs_as_written(tmp_path, monkeypatch, capsys):
     found, problems = find_checkpoints(folders, chosen)
     detectors = [c for c in found if c.is_a(DetectionInference)]
     assert not problems and detectors[0].label == "exp1/best.pt · shapes_det (train)"
-    assert [c.path.name for c in detectors[1:]] == ["faster_rcnn_shapes.pt", "fast_rcnn_shapes.pt",
+    # then the shipped ones: the real-photo detector where weights/ has it, then the shapes ones
+    real = [p.name for p in folders[0].glob("faster_rcnn_real.pt")]
+    assert [c.path.name for c in detectors[1:]] == [*real, "faster_rcnn_shapes.pt", "fast_rcnn_shapes.pt",
                                                      "rcnn_shapes.pt"]
 
 

@@ -4,7 +4,7 @@
 # then weights/slim.py (drops the resume state, stores float16, checks the slim copy against the original).
 #
 #   bash weights/build.sh classifier|segmenter|faster_rcnn|fast_rcnn|rcnn|examples ...   (or: all)
-#   bash weights/build.sh classifier_real|segmenter_real|faster_rcnn_real ...           (or: real)
+#   bash weights/build.sh classifier_real|segmenter_real|faster_rcnn_real|examples_real  (or: real)
 #
 # The *_real models train on the real-imagery sets (benchmarks/realset.py, seed 0: package-bundled
 # photographs) with the CPU recipes for REAL_BUDGET each (default 60m, a time budget: the schedule is laid
@@ -73,6 +73,12 @@ real_data() {  # the real-imagery scenes: images, COCO boxes and index masks in 
   [ -d "$OUT/realset_cls/val" ] || run "$PY" -m benchmarks.realset --task classification --out "$OUT/realset_cls" --seed 0
 }
 REAL_BUDGET="${REAL_BUDGET:-60m}"
+# the categories the real-imagery sets cut from one photograph each (one instance: that cat, that cup...),
+# read from benchmarks/realset_sources.py; slim.py records them so the demo says so
+single_photo() {
+  "$PY" -c 'from benchmarks.realset import CATEGORIES; from benchmarks.realset_sources import load_objects
+print(",".join(CATEGORIES[c] for c, pool in sorted(load_objects().items()) if len(pool) == 1))'
+}
 
 classifier_real() {
   real_data
@@ -80,7 +86,7 @@ classifier_real() {
     data.val.root="$OUT/realset_cls/val" data.name="real-imagery crops (benchmarks/realset.py)" \
     train.time_budget="$REAL_BUDGET" output_dir="$OUT/classifier_real" device=cpu "${EXTRA[@]}"
   run "$PY" weights/slim.py "$OUT/classifier_real/best.pt" weights/classifier_real.pt --int8 --max-mb 15 \
-    --check-images "$OUT/realset_cls/val" --limit 200
+    --single-photo "$(single_photo)" --check-images "$OUT/realset_cls/val" --limit 200
 }
 
 segmenter_real() {
@@ -91,7 +97,7 @@ segmenter_real() {
     data.name="real-imagery scenes (benchmarks/realset.py)" train.time_budget="$REAL_BUDGET" \
     output_dir="$OUT/segmenter_real" device=cpu "${EXTRA[@]}"
   run "$PY" weights/slim.py "$OUT/segmenter_real/best.pt" weights/deeplabv3plus_real.pt --int8 --max-mb 15 \
-    --check-images "$OUT/realset/val/images"
+    --single-photo "$(single_photo)" --check-images "$OUT/realset/val/images"
 }
 
 faster_rcnn_real() {
@@ -102,7 +108,7 @@ faster_rcnn_real() {
     data.name="real-imagery scenes (benchmarks/realset.py)" train.time_budget="$REAL_BUDGET" \
     output_dir="$OUT/faster_rcnn_real" device=cpu "${EXTRA[@]}"
   run "$PY" weights/slim.py "$OUT/faster_rcnn_real/best.pt" weights/faster_rcnn_real.pt --int8 --max-mb 15 \
-    --check-images "$OUT/realset/val/images"
+    --single-photo "$(single_photo)" --check-images "$OUT/realset/val/images"
 }
 
 examples() {  # a few scenes the detectors have never seen (another seed), plus two single shapes
@@ -111,12 +117,16 @@ examples() {  # a few scenes the detectors have never seen (another seed), plus 
   run "$PY" weights/pick_examples.py "$OUT/examples_det" "$OUT/examples_cls" weights/examples
 }
 
-[ $# -gt 0 ] || { echo "usage: bash weights/build.sh classifier|segmenter|faster_rcnn|fast_rcnn|rcnn|examples|all|classifier_real|segmenter_real|faster_rcnn_real|real" >&2; exit 2; }
+examples_real() {  # photographs and validation composites no real-photo model trained on (weights/README.md)
+  run "$PY" weights/pick_real_examples.py weights/examples_real
+}
+
+[ $# -gt 0 ] || { echo "usage: bash weights/build.sh classifier|segmenter|faster_rcnn|fast_rcnn|rcnn|examples|all|classifier_real|segmenter_real|faster_rcnn_real|examples_real|real" >&2; exit 2; }
 for part in "$@"; do
   if [ "$part" = all ]; then
     classifier; segmenter; faster_rcnn; fast_rcnn; rcnn; examples
   elif [ "$part" = real ]; then
-    classifier_real; segmenter_real; faster_rcnn_real
+    classifier_real; segmenter_real; faster_rcnn_real; examples_real
   else
     "$part"
   fi

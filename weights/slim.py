@@ -10,6 +10,9 @@ cache folder (``model.proposals.cache_dir``, a training convenience) is switched
 ``apps.tasks.load_model`` reads the result like any checkpoint: ``load_state_dict`` copies each float16
 tensor into the float32 parameter it belongs to, so the loaded model runs in float32 as before.
 
+``--single-photo NAMES`` records the classes learned from one photograph each (``single_photo_classes``),
+which the demo names as single things, not categories.
+
 ``--int8`` also stores the conv and linear weights as int8 with one float32 scale per output channel
 (``vision.checkpoint.quantize_int8``): half the float16 size, for the shipped real-photo models' 15 MB
 limit. ``load_model`` (and fine-tuning or trunk loading from the file) multiply them back into float32.
@@ -34,8 +37,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-def slim(src: Path, dst: Path, *, int8: bool = False) -> dict:
-    """Write the slim float16 (``int8``: int8 conv and linear weights) copy of ``src`` to ``dst``; returns it."""
+def slim(src: Path, dst: Path, *, int8: bool = False, single_photo: list[str] | None = None) -> dict:
+    """Write the slim float16 (``int8``: int8 conv and linear weights) copy of ``src`` to ``dst``; returns it.
+    ``single_photo``: class names learned from one photograph each, saved as ``single_photo_classes`` (the
+    demo says the model knows those very things, not their categories)."""
     from vision.checkpoint import (
         INT8_SCALES,
         CheckpointError,
@@ -48,6 +53,11 @@ def slim(src: Path, dst: Path, *, int8: bool = False) -> dict:
     ckpt = load_checkpoint(src)
     if not is_visiondet_checkpoint(ckpt):
         raise CheckpointError(f"{src}: not a visiondet checkpoint")
+    names = [str(c.get("name")) for c in ckpt.get("classes") or []]
+    unknown = [n for n in single_photo or [] if n not in names]
+    if unknown:
+        raise CheckpointError(f"{src}: --single-photo {', '.join(unknown)}: not among its classes "
+                              f"({', '.join(names)})")
     state = ckpt.get("ema_state_dict") or ckpt["state_dict"]
     out = {k: v for k, v in ckpt.items() if k not in ("train_state", "ema_state_dict", "state_dict")}
     out["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
@@ -59,6 +69,8 @@ def slim(src: Path, dst: Path, *, int8: bool = False) -> dict:
         # A shipped detector must not write a proposal file per image it sees into the training run's cache
         # folder (relative to wherever it is used): selective search runs afresh instead.
         out["model"] = {**out["model"], "proposals": {**proposals, "cache_dir": None}}
+    if single_photo:
+        out["single_photo_classes"] = list(single_photo)
     # the key the shipped files already carry (this step was once called "export")
     dtype = "int8 conv/linear weights (per output channel), float16 others" if int8 else "float16"
     out["exported_from"] = {"file": src.name, "dtype": dtype, "note": "train_state and EMA copy removed"}
@@ -113,11 +125,18 @@ def main() -> int:
     parser.add_argument("--int8", action="store_true", help="conv and linear weights as int8 (half the size)")
     parser.add_argument("--int8-agreement", type=float, default=0.95,
                         help="--int8: share of checked images that must answer as the original (0.95)")
+    parser.add_argument("--single-photo", default="", metavar="NAMES",
+                        help="comma-separated classes learned from one photograph each (the demo says so)")
     args = parser.parse_args()
 
     from apps.tasks import load_model
+    from vision.checkpoint import CheckpointError
 
-    slim(args.src, args.dst, int8=args.int8)
+    try:
+        slim(args.src, args.dst, int8=args.int8, single_photo=[n for n in args.single_photo.split(",") if n])
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     size_mb = args.dst.stat().st_size / 1e6
     load_model(args.dst, "cpu")  # raises CheckpointError if load_model cannot rebuild it
     was_mb = args.src.stat().st_size / 1e6

@@ -68,6 +68,10 @@ class Checkpoint:
     trained_on: str = "data its checkpoint does not name"
     synthetic: bool = False  # visiondet's generated shapes: meaningless on a real photograph
     chosen: bool = False  # passed with --weights: listed first, so its tabs open on it
+    # classes learned from one photograph each (``single_photo_classes``, written by weights/slim.py): the
+    # model knows that one thing, not its category in general, and the page says so
+    single_photo: list[str] = field(default_factory=list)
+    none_class: str | None = None  # a classifier's class of "none of these" images (``preprocess``)
 
     @property
     def arch(self) -> str:
@@ -88,9 +92,19 @@ class Checkpoint:
         return issubclass(self.inference, inference_type)
 
     def expectations(self) -> str:
-        """One line for every tab: what the model was trained on and the classes it can answer with."""
-        names = ", ".join(c["name"] for c in self.classes[:12]) + (" ..." if len(self.classes) > 12 else "")
-        line = f"Trained on {self.trained_on}; it knows {len(self.classes)} classes: {names}."
+        """One line for every tab: what the model was trained on and the classes it can answer with (a
+        classifier's "none of these" class apart), and which of them it learned from a single photograph."""
+        known = [c["name"] for c in self.classes if c["name"] != self.none_class]
+        names = ", ".join(known[:12]) + (" ..." if len(known) > 12 else "")
+        line = f"Trained on {self.trained_on}; it knows {len(known)} classes: {names}."
+        if self.none_class in {c["name"] for c in self.classes}:
+            line += f' Anything else is "none of these" (its class {self.none_class}).'
+        if len(self.single_photo) == 1:
+            line += (f" {self.single_photo[0]} was learned from a single photograph: that very thing, not "
+                     "its category.")
+        elif self.single_photo:
+            line += (f" {_and(self.single_photo)} were each learned from a single photograph: those very "
+                     "things, not their categories.")
         if self.synthetic:
             line += " It has never seen a real photograph: on one, its answers mean nothing."
         return line
@@ -103,11 +117,16 @@ class Checkpoint:
                 "on a photograph its answers are guesses.*")
 
     def summary(self) -> str:
-        """One line for the page: architecture, classes and the validation metric saved with it."""
-        names = ", ".join(c["name"] for c in self.classes[:8]) + (" ..." if len(self.classes) > 8 else "")
+        """One line for the page: architecture and the validation metric saved with it. The classes are
+        named once, by :meth:`expectations`, so the picker's lines stay short on a phone's first screen."""
         shown = [k for k in ("AP50", "AP", "top1", "mIoU") if k in self.metrics]
         metric = "; " + ", ".join(f"val {k} {self.metrics[k]:.3f}" for k in shown) if shown else ""
-        return f"{self.arch} ({len(self.classes)} classes: {names}){metric}"
+        return f"{self.arch}{metric}"
+
+
+def _and(names: Sequence[str]) -> str:
+    """ "a", "a and b", "a, b and c"."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 SHAPE_NAMES = {"circle", "square", "triangle"}  # what `visiondet synth` draws
@@ -154,9 +173,10 @@ def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] 
                      ) -> tuple[list[Checkpoint], list[str]]:
     """The checkpoints the user passed (``files``: checkpoints, or folders of ``*.pt``), then those ``*.pt``
     in ``folders`` (not recursive), then torchvision's COCO Faster R-CNN files found in ``folders`` or
-    torch's hub cache. A picker opens on its first entry: the user's own come first, in the order given,
-    named by their run folder (:func:`_label`); then detectors newest R-CNN generation first (Faster, Fast,
-    then R-CNN), the one a first-time user should see.
+    torch's hub cache. A picker opens on its first entry (:func:`_picker_order`): the user's own come first,
+    in the order given, named by their run folder (:func:`_label`); then models of real data before the
+    synthetic-shapes ones; then detectors newest R-CNN generation first (Faster, Fast, then R-CNN), the one
+    a first-time user should see.
 
     Returns (usable checkpoints, one problem line per file that is not one). A file is read in full once
     here (for its task, classes and metrics) and again when first used; the weights are not kept.
@@ -206,11 +226,22 @@ def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] 
         trained_on, synthetic = _trained_on(ckpt)
         found.append(Checkpoint(label, path, task.name, task.inference,
                                 task.inference.describe(ckpt.get("model") or {}), list(ckpt["classes"]),
-                                dict(ckpt.get("metrics") or {}), trained_on, synthetic, chosen=mine))
-    # the user's first, as given; then detectors newest generation first (0 for every non-detector);
-    # stable: discovery order otherwise
-    found.sort(key=lambda c: (not c.chosen, 0 if c.chosen else c.description.generation))
+                                dict(ckpt.get("metrics") or {}), trained_on, synthetic, chosen=mine,
+                                single_photo=[str(n) for n in ckpt.get("single_photo_classes") or []],
+                                none_class=(ckpt.get("preprocess") or {}).get("none_class")))
+    found.sort(key=_picker_order)
     return found, problems
+
+
+def _picker_order(entry: Checkpoint) -> tuple[bool, bool, int]:
+    """Where a checkpoint stands in its tab's picker, whose first entry the tab opens on: the user's own
+    first, as given; then models that know photographs before the synthetic-shapes demonstrations (a
+    shipped real-photo model is what a visitor's picture needs; the shapes models stay offered after it);
+    then detectors newest generation first (0 for every non-detector). Stable: discovery order otherwise.
+    What decides is what each checkpoint says of its data (:func:`_trained_on`), never its file name."""
+    if entry.chosen:
+        return (False, False, 0)
+    return (True, entry.synthetic, entry.description.generation)
 
 
 class ModelCache:

@@ -38,9 +38,12 @@ from apps.tasks.inference.classification import ClassificationInference
 from apps.tasks.inference.detection import DetectionInference
 from apps.tasks.inference.segmentation import SegmentationInference
 
-__all__ = ["Demo", "WEIGHTS_DIR", "EXAMPLES_DIR"]
+__all__ = ["Demo", "WEIGHTS_DIR", "EXAMPLES_DIR", "REAL_EXAMPLES_DIR", "gallery_order", "real_examples"]
 
 EXAMPLES_DIR = WEIGHTS_DIR / "examples"
+# photographs for the real-photo models (weights/pick_real_examples.py), apart from the shapes examples:
+# `--int8 weights/examples` calibrates the shapes detector on what it was trained for
+REAL_EXAMPLES_DIR = WEIGHTS_DIR / "examples_real"
 # Gradio deletes its temporary files (uploads, results) every 10 minutes once they are 30 minutes old, and
 # everything when the server stops; the whole folder is ours and removed by close().
 DELETE_CACHE = (600, 1800)
@@ -76,15 +79,40 @@ _LABEL_EXAMPLES_JS = """() => {
 }"""
 
 
+def _examples_json(folder: Path) -> dict[str, Any]:
+    truth = folder / "examples.json"
+    return json.loads(truth.read_text()) if truth.is_file() else {}
+
+
+def real_examples(tab: str, folder: Path = REAL_EXAMPLES_DIR) -> list[Path]:
+    """The real-photo examples of ``tab`` ("classification", or "scenes": detection, segmentation and how it
+    works), in the order their examples.json lists them."""
+    return [folder / name for name, entry in _examples_json(folder).items()
+            if entry.get("tab") in (tab, "both") and (folder / name).is_file()]
+
+
 def _example_description(path: Path) -> str:
-    """ "Example scene_1.png: 2 squares, 1 triangle" from the shipped ground truth, else the file name."""
-    truth = EXAMPLES_DIR / "examples.json"
-    objects = json.loads(truth.read_text()).get(path.name, []) if truth.is_file() else []
-    counts = Counter(obj["name"] for obj in objects)
+    """The gallery's name of an example: a real photograph's caption ("Example photograph: a cat, ...");
+    "Example scene_1.png: 2 squares, 1 triangle" from the shipped ground truth; else the file name."""
+    entry = _examples_json(path.parent).get(path.name, [])
+    if isinstance(entry, dict):  # examples_real: what is in the picture, and where it comes from
+        return str(entry.get("caption") or f"Example {path.name}")
+    counts = Counter(obj["name"] for obj in entry)
     if not counts:
         shape = path.stem.removeprefix("shape_")
         return f"Example {path.name}" + (f": one {shape}" if shape != path.stem else "")
     return f"Example {path.name}: " + ", ".join(f"{n} {name}{'s' * (n != 1)}" for name, n in counts.items())
+
+
+def gallery_order(default: Checkpoint | None, shapes: Sequence[str], photos: Sequence[str]
+                  ) -> tuple[Sequence[str], Sequence[str], str]:
+    """(the examples a tab shows, those it folds away, the fold's title): photographs unless the tab's
+    ``default`` model is a synthetic-shapes one; one kind alone when the other has none."""
+    if default is not None and default.synthetic:
+        main, other, title = shapes, photos, "Photographs (for the real-photo models)"
+    else:
+        main, other, title = photos, shapes, "Synthetic shapes (for the shapes models)"
+    return (main, other, title) if main else (other, [], title)
 
 
 class Demo:
@@ -93,8 +121,12 @@ class Demo:
     Args:
         checkpoints: what the model pickers offer (see ``apps.demo.models.find_checkpoints``).
         problems: lines about files that are not usable checkpoints, shown at the top of the page.
-        examples: bundled example scenes (one-click runs of the detection, segmentation and explain tabs).
+        examples: bundled synthetic shapes scenes (one-click runs of the detection, segmentation and explain
+            tabs).
         shape_examples: bundled single-shape images for the classification tab.
+        photo_scenes, photo_crops: the same for the real-photo models: photographs and composited scenes
+            (detection, segmentation, explain), photographs and crops (classification). A tab shows the
+            gallery its default model knows and keeps the other one folded below it.
         device: where models run (``cpu``, ``cuda``).
         max_pixels, max_side: see ``apps.demo.handlers.DemoHandlers``.
         concurrency: model runs at the same time (the rest wait in the queue).
@@ -102,6 +134,7 @@ class Demo:
 
     def __init__(self, checkpoints: Sequence[Checkpoint], *, problems: Sequence[str] = (),
                  examples: Sequence[str | Path] = (), shape_examples: Sequence[str | Path] = (),
+                 photo_scenes: Sequence[str | Path] = (), photo_crops: Sequence[str | Path] = (),
                  device: str = "cpu",
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE,
                  concurrency: int = 1):
@@ -109,6 +142,8 @@ class Demo:
         self.problems = list(problems)
         self.examples = [str(p) for p in examples]
         self.shape_examples = [str(p) for p in shape_examples]
+        self.photo_scenes = [str(p) for p in photo_scenes]
+        self.photo_crops = [str(p) for p in photo_crops]
         self.max_pixels = max_pixels
         self.max_side = max_side
         self.concurrency = concurrency
@@ -128,12 +163,15 @@ class Demo:
     @classmethod
     def from_weights(cls, folders: Sequence[str | Path] = (WEIGHTS_DIR,), extra: Sequence[str | Path] = (),
                      **kwargs: Any) -> Demo:
-        """Every checkpoint in ``folders`` and ``extra``; example images from weights/examples."""
+        """Every checkpoint in ``folders`` and ``extra``; example images from weights/examples (shapes) and
+        weights/examples_real (photographs)."""
         checkpoints, problems = find_checkpoints(folders, extra)
         for line in problems:
             print(f"visiondet demo: skipped {line}", file=sys.stderr)
         kwargs.setdefault("examples", sorted(EXAMPLES_DIR.glob("scene_*.png")))
         kwargs.setdefault("shape_examples", sorted(EXAMPLES_DIR.glob("shape_*.png")))
+        kwargs.setdefault("photo_scenes", real_examples("scenes"))
+        kwargs.setdefault("photo_crops", real_examples("classification"))
         return cls(checkpoints, problems=problems, **kwargs)
 
     # ---- page ----------------------------------------------------------------------------------------------
@@ -182,10 +220,11 @@ class Demo:
         return info
 
     def _inputs(self, gr: Any, h: Any, inference_type: type[Inference], label: str, prefix: str, verb: str,
-                alt_text: str, paths: Sequence[str], *, follow_model: bool = True) -> tuple[Any, ...]:
+                alt_text: str, shapes: Sequence[str], photos: Sequence[str], *, follow_model: bool = True
+                ) -> tuple[Any, ...]:
         """The top of a tab's left column: model picker and its two lines, image, button, examples (all in
         view without scrolling at 1366x900). ``follow_model=False`` leaves updating the lines to the tab.
-        Returns (model, info, image, button, examples)."""
+        Returns (model, info, image, button, [example galleries])."""
         model = self._picker(gr, inference_type, label)
         if follow_model:
             info = self._model_info(gr, h, model, f"{prefix}-model")
@@ -194,7 +233,20 @@ class Demo:
         image = _image_input(label="Image", sources=["upload", "clipboard", "webcam"], height=260,
                              elem_id=f"{prefix}-input", alt_text=alt_text)
         button = gr.Button(verb, variant="primary", elem_id=f"{prefix}-run")
-        return model, info, image, button, self._examples(gr, image, paths, f"{prefix}-examples")
+        return model, info, image, button, self._galleries(gr, image, model.value, shapes, photos, prefix)
+
+    def _galleries(self, gr: Any, image: Any, first: str | None, shapes: Sequence[str], photos: Sequence[str],
+                   prefix: str) -> list[Any]:
+        """The examples of the kind the tab's default model (``first``) knows, photographs unless it is a
+        shapes model; the other kind folded below them, so that the first screen keeps its button and
+        examples in view (on a phone too) and the shapes models keep their scenes."""
+        default = self.cache.checkpoints.get(first) if first else None
+        main, other, title = gallery_order(default, shapes, photos)
+        galleries = [self._examples(gr, image, main, f"{prefix}-examples")]
+        if other:
+            with gr.Accordion(title, open=False, elem_id=f"{prefix}-more-examples"):
+                galleries.append(self._examples(gr, image, other, f"{prefix}-other-examples"))
+        return [g for g in galleries if g is not None]
 
     def _examples(self, gr: Any, image: Any, paths: Sequence[str], elem_id: str) -> Any:
         if not paths:
@@ -203,7 +255,7 @@ class Demo:
                            examples_per_page=12, elem_id=elem_id)
 
     @staticmethod
-    def _run(h: Any, button: Any, examples: Any, fn: Any, inputs: list[Any], outputs: list[Any],
+    def _run(h: Any, button: Any, galleries: list[Any], fn: Any, inputs: list[Any], outputs: list[Any],
              api_name: str, run: dict[str, Any]) -> None:
         """``fn`` on the button (the public API ``api_name``) and on a click on an example. Each run first
         clears the outputs, so a failed run (a bad upload, say) never leaves the previous image's results on
@@ -212,7 +264,7 @@ class Demo:
             return [None] * len(outputs)
 
         triggers = [(button.click, {"api_name": api_name})]
-        if examples is not None:
+        for examples in galleries:
             triggers.append((examples.load_input_event.then, {"api_visibility": "undocumented"}))
         for trigger, api in triggers:
             trigger(clear, None, outputs, queue=False, api_visibility="private").then(
@@ -225,7 +277,7 @@ class Demo:
             with gr.Column(scale=1):
                 model, model_info, image, button, examples = self._inputs(
                     gr, h, DetectionInference, "Detector", "det", "Detect",
-                    "The image to run the detector on", self.examples, follow_model=False)
+                    "The image to run the detector on", self.examples, self.photo_scenes, follow_model=False)
                 first = self.cache.checkpoints.get(model.value) if model.value else None
                 with gr.Accordion("Thresholds and classes", open=True):
                     score = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Score threshold")
@@ -252,7 +304,7 @@ class Demo:
             with gr.Column(scale=1):
                 model, _, image, button, examples = self._inputs(
                     gr, h, SegmentationInference, "Segmentation model", "seg", "Segment",
-                    "The image to segment", self.examples)
+                    "The image to segment", self.examples, self.photo_scenes)
             with gr.Column(scale=1):
                 picture = gr.Image(label="Segmentation", format="png", interactive=False,
                                    elem_id="seg-output", buttons=OUTPUT_BUTTONS,
@@ -268,7 +320,7 @@ class Demo:
             with gr.Column(scale=1):
                 model, _, image, button, examples = self._inputs(
                     gr, h, ClassificationInference, "Classifier", "cls", "Classify", "The image to classify",
-                    self.shape_examples)
+                    self.shape_examples, self.photo_crops)
             with gr.Column(scale=1):
                 top = gr.Label(num_top_classes=5, label="Most likely classes", elem_id="cls-output")
                 info = gr.Markdown(elem_id="cls-info")
@@ -283,7 +335,7 @@ class Demo:
                 image = _image_input(label="Image", sources=["upload", "clipboard"], height=260,
                                      elem_id="exp-input", alt_text="The image to explain the detector on")
                 button = gr.Button("Explain", variant="primary", elem_id="exp-run")
-                examples = self._examples(gr, image, self.examples, "exp-examples")
+                examples = self._galleries(gr, image, model.value, self.examples, self.photo_scenes, "exp")
             with gr.Column(scale=1):
                 # only Faster R-CNN has anchors; R-CNN and Fast R-CNN start from selective search
                 anchors = h.has_anchors(model.value)
@@ -312,7 +364,8 @@ class Demo:
     def _accessible_examples_js(self) -> str:
         """Gradio draws examples as buttons around an image with no text: give each an accessible name and
         alt text ("Example scene_1.png: 2 squares, a triangle") once the page, or a tab, renders them."""
-        names = {Path(p).name: _example_description(Path(p)) for p in [*self.examples, *self.shape_examples]}
+        every = [*self.examples, *self.shape_examples, *self.photo_scenes, *self.photo_crops]
+        names = {Path(p).name: _example_description(Path(p)) for p in every}
         return _LABEL_EXAMPLES_JS.replace("NAMES", json.dumps(names))
 
     # ---- server --------------------------------------------------------------------------------------------
