@@ -12,15 +12,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import (
-    box_area,
-    box_iou,
-    roi_align,
-    roi_pool,
-)
+from torchvision.ops import box_area, box_iou, roi_pool
 
 from detection.boxes import BalancedPositiveNegativeSampler, BoxCoder, Matcher, ignore_crowd
 from detection.interfaces import RegionHeads
+from detection.roi_align import roi_align
 from detection.rpn import box_regression_loss
 from vision.layers import group_norm
 
