@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torchvision.models import segmentation as tv_segmentation
 
 import vision.backbones
+from vision.checkpoint import checkpoint_weights, load_checkpoint
 from vision.layers import IMAGENET_MEAN, IMAGENET_STD
 from vision.segmentation import (
     SegmentationConfig,
@@ -19,6 +21,8 @@ from vision.segmentation import (
     save_torchvision_segmentation,
     segmentation_loss,
 )
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 
 @pytest.mark.parametrize(
@@ -181,3 +185,18 @@ def test_torchvision_import_rejects_the_wrong_arch():
         load_torchvision_segmentation(state, "fcn_resnet50")
     with pytest.raises(ValueError, match="no torchvision import"):
         load_torchvision_segmentation(state, "pspnet_resnet50")
+
+
+def test_a_visiondet_classifiers_trunk_starts_the_segmenter():
+    """Transfer learning from one's own classifier (weights/build.sh's classifier_*): its file has its own
+    head, not ImageNet's fc, and the segmentation trunk takes every trunk weight from it."""
+    path = WEIGHTS_DIR / "classifier_shapes.pt"
+    trunk = {k.removeprefix("backbone."): v for k, v in checkpoint_weights(load_checkpoint(path)).items()
+             if k.startswith("backbone.")}
+    cfg = SegmentationConfig(arch="deeplabv3plus_resnet18", num_classes=2, backbone_weights=str(path),
+                             output_stride=16)
+    model = build_segmentation_model(cfg)
+    state = model.backbone.state_dict()
+    loaded = [k for k in state if k in trunk]
+    assert len(loaded) > 100 and "conv1.weight" in loaded and "layer4.1.bn2.running_var" in loaded
+    assert all(torch.equal(state[k], trunk[k].float()) for k in loaded)

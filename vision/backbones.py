@@ -216,13 +216,15 @@ def build_backbone(name: str, *, weights: str | os.PathLike | None = None,
     if name.startswith("vgg"):
         if output_stride != 32:
             raise ValueError(f"{name}: output_stride must be 32 (no dilated VGG), got {output_stride}")
-        net = build_network(name, weights=weights)
+        net = build_network(name, weights=weights, classifier_head=False)
         backbone: Backbone = VGGFeatures(net, out_features or VGG_DEFAULT_FEATURES)
     else:
         dilation = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}
         if output_stride not in dilation:
             raise ValueError(f"{name}: output_stride must be 32, 16 or 8, got {output_stride}")
-        net = build_network(name, weights=weights, replace_stride_with_dilation=dilation[output_stride])
+        # features only: a file without the ImageNet head (a visiondet classifier's trunk) fits
+        net = build_network(name, weights=weights, classifier_head=False,
+                            replace_stride_with_dilation=dilation[output_stride])
         backbone = ResNetFeatures(net, out_features or RESNET_DEFAULT_FEATURES)
     if frozen_bn:
         convert_frozen_batchnorm(backbone)
