@@ -121,7 +121,7 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
     # issue 26's question: the shipped real-photo classifier (weights/build.sh classifier_real, trained on
     # crops of the training split's objects before the detector's budget starts, as an ImageNet trunk is)
     Study("transfer_real",
-          "From scratch, or from the shipped real-photo classifier's trunk (pretrained outside the budget)",
+          "From scratch, or from the shipped real-photo classifier's trunk",
           "scratch", (
               Arm("scratch", ()),
               Arm("real-photo classifier trunk", ("model.backbone_weights=weights/classifier_real.pt",)),
