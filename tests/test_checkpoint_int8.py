@@ -4,9 +4,11 @@ checkpoint's weights (load_model, fine-tuning, trunk loading) multiplies them ba
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -62,3 +64,27 @@ def test_an_int8_slim_classifier_loads_everywhere_and_answers_alike(tmp_path):
     assert not load_finetune_weights(fresh, dst).missing
     assert torch.allclose(fresh.state_dict()["head.weight"], loaded.state_dict()["head.weight"])
     assert all(v.dtype != torch.int8 for v in load_state_dict_file(dst).values())
+
+
+def _slim_module():
+    spec = importlib.util.spec_from_file_location("slim", ROOT / "weights" / "slim.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_int8_detectors_check_asks_its_sure_detections_to_agree_not_every_box():
+    agree = _slim_module().sure_detections_agree
+
+    def result(*dets):  # (x1, y1, x2, y2, label, score), as Predictor's detection results carry them
+        rows = np.array(dets, dtype=np.float64).reshape(-1, 6)
+        return SimpleNamespace(boxes=rows[:, :4], labels=rows[:, 4].astype(int), scores=rows[:, 5])
+
+    cup, coin = (10, 10, 60, 60, 1, 0.9), (100, 20, 130, 50, 2, 0.8)
+    both = result(cup, coin)
+    assert agree(both, result(coin, (11, 10, 60, 61, 1, 0.85)), 0.6)  # order and a pixel apart
+    assert agree(both, result(cup, coin, (200, 200, 220, 220, 3, 0.55)), 0.6)  # one unsure extra box
+    assert not agree(both, result(cup), 0.6)  # a sure coin lost
+    assert not agree(both, result(cup, (100, 20, 130, 50, 3, 0.8)), 0.6)  # the coin's class changed
+    assert not agree(both, result(cup, (108, 20, 138, 50, 2, 0.8)), 0.6)  # moved: IoU 0.58
+    assert not agree(result(cup), both, 0.6)  # a sure box in the other copy counts too

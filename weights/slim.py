@@ -31,6 +31,9 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -78,9 +81,33 @@ def slim(src: Path, dst: Path, *, int8: bool = False, single_photo: list[str] | 
     return out
 
 
+# int8 detectors: a detection scored within this of the threshold may fall on either side of it in the
+# other copy without the two disagreeing in substance (the real-photo detector: 8 of 40 validation images
+# differed so under the float16 rule, at AP 0.6211 against 0.6217 in float32)
+SURE_MARGIN = 0.1
+
+
+def sure_detections_agree(ra: Any, rb: Any, sure: float, iou: float = 0.9) -> bool:
+    """Every detection one copy scores at least ``sure`` has one of the same class in the other's list
+    (any score over the threshold) overlapping it by ``iou`` or more, both ways."""
+    from torchvision.ops import box_iou
+
+    def covered(x: Any, y: Any) -> bool:
+        for box, label, score in zip(x.boxes, x.labels, x.scores, strict=True):
+            if score < sure:
+                continue
+            partners = torch.as_tensor(y.boxes[y.labels == label])
+            if not len(partners) or box_iou(torch.as_tensor(box[None]), partners).max() < iou:
+                return False
+        return True
+
+    return covered(ra, rb) and covered(rb, ra)
+
+
 def compare(src: Path, dst: Path, images: list[Path], agreement: float = 1.0) -> tuple[bool, str]:
     """Run both checkpoints on ``images``; (same within the slim copy's rounding?, a line of figures).
-    ``agreement``: the share of images (segmentation: 0.995 when 1, else 0.99 of pixels) that must agree."""
+    ``agreement``: the share of images (segmentation: 0.995 when 1, else 0.99 of pixels) that must agree;
+    under 1 (int8), detections agree by :func:`sure_detections_agree` instead of box for box."""
     import numpy as np
 
     from apps.predict.predictor import Predictor
@@ -94,11 +121,14 @@ def compare(src: Path, dst: Path, images: list[Path], agreement: float = 1.0) ->
         ra, rb = a.predict([image])[0], b.predict([image])[0]
         if a.task == "detection":
             total += 1
-            ok = len(ra.labels) == len(rb.labels) and bool((ra.labels == rb.labels).all())
-            if ok and len(ra.labels):
-                diff = float(np.abs(ra.boxes - rb.boxes).max())
-                worst = max(worst, diff)
-                ok = diff <= 1.0
+            if agreement >= 1.0:  # float16: the same list, every box within a pixel
+                ok = len(ra.labels) == len(rb.labels) and bool((ra.labels == rb.labels).all())
+                if ok and len(ra.labels):
+                    diff = float(np.abs(ra.boxes - rb.boxes).max())
+                    worst = max(worst, diff)
+                    ok = diff <= 1.0
+            else:
+                ok = sure_detections_agree(ra, rb, 0.5 + SURE_MARGIN)  # 0.5: both Predictors' threshold
             same += ok
         elif a.task == "classification":
             total += 1
@@ -109,7 +139,10 @@ def compare(src: Path, dst: Path, images: list[Path], agreement: float = 1.0) ->
     if a.task == "segmentation":
         share = same / max(total, 1)
         return share >= (0.995 if agreement >= 1.0 else 0.99), f"{100 * share:.3f}% of {total} pixels equal"
-    extra = f", largest box difference {worst:.3f} px" if a.task == "detection" else ""
+    extra = ""
+    if a.task == "detection":
+        extra = (f", largest box difference {worst:.3f} px" if agreement >= 1.0 else
+                 f" (every detection scored >= {0.5 + SURE_MARGIN:g} matched by class at IoU >= 0.9)")
     return same >= agreement * total, f"{same}/{total} images give the same answer{extra}"
 
 
