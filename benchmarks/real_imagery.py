@@ -220,20 +220,22 @@ def finish_visiondet(process: subprocess.Popen, data: Path, out: Path, start: fl
 
 
 
-def side_by_side(reference: Callable[[], dict] | None, start: Callable[[], subprocess.Popen] | None,
-                 finish: Callable[[subprocess.Popen, float], dict], *, parallel: bool,
-                 name: str) -> dict[str, dict]:
+def side_by_side(reference: Callable[[], dict], start: Callable[[], subprocess.Popen],
+                 finish: Callable[[subprocess.Popen, float], dict], *, parallel: bool, name: str,
+                 only: str | None = None) -> dict[str, dict]:
     """The reference recipe in this process and visiondet's in a subprocess (``start``), at once when
-    ``parallel`` (a busy machine then slows both alike), else one after the other; either side may be None.
-    Returns the rows by recipe name, the reference's first."""
+    ``parallel`` (a busy machine then slows both alike), else one after the other; ``only`` ("reference"
+    or "visiondet", the scripts' ``--only``) runs one side. Returns the rows by recipe name, the
+    reference's first."""
+    ours, theirs = only != "reference", only != "visiondet"
     rows: dict[str, dict] = {}
     process, began = None, time.perf_counter()
-    if start is not None and parallel:
+    if ours and parallel:
         process = start()
-    if reference is not None:
+    if theirs:
         rows["torchvision reference"] = reference()
         print(f"reference: {json.dumps(rows['torchvision reference'])}", flush=True)
-    if start is not None:
+    if ours:
         if process is None:
             began, process = time.perf_counter(), start()
         rows[name] = finish(process, began)
@@ -346,6 +348,7 @@ def main() -> int:
     if args.step_cost:
         step_costs(args.data)
         return 0
+
     def reference() -> dict:
         return run_reference(args.data, args.minutes, args.seed)
 
@@ -355,10 +358,8 @@ def main() -> int:
     def finish(process: subprocess.Popen, start: float) -> dict:
         return finish_visiondet(process, args.data, args.out, start)
 
-    rows = side_by_side(None if args.only == "visiondet" else reference,
-                        None if args.only == "reference" else ours,
-                        finish,
-                        parallel=args.parallel, name="visiondet " + CONFIG.stem)
+    rows = side_by_side(reference, ours, finish, parallel=args.parallel, name="visiondet " + CONFIG.stem,
+                        only=args.only)
 
     print(f"\n{'recipe':34s} {'AP50':>6s} {'AP':>6s} {'steps':>6s} {'images':>7s} {'minutes':>7s}")
     for name, r in rows.items():

@@ -245,10 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     def finish(process: subprocess.Popen, start: float) -> dict:
         return finish_visiondet(process, args.data, args.out, start, args.max_val)
 
-    rows = side_by_side(None if args.only == "visiondet" else reference,
-                        None if args.only == "reference" else ours,
-                        finish,
-                        parallel=args.parallel, name="visiondet " + CONFIG.stem)
+    rows = side_by_side(reference, ours, finish, parallel=args.parallel, name="visiondet " + CONFIG.stem,
+                        only=args.only)
     report(rows, bool(args.overrides) and not args.smoke)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
