@@ -21,6 +21,7 @@ from detection.models import (
     prepare_for_inference,
 )
 from detection.structures import Detections
+from vision.checkpoint import load_checkpoint
 from vision.data.synthetic import make_shapes
 from vision.layers import FrozenBatchNorm2d
 
@@ -84,6 +85,17 @@ def test_train_then_evaluate(shapes, tmp_path, capsys):
     assert loaded.model.roi_heads.box_predictor.cls_score.out_features == 4
     outputs, losses = loaded.model([torch.rand(3, 70, 90)])
     assert isinstance(outputs[0], Detections) and losses == {}
+    # after training, each checkpoint gets the score threshold of best F1 on the validation split (the rule
+    # and its use by predict and the demo: tests/test_score_calibration.py)
+    for name in ("last.pt", "best.pt"):
+        preprocess = load_checkpoint(tmp_path / "run" / name)["preprocess"]
+        figures = preprocess["score_calibration"]
+        assert preprocess["score_threshold"] == figures["threshold"] >= 0.05
+        assert (figures["images"], figures["split"]) == (2, str(shapes["val"] / "images"))
+        assert figures["boxes"] > 0
+        assert figures["f1"] == pytest.approx(2 / (1 / figures["precision"] + 1 / figures["recall"]))
+    assert result.metrics["score/threshold"] == loaded.preprocess["score_threshold"]  # best.pt's
+    assert "score threshold: best.pt keeps detections scoring" in (tmp_path / "run" / "train.log").read_text()
 
     out = tmp_path / "eval.json"
     val_split = ["--images", str(shapes["val"] / "images"), "--annotations"]

@@ -58,15 +58,16 @@ from detection.models import DetectorConfig, build_detector, check_sections, spl
 from detection.proposal_data import EXTRA_BOXES, ProposalDataset
 from detection.proposals import ProposalConfig, ProposalError, build_proposal_source
 from detection.rcnn import RCNNConfig
-from detection.structures import Detections
+from detection.score_threshold import LOWEST, RULE, ScoreCalibration, choose_score_threshold
+from detection.structures import Detections, Thresholds
 from vision.cache import cache_dir
-from vision.checkpoint import save_checkpoint
+from vision.checkpoint import load_checkpoint, save_checkpoint
 from vision.data.coco import CocoDetection
 from vision.data.collate import detection_collate
 from vision.data.samplers import AspectRatioGroupedBatchSampler
 from vision.data.transforms import build_transforms
 
-__all__ = ["DetectionOptions", "DetectionTask"]
+__all__ = ["DetectionOptions", "DetectionTask", "calibrate_checkpoint"]
 
 
 @dataclass
@@ -267,16 +268,19 @@ class DetectionTask(Task):
             raise ConfigError(outcome)
         return outcome
 
-    def detect(self, model: nn.Module, loader: Any, device: torch.device) -> list[ImageDetections]:
+    def detect(self, model: nn.Module, loader: Any, device: torch.device,
+               thresholds: Thresholds | None = None) -> list[ImageDetections]:
         """This rank's detections, one image per forward pass as in ``visiondet predict`` (in a batch, an
         image's boxes would depend on its companions through the padding to a common size and batched
-        kernels' rounding), in the pixels the annotation file describes."""
+        kernels' rounding), in the pixels the annotation file describes; ``thresholds``: the model's
+        post-processing cuts for these calls (None: its configured ones)."""
         found: list[ImageDetections] = []
+        cuts = {} if thresholds is None else {"thresholds": thresholds}
         for images, targets in loader:
             for image, target in zip(images, targets, strict=True):
                 # proposals attached by the data pipeline (Fast R-CNN, R-CNN)
                 proposals = [target["proposals"].to(device)] if "proposals" in target else None
-                det = model([image.to(device)], proposals=proposals)[0][0]
+                det = model([image.to(device)], proposals=proposals, **cuts)[0][0]
                 # boxes back to the pixels the annotation file describes (the eval pipeline may resize)
                 orig_h, orig_w = (int(v) for v in target["orig_size"])
                 scale = torch.tensor(
@@ -317,10 +321,68 @@ class DetectionTask(Task):
 
     def finish_training(self, exp: Experiment, run_dir: Path, device: torch.device,
                         log: Callable[[str], None] = print) -> dict[str, float]:
-        """R-CNN: the later stages on the fine-tuned CNN, then ``<run_dir>/final.pt`` (the complete
-        detector, scored on the validation split); returns its metrics. Nothing for Fast/Faster R-CNN."""
-        if not generation_of(exp.model.arch).later_stages:  # (the arch was checked when the model was built)
-            return {}
+        """With a validation split, each complete detector of the run (Fast/Faster R-CNN: last.pt and
+        best.pt; R-CNN: final.pt) gets the score threshold calibrated on its own detections there
+        (:meth:`calibrate_score_threshold`). R-CNN first: the later stages on the fine-tuned CNN, then
+        ``<run_dir>/final.pt`` (the complete detector, scored on the validation split). Returns R-CNN's final
+        metrics and the calibration's figures (best.pt's, else last.pt's) as ``score/<name>``."""
+        if generation_of(exp.model.arch).later_stages:  # (the arch was checked when the model was built)
+            metrics = self._rcnn_later_stages(exp, run_dir, device, log)
+            detectors = [run_dir / "final.pt"]
+        else:
+            metrics, detectors = {}, [run_dir / "last.pt", run_dir / "best.pt"]
+        if exp.data.val is None:
+            return metrics
+        loader_settings = {"batch_size": exp.train.batch_size, "workers": exp.data.workers}
+        for path in detectors:
+            if path.is_file():
+                found = self.calibrate_score_threshold(path, exp.data.val, device, log, **loader_settings)
+                if found is not None:
+                    metrics.update({f"score/{k}": float(v) for k, v in found.as_dict().items()})
+        return metrics
+
+    def calibrate_score_threshold(self, path: Path, split: SplitConfig, device: str | torch.device,
+                                  log: Callable[[str], None] = print, *, batch_size: int = 1, workers: int = 0
+                                  ) -> ScoreCalibration | None:
+        """Write into the checkpoint ``path`` the score threshold of best F1 on ``split`` (images +
+        annotations; detection.score_threshold): ``preprocess["score_threshold"]``, which predict and the
+        demo use when no threshold is given, and ``preprocess["score_calibration"]``, its figures. The model
+        detects as predict does, with its own score cut lowered to the lowest candidate. Returns the
+        figures, or None (the checkpoint unchanged) when no detection there is right at any threshold."""
+        path = Path(path)
+        loaded = model_from_checkpoint(self, read_checkpoint(path), path, device, ema=True)
+        dataset = self.build_eval_dataset(split, loaded)
+        loader = eval_loader(dataset, self.collate, batch_size=batch_size, workers=workers)
+        model = loaded.model.eval()
+        cuts = model.thresholds
+        lowered = replace(cuts, score_thresh=min(cuts.score_thresh, LOWEST))
+        with torch.inference_mode():
+            found = self.detect(model, loader, torch.device(device), lowered)
+        seen = {d.image_id for d in found}
+        skipped = len(set(_unwrap(dataset).ids) - seen)  # unreadable images the loader left out
+        try:
+            calibration = choose_score_threshold(split.annotations, _coco_results(found, loaded.classes),
+                                                 image_ids=seen if skipped else None)
+        except EvaluationError as exc:
+            raise ConfigError(f"score threshold of {path}: {exc}") from exc
+        if calibration is None:
+            log(f"score threshold: {path.name} keeps the default (no detection on {split.images} is right "
+                "at any threshold)")
+            return None
+        ckpt = load_checkpoint(path)  # as stored (not migrated): only its preprocess entry changes
+        ckpt["preprocess"] = {**ckpt.get("preprocess", {}), "score_threshold": calibration.threshold,
+                              "score_calibration": {"rule": RULE, **calibration.as_dict(),
+                                                    "split": str(split.images)}}
+        save_checkpoint(ckpt, path)
+        c = calibration
+        log(f"score threshold: {path.name} keeps detections scoring {c.threshold:.3f} or more (validation, "
+            f"{c.images} images, {c.boxes} boxes, at IoU 0.5: precision {c.precision:.3f}, recall "
+            f"{c.recall:.3f}, F1 {c.f1:.3f}, the best F1)")
+        return calibration
+
+    def _rcnn_later_stages(self, exp: Experiment, run_dir: Path, device: torch.device,
+                           log: Callable[[str], None]) -> dict[str, float]:
+        """R-CNN: the later stages on the fine-tuned CNN, then ``<run_dir>/final.pt``; returns its metrics."""
         finetuned = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
         loaded = model_from_checkpoint(self, read_checkpoint(finetuned), finetuned, device, ema=True)
         model = loaded.model
@@ -349,6 +411,23 @@ class DetectionTask(Task):
         return metrics
 
 
+def calibrate_checkpoint(path: str | Path, images: str | Path, annotations: str | Path,
+                         device: str | torch.device = "cpu", log: Callable[[str], None] = print
+                         ) -> ScoreCalibration | None:
+    """A detector checkpoint already trained (``path``) given the score threshold of best F1 on the images
+    of ``images`` with their ``annotations`` (COCO JSON; held out from its training): what
+    ``finish_training`` does for a run's checkpoints, written into the file (atomically) the same way.
+
+        calibrate_checkpoint("weights/faster_rcnn_real.pt", "runs/realset_seg/val/images",
+                             "runs/realset_seg/val/annotations.json")
+    """
+    task = str(read_checkpoint(Path(path)).get("task"))
+    if task != DetectionTask.name:
+        raise ConfigError(f"{path}: a {task} checkpoint; the score threshold is a detector's")
+    return DetectionTask().calibrate_score_threshold(
+        Path(path), SplitConfig(images=str(images), annotations=str(annotations)), device, log)
+
+
 def _fit_anchors(exp: Experiment, data: Datasets) -> tuple[DetectorConfig | None, str]:
     """(the model config with fitted anchors, the log line), or (None, the error)."""
     base = _unwrap(data.train)
@@ -375,14 +454,18 @@ class ImageDetections(NamedTuple):
     labels: np.ndarray  # int64 [D] in 1..K
 
 
+def _coco_results(found: list[ImageDetections], classes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    as_torch = lambda d: Detections(*(torch.from_numpy(a) for a in (d.boxes, d.scores, d.labels)))  # noqa: E731
+    return [r for d in found for r in detections_to_coco(d.image_id, as_torch(d), classes)]
+
+
 def _score(parts: list[list[ImageDetections]], dataset: Any, classes: list[dict[str, Any]]
            ) -> dict[str, float] | str:
     """Rank 0: the metrics of every rank's detections, or the error message every rank raises."""
     found = [d for part in parts for d in part]
     seen = {d.image_id for d in found}
     skipped = len(set(dataset.ids) - seen)  # unreadable images the loader left out
-    as_torch = lambda d: Detections(*(torch.from_numpy(a) for a in (d.boxes, d.scores, d.labels)))  # noqa: E731
-    results = [r for d in found for r in detections_to_coco(d.image_id, as_torch(d), classes)]
+    results = _coco_results(found, classes)
     try:
         metrics = evaluate_coco(dataset.annotations_path, results, classes=classes,
                                 image_ids=seen if skipped else None)
