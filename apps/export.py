@@ -200,6 +200,12 @@ class ExportedModel:
         return self.runner(images.float().cpu())[0], {}
 
 
+def exported_score_cut(loaded: LoadedModel) -> float | None:
+    """The score cut ``loaded``'s exported file keeps fixed (a detector's configured one); None otherwise."""
+    cuts = getattr(loaded.model, "thresholds", None)  # a detector's configured cuts: what the export keeps
+    return getattr(cuts, "score_thresh", None)
+
+
 def exported_backend(loaded: LoadedModel, score_thresh: float | None = None,
                      int8: str | os.PathLike | None = None) -> LoadedModel:
     """``loaded`` with its model replaced by the ONNX Runtime run of its exported file (exported, checked
@@ -207,8 +213,7 @@ def exported_backend(loaded: LoadedModel, score_thresh: float | None = None,
     file's thresholds are fixed: a detection ``score_thresh`` below the one exported is refused rather
     than silently not honoured."""
     model = loaded.model
-    cuts = getattr(model, "thresholds", None)  # a detector's configured cuts: what the export keeps
-    cut = getattr(cuts, "score_thresh", None)
+    cut = exported_score_cut(loaded)
     if score_thresh is not None and cut is not None and score_thresh < cut:
         raise ValueError(f"the onnxruntime backend keeps detections scoring {cut} or more (the threshold it "
                          f"is exported with); --score-threshold {score_thresh} needs --backend pytorch")

@@ -3,6 +3,7 @@ gives the PyTorch backend's outputs and files."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from apps.cli import main
 from apps.demo.models import ModelCache, find_checkpoints
 from apps.export import ExportedModel
 from apps.predict.predictor import Predictor
+from apps.tasks import load_model
 from vision.data.images import read_image
 
 pytest.importorskip("onnxruntime", reason="the export extra: pip install 'visiondet[export]'")
@@ -65,6 +67,22 @@ def test_predictor_onnxruntime_classification_and_segmentation(name):
 def test_onnxruntime_refuses_a_score_threshold_below_the_exported_one():
     with pytest.raises(ValueError, match="needs --backend pytorch"):
         Predictor(WEIGHTS_DIR / "faster_rcnn_shapes.pt", "cpu", score_thresh=0.01, backend="onnxruntime")
+
+
+def test_onnxruntime_takes_the_checkpoints_threshold_without_refusing_it():
+    """Without a threshold given, the checkpoint's calibrated one (tests/test_score_calibration.py): above
+    the file's fixed cut, as it is; under it, raised to the cut (all the file can give), never refused."""
+    loaded = load_model(WEIGHTS_DIR / "faster_rcnn_shapes.pt")
+    cut = loaded.model.thresholds.score_thresh
+    image = read_image(EXAMPLES / "scene_1.png")
+    calibrated = dataclasses.replace(loaded, preprocess={**loaded.preprocess, "score_threshold": 0.9})
+    [expected] = Predictor(calibrated, "cpu").predict([image])
+    onnx = Predictor(calibrated, "cpu", backend="onnxruntime")
+    assert isinstance(onnx.model, ExportedModel) and onnx.score_thresh == 0.9
+    [got] = onnx.predict([image])
+    assert got.names == expected.names and len(got.names) > 0 and (got.scores >= 0.9).all()
+    under = dataclasses.replace(loaded, preprocess={**loaded.preprocess, "score_threshold": cut / 2})
+    assert Predictor(under, "cpu", backend="onnxruntime").score_thresh == cut
 
 
 def test_demo_cache_runs_exported_models_and_keeps_rcnn_on_pytorch(capsys):

@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image folders (searched recursively), glob patterns (quote them), image files, "
                              "or .txt files listing image paths")
     parser.add_argument("--output", required=True, type=Path, help="folder for the outputs")
-    parser.add_argument("--score-threshold", type=float, default=0.5, help="detection: lowest score (0.5)")
+    parser.add_argument("--score-threshold", type=float, default=None,
+                        help="detection: lowest score (default: the checkpoint's calibrated threshold, "
+                             "else 0.5)")
     parser.add_argument("--nms-threshold", type=float, default=None,
                         help="detection: IoU of the per-class NMS (default: the checkpoint's)")
     parser.add_argument("--classes", nargs="+", default=None, metavar="CLASS",

@@ -137,14 +137,16 @@ class DemoHandlers:
 
     # ---- detection -----------------------------------------------------------------------------------------
 
-    def model_changed(self, label: str | None) -> tuple[Any, Any, str]:
-        """Detection model picked: its classes for the filter, its NMS threshold, a line about it."""
+    def model_changed(self, label: str | None) -> tuple[Any, Any, Any, str]:
+        """Detection model picked: its classes for the filter, its NMS threshold, its score threshold (the
+        one calibrated on its validation split, else 0.5), a line about it."""
         if not label or label not in self.cache.checkpoints:
-            return gr.update(choices=[], value=[]), gr.update(), ""
+            return gr.update(choices=[], value=[]), gr.update(), gr.update(), ""
         entry = self.cache.checkpoint(label)
         names = [c["name"] for c in entry.classes]
         nms = gr.update(value=entry.nms_thresh) if entry.nms_thresh is not None else gr.update()
-        return gr.update(choices=names, value=[]), nms, self.about(label)
+        score = gr.update(value=entry.score_thresh)
+        return gr.update(choices=names, value=[]), nms, score, self.about(label)
 
     def about(self, label: str | None) -> str:
         """The picked model in two lines: architecture and metrics, then what it was trained on and knows."""

@@ -22,7 +22,12 @@ import torch
 from apps.export import exported_backend
 from apps.migrations import upgrade_checkpoint
 from apps.tasks import LoadedModel, get_task, load_model
-from apps.tasks.inference.base import Inference, ModelDescription
+from apps.tasks.inference.base import (
+    DEFAULT_SCORE_THRESH,
+    Inference,
+    ModelDescription,
+    checkpoint_score_threshold,
+)
 from detection.torchvision_weights import (
     COCO_CLASSES,
     COCO_TRAINED_ON,
@@ -72,6 +77,8 @@ class Checkpoint:
     # model knows that one thing, not its category in general, and the page says so
     single_photo: list[str] = field(default_factory=list)
     none_class: str | None = None  # a classifier's class of "none of these" images (``preprocess``)
+    # a detector's score threshold: calibrated on its validation split after training (``preprocess``)
+    score_thresh: float = DEFAULT_SCORE_THRESH
 
     @property
     def arch(self) -> str:
@@ -228,7 +235,8 @@ def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] 
                                 task.inference.describe(ckpt.get("model") or {}), list(ckpt["classes"]),
                                 dict(ckpt.get("metrics") or {}), trained_on, synthetic, chosen=mine,
                                 single_photo=[str(n) for n in ckpt.get("single_photo_classes") or []],
-                                none_class=(ckpt.get("preprocess") or {}).get("none_class")))
+                                none_class=(ckpt.get("preprocess") or {}).get("none_class"),
+                                score_thresh=checkpoint_score_threshold(ckpt.get("preprocess") or {})))
     found.sort(key=_picker_order)
     return found, problems
 

@@ -33,7 +33,7 @@ from apps.demo.models import (
     ModelCache,
     find_checkpoints,
 )
-from apps.tasks.inference.base import Inference
+from apps.tasks.inference.base import DEFAULT_SCORE_THRESH, Inference
 from apps.tasks.inference.classification import ClassificationInference
 from apps.tasks.inference.detection import DetectionInference
 from apps.tasks.inference.segmentation import SegmentationInference
@@ -280,7 +280,9 @@ class Demo:
                     "The image to run the detector on", self.examples, self.photo_scenes, follow_model=False)
                 first = self.cache.checkpoints.get(model.value) if model.value else None
                 with gr.Accordion("Thresholds and classes", open=True):
-                    score = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Score threshold")
+                    # the picked detector's own threshold (calibrated after training), 0.5 without one
+                    score = gr.Slider(0.0, 1.0, value=first.score_thresh if first else DEFAULT_SCORE_THRESH,
+                                      step=0.01, label="Score threshold")
                     nms = gr.Slider(0.05, 1.0, value=first.nms_thresh if first and first.nms_thresh else 0.5,
                                     step=0.05, label="NMS IoU threshold (per class)")
                     classes = gr.CheckboxGroup(choices=[c["name"] for c in first.classes] if first else [],
@@ -296,7 +298,7 @@ class Demo:
                 download = gr.File(label="JSON", interactive=False, elem_id="det-json")
         inputs, outputs = [image, model, score, nms, classes], [picture, table, download, info]
         self._run(h, button, examples, h.detect, inputs, outputs, "detect", run)
-        model.change(h.model_changed, [model], [classes, nms, model_info], api_visibility="private",
+        model.change(h.model_changed, [model], [classes, nms, score, model_info], api_visibility="private",
                      queue=False)
 
     def _segmentation_tab(self, gr: Any, h: Any, run: dict[str, Any]) -> None:

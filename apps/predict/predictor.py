@@ -1,6 +1,6 @@
 """Prediction with any visiondet checkpoint: one typed result per image, for arrays or streamed from files.
 
-    predictor = Predictor("weights/detector.pt", device="auto", score_thresh=0.5)
+    predictor = Predictor("weights/detector.pt", device="auto")  # score_thresh: the checkpoint's
     results = predictor.predict([image])                 # (H, W, 3) uint8 RGB arrays -> list[Result]
     for item in predictor.predict_source(["photos/"], batch_size=8, workers=2):
         item.file.name, item.result or item.error         # files decoded by DataLoader worker processes
@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from apps.engine.distributed import resolve_device
 from apps.engine.loader import parent_bound_init
-from apps.export import exported_backend
+from apps.export import exported_backend, exported_score_cut
 from apps.predict.results import Prediction
 from apps.predict.sources import ImageFile, find_images
 from apps.tasks import load_model
-from apps.tasks.inference.base import Inference, Result, Transform
+from apps.tasks.inference.base import Inference, Result, Transform, checkpoint_score_threshold
 from apps.tasks.inference.classification import ClassificationResult
 from apps.tasks.inference.detection import DetectionResult
 from apps.tasks.inference.segmentation import SegmentationResult
@@ -90,7 +90,8 @@ class Predictor:
     Args:
         weights: a checkpoint path, or a model already loaded by ``apps.tasks.load_model``.
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``.
-        score_thresh: detection: keep boxes scoring at least this.
+        score_thresh: detection: keep boxes scoring at least this; None: the checkpoint's calibrated
+            threshold (``preprocess["score_threshold"]``), else 0.5. ``self.score_thresh`` is the one used.
         nms_thresh: detection: IoU threshold of the per-class NMS; None keeps the model's own.
         classes: keep only these classes (names or dataset category ids); None keeps all. Detection drops
             other boxes, classification ranks only these, segmentation chooses among them and background.
@@ -105,7 +106,7 @@ class Predictor:
         weights: str | os.PathLike | Any,
         device: str | torch.device = "auto",
         *,
-        score_thresh: float = 0.5,
+        score_thresh: float | None = None,
         nms_thresh: float | None = None,
         classes: Sequence[str | int] | None = None,
         top_k: int = 5,
@@ -121,6 +122,11 @@ class Predictor:
         else:  # the caller's model, as it is (the demo prepares the ones it caches)
             self.loaded = weights
             self.loaded.model.to(self.device).eval()
+        if score_thresh is None and backend == "onnxruntime":
+            # the exported file drops what scores under its fixed cut: a checkpoint's threshold under that
+            # rises to it (only a threshold the caller asks for is refused there)
+            score_thresh = max(checkpoint_score_threshold(self.loaded.preprocess),
+                               exported_score_cut(self.loaded) or 0.0)
         # the task's inference checks the thresholds and the class filter before any export below
         self.inference: Inference = self.loaded.task.inference(
             self.loaded.classes, self.loaded.preprocess, score_thresh=score_thresh,
@@ -129,13 +135,13 @@ class Predictor:
             raise ValueError("int8 runs the quantised ONNX export: use it with the onnxruntime backend")
         if backend == "onnxruntime":  # the seam: an object with the model's call signature, on the CPU
             self.device = torch.device("cpu")
-            self.loaded = exported_backend(self.loaded, score_thresh, int8=int8)
+            self.loaded = exported_backend(self.loaded, self.inference.score_thresh, int8=int8)
         elif backend != "pytorch":
             raise ValueError(f"unknown backend {backend!r}; choose pytorch or onnxruntime")
         self.task: str = self.inference.task  # what run.json and summary.json call it
         self.classes: list[dict[str, Any]] = self.loaded.classes
         self.model = self.loaded.model
-        self.score_thresh = score_thresh
+        self.score_thresh: float = self.inference.score_thresh  # (detection) the one in use
         self.nms_thresh = nms_thresh
         self.max_pixels = max_pixels
         self.transform = self.inference.transform

@@ -57,7 +57,7 @@ class PredictOptions:
     weights: str
     sources: list[str]
     output: Path
-    score_thresh: float = 0.5
+    score_thresh: float | None = None  # None: the checkpoint's calibrated threshold, else 0.5
     nms_thresh: float | None = None
     classes: list[str] | None = None
     top_k: int = 5
@@ -158,6 +158,22 @@ def _write_item(item: Prediction, output: Path, ids: dict[str, int | None] | Non
     return record
 
 
+def _score_threshold(predictor: Predictor) -> float | None:
+    """The detection score threshold in use (None for tasks without one)."""
+    return predictor.score_thresh if predictor.inference.takes_thresholds else None
+
+
+def _threshold_origin(opts: PredictOptions, predictor: Predictor) -> str | None:
+    """Where the threshold in use comes from, as summary.json says it."""
+    if not predictor.inference.takes_thresholds:
+        return None
+    if opts.score_thresh is not None:
+        return "--score-threshold"
+    if "score_threshold" in predictor.loaded.preprocess:
+        return "the checkpoint (calibrated on its validation split)"
+    return "the default"
+
+
 def run_predict(opts: PredictOptions) -> int:
     """Run one job; returns the exit code (0: every readable image done; 1: none could be processed).
 
@@ -191,7 +207,8 @@ def run_predict(opts: PredictOptions) -> int:
         ids = image_ids(scan.files, coco_ids) if coco else None
         run_info = {
             "weights": str(Path(opts.weights).resolve()), "task": task,
-            "score_threshold": opts.score_thresh, "nms_threshold": opts.nms_thresh,
+            # the threshold in use (given, else the checkpoint's): a resumed run must use the same one
+            "score_threshold": predictor.score_thresh, "nms_threshold": opts.nms_thresh,
             "classes": opts.classes, "top_k": opts.top_k,
             "max_pixels": opts.max_pixels, "sources": [os.path.abspath(s) for s in opts.sources],
             "formats": formats, "save_images": opts.save_images, "coco_ids": coco_ids,
@@ -287,7 +304,8 @@ def _finish(
         "images_per_second": round(processed / slowest, 3) if slowest > 0 else None,
         "wall_time_s": round(wall, 3),
         "processes": per_rank if dist.world_size > 1 else None,
-        "score_threshold": opts.score_thresh if predictor.inference.takes_thresholds else None,
+        "score_threshold": _score_threshold(predictor),
+        "score_threshold_from": _threshold_origin(opts, predictor),
         "outputs": written,
         **extra,
     }

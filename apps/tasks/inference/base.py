@@ -23,11 +23,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Inference", "ModelDescription", "Result", "Size", "Transform", "hwc_to_chw"]
+__all__ = ["DEFAULT_SCORE_THRESH", "Inference", "ModelDescription", "Result", "Size", "Transform",
+           "checkpoint_score_threshold", "hwc_to_chw"]
+
+DEFAULT_SCORE_THRESH = 0.5  # a detector's threshold when neither the caller nor its checkpoint gives one
 
 Size = tuple[int, int]  # (H, W)
 # (H, W, 3) uint8 RGB -> (uint8 [3, h, w] model input, (h', w') part of it that is image)
 Transform = Callable[[np.ndarray], tuple[Tensor, Size]]
+
+
+def checkpoint_score_threshold(preprocess: dict[str, Any]) -> float:
+    """The score threshold a checkpoint recommends: the one calibrated on its validation split after
+    training (``preprocess["score_threshold"]``, apps.tasks.detection), else :data:`DEFAULT_SCORE_THRESH`."""
+    return float(preprocess.get("score_threshold", DEFAULT_SCORE_THRESH))
 
 
 def hwc_to_chw(image: np.ndarray) -> Tensor:
@@ -105,7 +114,8 @@ class Inference(ABC):
     Args:
         classes: the checkpoint's ``[{"id", "name"}, ...]`` in label order.
         preprocess: the checkpoint's ``preprocess`` entry.
-        score_thresh, nms_thresh: detection: keep boxes scoring at least this; the IoU of the
+        score_thresh, nms_thresh: detection: keep boxes scoring at least this (None: the checkpoint's
+            calibrated threshold, else 0.5; see :func:`checkpoint_score_threshold`); the IoU of the
             per-class NMS (None keeps the model's own).
         only: keep only these classes (names or dataset ids); None keeps all.
         top_k: classification: classes per result.
@@ -120,8 +130,10 @@ class Inference(ABC):
     quiet_what: ClassVar[str] = "detection"  # what a result under the threshold lacks (the hint's words)
 
     def __init__(self, classes: Sequence[dict[str, Any]], preprocess: dict[str, Any], *,
-                 score_thresh: float = 0.5, nms_thresh: float | None = None,
+                 score_thresh: float | None = None, nms_thresh: float | None = None,
                  only: Sequence[str | int] | None = None, top_k: int = 5) -> None:
+        if score_thresh is None:
+            score_thresh = checkpoint_score_threshold(preprocess)
         if not 0.0 <= score_thresh <= 1.0:
             raise ValueError(f"score threshold {score_thresh} outside [0, 1]")
         if nms_thresh is not None and not 0.0 < nms_thresh <= 1.0:
