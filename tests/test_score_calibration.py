@@ -209,11 +209,13 @@ def test_the_demo_slider_takes_the_picked_models_threshold(calibrated, tmp_path)
     found, problems = find_checkpoints([], [weights, plain])
     assert not problems
     by_file = {c.path.name: c for c in found}
-    assert by_file["calibrated.pt"].score_thresh == threshold and by_file["plain.pt"].score_thresh == 0.5
+    # the slider moves in steps of 0.01: the threshold to two decimals
+    assert by_file["calibrated.pt"].score_thresh == round(threshold, 2) != threshold
+    assert by_file["plain.pt"].score_thresh == 0.5
     handlers = DemoHandlers(ModelCache(found, "cpu"), max_pixels=10_000_000, max_side=640,
                             files_dir=tmp_path / "files")
     _, _, score, _ = handlers.model_changed(by_file["calibrated.pt"].label)
-    assert score["value"] == threshold
+    assert score["value"] == round(threshold, 2)
     _, _, score, _ = handlers.model_changed(by_file["plain.pt"].label)
     assert score["value"] == 0.5
 
@@ -226,6 +228,6 @@ def test_the_demo_page_opens_with_the_first_models_threshold(calibrated):
     try:
         blocks = demo.build()
         sliders = [b for b in blocks.blocks.values() if getattr(b, "label", None) == "Score threshold"]
-        assert [s.value for s in sliders] == [threshold]
+        assert [s.value for s in sliders] == [round(threshold, 2)]
     finally:
         demo.close()

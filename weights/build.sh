@@ -10,7 +10,8 @@
 # photographs) with the CPU recipes for REAL_BUDGET each (default 20m, the budget the real-imagery benchmarks
 # measure; the schedule is laid over the steps that fit, so OMP_NUM_THREADS and the machine's load change
 # what a run reaches), and are stored with int8 conv/linear weights (weights/slim.py --int8) to stay
-# under 15 MB. The classifier's "none of these" threshold is calibrated on its validation split at the end.
+# under 15 MB. The classifier's "none of these" threshold and the detectors' score threshold are calibrated on
+# their validation splits at the end of training.
 #
 # Everything intermediate goes to runs/default_weights/ (git-ignored). Each training run is niced and uses the
 # CPU; extra `key=value` overrides for every `visiondet train` can be given in TRAIN_OVERRIDES.

@@ -236,7 +236,8 @@ def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] 
                                 dict(ckpt.get("metrics") or {}), trained_on, synthetic, chosen=mine,
                                 single_photo=[str(n) for n in ckpt.get("single_photo_classes") or []],
                                 none_class=(ckpt.get("preprocess") or {}).get("none_class"),
-                                score_thresh=checkpoint_score_threshold(ckpt.get("preprocess") or {})))
+                                # to the score slider's step (0.01): 0.89, not 0.8932247
+                                score_thresh=round(checkpoint_score_threshold(ckpt.get("preprocess") or {}), 2)))
     found.sort(key=_picker_order)
     return found, problems
 
