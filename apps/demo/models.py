@@ -231,13 +231,14 @@ def find_checkpoints(folders: Iterable[str | Path], files: Iterable[str | Path] 
         mine = key in chosen_keys
         label = _label(path, ckpt, taken) if mine else path.name if path.name not in taken else str(path)
         trained_on, synthetic = _trained_on(ckpt)
+        preprocess = ckpt.get("preprocess") or {}
         found.append(Checkpoint(label, path, task.name, task.inference,
                                 task.inference.describe(ckpt.get("model") or {}), list(ckpt["classes"]),
                                 dict(ckpt.get("metrics") or {}), trained_on, synthetic, chosen=mine,
                                 single_photo=[str(n) for n in ckpt.get("single_photo_classes") or []],
-                                none_class=(ckpt.get("preprocess") or {}).get("none_class"),
+                                none_class=preprocess.get("none_class"),
                                 # to the score slider's step (0.01): 0.89, not 0.8932247
-                                score_thresh=round(checkpoint_score_threshold(ckpt.get("preprocess") or {}), 2)))
+                                score_thresh=round(checkpoint_score_threshold(preprocess), 2)))
     found.sort(key=_picker_order)
     return found, problems
 
