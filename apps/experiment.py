@@ -21,6 +21,7 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "Experiment",
+    "TestedScale",
     "check_values",
     "parse_duration",
     "training_data_name",
@@ -107,6 +108,18 @@ class TrainConfig:
 
 
 @dataclass
+class TestedScale:
+    """Where a recipe was measured (its ``tested:`` block): the time budgets, the training set's size and,
+    one line each, what the studies found there. ``visiondet train`` quotes the findings when a run leaves
+    that scale, so a user knows the recipe's choices were measured elsewhere."""
+
+    budgets: list[str] = field(default_factory=list)  # durations, e.g. [10m, 20m]
+    train_images: int | None = None  # the training split the studies used
+    findings: list[str] = field(default_factory=list)
+    source: str = ""  # where the tables are (docs/LESSONS.md ...)
+
+
+@dataclass
 class Experiment:
     """One training run. ``model`` is the task's model config dataclass (Task.model_config_type)."""
 
@@ -121,6 +134,7 @@ class Experiment:
     resume: bool | str = False  # a run folder / last.pt to continue (true: the one in output_dir)
     # resuming with other data, model or schedule than the run's saved config.yaml is refused unless true
     resume_force: bool = False
+    tested: TestedScale | None = None  # the recipe's measured scale (apps/engine/tested.py)
 
 
 # folders that hold a split's files rather than name it (images/ beside annotations.json, VOC's JPEGImages)

@@ -42,6 +42,7 @@ from apps.engine.precision import autocast_dtype
 from apps.engine.resume import find_resume_checkpoint, resume_changes
 from apps.engine.schedule import LrPlan, build_scheduler
 from apps.engine.step import Stepper, TrainingError
+from apps.engine.tested import untested_scale
 from apps.engine.unreadable import SkippedFiles, after_unreadable, unreadable_hint
 from apps.experiment import Experiment, parse_duration
 from apps.schema import ConfigError
@@ -167,6 +168,8 @@ class _Trainer:
             log.info(f"{exp.task}: {len(self.train_ds)} training images, "
                      f"{len(self.val_ds) if self.val_ds is not None else 0} validation images, "
                      f"{len(self.classes)} classes, device {self.device}, {info.world_size} process(es)")
+            if line := untested_scale(exp, len(self.train_ds)):
+                log.info(line)
         if rng is not None:  # last: nothing after this may consume randomness the original run did not
             ckpt_io.restore_rng(rng)
 
