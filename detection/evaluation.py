@@ -93,10 +93,10 @@ def evaluate_coco(
         raise EvaluationError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = "faster" if faster_available() else "pycocotools"
-    gt = _subset(load_ground_truth(ground_truth), image_ids)
+    gt = ground_truth_subset(load_ground_truth(ground_truth), image_ids)
     names = {c["id"]: c["name"] for c in gt.dataset.get("categories", [])}
     names.update({c["id"]: c["name"] for c in classes or []})
-    _check_results(gt, results)
+    check_results(gt, results)
     metrics = dict.fromkeys(METRIC_NAMES, 0.0)
     cat_ids = sorted(gt.getCatIds())
     with_gt = {a["category_id"] for a in gt.dataset["annotations"] if not a["iscrowd"]}  # one pass
@@ -130,7 +130,7 @@ def faster_available() -> bool:
 
 def _run_pycocotools(gt: COCO, results: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        gt = _renumbered(gt)
+        gt = renumbered(gt)
         coco_eval = COCOeval(gt, gt.loadRes(results), iouType="bbox")
         coco_eval.evaluate()
         coco_eval.accumulate()
@@ -143,7 +143,7 @@ def _run_faster(gt: COCO, results: list[dict[str, Any]]) -> tuple[np.ndarray, np
 
     with contextlib.redirect_stdout(io.StringIO()):  # summarize() prints the table
         # faster-coco-eval has its own COCO class: it indexes the same dicts (no copy of the annotations)
-        fast_gt = faster_coco_eval.COCO(_renumbered(gt).dataset)
+        fast_gt = faster_coco_eval.COCO(renumbered(gt).dataset)
         coco_eval = faster_coco_eval.COCOeval_faster(
             fast_gt, fast_gt.loadRes(results), iouType="bbox", print_function=lambda *_: None
         )
@@ -154,7 +154,7 @@ def _run_faster(gt: COCO, results: list[dict[str, Any]]) -> tuple[np.ndarray, np
     return stats, coco_eval.eval["precision"], [int(c) for c in coco_eval.params.catIds]
 
 
-def _subset(gt: COCO, image_ids: Collection[int] | None) -> COCO:
+def ground_truth_subset(gt: COCO, image_ids: Collection[int] | None) -> COCO:
     """``gt`` itself, or a copy holding only the images ``image_ids`` and their annotations."""
     if image_ids is None:
         return gt
@@ -170,7 +170,7 @@ def _subset(gt: COCO, image_ids: Collection[int] | None) -> COCO:
     return copy
 
 
-def _renumbered(gt: COCO) -> COCO:
+def renumbered(gt: COCO) -> COCO:
     """``gt`` itself, or a copy with annotation ids 1..A when one is 0 or below.
 
     Both evaluators record a match by writing the matched annotation's id and read 0 as "no match", so a
@@ -190,7 +190,7 @@ def _mean_valid(values: np.ndarray) -> float:
     return float(valid.mean()) if valid.size else 0.0
 
 
-def _check_results(gt: COCO, results: Sequence[dict[str, Any]]) -> None:
+def check_results(gt: COCO, results: Sequence[dict[str, Any]]) -> None:
     image_ids, cat_ids = set(gt.getImgIds()), set(gt.getCatIds())
     bad_images = sorted({r.get("image_id") for r in results} - image_ids, key=str)
     if bad_images:

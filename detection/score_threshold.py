@@ -20,7 +20,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detection.evaluation import _check_results, _renumbered, _subset, load_ground_truth
+from detection.evaluation import check_results, ground_truth_subset, load_ground_truth, renumbered
 
 __all__ = ["LOWEST", "RULE", "ScoreCalibration", "choose_score_threshold"]
 
@@ -62,12 +62,12 @@ def choose_score_threshold(
     Returns None when no threshold has a right detection (no results, no ground-truth boxes, or none
     matched): there is nothing to choose from.
     """
-    gt = _subset(load_ground_truth(ground_truth), image_ids)
-    _check_results(gt, results)
+    gt = ground_truth_subset(load_ground_truth(ground_truth), image_ids)
+    check_results(gt, results)
     if not results:
         return None
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        gt = _renumbered(gt)  # (a ground-truth id 0 would read as "not matched")
+        gt = renumbered(gt)  # (a ground-truth id 0 would read as "not matched")
         coco_eval = COCOeval(gt, gt.loadRes([dict(r) for r in results]), iouType="bbox")
         params = coco_eval.params
         params.iouThrs = np.array([0.5])  # index 0 of COCO's thresholds, alone: the rest is not needed
