@@ -231,3 +231,35 @@ def test_the_demo_page_opens_with_the_first_models_threshold(calibrated):
         assert [s.value for s in sliders] == [round(threshold, 2)]
     finally:
         demo.close()
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_run_whose_best_is_its_last_detects_once(tmp_path, monkeypatch, same):
+    """finish_training calibrates last.pt and best.pt; when they hold the same weights (best.pt written at
+    the last evaluation) the validation images are detected once and both files get the same threshold."""
+    from types import SimpleNamespace
+
+    from apps.experiment import SplitConfig
+    from apps.tasks.detection import DetectionTask
+
+    shapes = make_shapes("detection", tmp_path / "shapes", num_images=6, seed=1, val_fraction=0.5)["val"]
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copyfile(WEIGHTS_DIR / "faster_rcnn_shapes.pt", run / "last.pt")
+    best = load_checkpoint(run / "last.pt")
+    if not same:  # another detector: one weight moved
+        key = next(k for k, v in best["state_dict"].items() if v.is_floating_point())
+        best["state_dict"][key] = best["state_dict"][key] + 1e-3
+    save_checkpoint(best, run / "best.pt")
+    task = DetectionTask()
+    passes = []
+    detect = task.detect
+    monkeypatch.setattr(task, "detect", lambda *a, **k: passes.append(1) or detect(*a, **k))
+    val = SplitConfig(images=str(shapes / "images"), annotations=str(shapes / "annotations.json"))
+    exp = SimpleNamespace(model=SimpleNamespace(arch=best["model"]["arch"]),
+                          train=SimpleNamespace(batch_size=1), data=SimpleNamespace(workers=0, val=val))
+    task.finish_training(exp, run, torch.device("cpu"), log=lambda line: None)
+    assert len(passes) == (1 if same else 2)
+    written = [load_checkpoint(run / name)["preprocess"]["score_calibration"]
+               for name in ("last.pt", "best.pt")]
+    assert (written[0] == written[1]) if same else all(w["rule"] == RULE for w in written)

@@ -334,11 +334,19 @@ class DetectionTask(Task):
         if exp.data.val is None:
             return metrics
         loader_settings = {"batch_size": exp.train.batch_size, "workers": exp.data.workers}
+        done: list[tuple[Path, ScoreCalibration | None]] = []
         for path in detectors:
-            if path.is_file():
+            if not path.is_file():
+                continue
+            # best.pt written at the run's last evaluation is last.pt's detector: detected once, not twice
+            twin = next(((p, f) for p, f in done if _same_weights(p, path)), None)
+            if twin is None:
                 found = self.calibrate_score_threshold(path, exp.data.val, device, log, **loader_settings)
-                if found is not None:
-                    metrics.update({f"score/{k}": float(v) for k, v in found.as_dict().items()})
+            elif (found := twin[1]) is not None:
+                _record_calibration(path, found, exp.data.val, log)
+            done.append((path, found))
+            if found is not None:
+                metrics.update({f"score/{k}": float(v) for k, v in found.as_dict().items()})
         return metrics
 
     def calibrate_score_threshold(self, path: Path, split: SplitConfig, device: str | torch.device,
@@ -369,15 +377,7 @@ class DetectionTask(Task):
             log(f"score threshold: {path.name} keeps the default (no detection on {split.images} is right "
                 "at any threshold)")
             return None
-        ckpt = load_checkpoint(path)  # as stored (not migrated): only its preprocess entry changes
-        ckpt["preprocess"] = {**ckpt.get("preprocess", {}), "score_threshold": calibration.threshold,
-                              "score_calibration": {"rule": RULE, **calibration.as_dict(),
-                                                    "split": str(split.images)}}
-        save_checkpoint(ckpt, path)
-        c = calibration
-        log(f"score threshold: {path.name} keeps detections scoring {c.threshold:.3f} or more (validation, "
-            f"{c.images} images, {c.boxes} boxes, at IoU 0.5: precision {c.precision:.3f}, recall "
-            f"{c.recall:.3f}, F1 {c.f1:.3f}, the best F1)")
+        _record_calibration(path, calibration, split, log)
         return calibration
 
     def _rcnn_later_stages(self, exp: Experiment, run_dir: Path, device: torch.device,
@@ -409,6 +409,32 @@ class DetectionTask(Task):
         save_checkpoint(ckpt, run_dir / "final.pt")
         log(f"rcnn: the complete detector is {run_dir / 'final.pt'}")
         return metrics
+
+
+def _record_calibration(path: Path, calibration: ScoreCalibration, split: SplitConfig,
+                        log: Callable[[str], None]) -> None:
+    """``calibration`` written into the checkpoint ``path`` (atomically) and said in one line."""
+    ckpt = load_checkpoint(path)  # as stored (not migrated): only its preprocess entry changes
+    ckpt["preprocess"] = {**ckpt.get("preprocess", {}), "score_threshold": calibration.threshold,
+                          "score_calibration": {"rule": RULE, **calibration.as_dict(),
+                                                "split": str(split.images)}}
+    save_checkpoint(ckpt, path)
+    c = calibration
+    log(f"score threshold: {path.name} keeps detections scoring {c.threshold:.3f} or more (validation, "
+        f"{c.images} images, {c.boxes} boxes, at IoU 0.5: precision {c.precision:.3f}, recall "
+        f"{c.recall:.3f}, F1 {c.f1:.3f}, the best F1)")
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two checkpoints hold the same detector: equal weights, and equal EMA weights (what it runs)."""
+    first, second = load_checkpoint(a), load_checkpoint(b)
+    return all(_equal_tensors(first.get(key), second.get(key)) for key in ("state_dict", "ema_state_dict"))
+
+
+def _equal_tensors(x: dict[str, Any] | None, y: dict[str, Any] | None) -> bool:
+    if x is None or y is None:
+        return x is y
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def calibrate_checkpoint(path: str | Path, images: str | Path, annotations: str | Path,
