@@ -146,7 +146,7 @@ def evaluate(opts: EvaluateOptions) -> tuple[str, dict[str, float], Path]:
                              on_skip=skipped.extend, data_warnings=(data_warnings := DataWarnings()))
         with torch.inference_mode():
             metrics = loaded.task.evaluate(loaded.model, WithProgress(loader, enabled=info.is_main),
-                                           info.device, loaded.classes)
+                                           info.device, loaded.classes, loaded.preprocess)
         every = DataWarnings()  # all processes' shares
         for patterns in dist_utils.all_gather_object(data_warnings.patterns):
             every.merge(patterns)

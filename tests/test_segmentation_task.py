@@ -50,7 +50,7 @@ def test_train_then_evaluate_prints_segmentation_metrics(shapes, tmp_path, capsy
     loaded = load_model(tmp_path / "run" / "best.pt")
     assert loaded.task.name == "segmentation" and loaded.model.head.classifier.out_channels == 4
     assert [c["name"] for c in loaded.classes] == ["circle", "square", "triangle"]
-    assert loaded.preprocess == {"size": None}
+    assert loaded.preprocess["size"] is None  # each image at its own size, as validation ran
 
     out = tmp_path / "eval.json"
     code = main(["evaluate", "--weights", str(tmp_path / "run" / "best.pt"), "--images",
@@ -62,8 +62,11 @@ def test_train_then_evaluate_prints_segmentation_metrics(shapes, tmp_path, capsy
                  "background"):
         assert text in printed
     metrics = json.loads(out.read_text())["metrics"]
-    # Evaluation of the same weights on the same split gives the training run's validation figures.
-    assert metrics["mIoU"] == pytest.approx(val["mIoU"])
+    # Evaluation of the same weights on the same split gives the training run's validation figure, at the
+    # pixel threshold chosen on that split after training (tests/test_pixel_threshold.py).
+    calibration = loaded.preprocess["score_calibration"]
+    assert calibration["miou_argmax"] == pytest.approx(val["mIoU"])
+    assert metrics["mIoU"] == pytest.approx(calibration["miou"])
     assert metrics["images"] == 2
 
 

@@ -132,3 +132,15 @@ def checkpoint_weights(ckpt: dict[str, Any], *, ema: bool = True) -> dict[str, t
         q = state[name]
         out[name] = q.float() * scale.float().reshape(-1, *([1] * (q.dim() - 1)))
     return out
+
+
+def same_weights(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    """Whether two checkpoint files hold the same model: equal weights, and equal EMA weights (what runs)."""
+    a, b = load_checkpoint(first), load_checkpoint(second)
+    return all(_equal_tensors(a.get(key), b.get(key)) for key in ("state_dict", "ema_state_dict"))
+
+
+def _equal_tensors(x: dict[str, torch.Tensor] | None, y: dict[str, torch.Tensor] | None) -> bool:
+    if x is None or y is None:
+        return x is y
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

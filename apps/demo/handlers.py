@@ -193,9 +193,15 @@ class DemoHandlers:
         result = predictor.predict([small])[0]
         elapsed = time.perf_counter() - start
         rows = result.table_rows()
-        info = (f"**{len(rows)} class{'es' * (len(rows) != 1)} found** · inference {_ms(elapsed)} on "
-                f"{self.cache.device.type} · {label}.{self._size_note(original, small)}"
+        inference = predictor.inference  # the checkpoint's pixel thresholds, calibrated after training
+        where = (" where the model is as sure as each class's threshold (calibrated on held-out images)"
+                 if any(inference.class_thresholds) else "")
+        info = (f"**{len(rows)} class{'es' * (len(rows) != 1)} found**{where} · inference {_ms(elapsed)} "
+                f"on {self.cache.device.type} · {label}.{self._size_note(original, small)}"
                 f"{self.cache.checkpoint(label).result_note()}")
+        if (best := result.quiet_best()) is not None:
+            info += "  \n" + threshold_hint(best, inference.quiet_threshold,
+                                            "`visiondet predict --score-threshold`", what="object pixel")
         return views.draw_result(small, result), rows, info
 
     @_page_errors

@@ -122,11 +122,10 @@ class Predictor:
         else:  # the caller's model, as it is (the demo prepares the ones it caches)
             self.loaded = weights
             self.loaded.model.to(self.device).eval()
-        if score_thresh is None and backend == "onnxruntime":
-            # the exported file drops what scores under its fixed cut: a checkpoint's threshold under that
-            # rises to it (only a threshold the caller asks for is refused there)
-            score_thresh = max(checkpoint_score_threshold(self.loaded.preprocess),
-                               exported_score_cut(self.loaded) or 0.0)
+        cut = exported_score_cut(self.loaded)  # a detector's: the exported file drops what scores under it
+        if score_thresh is None and backend == "onnxruntime" and cut is not None:
+            # a checkpoint's threshold under the cut rises to it (only the caller's is refused there)
+            score_thresh = max(checkpoint_score_threshold(self.loaded.preprocess), cut)
         # the task's inference checks the thresholds and the class filter before any export below
         self.inference: Inference = self.loaded.task.inference(
             self.loaded.classes, self.loaded.preprocess, score_thresh=score_thresh,

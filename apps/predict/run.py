@@ -158,18 +158,13 @@ def _write_item(item: Prediction, output: Path, ids: dict[str, int | None] | Non
     return record
 
 
-def _score_threshold(predictor: Predictor) -> float | None:
-    """The detection score threshold in use (None for tasks without one)."""
-    return predictor.score_thresh if predictor.inference.takes_thresholds else None
-
-
 def _threshold_origin(opts: PredictOptions, predictor: Predictor) -> str | None:
     """Where the threshold in use comes from, as summary.json says it."""
     if not predictor.inference.takes_thresholds:
         return None
     if opts.score_thresh is not None:
         return "--score-threshold"
-    if "score_threshold" in predictor.loaded.preprocess:
+    if {"score_threshold", "class_thresholds"} & predictor.loaded.preprocess.keys():
         return "the checkpoint (calibrated on its validation split)"
     return "the default"
 
@@ -208,7 +203,7 @@ def run_predict(opts: PredictOptions) -> int:
         run_info = {
             "weights": str(Path(opts.weights).resolve()), "task": task,
             # the threshold in use (given, else the checkpoint's): a resumed run must use the same one
-            "score_threshold": predictor.score_thresh, "nms_threshold": opts.nms_thresh,
+            **predictor.inference.thresholds_in_use(), "nms_threshold": opts.nms_thresh,
             "classes": opts.classes, "top_k": opts.top_k,
             "max_pixels": opts.max_pixels, "sources": [os.path.abspath(s) for s in opts.sources],
             "formats": formats, "save_images": opts.save_images, "coco_ids": coco_ids,
@@ -304,7 +299,7 @@ def _finish(
         "images_per_second": round(processed / slowest, 3) if slowest > 0 else None,
         "wall_time_s": round(wall, 3),
         "processes": per_rank if dist.world_size > 1 else None,
-        "score_threshold": _score_threshold(predictor),
+        **predictor.inference.thresholds_in_use(),
         "score_threshold_from": _threshold_origin(opts, predictor),
         "outputs": written,
         **extra,

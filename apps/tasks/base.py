@@ -179,8 +179,10 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(self, model: nn.Module, loader: Iterable[Any], device: torch.device,
-                 classes: list[dict[str, Any]]) -> dict[str, float]:
-        """Metrics over every process's shard, reduced across processes; includes ``primary_metric``."""
+                 classes: list[dict[str, Any]], preprocess: dict[str, Any] | None = None) -> dict[str, float]:
+        """Metrics over every process's shard, reduced across processes; includes ``primary_metric``.
+        ``preprocess``: a checkpoint's, for what it calibrated after training (a segmenter's pixel
+        thresholds); None while training."""
 
     def score_predictions(self, predictions: str, split: SplitConfig) -> dict[str, float]:
         """Metrics of a saved predictions file against ``split``'s ground truth (no model needed)."""

@@ -168,7 +168,7 @@ class ClassificationTask(Task):
         return [str(samples[i][0] if isinstance(samples[i], tuple | list) else samples[i]) for i in indices]
 
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device,
-                 classes: list[dict[str, Any]]) -> dict[str, float]:
+                 classes: list[dict[str, Any]], preprocess: dict[str, Any] | None = None) -> dict[str, float]:
         num = len(classes)
         k = min(5, num)
         counts = torch.zeros(3, num, dtype=torch.float64, device=device)  # top-1 right, top-k right, seen

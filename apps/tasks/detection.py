@@ -61,7 +61,7 @@ from detection.rcnn import RCNNConfig
 from detection.score_threshold import LOWEST, RULE, ScoreCalibration, choose_score_threshold
 from detection.structures import Detections, Thresholds
 from vision.cache import cache_dir
-from vision.checkpoint import load_checkpoint, save_checkpoint
+from vision.checkpoint import load_checkpoint, same_weights, save_checkpoint
 from vision.data.coco import CocoDetection
 from vision.data.collate import detection_collate
 from vision.data.samplers import AspectRatioGroupedBatchSampler
@@ -255,7 +255,8 @@ class DetectionTask(Task):
     # ---- evaluation --------------------------------------------------------------------------------------
 
     def evaluate(
-        self, model: nn.Module, loader: Any, device: torch.device, classes: list[dict[str, Any]]
+        self, model: nn.Module, loader: Any, device: torch.device, classes: list[dict[str, Any]],
+        preprocess: dict[str, Any] | None = None,
     ) -> dict[str, float]:
         """COCO box AP of ``model`` on the loader's dataset: every rank detects on its shard, rank 0 alone
         gathers the detections and scores them (one ground-truth load, one COCO evaluation), and every rank
@@ -339,7 +340,7 @@ class DetectionTask(Task):
             if not path.is_file():
                 continue
             # best.pt written at the run's last evaluation is last.pt's detector: detected once, not twice
-            twin = next(((p, f) for p, f in done if _same_weights(p, path)), None)
+            twin = next(((p, f) for p, f in done if same_weights(p, path)), None)
             if twin is None:
                 found = self.calibrate_score_threshold(path, exp.data.val, device, log, **loader_settings)
             elif (found := twin[1]) is not None:
@@ -423,18 +424,6 @@ def _record_calibration(path: Path, calibration: ScoreCalibration, split: SplitC
     log(f"score threshold: {path.name} keeps detections scoring {c.threshold:.3f} or more (validation, "
         f"{c.images} images, {c.boxes} boxes, at IoU 0.5: precision {c.precision:.3f}, recall "
         f"{c.recall:.3f}, F1 {c.f1:.3f}, the best F1)")
-
-
-def _same_weights(a: Path, b: Path) -> bool:
-    """Whether two checkpoints hold the same detector: equal weights, and equal EMA weights (what it runs)."""
-    first, second = load_checkpoint(a), load_checkpoint(b)
-    return all(_equal_tensors(first.get(key), second.get(key)) for key in ("state_dict", "ema_state_dict"))
-
-
-def _equal_tensors(x: dict[str, Any] | None, y: dict[str, Any] | None) -> bool:
-    if x is None or y is None:
-        return x is y
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def calibrate_checkpoint(path: str | Path, images: str | Path, annotations: str | Path,

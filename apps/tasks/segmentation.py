@@ -9,12 +9,18 @@ Evaluation counts one confusion matrix over the whole split (summed over process
 primary metric), per-class IoU (``IoU/<name>``, background included), pixel accuracy, mean class accuracy
 and frequency-weighted IoU. By default every image is evaluated at its own size; batches group the
 images of equal size.
+
+After training with a validation split, each checkpoint gets per-class pixel thresholds of best mIoU there
+(vision/segmentation/threshold.py; ``preprocess.class_thresholds``): predict and the demo paint an object
+only where the model is that sure of its class, and ``visiondet evaluate`` scores the masks they paint.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,15 +28,19 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from apps.engine.distributed import all_reduce_sum
+from apps.engine.loader import eval_loader
 from apps.experiment import Experiment, SplitConfig
 from apps.schema import ConfigError
 from apps.tasks.base import Datasets, Relabelled, Task, class_positions
 from apps.tasks.inference.segmentation import SegmentationInference
+from apps.tasks.loading import model_from_checkpoint, read_checkpoint
+from vision.checkpoint import load_checkpoint, same_weights, save_checkpoint
 from vision.data.coco import CocoSegmentation, MaskFolderSegmentation
 from vision.data.transforms import build_transforms
 from vision.segmentation import IGNORE_INDEX, SegmentationConfig, SegmentationMetric, build_segmentation_model
+from vision.segmentation.threshold import RULE, PixelCalibration, ThresholdSweep, paint
 
-__all__ = ["SegmentationOptions", "SegmentationTask", "segmentation_collate"]
+__all__ = ["SegmentationOptions", "SegmentationTask", "calibrate_checkpoint", "segmentation_collate"]
 
 
 @dataclass
@@ -183,7 +193,11 @@ class SegmentationTask(Task):
     # ---- evaluation --------------------------------------------------------------------------------------
 
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device,
-                 classes: list[dict[str, Any]]) -> dict[str, float]:
+                 classes: list[dict[str, Any]], preprocess: dict[str, Any] | None = None) -> dict[str, float]:
+        """The metrics of the masks predict paints: at the checkpoint's pixel thresholds (``preprocess``;
+        none while training: the argmax, which the thresholds are chosen after)."""
+        preprocess = preprocess or {}
+        thresholds = preprocess.get("class_thresholds") or float(preprocess.get("score_threshold", 0.0))
         metric = SegmentationMetric(len(classes) + 1, device=device)
         images_seen = torch.zeros((), dtype=torch.float64, device=device)
         for images, targets in loader:
@@ -193,9 +207,15 @@ class SegmentationTask(Task):
             for group in by_size.values():
                 batch = torch.stack([images[i] for i in group]).to(device)
                 logits, _ = model(batch)
-                metric.update(logits.argmax(dim=1), torch.stack([targets[i] for i in group]).to(device))
+                painted = paint(logits.float().softmax(1), thresholds) if thresholds else logits.argmax(1)
+                metric.update(painted, torch.stack([targets[i] for i in group]).to(device))
             images_seen += len(images)
-        return _metric_summary(metric.compute(), classes, float(all_reduce_sum(images_seen)))
+        metrics = _metric_summary(metric.compute(), classes, float(all_reduce_sum(images_seen)))
+        if not thresholds:
+            return metrics
+        per_class = thresholds if isinstance(thresholds, list) else [thresholds] * len(classes)
+        used = {f"threshold/{c['name']}": float(t) for c, t in zip(classes, per_class, strict=True)}
+        return {**metrics, **used}
 
     def format_metrics(self, metrics: dict[str, float]) -> str:
         lines = [f"images: {int(metrics.get('images', 0))}"]
@@ -212,3 +232,85 @@ class SegmentationTask(Task):
     def preprocess(self, exp: Experiment) -> dict[str, Any]:
         # predict runs the model as evaluation does: longest side to ``size``, or each image as it is.
         return {"size": exp.data.options.eval_size}
+
+    # ---- after training: the pixel threshold -------------------------------------------------------------
+
+    def finish_training(self, exp: Experiment, run_dir: Path, device: torch.device,
+                        log: Callable[[str], None] = print) -> dict[str, float]:
+        """With a validation split, last.pt and best.pt get the pixel thresholds of best mIoU on it
+        (:meth:`calibrate_pixel_thresholds`); returns best.pt's figures (else last.pt's), ``pixel/<name>``."""
+        if exp.data.val is None:
+            return {}
+        done: list[tuple[Path, PixelCalibration]] = []
+        for path in (run_dir / "last.pt", run_dir / "best.pt"):
+            if not path.is_file():
+                continue
+            # best.pt written at the run's last evaluation holds last.pt's model: segmented once, not twice
+            found = next((found for other, found in done if same_weights(other, path)), None)
+            if found is None:
+                found = self.calibrate_pixel_thresholds(path, exp.data.val, device, log,
+                                                       workers=exp.data.workers)
+            else:
+                _record_calibration(path, found, exp.data.val, log)
+            done.append((path, found))
+        if not done:
+            return {}
+        return {f"pixel/{k}": float(v) for k, v in done[-1][1].as_dict().items() if k != "thresholds"}
+
+    def calibrate_pixel_thresholds(self, path: Path, split: SplitConfig, device: str | torch.device,
+                                  log: Callable[[str], None] = print, *, workers: int = 0
+                                  ) -> PixelCalibration:
+        """Write into the checkpoint ``path`` the per-class pixel thresholds of best mIoU on ``split``
+        (images with masks or annotations): ``preprocess["class_thresholds"]``, which predict, the demo and
+        evaluate use, and ``preprocess["score_calibration"]``, their figures. Returns the figures."""
+        path = Path(path)
+        loaded = model_from_checkpoint(self, read_checkpoint(path), path, device, ema=True)
+        # one image at a time: each at its own size, as evaluation runs
+        dataset = self.build_eval_dataset(split, loaded)
+        loader = eval_loader(dataset, self.collate, batch_size=1, workers=workers)
+        sweep = ThresholdSweep(len(loaded.classes) + 1)
+        model = loaded.model.eval()
+        with torch.inference_mode():
+            for images, targets in loader:
+                logits, _ = model(images[0][None].to(device))
+                sweep.update(logits.float().softmax(1), targets[0][None])
+        try:
+            calibration = sweep.choose()
+        except ValueError as exc:
+            raise ConfigError(f"pixel thresholds of {path}: {split.images}: {exc}") from exc
+        _record_calibration(path, calibration, split, log)
+        return calibration
+
+
+def _record_calibration(path: Path, calibration: PixelCalibration, split: SplitConfig,
+                        log: Callable[[str], None]) -> None:
+    """``calibration`` written into the checkpoint ``path`` (atomically) and said in one line."""
+    ckpt = load_checkpoint(path)  # as stored (not migrated): only its preprocess entry changes
+    ckpt["preprocess"] = {**ckpt.get("preprocess", {}), "class_thresholds": calibration.thresholds,
+                          "score_calibration": {"rule": RULE, **calibration.as_dict(),
+                                                "split": str(split.images)}}
+    save_checkpoint(ckpt, path)
+    c = calibration
+    names = [k["name"] for k in ckpt.get("classes", [])] or [str(i) for i in range(1, len(c.thresholds) + 1)]
+    each = ", ".join(f"{name} {t:.2f}" for name, t in zip(names, c.thresholds, strict=True))
+    log(f"pixel thresholds: {path.name} paints a class where it is this sure or more: {each} (validation, "
+        f"{c.images} images: mIoU {c.miou:.4f}, pixel accuracy {c.pixel_accuracy:.4f}; the argmax: "
+        f"{c.miou_argmax:.4f}, {c.pixel_accuracy_argmax:.4f})")
+
+
+def calibrate_checkpoint(path: str | Path, images: str | Path, *, masks: str | Path | None = None,
+                         annotations: str | Path | None = None, device: str | torch.device = "cpu",
+                         log: Callable[[str], None] = print) -> PixelCalibration:
+    """A segmenter checkpoint already trained (``path``) given the pixel thresholds of best mIoU on
+    ``images`` with their ``masks`` (PNG index masks) or ``annotations`` (COCO JSON), held out from its
+    training: what ``finish_training`` does for a run's checkpoints, written into the file the same way.
+
+        calibrate_checkpoint("weights/deeplabv3plus_real.pt", "runs/realset_seg/val/images",
+                             masks="runs/realset_seg/val/masks")
+    """
+    task = str(read_checkpoint(Path(path)).get("task"))
+    if task != SegmentationTask.name:
+        raise ConfigError(f"{path}: a {task} checkpoint; pixel thresholds are a segmenter's")
+    split = SplitConfig(images=str(images), masks=None if masks is None else str(masks),
+                        annotations=None if annotations is None else str(annotations))
+    return SegmentationTask().calibrate_pixel_thresholds(Path(path), split, device, log)

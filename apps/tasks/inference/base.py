@@ -33,10 +33,11 @@ Size = tuple[int, int]  # (H, W)
 Transform = Callable[[np.ndarray], tuple[Tensor, Size]]
 
 
-def checkpoint_score_threshold(preprocess: dict[str, Any]) -> float:
+def checkpoint_score_threshold(preprocess: dict[str, Any], default: float = DEFAULT_SCORE_THRESH) -> float:
     """The score threshold a checkpoint recommends: the one calibrated on its validation split after
-    training (``preprocess["score_threshold"]``, apps.tasks.detection), else :data:`DEFAULT_SCORE_THRESH`."""
-    return float(preprocess.get("score_threshold", DEFAULT_SCORE_THRESH))
+    training (``preprocess["score_threshold"]``: a detector's, apps.tasks.detection; a segmenter's pixel
+    threshold, apps.tasks.segmentation), else ``default``."""
+    return float(preprocess.get("score_threshold", default))
 
 
 def hwc_to_chw(image: np.ndarray) -> Tensor:
@@ -114,8 +115,9 @@ class Inference(ABC):
     Args:
         classes: the checkpoint's ``[{"id", "name"}, ...]`` in label order.
         preprocess: the checkpoint's ``preprocess`` entry.
-        score_thresh, nms_thresh: detection: keep boxes scoring at least this (None: the checkpoint's
-            calibrated threshold, else 0.5; see :func:`checkpoint_score_threshold`); the IoU of the
+        score_thresh, nms_thresh: detection: keep boxes scoring at least this, segmentation: paint an object
+            where its probability is at least this (None: the checkpoint's calibrated threshold, else
+            :attr:`default_score_thresh`; see :func:`checkpoint_score_threshold`); the IoU of the
             per-class NMS (None keeps the model's own).
         only: keep only these classes (names or dataset ids); None keeps all.
         top_k: classification: classes per result.
@@ -126,14 +128,15 @@ class Inference(ABC):
     label_offset: ClassVar[int] = 1  # model label of ``classes[0]`` (0 is background)
     one_image_per_forward: ClassVar[bool] = False
     coco_results: ClassVar[bool] = False  # results can be written as COCO results (image ids needed)
-    takes_thresholds: ClassVar[bool] = False
+    takes_thresholds: ClassVar[bool] = False  # a score threshold the caller may set (--score-threshold)
+    default_score_thresh: ClassVar[float] = DEFAULT_SCORE_THRESH  # without the caller's or the checkpoint's
     quiet_what: ClassVar[str] = "detection"  # what a result under the threshold lacks (the hint's words)
 
     def __init__(self, classes: Sequence[dict[str, Any]], preprocess: dict[str, Any], *,
                  score_thresh: float | None = None, nms_thresh: float | None = None,
                  only: Sequence[str | int] | None = None, top_k: int = 5) -> None:
         if score_thresh is None:
-            score_thresh = checkpoint_score_threshold(preprocess)
+            score_thresh = checkpoint_score_threshold(preprocess, self.default_score_thresh)
         if not 0.0 <= score_thresh <= 1.0:
             raise ValueError(f"score threshold {score_thresh} outside [0, 1]")
         if nms_thresh is not None and not 0.0 < nms_thresh <= 1.0:
@@ -161,6 +164,10 @@ class Inference(ABC):
                 raise ValueError(f"class {w!r} is not one of the checkpoint's classes ({known})")
             allowed[index + offset] = True
         return allowed
+
+    def thresholds_in_use(self) -> dict[str, Any]:
+        """What run.json and summary.json record of the thresholds in use (tasks that take them)."""
+        return {"score_threshold": self.score_thresh if self.takes_thresholds else None}
 
     @property
     def quiet_threshold(self) -> float:

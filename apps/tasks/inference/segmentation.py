@@ -1,9 +1,13 @@
 """Semantic segmentation at inference: longest side to the checkpoint's size (padded to a square so images
-of any shape batch together), logits back to the original size, an index mask, a blended overlay."""
+of any shape batch together), logits back to the original size, an index mask, a blended overlay.
+
+The mask paints a pixel with an object class only where the model is at least that class's threshold sure
+of it: the caller's score threshold (one for every class), else the checkpoint's own per class, calibrated
+on its validation split after training (vision/segmentation/threshold.py), else 0 (the plain argmax)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ from apps.tasks.inference.base import (
 from vision import visualize
 from vision.data.transforms import PAD_VALUE
 from vision.segmentation.export import segmenter_spec
+from vision.segmentation.threshold import paint
 
 __all__ = ["SegmentationInference", "SegmentationResult"]
 
@@ -46,6 +51,7 @@ class SegmentationResult(Result):
     mask: np.ndarray
     classes: list[dict[str, Any]]
     image_size: Size
+    best_below: float | None = None  # nothing painted: the highest object probability, under the threshold
 
     csv_columns = ["file", "width", "height", "mask", "category_id", "name", "pixels"]
     counts_key = "images_per_class"
@@ -66,6 +72,9 @@ class SegmentationResult(Result):
         if mask.shape != image.shape[:2]:
             mask = cv2.resize(mask, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
         return visualize.overlay_mask(image, mask, ["background"] + [c["name"] for c in self.classes])
+
+    def quiet_best(self) -> float | None:
+        return self.best_below
 
     def table_rows(self) -> list[list[Any]]:
         """Rows ``class, pixels, % of image``, largest first (the demo's table)."""
@@ -91,9 +100,40 @@ class SegmentationResult(Result):
         return [c["name"] for c in record["classes"]]  # images showing the class
 
 
+def _most_sure_object(probs: Tensor) -> float | None:
+    """The highest probability of the pixels whose most probable class is an object (None: no such pixel)."""
+    top, labels = probs.max(0)
+    objects = top[labels > 0]
+    return float(objects.max()) if objects.numel() else None
+
+
 class SegmentationInference(Inference):
     task = "segmentation"
     result_type = SegmentationResult
+    takes_thresholds = True
+    default_score_thresh = 0.0  # a checkpoint without calibrated thresholds: the argmax, as evaluated
+    quiet_what = "object pixel"
+
+    def __init__(self, classes: Sequence[dict[str, Any]], preprocess: dict[str, Any], *,
+                 score_thresh: float | None = None, **settings: Any) -> None:
+        super().__init__(classes, preprocess, score_thresh=score_thresh, **settings)
+        calibrated = preprocess.get("class_thresholds") if score_thresh is None else None
+        per_class = [float(t) for t in calibrated] if calibrated else [self.score_thresh] * len(self.classes)
+        if len(per_class) != len(self.classes) or not all(0.0 <= t <= 1.0 for t in per_class):
+            raise ValueError(f"class_thresholds {calibrated}: expected {len(self.classes)} values in [0, 1]")
+        self.class_thresholds: list[float] = per_class  # what each object class needs, in label order
+        self.calibrated = bool(calibrated)
+
+    @property
+    def quiet_threshold(self) -> float:
+        """Nothing painted: no object pixel reached its class's threshold, so none reached the highest."""
+        return max(self.class_thresholds, default=0.0)
+
+    def thresholds_in_use(self) -> dict[str, Any]:
+        if not self.calibrated:
+            return super().thresholds_in_use()
+        by_name = dict(zip([c["name"] for c in self.classes], self.class_thresholds, strict=True))
+        return {"score_threshold": None, "class_thresholds": by_name}
 
     def input_transform(self, preprocess: dict[str, Any]) -> Transform:
         size = preprocess.get("size")
@@ -117,11 +157,16 @@ class SegmentationInference(Inference):
             logits = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)[0]
         if self.allowed is not None:  # after interpolating: -inf would turn into NaN there
             logits = logits.masked_fill(~self.allowed.to(logits.device)[:, None, None], float("-inf"))
-        labels = logits.argmax(0)
+        if any(self.class_thresholds):
+            probs = logits.float().softmax(0)
+            labels = paint(probs, self.class_thresholds)
+            best_below = None if labels.any() else _most_sure_object(probs)
+        else:  # the argmax needs no probabilities
+            labels, best_below = logits.argmax(0), None
         if not upsample:
             labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
         dtype = np.uint8 if len(self.classes) < 255 else np.uint16
-        return SegmentationResult(labels.cpu().numpy().astype(dtype), self.classes, size)
+        return SegmentationResult(labels.cpu().numpy().astype(dtype), self.classes, size, best_below)
 
     @classmethod
     def export_spec(cls, loaded: Any, model: Any, metadata: dict[str, Any]) -> Any:
