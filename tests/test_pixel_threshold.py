@@ -218,3 +218,17 @@ def test_the_demo_says_what_the_calibrated_thresholds_left_out(trained, tmp_path
     _, rows, info = handlers.segment(str(grey), found[0].label)
     assert rows == [] and "as sure as each class's threshold" in info
     assert "no object pixel scoring 0.75 or more, but some scoring less (highest 0.71)" in info
+
+
+def test_the_shipped_segmenter_barely_paints_a_lion():
+    """weights/deeplabv3plus_real.pt knows none of the lion photograph's content: its argmax paints about 5%
+    of it (coin, cat_face), its calibrated thresholds (weights/README.md) under 1%."""
+    from apps import WEIGHTS_DIR
+    from apps.demo.page import REAL_EXAMPLES_DIR
+    from apps.predict.predictor import Predictor
+    from vision.data.images import read_image
+
+    lion = read_image(REAL_EXAMPLES_DIR / "photo_lion.jpg")
+    painted = lambda threshold: Predictor(WEIGHTS_DIR / "deeplabv3plus_real.pt", "cpu",  # noqa: E731
+                                          score_thresh=threshold).predict([lion])[0].mask.astype(bool).mean()
+    assert painted(None) < 0.01 < 0.04 < painted(0.0)
