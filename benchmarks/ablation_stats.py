@@ -10,6 +10,7 @@ deviations are the sample ones (n - 1). With fewer than two runs on a side there
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,7 +168,8 @@ def plot_study(records: list[dict[str, Any]], arms: Sequence[str], title: str, o
     ax.set_ylim(bottom=0.0)
     budgets = sorted({f"{r['budget_s'] / 60:.3g}" for r in records if "budget_s" in r})
     budget = f"\n(budget {', '.join(budgets)} min per run)" if budgets else ""
-    ax.set_title(title + budget, fontsize="medium")
+    # a study's title is a sentence: unwrapped, the longer ones run off the figure
+    ax.set_title(textwrap.fill(title, 90) + budget, fontsize="medium")
     ax.ticklabel_format(axis="y", style="plain", useOffset=False)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
