@@ -108,3 +108,32 @@ def test_selective_search_runs_once_per_image_over_fine_tuning_and_the_later_sta
     task.finish_training(exp, run, torch.device("cpu"), lambda line: None)
     assert len(list((run / "rcnn" / "features").glob("*.pt"))) == 4
     assert sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()) == cached
+
+
+def test_final_detector_is_detected_once_for_its_metrics_and_its_threshold(shapes, tmp_path, monkeypatch):
+    """final.pt's metrics and its calibrated threshold come from one pass over the validation images (R-CNN's
+    slowest part), at the calibration's lowest cut; the metrics keep only what the model's own cut keeps, so
+    they equal a separate evaluation of final.pt."""
+    from apps.engine.loader import eval_loader
+    from apps.tasks.loading import model_from_checkpoint, read_checkpoint
+
+    exp = _experiment(shapes, tmp_path, [f"model.proposals.cache_dir={tmp_path}/cache",
+                                         "model.proposals.max_boxes=30", "data.workers=0",
+                                         "model.roi.score_thresh=0.3"])
+    run = tmp_path / "run"
+    _fine_tuned(exp, run)
+    task = get_task("detection")
+    passes: list[float] = []
+    detect = task.detect
+    monkeypatch.setattr(task, "detect", lambda model, loader, device, thresholds=None: passes.append(
+        thresholds.score_thresh) or detect(model, loader, device, thresholds))
+    metrics = task.finish_training(exp, run, torch.device("cpu"), lambda line: None)
+    assert passes == [0.05]  # one pass, at the lowest candidate threshold, not at the model's 0.3
+    monkeypatch.setattr(task, "detect", detect)
+    loaded = model_from_checkpoint(task, read_checkpoint(run / "final.pt"), run / "final.pt", "cpu")
+    assert loaded.model.thresholds.score_thresh == 0.3
+    loader = eval_loader(task.build_eval_dataset(exp.data.val, loaded), task.collate, batch_size=1, workers=0)
+    with torch.inference_mode():
+        alone = task.evaluate(loaded.model.eval(), loader, torch.device("cpu"), loaded.classes)
+    assert {k: metrics[k] for k in alone} == alone
+    assert load_checkpoint(run / "final.pt")["metrics"] == alone

@@ -324,19 +324,17 @@ class DetectionTask(Task):
                         log: Callable[[str], None] = print) -> dict[str, float]:
         """With a validation split, each complete detector of the run (Fast/Faster R-CNN: last.pt and
         best.pt; R-CNN: final.pt) gets the score threshold calibrated on its own detections there
-        (:meth:`calibrate_score_threshold`). R-CNN first: the later stages on the fine-tuned CNN, then
-        ``<run_dir>/final.pt`` (the complete detector, scored on the validation split). Returns R-CNN's final
-        metrics and the calibration's figures (best.pt's, else last.pt's) as ``score/<name>``."""
+        (:meth:`calibrate_score_threshold`). R-CNN first trains its later stages on the fine-tuned CNN and
+        writes ``<run_dir>/final.pt`` (:meth:`_rcnn_later_stages`). Returns R-CNN's final metrics and the
+        calibration's figures (best.pt's, else last.pt's) as ``score/<name>``."""
         if generation_of(exp.model.arch).later_stages:  # (the arch was checked when the model was built)
-            metrics = self._rcnn_later_stages(exp, run_dir, device, log)
-            detectors = [run_dir / "final.pt"]
-        else:
-            metrics, detectors = {}, [run_dir / "last.pt", run_dir / "best.pt"]
+            return self._rcnn_later_stages(exp, run_dir, device, log)
         if exp.data.val is None:
-            return metrics
+            return {}
         loader_settings = {"batch_size": exp.train.batch_size, "workers": exp.data.workers}
+        metrics: dict[str, float] = {}
         done: list[tuple[Path, ScoreCalibration | None]] = []
-        for path in detectors:
+        for path in (run_dir / "last.pt", run_dir / "best.pt"):
             if not path.is_file():
                 continue
             # best.pt written at the run's last evaluation is last.pt's detector: detected once, not twice
@@ -347,7 +345,7 @@ class DetectionTask(Task):
                 _record_calibration(path, found, exp.data.val, log)
             done.append((path, found))
             if found is not None:
-                metrics.update({f"score/{k}": float(v) for k, v in found.as_dict().items()})
+                metrics.update(_score_figures(found))
         return metrics
 
     def calibrate_score_threshold(self, path: Path, split: SplitConfig, device: str | torch.device,
@@ -362,23 +360,33 @@ class DetectionTask(Task):
         loaded = model_from_checkpoint(self, read_checkpoint(path), path, device, ema=True)
         dataset = self.build_eval_dataset(split, loaded)
         loader = eval_loader(dataset, self.collate, batch_size=batch_size, workers=workers)
-        model = loaded.model.eval()
-        cuts = model.thresholds
-        lowered = replace(cuts, score_thresh=min(cuts.score_thresh, LOWEST))
+        found = self._detect_for_calibration(loaded.model.eval(), loader, torch.device(device))
+        calibration = self._choose_threshold(path, split, dataset, found, loaded.classes, log)
+        if calibration is not None:
+            _record_calibration(path, calibration, split, log)
+        return calibration
+
+    def _detect_for_calibration(self, model: nn.Module, loader: Any, device: torch.device
+                                ) -> list[ImageDetections]:
+        """The detections predict would make, with the model's score cut lowered to the lowest candidate
+        threshold."""
+        lowered = replace(model.thresholds, score_thresh=min(model.thresholds.score_thresh, LOWEST))
         with torch.inference_mode():
-            found = self.detect(model, loader, torch.device(device), lowered)
+            return self.detect(model, loader, device, lowered)
+
+    def _choose_threshold(self, path: Path, split: SplitConfig, dataset: Any, found: list[ImageDetections],
+                          classes: list[dict[str, Any]], log: Callable[[str], None]
+                          ) -> ScoreCalibration | None:
         seen = {d.image_id for d in found}
         skipped = len(set(_unwrap(dataset).ids) - seen)  # unreadable images the loader left out
         try:
-            calibration = choose_score_threshold(split.annotations, _coco_results(found, loaded.classes),
+            calibration = choose_score_threshold(split.annotations, _coco_results(found, classes),
                                                  image_ids=seen if skipped else None)
         except EvaluationError as exc:
             raise ConfigError(f"score threshold of {path}: {exc}") from exc
         if calibration is None:
             log(f"score threshold: {path.name} keeps the default (no detection on {split.images} is right "
                 "at any threshold)")
-            return None
-        _record_calibration(path, calibration, split, log)
         return calibration
 
     def _rcnn_later_stages(self, exp: Experiment, run_dir: Path, device: torch.device,
@@ -397,18 +405,28 @@ class DetectionTask(Task):
         model.roi_heads.train_later_stages(model, train, run_dir / "rcnn", stages, log,
                                            workers=exp.data.workers, worker_init_fn=parent_bound_init())
         metrics: dict[str, float] = {}
+        calibration = None
+        final = run_dir / "final.pt"
         if exp.data.val is not None:
+            # R-CNN's detections are its slowest part (selective search and a CNN pass per region): one pass
+            # at the calibration's lowest cut serves both; the metrics keep what the model's own cut keeps
             val = self.build_eval_dataset(exp.data.val, loaded)
             loader = eval_loader(val, self.collate, batch_size=exp.train.batch_size, workers=exp.data.workers)
-            model.eval()
-            with torch.inference_mode():
-                metrics = self.evaluate(model, loader, device, loaded.classes)
+            found = self._detect_for_calibration(model.eval(), loader, device)
+            outcome = _score([_above(found, model.thresholds.score_thresh)], _unwrap(val), loaded.classes)
+            if isinstance(outcome, str):
+                raise ConfigError(outcome)
+            metrics = outcome
             log("rcnn final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k))
+            calibration = self._choose_threshold(final, exp.data.val, val, found, loaded.classes, log)
         ckpt = make_checkpoint(exp=exp, model_cfg=self.model_config_for(exp.model, loaded.classes),
                                classes=loaded.classes, preprocess=self.preprocess(exp), model=model,
                                ema_state=None, metrics=metrics, train_state=None)
-        save_checkpoint(ckpt, run_dir / "final.pt")
-        log(f"rcnn: the complete detector is {run_dir / 'final.pt'}")
+        save_checkpoint(ckpt, final)
+        log(f"rcnn: the complete detector is {final}")
+        if calibration is not None:
+            _record_calibration(final, calibration, exp.data.val, log)
+            metrics.update(_score_figures(calibration))
         return metrics
 
 
@@ -472,6 +490,16 @@ class ImageDetections(NamedTuple):
 def _coco_results(found: list[ImageDetections], classes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     as_torch = lambda d: Detections(*(torch.from_numpy(a) for a in (d.boxes, d.scores, d.labels)))  # noqa: E731
     return [r for d in found for r in detections_to_coco(d.image_id, as_torch(d), classes)]
+
+
+def _above(found: list[ImageDetections], cut: float) -> list[ImageDetections]:
+    """The detections a model whose score cut is ``cut`` makes (its post-processing keeps scores > cut)."""
+    return [d._replace(boxes=d.boxes[keep], scores=d.scores[keep], labels=d.labels[keep])
+            for d in found for keep in [d.scores > cut]]
+
+
+def _score_figures(calibration: ScoreCalibration) -> dict[str, float]:
+    return {f"score/{k}": float(v) for k, v in calibration.as_dict().items()}
 
 
 def _score(parts: list[list[ImageDetections]], dataset: Any, classes: list[dict[str, Any]]
