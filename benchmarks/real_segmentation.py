@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def ours() -> subprocess.Popen:
         return start_visiondet(args.data, args.minutes, args.out, args.threads, args.overrides,
-                               config=CONFIG, data_overrides=data_keys)
+                               seed=args.seed, config=CONFIG, data_overrides=data_keys)
 
     def finish(process: subprocess.Popen, start: float) -> dict:
         return finish_visiondet(process, args.data, args.out, start, args.max_val)
