@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -333,17 +332,13 @@ def step_costs(data: Path, steps: int = 3) -> None:
 
 
 def summarize(runs: dict[int, dict[str, dict]]) -> dict[str, dict[str, tuple[float, float]]]:
-    """Per recipe, the mean and sample standard deviation (0 for one seed) over the seeds of ``runs``
-    (seed -> recipe -> row) of AP, AP50, AP_small, steps and minutes."""
-    recipes = next(iter(runs.values())).keys()
-    summary: dict[str, dict[str, tuple[float, float]]] = {}
-    for name in recipes:
-        summary[name] = {}
-        for key in ("AP", "AP50", "AP_small", "steps", "minutes"):
-            values = [float(rows[name][key]) for rows in runs.values()]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            summary[name][key] = (statistics.fmean(values), spread)
-    return summary
+    """Per recipe, the mean and sample standard deviation (NaN for one seed) over the seeds of ``runs``
+    (seed -> recipe -> row) of AP, AP50, AP_small, steps and minutes: the ablation study's arithmetic."""
+    from benchmarks.ablation_stats import mean_std
+
+    keys = ("AP", "AP50", "AP_small", "steps", "minutes")
+    return {name: {key: mean_std([float(rows[name][key]) for rows in runs.values()]) for key in keys}
+            for name in next(iter(runs.values()))}
 
 
 def goal_lines(summary: dict[str, dict[str, tuple[float, float]]], seeds: int) -> list[str]:
