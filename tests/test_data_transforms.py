@@ -157,3 +157,24 @@ def test_dataset_items_are_reproducible_under_a_seed(tmp_path):
     first = ds[1][0]
     torch.manual_seed(7)
     assert torch.equal(first, ds[1][0])
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_object_crops_place_that_share_of_the_crops_around_a_labelled_pixel(share):
+    # one 8 x 8 object in a 400 x 400 scene, 255 (ignore) along the border: a random 64 px crop holds it
+    # about 2% of the time; a crop around a labelled pixel always does (255 never counts as one)
+    torch.manual_seed(0)
+    image, mask = _image(400, 400), np.zeros((400, 400), np.uint8)
+    mask[300:308, 40:48] = 3
+    mask[:4], mask[-4:] = 255, 255
+    pipeline = build_transforms(None, "segmentation", True, size=64, scale=(1.0, 1.0), object_crops=share)
+    crops = [augment(pipeline, image=image, mask=mask)["mask"] for _ in range(200)]
+    assert {crop.shape for crop in crops} == {(64, 64)}
+    hits = sum(bool((crop == 3).any()) for crop in crops)
+    if share == 0:
+        assert hits < 20
+    elif share == 1:
+        assert hits == 200
+    else:
+        assert 70 <= hits <= 130
+

@@ -125,6 +125,8 @@ def test_config_errors_name_the_key(shapes, tmp_path):
         load_config(None, ["model.output_strid=8"], base=experiment(shapes, tmp_path / "run"))
     with pytest.raises(ConfigError, match="model.arch"):
         load_config(None, ["model.arch=unet"], base=experiment(shapes, tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"data.options.object_crops: expected a share in \[0, 1\]"):
+        load_config(None, ["data.options.object_crops=1.5"], base=experiment(shapes, tmp_path / "run"))
     exp = load_config(None, ["model.arch=fcn8s_vgg16"], base=experiment(shapes, tmp_path / "run"))
     with pytest.raises(ConfigError, match="auxiliary head"):
         get_task("segmentation").build_model(exp.model, [{"id": 1, "name": "a"}])
@@ -144,4 +146,4 @@ def test_shipped_configs_parse_and_their_pipelines_build(name):
     assert exp.task == "segmentation" and exp.model.arch.split("_")[0] in name
     opts = exp.data.options
     build_transforms(exp.data.train.transforms, "segmentation", True, size=opts.crop_size,
-                     scale=tuple(opts.scale))
+                     scale=tuple(opts.scale), object_crops=opts.object_crops)

@@ -50,6 +50,7 @@ class SegmentationOptions:
 
     crop_size: int = 512  # training: random rescale, pad, crop to crop_size x crop_size, horizontal flip
     scale: tuple[float, float] = (0.5, 2.0)  # training: range of the random rescale before the crop
+    object_crops: float = 0.0  # training: share of the crops placed around a labelled pixel (rare objects)
     eval_size: int | None = None  # None: evaluate (and predict) at each image's own size; N: longest side N
     classes: list[str] | None = None  # mask folders: names of labels 1..K (COCO files name their categories)
 
@@ -106,6 +107,9 @@ class SegmentationTask(Task):
             raise ConfigError("data.options.crop_size and data.options.eval_size must be >= 1")
         if not 0 < opts.scale[0] <= opts.scale[1]:
             raise ConfigError(f"data.options.scale: expected 0 < low <= high, got {list(opts.scale)}")
+        if not 0 <= opts.object_crops <= 1:
+            raise ConfigError(f"data.options.object_crops: expected a share in [0, 1], got "
+                              f"{opts.object_crops}")
 
     def check_split(self, split: SplitConfig, where: str) -> None:
         super().check_split(split, where)
@@ -147,7 +151,7 @@ class SegmentationTask(Task):
         opts: SegmentationOptions = exp.data.options
         try:
             train_tf = build_transforms(exp.data.train.transforms, "segmentation", True, size=opts.crop_size,
-                                        scale=tuple(opts.scale))
+                                        scale=tuple(opts.scale), object_crops=opts.object_crops)
         except ValueError as exc:
             raise ConfigError(f"data.train.transforms: {exc}") from exc
         train = self._dataset(exp.data.train, "data.train", train_tf, opts.classes)

@@ -81,7 +81,8 @@ def build_transforms(
             boxes but take no part in box-safe crops (e.g. ``crowd_boxes``, ``proposals``). Such a pipeline
             is called through ``augment_detection``, not with label fields.
         **defaults: the task's settings, see ``PIPELINES`` (detection: ``size``, ``min_visibility``;
-            segmentation: ``size``, ``scale``; classification: ``size``). Unknown names are an error.
+            segmentation: ``size``, ``scale``, ``object_crops``; classification: ``size``). Unknown names
+            are an error.
 
     Returns:
         ``albumentations.Compose``; for detection it takes ``bboxes`` (pascal_voc = xyxy pixels) with the
@@ -193,10 +194,19 @@ def _segmentation_pipeline(train: bool, s: dict[str, Any]) -> list[A.BasicTransf
         # Fixed-size outputs so validation batches stack; the padding is ignored by the metrics.
         return [A.LongestMaxSize(max_size=size), pad]
     low, high = s["scale"]
+    crop: A.BasicTransform = A.RandomCrop(height=size, width=size)
+    share = float(s["object_crops"])
+    if share > 0:
+        # Where objects cover a few percent of the pixels, most random crops hold none of them; this
+        # share of the crops is placed around a random labelled pixel instead (the mask's 0 and 255 never
+        # count as one), as nnU-Net's foreground oversampling does.
+        around = A.CropNonEmptyMaskIfExists(height=size, width=size, ignore_values=[IGNORE_INDEX], p=share)
+        crop = around if share >= 1 else A.OneOf([around, A.RandomCrop(height=size, width=size, p=1 - share)],
+                                                 p=1.0)
     return [
         A.RandomScale(scale_limit=(low - 1.0, high - 1.0), p=1.0),
         pad,
-        A.RandomCrop(height=size, width=size),
+        crop,
         A.HorizontalFlip(p=0.5),
     ]
 
@@ -229,7 +239,9 @@ PIPELINES: dict[str, TaskPipeline] = {
     "detection": TaskPipeline({"size": None, "min_visibility": 0.1}, _detection_pipeline, boxes=True),
     # size: training crop side and evaluation longest side (padded to a square of this size).
     # scale: range of the random rescale applied before cropping.
-    "segmentation": TaskPipeline({"size": 512, "scale": (0.5, 2.0)}, _segmentation_pipeline),
+    # object_crops: share of training crops placed around a labelled pixel (the rest are random).
+    "segmentation": TaskPipeline({"size": 512, "scale": (0.5, 2.0), "object_crops": 0.0},
+                                 _segmentation_pipeline),
     # size: network input side; evaluation resizes the short side to size / 0.875, then centre-crops.
     "classification": TaskPipeline({"size": 224}, _classification_pipeline),
 }
