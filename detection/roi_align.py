@@ -5,6 +5,9 @@ Faster R-CNN training step on two cores its backward alone was about a quarter o
 (benchmarks/efficiency.py's operator table), with the second core idle. Every output channel of RoIAlign
 depends on that channel of the input alone, so the channels are split into one slice per thread and each
 slice runs the very same torchvision kernel: the result is bit for bit torchvision's, on more cores.
+A few slices per thread, each copied into one preallocated result as soon as it is done, keep the memory
+at torchvision's: two halves joined at the end would hold the map's gradient twice at the step's peak
+(the start of the backward pass), and copying each half of the input contiguous would hold the map twice.
 
 Anywhere else (CUDA, one thread, a graph being traced or exported, a single channel) this is
 ``torchvision.ops.roi_align`` itself.
@@ -12,6 +15,7 @@ Anywhere else (CUDA, one thread, a graph being traced or exported, a single chan
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -21,6 +25,8 @@ from torch import Tensor
 from torchvision.ops import roi_align as torchvision_roi_align
 
 __all__ = ["roi_align"]
+
+SLICES_PER_THREAD = 4  # 256 FPN channels on 2 threads: slices of 32, each about 1/8 of the map
 
 
 def roi_align(input: Tensor, rois: Tensor | list[Tensor], output_size: int, spatial_scale: float = 1.0,
@@ -53,7 +59,7 @@ class _ChannelParallelRoIAlign(torch.autograd.Function):
             return torch.ops.torchvision.roi_align(part, rois, spatial_scale, size, size, sampling_ratio,
                                                    aligned)
 
-        return _by_channel(pool, input, threads)
+        return _by_channel(pool, input, threads, (rois.size(0), input.size(1), size, size))
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -64,16 +70,38 @@ class _ChannelParallelRoIAlign(torch.autograd.Function):
             return torch.ops.torchvision._roi_align_backward(part, rois, spatial_scale, size, size, n,
                                                              part.size(1), h, w, sampling_ratio, aligned)
 
-        return _by_channel(spread, grad, threads), None, None, None, None, None, None
+        return _by_channel(spread, grad, threads, (n, grad.size(1), h, w)), None, None, None, None, None, None
 
 
-def _by_channel(op: Callable[[Tensor], Tensor], x: Tensor, threads: int) -> Tensor:
-    """``op`` on ``threads`` channel slices of ``x`` at once, the results joined along the channels.
-    (torch's kernels release the GIL, so Python threads run them side by side.)"""
-    parts = [part.contiguous() for part in x.tensor_split(threads, dim=1)]
-    futures = [_pool(threads).submit(op, part) for part in parts[1:]]
-    first = op(parts[0])  # this thread does a share too
-    return torch.cat([first, *(f.result() for f in futures)], dim=1)
+def _by_channel(op: Callable[[Tensor], Tensor], x: Tensor, threads: int, shape: tuple[int, ...]) -> Tensor:
+    """``op`` on channel slices of ``x`` on ``threads`` threads, each result written into its channels of
+    one ``shape`` tensor. (torch's kernels release the GIL, so Python threads run them side by side.)"""
+    out = x.new_empty(shape)
+    todo = deque(_slices(x.size(1), threads))  # shared: a thread that is free takes the next slice
+    inference = torch.is_inference_mode_enabled()  # thread-local like grad mode: the pool needs both set
+
+    def run() -> None:
+        with torch.inference_mode(inference), torch.no_grad():
+            while todo:
+                try:
+                    lo, hi = todo.popleft()
+                except IndexError:  # another thread took the last one
+                    return
+                out[:, lo:hi] = op(x[:, lo:hi].contiguous())
+
+    futures = [_pool(threads).submit(run) for _ in range(threads - 1)]
+    run()  # this thread does a share too
+    for future in futures:
+        future.result()
+    return out
+
+
+def _slices(channels: int, threads: int) -> list[tuple[int, int]]:
+    """[lo, hi) channel ranges, as even as integers allow, ``SLICES_PER_THREAD`` per thread (fewer when
+    there are fewer channels)."""
+    count = min(channels, threads * SLICES_PER_THREAD)
+    edges = [round(k * channels / count) for k in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 @cache

@@ -41,19 +41,43 @@ def test_forward_and_backward_equal_torchvisions_bit_for_bit(threads, aligned):
     assert ours_grad.abs().sum() > 0  # the regions reach the map: the comparison compared something
 
 
-def test_the_channels_are_pooled_in_slices_on_several_threads(threads, monkeypatch):
+def test_the_channels_are_pooled_in_small_slices_on_several_threads(threads, monkeypatch):
     seen = []
-    kernel = torch.ops.torchvision.roi_align
+    kernels = torch.ops.torchvision
 
-    def spy(part, *args):
-        seen.append((part.size(1), threading.current_thread().name))
-        return kernel(part, *args)
+    def spy(name):
+        kernel = getattr(kernels, name)
+        # the first slice of each of two threads waits for the other's: a pass that kept every slice on
+        # one thread would time out here instead of passing
+        meet, arrived = threading.Barrier(2, timeout=30), set()
 
-    monkeypatch.setattr(module.torch.ops.torchvision, "roi_align", spy, raising=False)
-    roi_align(torch.randn(2, 10, 16, 20), regions(), 7, 0.25, 2)
-    assert sorted(c for c, _ in seen) == [3, 3, 4]
-    names = {name for _, name in seen}
-    assert "MainThread" in names and len(names) >= 2  # (a pool thread may take two slices)
+        def run(part, *args):
+            thread = threading.current_thread().name
+            seen.append((name, part.size(1), thread))
+            if thread not in arrived and len(arrived) < 2:
+                arrived.add(thread)
+                meet.wait()
+            return kernel(part, *args)
+        return run
+
+    for name in ("roi_align", "_roi_align_backward"):
+        monkeypatch.setattr(module.torch.ops.torchvision, name, spy(name), raising=False)
+    features = torch.randn(2, 30, 16, 20, requires_grad=True)
+    ours = roi_align(features, regions(), 7, 0.25, 2)
+    ours.sum().backward()
+    assert ours.grad_fn is not None and features.grad is not None
+    for name in ("roi_align", "_roi_align_backward"):
+        widths = sorted(c for kernel, c, _ in seen if kernel == name)
+        # 3 threads x 4 slices of 30 channels: none holds more than a twelfth of the map (rounded up),
+        # so neither the map nor its gradient is ever held twice whole
+        assert len(widths) == 3 * module.SLICES_PER_THREAD and sum(widths) == 30
+        assert max(widths) - min(widths) <= 1
+        names = {thread for kernel, _, thread in seen if kernel == name}
+        assert "MainThread" in names and len(names) >= 2
+
+
+def test_fewer_channels_than_slices_one_channel_each(threads):
+    assert module._slices(5, 3) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
 
 
 def test_per_image_boxes_inference_mode_and_bfloat16_autocast(threads):
