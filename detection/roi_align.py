@@ -100,7 +100,7 @@ def _slices(channels: int, threads: int) -> list[tuple[int, int]]:
     """[lo, hi) channel ranges, as even as integers allow, ``SLICES_PER_THREAD`` per thread (fewer when
     there are fewer channels)."""
     count = min(channels, threads * SLICES_PER_THREAD)
-    edges = [round(k * channels / count) for k in range(count + 1)]
+    edges = [k * channels // count for k in range(count + 1)]
     return list(zip(edges[:-1], edges[1:], strict=True))
 
 
