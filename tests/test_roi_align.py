@@ -76,7 +76,7 @@ def test_the_channels_are_pooled_in_small_slices_on_several_threads(threads, mon
         assert "MainThread" in names and len(names) >= 2
 
 
-def test_fewer_channels_than_slices_one_channel_each(threads):
+def test_fewer_channels_than_slices_one_channel_each():
     assert module._slices(5, 3) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
 
 
