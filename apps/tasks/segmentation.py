@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from apps.engine.distributed import all_reduce_sum
+from apps.engine.distributed import all_reduce_sum, broadcast_object, is_main
 from apps.engine.loader import eval_loader
 from apps.experiment import Experiment, SplitConfig
 from apps.schema import ConfigError
@@ -38,6 +38,7 @@ from vision.checkpoint import load_checkpoint, same_weights, save_checkpoint
 from vision.data.coco import CocoSegmentation, MaskFolderSegmentation
 from vision.data.transforms import build_transforms
 from vision.segmentation import IGNORE_INDEX, SegmentationConfig, SegmentationMetric, build_segmentation_model
+from vision.segmentation.class_weights import fit_class_weights
 from vision.segmentation.threshold import RULE, PixelCalibration, ThresholdSweep, paint
 
 __all__ = ["SegmentationOptions", "SegmentationTask", "calibrate_checkpoint", "segmentation_collate"]
@@ -86,6 +87,18 @@ def _metric_summary(metrics: dict[str, Any], classes: list[dict[str, Any]], imag
     return out
 
 
+def _fit_class_weights(exp: Experiment, data: Datasets) -> tuple[tuple[float, ...] | None, str]:
+    """(the fitted class weights, the log line), or (None, the error)."""
+    where = exp.data.train.annotations or exp.data.train.masks
+    if not hasattr(data.train, "index_map"):
+        return None, f"model.class_weights: 'auto' cannot read the masks of {type(data.train).__name__}"
+    names = ["background"] + [c["name"] for c in data.classes]
+    try:
+        return fit_class_weights(data.train, names)
+    except ValueError as exc:
+        return None, f"model.class_weights: 'auto' ({where}): {exc}"
+
+
 class SegmentationTask(Task):
     name = "segmentation"
     inference = SegmentationInference
@@ -122,6 +135,18 @@ class SegmentationTask(Task):
     def model_config_for(self, model_cfg: SegmentationConfig, classes: list[dict[str, Any]]
                          ) -> SegmentationConfig:
         return replace(model_cfg, num_classes=len(classes))
+
+    def fit_to_data(self, exp: Experiment, data: Datasets) -> tuple[Experiment, list[str]]:
+        """``model.class_weights: auto``: ENet's weights from the training masks' pixel shares
+        (vision/segmentation/class_weights.py); the run's config and checkpoints keep the numbers. Rank 0
+        counts, the other ranks receive its answer."""
+        if exp.model.class_weights != "auto":
+            return exp, []
+        outcome = _fit_class_weights(exp, data) if is_main() else None
+        weights, line = broadcast_object(outcome)  # every rank the same weights (or the same error)
+        if weights is None:
+            raise ConfigError(line)
+        return replace(exp, model=replace(exp.model, class_weights=weights)), [line]
 
     def build_model(self, model_cfg: SegmentationConfig, classes: list[dict[str, Any]], *,
                     load_pretrained: bool = True) -> nn.Module:

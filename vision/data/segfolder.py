@@ -115,20 +115,25 @@ class MaskFolderSegmentation(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image_path, mask_path = self.samples[index]
+    def index_map(self, index: int) -> np.ndarray:
+        """uint8 ``[H, W]`` label map of sample ``index`` as its mask file holds it, before transforms."""
+        mask_path = self.samples[index][1]
         mask = read_mask(mask_path)
         check_mask_values(mask, self.num_classes, mask_path)
+        return mask.astype(np.uint8)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_path, mask_path = self.samples[index]
+        target = self.index_map(index)
         raw, orientation = read_raw(image_path)
         # The mask was drawn on one orientation of the photo; its size says which.
         header = ImageHeader(raw.shape[1], raw.shape[0], orientation, "")
-        use_exif = exif_for_size(header, mask.shape[1], mask.shape[0])
+        use_exif = exif_for_size(header, target.shape[1], target.shape[0])
         if use_exif is None:
             w, h = header.oriented_size
-            mh, mw = mask.shape
+            mh, mw = target.shape
             raise ImageError(image_path, f"image is {w}x{h} but its mask {mask_path.name} is {mw}x{mh}")
         image = apply_orientation(raw, orientation) if use_exif else raw
-        target = mask.astype(np.uint8)
         if self.transforms is not None:
             out = augment(self.transforms, image=image, mask=target)
             image, target = out["image"], out["mask"]

@@ -3,8 +3,8 @@ the import of torchvision's segmentation weights.
 
 Files: ``model.py`` (config, model, builder, ``predict_mask``), ``heads.py`` (FCN head, ASPP, pyramid
 pooling), ``fcn_vgg.py`` (Long et al.'s skip architecture), ``metrics.py`` (confusion matrix, mIoU ...),
-``threshold.py`` (the pixel threshold of best mIoU), ``torchvision_weights.py`` (torchvision's weights
-imported), ``export.py`` (the export graph).
+``threshold.py`` (the pixel threshold of best mIoU), ``class_weights.py`` (loss weights for rare classes),
+``torchvision_weights.py`` (torchvision's weights imported), ``export.py`` (the export graph).
 """
 
 from vision.segmentation.metrics import (

@@ -56,18 +56,27 @@ class SegmentationConfig:
     aspp_rates: tuple[int, ...] | None = None  # None: (6, 12, 18) at output stride 16, (12, 24, 36) at 8
     psp_bins: tuple[int, ...] = (1, 2, 3, 6)
     learnable_upsampling: bool = True  # FCN-VGG: learn the 2x upsamplings (the final one stays bilinear)
+    # loss weight per label (background first, K + 1 values); "auto": ENet's weights, fitted to the training
+    # masks when training starts (vision/segmentation/class_weights.py); None: every pixel counts alike
+    class_weights: tuple[float, ...] | Literal["auto"] | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
 
-def segmentation_loss(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Cross-entropy averaged over the pixels that are not ``ignore_index``; 0 (not NaN) when none are.
+def segmentation_loss(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
+                      weight: Tensor | None = None) -> Tensor:
+    """Cross-entropy averaged over the pixels that are not ``ignore_index``, each counted with its class's
+    ``weight`` when given (the weighted mean); 0 (not NaN) when no pixel is labelled.
 
-    logits: [N, C, H, W]; targets: [N, H, W] int64 in 0..C-1 or ``ignore_index``.
+    logits: [N, C, H, W]; targets: [N, H, W] int64 in 0..C-1 or ``ignore_index``; weight: [C].
     """
-    total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    total = F.cross_entropy(logits, targets, weight=weight, ignore_index=ignore_index, reduction="sum")
+    labelled = targets != ignore_index
     # Dividing by a clamped count keeps an all-ignore batch finite without a host sync.
-    return total / (targets != ignore_index).sum().clamp(min=1)
+    if weight is None:
+        return total / labelled.sum().clamp(min=1)
+    count = (weight[targets.masked_fill(~labelled, 0)] * labelled).sum()
+    return total / count.clamp(min=torch.finfo(count.dtype).tiny)
 
 
 def _resize_to(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -83,6 +92,7 @@ class SegmentationModel(nn.Module):
         backbone: returns a dict of named feature maps (vision.backbones.Backbone).
         head: reads the feature dict, returns class scores ``[N, K + 1, h, w]``.
         aux_head: optional second head (on an earlier stage) trained with ``aux_weight``.
+        class_weights: the loss weight of each of the K + 1 labels (None: every pixel alike).
         size_divisor: the input is zero-padded (after normalisation, so with the mean colour) at the
             bottom and right to a multiple of this; the scores are cropped back. FCN-VGG needs 32.
     """
@@ -91,6 +101,7 @@ class SegmentationModel(nn.Module):
         self, backbone: nn.Module, head: nn.Module, *, aux_head: nn.Module | None = None,
         aux_weight: float = 0.4, mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD, size_divisor: int = 1,
+        class_weights: tuple[float, ...] | None = None,
     ):
         super().__init__()
         self.normalize = Normalize(mean, std)
@@ -99,6 +110,9 @@ class SegmentationModel(nn.Module):
         self.aux_head = aux_head
         self.aux_weight = aux_weight
         self.size_divisor = size_divisor
+        # not persistent: the config rebuilds it, and state dicts stay those of the unweighted model
+        weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
 
     def forward(
         self, images: Tensor, targets: Tensor | None = None
@@ -120,10 +134,11 @@ class SegmentationModel(nn.Module):
 
         losses: dict[str, Tensor] = {}
         if targets is not None:
-            losses["loss_seg"] = segmentation_loss(logits, targets)
+            weight = self.class_weights
+            losses["loss_seg"] = segmentation_loss(logits, targets, weight=weight)
             if self.aux_head is not None:
                 aux = _resize_to(self.aux_head(features), x.shape[-2:])[..., :height, :width]
-                losses["loss_aux"] = self.aux_weight * segmentation_loss(aux, targets)
+                losses["loss_aux"] = self.aux_weight * segmentation_loss(aux, targets, weight=weight)
         return (None if self.training else logits), losses
 
 
@@ -136,6 +151,14 @@ def _check_config(cfg: SegmentationConfig) -> None:
         raise ValueError(f"output_stride must be 8 or 16, got {cfg.output_stride}")
     if cfg.arch.endswith("_vgg16") and cfg.aux_loss:
         raise ValueError(f"{cfg.arch}: the auxiliary head is for the ResNet archs (it reads c4)")
+    if cfg.class_weights == "auto":
+        raise ValueError("class_weights 'auto' are fitted to the training masks when training starts; give "
+                         "numbers to build a model outside training")
+    if cfg.class_weights is not None:
+        weights = cfg.class_weights
+        if len(weights) != cfg.num_classes + 1 or min(weights) <= 0:
+            raise ValueError(f"class_weights: expected {cfg.num_classes + 1} positive numbers (background "
+                             f"and {cfg.num_classes} classes), got {list(weights)}")
 
 
 def build_segmentation_model(cfg: SegmentationConfig, *, load_pretrained: bool = True) -> SegmentationModel:
@@ -158,7 +181,7 @@ def build_segmentation_model(cfg: SegmentationConfig, *, load_pretrained: bool =
             # Long et al. start fc6/fc7 from the ImageNet classifier, reshaped into convolutions.
             head.load_fc_from_classifier(*_vgg_fc(net))
         return SegmentationModel(backbone, head, mean=cfg.mean, std=cfg.std,
-                                 size_divisor=FCNVGGHead.size_divisor)
+                                 size_divisor=FCNVGGHead.size_divisor, class_weights=cfg.class_weights)
 
     out_features = ["c4", "c5"] if cfg.aux_loss else ["c5"]
     if head_name == "deeplabv3plus":
@@ -180,7 +203,7 @@ def build_segmentation_model(cfg: SegmentationConfig, *, load_pretrained: bool =
     if cfg.aux_loss:
         aux_head = FCNHead("c4", backbone.feature_info["c4"].channels, num_outputs)
     return SegmentationModel(backbone, head, aux_head=aux_head, aux_weight=cfg.aux_weight, mean=cfg.mean,
-                             std=cfg.std)
+                             std=cfg.std, class_weights=cfg.class_weights)
 
 
 def _vgg_fc(net: nn.Module) -> tuple[nn.Linear, nn.Linear]:
