@@ -3,12 +3,15 @@
 torchvision's CPU kernels for RoIAlign (forward and backward) loop over the regions on one thread: in a
 Faster R-CNN training step on two cores its backward alone was about a quarter of the step
 (benchmarks/efficiency.py's operator table), with the second core idle. Every output channel of RoIAlign
-depends on that channel of the input alone, so the channels are split into one slice per thread and each
-slice runs the very same torchvision kernel: the result is bit for bit torchvision's, on more cores.
-A few slices per thread, each copied into one preallocated result as soon as it is done: two halves
-joined at the end would hold the map's gradient twice, and two contiguous halves of the input the map
-twice. (In the R18-FPN training step of benchmarks/efficiency.py the step's peak went from 564 to 551 MB,
-median of 5; torchvision's own step peaks at 492 MB, so most of that gap lies elsewhere.)
+depends on that channel of the input alone, so the channels are split into slices that the threads take in
+turn, and each slice runs the very same torchvision kernel: the result is bit for bit torchvision's, on more
+cores. Many small slices, each copied into one preallocated result as soon as it is done: two halves joined at
+the end would hold the map's gradient twice, and two contiguous halves of the input the map twice. Small,
+too, because glibc gives the pool thread a malloc arena of its own, and the main thread cannot reuse what is
+freed there: what the pool thread held at once stays resident for the rest of the step. In the R18-FPN
+training step of benchmarks/efficiency.py (torchvision's widths, median of 5 peaks) 4 slices per thread
+peaked at 550 MB, 8 at 541, 16 at 511, 32 at 507; torchvision's single-threaded RoIAlign in the same step
+508, torchvision's own step 503.
 
 Anywhere else (CUDA, one thread, a graph being traced or exported, a single channel) this is
 ``torchvision.ops.roi_align`` itself.
@@ -27,7 +30,7 @@ from torchvision.ops import roi_align as torchvision_roi_align
 
 __all__ = ["roi_align"]
 
-SLICES_PER_THREAD = 4  # 256 FPN channels on 2 threads: slices of 32, each about 1/8 of the map
+SLICES_PER_THREAD = 16  # 256 FPN channels on 2 threads: slices of 8, each 1/32 of the map
 
 
 def roi_align(input: Tensor, rois: Tensor | list[Tensor], output_size: int, spatial_scale: float = 1.0,
