@@ -8,10 +8,12 @@ turn, and each slice runs the very same torchvision kernel: the result is bit fo
 cores. Many small slices, each copied into one preallocated result as soon as it is done: two halves joined at
 the end would hold the map's gradient twice, and two contiguous halves of the input the map twice. Small,
 too, because glibc gives the pool thread a malloc arena of its own, and the main thread cannot reuse what is
-freed there: what the pool thread held at once stays resident for the rest of the step. In the R18-FPN
-training step of benchmarks/efficiency.py (torchvision's widths, median of 5 peaks) 4 slices per thread
-peaked at 550 MB, 8 at 541, 16 at 511, 32 at 507; torchvision's single-threaded RoIAlign in the same step
-508, torchvision's own step 503.
+freed there: what the pool thread held at once stays resident for the rest of the step. One-off probes of
+benchmarks/efficiency.py's R18-FPN training step (torchvision's widths, 2 threads, commit 7d5f2d5, median
+of 5 peaks, beside a 2-process study, load about 4; a peak does not depend on the load): 4 slices per
+thread peaked at 550 MB, 8 at 541, 16 at 511, 32 at 507; torchvision's single-threaded RoIAlign in the same
+step 508, torchvision's own step 503. Alone (load 1.7, median of 7) 16 and 4 slices took the same time,
+0.764x torchvision's step (README, efficiency).
 
 Anywhere else (CUDA, one thread, a graph being traced or exported, a single channel) this is
 ``torchvision.ops.roi_align`` itself.

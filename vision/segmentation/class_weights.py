@@ -6,7 +6,8 @@ never painted. Weighting each pixel by its class makes every class count; ENet (
 sec. 5.2) weights class c by ``1 / ln(c0 + p_c)``, ``p_c`` its share of the labelled pixels and
 ``c0 = 1.02``: about 1.4 for a class that covered every pixel and at most 1 / ln(1.02), about 50, for one
 that covers none, so a class rare in the counts cannot make the loss explode (median frequency balancing,
-SegNet's rule, has no such bound).
+SegNet's rule, has no such bound). Whether it pays is the data's question: on the real-imagery set, in
+one 20-minute run, it lowered mIoU from 0.320 to 0.235 (README, "Segmentation loss for rare classes").
 """
 
 from __future__ import annotations
