@@ -269,6 +269,32 @@ def test_frozen_norm_applied_through_the_conv_keeps_values_and_gradients():
         assert torch.equal(conv_norm(conv, norm, x), norm(conv(x)))
 
 
+def test_frozen_norm_conv_keeps_the_weight_not_a_scaled_copy_and_autograds_gradients():
+    from vision.layers import conv_norm
+
+    torch.manual_seed(0)
+    conv, norm = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), FrozenBatchNorm2d(16).train()
+    norm.weight.normal_()
+    norm.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 8, 12, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = conv_norm(conv, norm, x)
+    weights = [t for t in saved if t.shape == conv.weight.shape]
+    assert weights and all(t.data_ptr() == conv.weight.data_ptr() for t in weights)  # no scaled copy held
+    grads = torch.autograd.grad(out.square().sum(), (x, conv.weight))
+    # what autograd computes through the plain product, to the bit
+    scale, shift = norm.scale_and_shift()
+    plain = conv._conv_forward(x, conv.weight * scale.view(-1, 1, 1, 1), shift)
+    assert torch.equal(out, plain)
+    for got, want in zip(grads, torch.autograd.grad(plain.square().sum(), (x, conv.weight)), strict=True):
+        assert torch.equal(got, want)
+    conv.weight.requires_grad_(False)  # a frozen stage: only the input's gradient
+    (grad_x,) = torch.autograd.grad(conv_norm(conv, norm, x).sum(), x)
+    plain = conv._conv_forward(x, conv.weight * scale.view(-1, 1, 1, 1), shift)
+    assert torch.equal(grad_x, torch.autograd.grad(plain.sum(), x)[0])
+
+
 def test_trunk_trains_channels_last_on_the_cpu_and_infers_as_before():
     trunk = build_backbone("resnet18", frozen_bn=True, out_features=["c2", "c5"])
     x = torch.rand(1, 3, 64, 64)

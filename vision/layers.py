@@ -93,9 +93,40 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     if not (isinstance(norm, FrozenBatchNorm2d) and norm.training and torch.is_grad_enabled()):
         return norm(conv(x))
     scale, shift = norm.scale_and_shift()
+    if (conv.bias is None and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and x.dtype == conv.weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+        return _FrozenNormConv.apply(x, conv.weight, scale.to(conv.weight.dtype), shift.to(conv.weight.dtype),
+                                     conv.stride, conv.padding, conv.dilation, conv.groups)
     weight = conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
     bias = shift if conv.bias is None else conv.bias * scale + shift
     return conv._conv_forward(x, weight, bias.to(conv.weight.dtype))
+
+
+class _FrozenNormConv(torch.autograd.Function):
+    """``conv(x, w * scale) + shift`` that keeps ``w`` for the backward pass, not the product: autograd's
+    own conv would hold a scaled copy of every trainable conv weight until its gradient is computed (41 MB
+    for a ResNet-18 trunk, at the step's memory peak); this recomputes it, a pass over the weights, which
+    are small beside the maps. The gradients are the ones autograd computes, from the same kernel
+    (``aten.convolution_backward``). Under autocast the conv saves a cast copy of its weight anyway, and
+    the plain product is used."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: tuple[int, ...],
+                padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> Tensor:
+        ctx.save_for_backward(x, weight, scale)
+        ctx.geometry = (stride, padding, dilation, groups)
+        return torch.nn.functional.conv2d(x, weight * scale.view(-1, 1, 1, 1), shift, stride, padding,
+                                          dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, scale = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        scale = scale.view(-1, 1, 1, 1)
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight * scale, None, stride, padding, dilation, False, [0] * len(stride), groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        return grad_x, None if grad_w is None else grad_w * scale, None, None, None, None, None, None
 
 
 def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
