@@ -9,8 +9,9 @@ medians measured in this run, the paths interleaved (A, B, A, B, ...) so that a 
 alike; the load average is printed before and after each section. Rows, all with random weights that are
 the same on both sides (torchvision's, converted by detection/torchvision_weights.py):
 
-- probes: 2048x2048 matrix products in float32, bfloat16 and int8 (fbgemm/x86 quantised linear): the
-  machine's reachable GFLOP/s in each precision (benchmarks/efficiency_train.py);
+- probes: 2048x2048 matrix products in float32, bfloat16 and int8 (fbgemm/x86 quantised linear), and the
+  float32 one again as a 1x1 convolution (oneDNN, where the step's convolutions run; MKL runs ``a @ b``):
+  the machine's reachable GFLOP/s in each precision (benchmarks/efficiency_train.py);
 - training step (forward + backward + SGD step), batch 4 of real photographs (benchmarks/realset.py) at
   320/480 px: Faster R-CNN R18-FPN and R50-FPN at torchvision's widths, visiondet vs
   ``torchvision.models.detection``, float32 and bfloat16 autocast (where the processor computes bfloat16

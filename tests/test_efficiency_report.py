@@ -50,7 +50,9 @@ def test_smoke_run(tmp_path: Path) -> None:
                            str(tmp_path / "realset")], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    for row in ("| probe 128x128 matmul | float32 |", "| train R18-FPN, 4 x 64/96 px | visiondet fp32 |",
+    for row in ("| probe 128x128 matmul | float32 |",
+                "| probe 128x128 matmul | float32 as a 1x1 conv (oneDNN) |",
+                "| train R18-FPN, 4 x 64/96 px | visiondet fp32 |",
                 "peak memory, visiondet fp32", "achieved, visiondet ResNet trunk alone fp32",
                 "| data loading |", "| inference R18-FPN 96 px | onnxruntime int8 |",
                 "| predict 4 photographs at 96 px | plain torchvision loop |", "top operators"):
