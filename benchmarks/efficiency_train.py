@@ -66,8 +66,8 @@ def probe_rows(s: Any) -> tuple[dict[str, float], list[Row]]:
     rows = ratio_rows(f"probe {n}x{n} matmul", {k: [rate(gflop, t) for t in v] for k, v in runs.items()},
                       "float32", "GFLOP/s")
     probes = {row.name: row.value for row in rows}
-    probes["float32"] = max(probes["float32"], probes.pop(CONV_PROBE))
     print(f"probes: {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in probes.items())}; {load()}", flush=True)
+    probes["float32"] = max(probes["float32"], probes.pop(CONV_PROBE))
     return probes, rows
 
 

@@ -108,7 +108,9 @@ class _FrozenNormConv(torch.autograd.Function):
     for a ResNet-18 trunk, at the step's memory peak); this recomputes it, a pass over the weights, which
     are small beside the maps. The gradients are the ones autograd computes, from the same kernel
     (``aten.convolution_backward``). Under autocast the conv saves a cast copy of its weight anyway, and
-    the plain product is used."""
+    the plain product is used. Measured (README, efficiency): the R18-FPN step's peak 29-39 MB lower, its
+    time 4-5% longer, which the recomputation alone does not explain; frozen batch norm is the fine-tuning
+    path, where memory binds first."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: tuple[int, ...],
