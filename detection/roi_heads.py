@@ -18,7 +18,7 @@ from detection.boxes import BalancedPositiveNegativeSampler, BoxCoder, Matcher, 
 from detection.interfaces import RegionHeads
 from detection.roi_align import roi_align
 from detection.rpn import box_regression_loss
-from vision.layers import group_norm
+from vision.layers import group_norm, linear
 
 POOLER_METHODS = ("pool", "align", "multiscale")
 
@@ -130,8 +130,8 @@ class TwoMLPHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """[R, C, S, S] -> [R, representation_size]."""
-        x = self.dropout(F.relu(self.norm6(self.fc6(x.flatten(1))), inplace=True))
-        return self.dropout(F.relu(self.norm7(self.fc7(x)), inplace=True))
+        x = self.dropout(F.relu(self.norm6(linear(self.fc6, x.flatten(1))), inplace=True))
+        return self.dropout(F.relu(self.norm7(linear(self.fc7, x)), inplace=True))
 
 
 class VGGBoxHead(nn.Module):
@@ -150,8 +150,8 @@ class VGGBoxHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """[R, 512, 7, 7] -> [R, 4096]."""
-        x = self.dropout(F.relu(self.fc6(x.flatten(1)), inplace=True))
-        return self.dropout(F.relu(self.fc7(x), inplace=True))
+        x = self.dropout(F.relu(linear(self.fc6, x.flatten(1)), inplace=True))
+        return self.dropout(F.relu(linear(self.fc7, x), inplace=True))
 
 
 class ResNetC4Head(nn.Module):

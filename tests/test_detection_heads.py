@@ -286,3 +286,36 @@ def test_roi_heads_thresholds_per_call_leave_the_defaults_alone():
     assert heads.thresholds == Thresholds(0.0, 0.5, 100)
     again, _ = heads(features, proposals, [(64, 64)])
     assert torch.equal(again[0].boxes, everything[0].boxes)
+
+
+def test_box_head_trains_its_fc_layers_as_one_by_one_convolutions_with_linears_gradients():
+    torch.manual_seed(0)
+    head = TwoMLPHead(8 * 7 * 7, 32).train()
+    x = torch.randn(20, 8, 7, 7, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = head(x)
+    assert sum(type(f).__name__ == "_ConvLinearBackward" for f in _grad_fns(out)) == 2  # fc6 and fc7
+    # fc6 keeps its input and its weight for backward, no copy of either
+    assert any(t.data_ptr() == head.fc6.weight.data_ptr() for t in saved)
+    params = (x, head.fc6.weight, head.fc6.bias, head.fc7.weight, head.fc7.bias)
+    grads = torch.autograd.grad(out.square().sum(), params)
+
+    def plain(x):  # nn.Linear's arithmetic
+        return torch.relu(head.fc7(torch.relu(head.fc6(x.flatten(1)))))
+
+    torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(plain(x).square().sum(), params), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # evaluation: nn.Linear itself
+        assert torch.equal(head.eval()(x), plain(x))
+
+
+def _grad_fns(tensor: torch.Tensor) -> list:
+    seen, todo = [], [tensor.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.append(fn)
+            todo.extend(f for f, _ in fn.next_functions)
+    return seen

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "FrozenBatchNorm2d", "Normalize", "convert_frozen_batchnorm",
-           "fold_conv_bn", "group_norm", "prepare_for_inference"]
+           "fold_conv_bn", "group_norm", "linear", "prepare_for_inference"]
 
 # Per-channel RGB statistics of ImageNet-1k for images in [0, 1]: the normalisation torchvision's published
 # weights were trained with, so every model config defaults to them (the one place they are written).
@@ -129,6 +129,59 @@ class _FrozenNormConv(torch.autograd.Function):
             grad, x, weight * scale, None, stride, padding, dilation, False, [0] * len(stride), groups,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
         return grad_x, None if grad_w is None else grad_w * scale, None, None, None, None, None, None
+
+
+def linear(fc: nn.Module, x: Tensor) -> Tensor:
+    """``fc(x)`` for x [R, C]. For an ``nn.Linear`` while training on the CPU in float32, the product is
+    computed by oneDNN as a 1x1 convolution with the R rows as its positions (a channels-last view of the
+    same memory, no copy): ``nn.Linear`` calls MKL's matrix product, which on these AMD EPYC cores runs below
+    oneDNN's rate on the same product (benchmarks/efficiency.py's two float32 probes; README, efficiency).
+    The same function and gradients, equal within float rounding. Evaluation keeps ``nn.Linear``'s
+    arithmetic, as ``conv_norm`` does; anything else (a compressed fc, autocast, tracing) is ``fc(x)``."""
+    if (not isinstance(fc, nn.Linear) or x.device.type != "cpu" or x.dim() != 2 or x.size(0) == 0
+            or x.dtype != torch.float32 or fc.weight.dtype != torch.float32
+            or not (fc.training and torch.is_grad_enabled())
+            or torch.is_autocast_enabled("cpu") or torch.jit.is_scripting() or torch.jit.is_tracing()):
+        return fc(x)
+    # the Function returns the convolution's [1, O, R, 1] output and the view to [R, O] is taken out here:
+    # autograd forbids in-place ops (the head's ReLU) on a view made inside a custom Function
+    return _as_rows(_ConvLinear.apply(x, fc.weight, fc.bias))
+
+
+def _as_positions(x: Tensor) -> Tensor:
+    """[R, C] -> [1, C, R, 1], channels-last: the same memory, the R rows as positions."""
+    return x.view(1, x.size(0), 1, x.size(1)).permute(0, 3, 1, 2)
+
+
+def _as_rows(y: Tensor) -> Tensor:
+    """[1, O, R, 1] -> [R, O] (a view when ``y`` is channels-last, as oneDNN returns it)."""
+    return y.permute(0, 2, 3, 1).reshape(y.size(2), y.size(1))
+
+
+def _conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` for x [R, C], weight [O, C] as a 1x1 convolution: [1, O, R, 1]."""
+    return torch.nn.functional.conv2d(_as_positions(x), weight.view(*weight.shape, 1, 1), bias)
+
+
+class _ConvLinear(torch.autograd.Function):
+    """``linear``'s forward product as a oneDNN convolution. Backward keeps ``nn.Linear``'s matrix products:
+    as a convolution the input's gradient ran no faster, and oneDNN's reordered copy of the weight (51 MB
+    for torchvision's fc6) would sit on top of the step's memory peak, which is at the start of backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _conv1x1(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad = _as_rows(grad)
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
 
 
 def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
