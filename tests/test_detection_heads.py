@@ -296,7 +296,7 @@ def test_box_head_trains_its_fc_layers_as_one_by_one_convolutions_with_linears_g
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = head(x)
     assert sum(type(f).__name__ == "_ConvLinearBackward" for f in _grad_fns(out)) == 2  # fc6 and fc7
-    # fc6 keeps its input and its weight for backward, no copy of either
+    # fc6 saves its weight itself for backward, not a reordered copy
     assert any(t.data_ptr() == head.fc6.weight.data_ptr() for t in saved)
     params = (x, head.fc6.weight, head.fc6.bias, head.fc7.weight, head.fc7.bias)
     grads = torch.autograd.grad(out.square().sum(), params)

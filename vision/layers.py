@@ -1,5 +1,6 @@
-"""Small layers shared by the backbones: frozen batch norm, input normalisation (and the ImageNet statistics
-every model defaults to), conv+BN folding.
+"""Small layers shared by the backbones and heads: frozen batch norm, input normalisation (and the ImageNet
+statistics every model defaults to), conv+BN folding, and the CPU training paths of a conv with frozen batch
+norm (``conv_norm``) and of a fully connected layer (``linear``).
 
 Shapes: N images, C channels, H x W spatial size.
 """
@@ -137,7 +138,8 @@ def linear(fc: nn.Module, x: Tensor) -> Tensor:
     oneDNN's rate on the same product (benchmarks/efficiency.py's two float32 probes; README, efficiency).
     The same function and gradients, equal within float rounding. Evaluation keeps ``nn.Linear``'s
     arithmetic, as ``conv_norm`` does; anything else (a compressed fc, autocast, tracing) is ``fc(x)``.
-    The R18-FPN training step at torchvision's widths: 0.79x torchvision's time, 0.82x with ``nn.Linear``."""
+    The R18-FPN training step at torchvision's widths, side by side in one process: 0.79x torchvision's
+    time, 0.82x with ``nn.Linear`` (README, efficiency, change 5)."""
     if (not isinstance(fc, nn.Linear) or x.device.type != "cpu" or x.dim() != 2 or x.size(0) == 0
             or x.dtype != torch.float32 or fc.weight.dtype != torch.float32
             or not (fc.training and torch.is_grad_enabled())
